@@ -1,0 +1,155 @@
+"""Structured (dataclass) schemas for the Hydra configs in ``conf/`` and ``compose_config``.
+
+The schemas give every field its type, so a typo in an override (``method.gama=2``) or a
+wrong type (``method.beta=abc``) is an error. Default *values* of the method's
+hyperparameters live in ``conf/`` only (one home for each fact); fields below that are
+``MISSING`` must be set by a config file.
+
+Config groups (one folder each in ``conf/``):
+    clip/     which open_clip model and tag          (vit_b16, vit_l14, vit_h14)
+    vfm/      which vision foundation model (timm)   (dino_vitb8, dinov2_vitb14_reg, sam_vitb, mae_vitb16, none, ...)
+    weights/  where weights come from                (pretrained, local, random)
+    method/   proxy-attention hyperparameters        (proxyclip)
+    dataset/  evaluation protocol and data root      (voc21, ..., custom)
+    logger/   experiment logging                     (none, wandb)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+CONF_DIR = Path(os.environ.get("PROXYCLIP_CONF_DIR", Path(__file__).resolve().parents[1] / "conf"))
+
+
+@dataclass
+class ClipConfig:
+    """An open_clip model: ``open_clip.create_model(name, pretrained=tag)``."""
+
+    name: str = MISSING  # open_clip architecture name, e.g. "ViT-B-16"
+    pretrained: str = MISSING  # open_clip pretrained tag, e.g. "openai"
+    quick_gelu: bool = False  # OpenAI weights were trained with QuickGELU
+    checkpoint: Optional[str] = None  # local checkpoint file, used with weights=local
+
+
+@dataclass
+class VfmConfig:
+    """A vision foundation model built with timm (or ``none`` for the no-VFM baseline)."""
+
+    name: str = MISSING  # short key, e.g. "dino_vitb8"
+    family: str = MISSING  # dino | dinov2 | sam | mae | none
+    timm_name: Optional[str] = None  # e.g. "vit_base_patch8_224.dino"
+    input_size: Optional[int] = None  # fixed square input side (SAM: 1024); None = the window's own size
+    checkpoint: Optional[str] = None  # local checkpoint file, used with weights=local
+
+
+@dataclass
+class WeightsConfig:
+    """Where the backbones' weights come from."""
+
+    source: str = MISSING  # pretrained | local | random
+    seed: int = 0  # seed for weights=random (identical numbers on every run)
+    fallback_to_random: bool = False  # pretrained unavailable -> say so and use random weights
+
+
+@dataclass
+class MethodConfig:
+    """Proxy attention and inference hyperparameters (values in conf/method/*.yaml)."""
+
+    name: str = MISSING  # proxyclip (the no-VFM MaskCLIP baseline is vfm=none)
+    beta: float = MISSING  # affinity shift: S' = (S - beta * mean(S)) * gamma
+    gamma: float = MISSING  # affinity scale (inverse softmax temperature)
+    logit_scale: float = MISSING  # class decision: softmax(logit_scale * scores)
+    prob_thd: float = MISSING  # best probability below this -> background (class 0); 0 disables
+    short_side: int = MISSING  # resize so the short side is this long
+    max_long_side: int = MISSING  # ... but the long side is at most this long
+    crop: int = MISSING  # sliding-window size
+    stride: int = MISSING  # sliding-window stride
+
+
+@dataclass
+class DatasetConfig:
+    """An evaluation dataset and its protocol (see conf/dataset/)."""
+
+    name: str = MISSING
+    root: Optional[str] = None
+    extra: Any = field(default_factory=dict)  # reader-specific fields
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment logging: ``none`` or ``wandb`` (modes online / offline / disabled)."""
+
+    name: str = "none"
+    mode: str = "disabled"
+    project: str = "proxyclip"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    dir: Optional[str] = None
+
+
+@dataclass
+class Config:
+    """The core config: backbones, weights, method, and where to run."""
+
+    clip: ClipConfig = MISSING
+    vfm: VfmConfig = MISSING
+    weights: WeightsConfig = MISSING
+    method: MethodConfig = MISSING
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | fp16 | bf16 (backbones; the proxy attention runs in fp32)
+    batch_size: int = 4  # windows of one image per backbone forward
+
+
+@dataclass
+class SegmentConfig(Config):
+    """``proxyclip-segment``: one image, a list of class names."""
+
+    image: Optional[str] = None  # None = the bundled sample image
+    classes: List[str] = field(default_factory=list)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(name="segment_schema", node=SegmentConfig)
+    cs.store(group="clip", name="clip_schema", node=ClipConfig)
+    cs.store(group="vfm", name="vfm_schema", node=VfmConfig)
+    cs.store(group="weights", name="weights_schema", node=WeightsConfig)
+    cs.store(group="method", name="method_schema", node=MethodConfig)
+    cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+
+
+register_schemas()
+
+
+def compose_config(config_name: str = "config", overrides: Optional[List[str]] = None) -> DictConfig:
+    """Compose a config from ``conf/`` without running a Hydra app (for Python and notebooks).
+
+    >>> cfg = compose_config(overrides=["clip=vit_b16", "vfm=dino_vitb8", "weights=random"])
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not CONF_DIR.is_dir():
+        raise FileNotFoundError(
+            f"config folder {CONF_DIR} not found: install the package in editable mode "
+            "(pip install -e .) from a checkout, or set PROXYCLIP_CONF_DIR"
+        )
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        return compose(config_name, overrides=list(overrides or []))
+
+
+def to_container(cfg: DictConfig) -> dict:
+    """The resolved config as plain Python (for JSON/YAML and loggers)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
