@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -45,6 +45,7 @@ class VfmConfig:
     family: str = MISSING  # dino | dinov2 | sam | mae | none
     timm_name: Optional[str] = None  # e.g. "vit_base_patch8_224.dino"
     input_size: Optional[int] = None  # fixed square input side (SAM: 1024); None = the window's own size
+    timm_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
     checkpoint: Optional[str] = None  # local checkpoint file, used with weights=local
 
 
@@ -74,11 +75,31 @@ class MethodConfig:
 
 @dataclass
 class DatasetConfig:
-    """An evaluation dataset and its protocol (see conf/dataset/)."""
+    """An evaluation dataset and its protocol (see conf/dataset/ and proxyclip/data/datasets.py).
 
-    name: str = MISSING
-    root: Optional[str] = None
-    extra: Any = field(default_factory=dict)  # reader-specific fields
+    Files: ``root/img_dir/<id><img_suffix>`` and ``root/ann_dir/<id><seg_suffix>``; ids from
+    ``split_file`` (relative to root) or from listing ``img_dir`` / ``ann_dir`` (``list_from``).
+    The method's protocol values (short side, crop, stride, prob_thd) are set in the dataset's
+    YAML under ``method.*`` (``# @package _global_``), not here.
+    """
+
+    name: str = MISSING  # short key used in outputs and tables: voc21, context60, ..., custom
+    root: Optional[str] = None  # the dataset folder; its expected layout is in conf/dataset/<name>.yaml
+    img_dir: str = "images"  # images folder, relative to root
+    ann_dir: str = "labels"  # label-map folder, relative to root
+    img_suffix: str = ".jpg"  # "auto": any common image extension (custom datasets)
+    seg_suffix: str = ".png"
+    split_file: Optional[str] = None  # text file of sample ids, relative to root; null = list a folder
+    list_from: str = "images"  # images | labels: the folder listed when split_file is null
+    recursive: bool = False  # list sub-folders too (Cityscapes' city folders)
+    classnames: str = MISSING  # a shipped name (proxyclip/data/classnames/<name>.txt) or a path
+    background: Optional[List[str]] = None  # words replacing class 0's line (background-word ablations)
+    num_classes: Optional[int] = None  # K, checked against the class file; null = its number of lines
+    reduce_zero_label: bool = False  # label 0 -> ignore, k -> k-1 (VOC20, Context59, ADE20K)
+    ignore_index: int = 255  # 65535 for the 16-bit Context-459 / ADE-847 maps
+    bad_labels: str = "error"  # error | skip: label map of the wrong size or with out-of-range values
+    prepare: str = ""  # how to obtain and lay out the data (shown when the root is missing)
+    extra: Any = field(default_factory=dict)  # free-form reader-specific fields
 
 
 @dataclass

@@ -1,0 +1,137 @@
+"""CLIP through open_clip: build the model, run blocks 1..L-1, the value-only last block, the head.
+
+open_clip is used as a library: its modules' weights are read (``conv1``, ``positional_embedding``,
+``ln_pre``, the blocks, the last block's ``attn.in_proj_weight`` / ``out_proj``, ``ln_post``,
+``proj``); its source is neither copied nor patched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Tuple
+
+import open_clip
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .weights import (WeightsUnavailable, check_checkpoint_file, hub_failure_message, mismatch_error,
+                      offline_unless_reachable, seeded)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MODEL_CONFIG_DIR = Path(__file__).with_name("model_configs")  # extra open_clip configs (tiny test model)
+
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def create_clip_model(name: str, pretrained: str, quick_gelu: bool, source: str, seed: int = 0,
+                      checkpoint: str | None = None) -> nn.Module:
+    """An open_clip model in eval mode. ``source``: pretrained | local | random."""
+    if name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {name!r} (clip.name); known: {', '.join(open_clip.list_models()[:12])}, ...")
+    kwargs = dict(force_quick_gelu=quick_gelu)
+    if source == "random":
+        model = seeded(seed, lambda: open_clip.create_model(name, pretrained=None, load_weights=False, **kwargs))
+    elif source == "local":
+        path = check_checkpoint_file(checkpoint, "clip.checkpoint")
+        try:
+            model = open_clip.create_model(name, pretrained=str(path), require_pretrained=True, **kwargs)
+        except RuntimeError as e:
+            raise mismatch_error(path, f"open_clip {name}", e) from e
+        except Exception as e:  # unreadable / not a checkpoint
+            raise ValueError(f"clip.checkpoint {path}: cannot be read as an open_clip checkpoint ({e})") from e
+    elif source == "pretrained":
+        if pretrained not in open_clip.list_pretrained_tags_by_model(name):
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise ValueError(f"open_clip has no pretrained tag {pretrained!r} for {name} (clip.pretrained); known: {tags}")
+        with offline_unless_reachable() as reachable:
+            try:
+                model = open_clip.create_model(name, pretrained=pretrained, require_pretrained=True, **kwargs)
+            except Exception as e:
+                raise WeightsUnavailable(hub_failure_message(f"CLIP {name} ({pretrained})", reachable,
+                                                             "clip.checkpoint")) from e
+    else:
+        raise ValueError(f"weights.source must be pretrained, local or random; got {source!r}")
+    return model.eval().requires_grad_(False)
+
+
+class ClipBackbone(nn.Module):
+    """Dense CLIP features: everything but the last block's attention mixing.
+
+    ``tokens_before_last_block`` -> (B, 1+gh*gw, D); ``last_block_values`` -> (B, D, gh, gw);
+    ``project`` maps aggregated values (B, N, D) through out_proj -> ln_post -> proj to (B, N, E).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        visual = model.visual
+        for attr in ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post", "proj"):
+            if not hasattr(visual, attr):
+                raise TypeError(f"open_clip model's visual tower has no {attr!r}: only ViT towers are supported")
+        if getattr(visual, "attn_pool", None) is not None:
+            raise TypeError("open_clip ViT towers with attentional pooling are not supported")
+        last = visual.transformer.resblocks[-1]
+        if not isinstance(last.attn, nn.MultiheadAttention):
+            raise TypeError("the last CLIP block must use nn.MultiheadAttention (in_proj_weight, out_proj)")
+        self.visual = visual
+        self.patch_size = int(visual.conv1.kernel_size[0])
+        self.pretrained_grid = tuple(visual.grid_size)
+        self.width = int(visual.conv1.out_channels)
+        self._pos_cache: Dict[Tuple[int, int], torch.Tensor] = {}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    def positional_embedding(self, grid: Tuple[int, int]) -> torch.Tensor:
+        """(1 + gh*gw, D): the CLS position plus the patch grid resized bicubic (align_corners=False)."""
+        if grid not in self._pos_cache:
+            pos = self.visual.positional_embedding
+            cls_pos, patch_pos = pos[:1], pos[1:]
+            gh0, gw0 = self.pretrained_grid
+            if tuple(grid) != (gh0, gw0):
+                patch_pos = patch_pos.reshape(1, gh0, gw0, -1).permute(0, 3, 1, 2).float()
+                patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
+                patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
+            self._pos_cache[grid] = torch.cat([cls_pos, patch_pos], dim=0)
+        return self._pos_cache[grid]
+
+    def tokens_before_last_block(self, x: torch.Tensor) -> torch.Tensor:
+        """CLIP-normalized images (B, 3, h, w) -> tokens (B, 1+gh*gw, D) entering the last block."""
+        v = self.visual
+        x = v.conv1(x.to(self.dtype))
+        grid = (x.shape[2], x.shape[3])
+        x = x.flatten(2).transpose(1, 2)
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding(grid).to(x.dtype)
+        x = v.ln_pre(x)
+        batch_first = getattr(v.transformer, "batch_first", True)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        for block in v.transformer.resblocks[:-1]:
+            x = block(x)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        return x
+
+    def last_block_values(self, tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """``v = ln_1(x) @ W_v^T + b_v`` of the last block, CLS dropped -> (B, D, gh, gw)."""
+        block = self.visual.transformer.resblocks[-1]
+        d = self.width
+        w_v = block.attn.in_proj_weight[2 * d:]
+        b_v = block.attn.in_proj_bias[2 * d:] if block.attn.in_proj_bias is not None else None
+        v = F.linear(block.ln_1(tokens[:, 1:]), w_v, b_v)
+        return v.transpose(1, 2).reshape(v.shape[0], d, grid[0], grid[1])
+
+    def project(self, aggregated: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, N, E): the last block's out_proj, then ln_post, then proj."""
+        block = self.visual.transformer.resblocks[-1]
+        x = block.attn.out_proj(aggregated.to(self.dtype))
+        x = self.visual.ln_post(x)
+        return x @ self.visual.proj
+
+    def grid_of(self, height: int, width: int) -> Tuple[int, int]:
+        return height // self.patch_size, width // self.patch_size
