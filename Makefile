@@ -1,0 +1,36 @@
+# One-command setup: `make demo` runs the main job, `make test` runs the tests.
+# Both create .venv/ on first use (torch from the pinned wheels, then this package, editable).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# Offline-safe defaults: never wait on the model hub, never call W&B's servers from tests.
+TEST_ENV := HF_HUB_OFFLINE=1 HF_HOME=$(CURDIR)/.cache/hf WANDB_MODE=offline WANDB_SILENT=true \
+	WANDB_DISABLE_GIT=true WANDB_ERROR_REPORTING=false MPLBACKEND=Agg TOKENIZERS_PARALLELISM=false
+
+.PHONY: setup demo test bench browser-deps clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install $(TORCH_PINS)
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	HF_HUB_DOWNLOAD_TIMEOUT=20 MPLBACKEND=Agg $(VENV)/bin/proxyclip-segment weights.fallback_to_random=true $(ARGS)
+
+test: setup
+	$(TEST_ENV) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(TEST_ENV) $(PY) bench/bench_core.py
+
+# Debian's Chromium for the browser test (tests/ marked `browser`); needs root.
+browser-deps:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+clean:
+	rm -rf $(VENV) .cache outputs multirun .pytest_cache

@@ -1,0 +1,43 @@
+"""Test environment: offline, headless, random weights. Shared fixtures."""
+
+import os
+import tempfile
+
+# Set before anything imports huggingface_hub / wandb / matplotlib.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="proxyclip-hf-"))
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
+os.environ["WANDB_DISABLE_GIT"] = "true"
+os.environ["WANDB_ERROR_REPORTING"] = "false"
+os.environ["MPLBACKEND"] = "Agg"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from proxyclip import Segmenter, compose_config  # noqa: E402
+
+# Tiny random models and a small window: fast, but every stage runs for real.
+TINY = ["clip=test_tiny", "vfm=test_tiny", "weights=random", "method.short_side=64", "method.crop=64",
+        "method.stride=32", "batch_size=2"]
+
+
+def tiny_config(*overrides: str):
+    return compose_config(overrides=TINY + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_segmenter() -> Segmenter:
+    return Segmenter.from_config(tiny_config())
+
+
+@pytest.fixture(scope="session")
+def tiny_segmenter_novfm() -> Segmenter:
+    return Segmenter.from_config(tiny_config("vfm=none"))
+
+
+@pytest.fixture
+def rand_image():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(3, 80, 112, generator=g)
