@@ -1,0 +1,298 @@
+"""The evaluation loop: one encode per image, one decode per hyperparameter point, confusion matrices.
+
+A plain evaluation is a grid of one point (the config's ``method`` values); a sweep is a
+grid of many. Either way each image is encoded once (or read from the feature cache) and
+decoded once per point, and each point accumulates its own ``(K, K)`` confusion matrix over
+the dataset. The loop is
+
+- resumable: the matrices and the list of counted images are saved together, atomically
+  (:mod:`.state`); a restart in the same run directory skips the counted images;
+- distributed: under ``torchrun`` each process takes every ``world_size``-th image and the
+  matrices are summed at the end (:mod:`.distributed`).
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from ..data import BadLabelError, SegmentationDataset
+from ..metrics import confusion_matrix, metrics_from_confusion
+from .cache import FeatureCache
+from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, shard
+from .state import RunState, digest
+
+log = logging.getLogger(__name__)
+
+PARAMS = ("beta", "gamma", "logit_scale", "prob_thd")
+# Fault injection for the resumability test: SIGKILL this process once N images are counted,
+# in the middle of the next one (after its decode, before its state is saved).
+KILL_ENV = "PROXYCLIP_EVAL_KILL_AFTER"
+
+
+def select_indices(n: int, limit: Optional[int], seed: int = 0) -> List[int]:
+    """All ``n`` indices, or a reproducible random subset of ``limit`` of them (sorted)."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    if limit <= 0:
+        raise ValueError(f"limit must be a positive number of images, got {limit}")
+    return sorted(random.Random(seed).sample(range(n), int(limit)))
+
+
+def grid_points(seg, grid: Optional[Any] = None) -> List[Dict[str, float]]:
+    """Hyperparameter points: the product of ``grid``'s lists; an empty or missing list = the method's value."""
+    axes = []
+    for name in PARAMS:
+        values = list(getattr(grid, name, None) or []) if grid is not None else []
+        axes.append(values or [None])
+    points = []
+    for combo in itertools.product(*axes):
+        points.append(seg.resolve_params(**dict(zip(PARAMS, combo))))
+    return points
+
+
+@dataclass
+class GridResult:
+    points: List[Dict[str, float]]
+    cm: torch.Tensor  # (G, K, K) summed over processes
+    class_names: List[str]
+    num_images: int  # images counted (all processes)
+    skipped: List[Dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    metrics: List[Dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.metrics:
+            self.metrics = [metrics_from_confusion(self.cm[g], self.class_names) for g in range(len(self.points))]
+
+
+class _Stop(Exception):
+    pass
+
+
+def run_grid(
+    seg,
+    dataset: SegmentationDataset,
+    points: Sequence[Dict[str, float]],
+    run_dir: os.PathLike,
+    *,
+    info: DistInfo = DistInfo(),
+    cache: Optional[FeatureCache] = None,
+    checkpoint_seconds: float = 10.0,
+    progress: bool = True,
+    logger: Any = None,
+    log_images: int = 0,
+    print_fn: Callable[[str], None] = print,
+) -> GridResult:
+    """Evaluate every point of ``points`` on ``dataset`` (already subset), resumably and sharded.
+
+    Returns the matrices summed over all processes (every process gets the same result).
+    """
+    t0 = time.time()
+    points = [dict(p) for p in points]
+    k = dataset.num_classes
+    fingerprint = {
+        "dataset": dataset.name,
+        "num_samples": len(dataset),
+        "samples": digest([s.id for s in dataset.samples]),
+        "classes": digest(dataset.class_names),
+        "reduce_zero_label": dataset.reduce_zero_label,
+        "ignore_index": dataset.ignore_index,
+        "model": seg.key,
+        "points": digest(points),
+    }
+    state = RunState(Path(run_dir), info.rank, info.world_size, fingerprint, (len(points), k, k))
+    if state.load():
+        print_fn(f"resuming {state.path}: {len(state.done)} images already counted")
+    mine = shard(range(len(dataset)), info)
+    todo = [i for i in mine if not state.is_done(dataset.samples[i].id)]
+    kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
+
+    bar = None
+    if progress and info.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="img", dynamic_ncols=True,
+                   desc=f"{dataset.name}" + (f" [rank 0/{info.world_size}]" if info.enabled else ""))
+
+    def on_term(signum, frame):  # SLURM preemption / kill: save what is counted, then stop
+        raise _Stop()
+
+    old_term = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    logged = 0
+    counted_now = 0
+    last_save = time.time()
+    dirty = False
+    try:
+        for n_left, i in zip(range(len(todo), 0, -1), todo):
+            sample = dataset.samples[i]
+            image = dataset.load_image(i)
+            try:
+                label = dataset.load_label(i, expected_size=image.size)
+            except BadLabelError as e:
+                if dataset.bad_labels != "skip":
+                    raise
+                print_fn(f"skipping {sample.id}: {e}")
+                state.add(sample.id, skipped=str(e))
+                dirty = True
+                if bar is not None:
+                    bar.update(1)
+                continue
+            if cache is not None:
+                enc = cache.get_or_encode(sample.image, lambda: seg.encode(image), remaining=n_left)
+            else:
+                enc = seg.encode(image)
+            cm_img = torch.zeros((len(points), k, k), dtype=torch.int64)
+            for g, p in enumerate(points):
+                pred = seg.decode(enc, dataset.class_names, **p)
+                cm_img[g] = confusion_matrix(pred.labels.cpu(), label, k, dataset.ignore_index)
+                if g == 0 and logger is not None and info.is_main and logged < log_images:
+                    logger.log_segmentation(f"{dataset.name}/{sample.id}", image, pred.labels.cpu(), label,
+                                            dataset.class_names, ignore_index=dataset.ignore_index)
+                    logged += 1
+            if kill_after and counted_now >= kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            state.add(sample.id, cm_img)
+            counted_now += 1
+            dirty = True
+            if checkpoint_seconds <= 0 or time.time() - last_save >= checkpoint_seconds:
+                state.save()
+                last_save, dirty = time.time(), False
+            if bar is not None:
+                bar.update(1)
+                m = metrics_from_confusion(state.cm[0], dataset.class_names)
+                bar.set_postfix_str(f"mIoU {m['mIoU']:.2f}")
+    except (KeyboardInterrupt, _Stop):
+        if dirty:
+            state.save()
+        print_fn(f"interrupted: {len(state.done)} images counted and saved in {state.path}; "
+                 f"run the same command with the same run directory to continue")
+        raise KeyboardInterrupt
+    finally:
+        if bar is not None:
+            bar.close()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+    if dirty:
+        state.save()
+
+    barrier(info)
+    cm = all_reduce_sum(state.cm, info)
+    gathered = all_gather_objects((len(state.done), state.skipped), info)
+    counted = sum(n for n, _ in gathered)
+    skipped = [s for _, sk in gathered for s in sk]
+    if counted != len(dataset):
+        raise RuntimeError(f"{counted} images accounted for, but the dataset selection has {len(dataset)}")
+    return GridResult(points=points, cm=cm, class_names=list(dataset.class_names), num_images=counted - len(skipped),
+                      skipped=skipped, seconds=time.time() - t0)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# ----------------------------------------------------------------------------------------------
+# outputs
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    for r in rows:
+        w.writerow(["" if isinstance(v, float) and math.isnan(v) else (f"{v:.4f}" if isinstance(v, float) else v)
+                    for v in r])
+    return buf.getvalue()
+
+
+def describe_run(cfg: Any, seg: Any, dataset: SegmentationDataset) -> Dict[str, Any]:
+    """What a results file needs to say which model and protocol produced it (the summary reads this)."""
+    m = cfg.method
+    return {
+        "dataset": dataset.name,
+        "method": str(m.name),
+        "clip": f"{cfg.clip.name}/{cfg.clip.pretrained}",
+        "vfm": str(cfg.vfm.name),
+        "weights": str(cfg.weights.source) + ("" if str(cfg.weights.source) != "random" else f"(seed {cfg.weights.seed})"),
+        "random_weights": bool(getattr(seg, "random_weights", False)),
+        "model_key": seg.key,
+        "protocol": {k: _plain(m[k]) for k in ("short_side", "max_long_side", "crop", "stride")},
+        "limit": cfg.get("limit"),
+        "limit_seed": cfg.get("limit_seed"),
+    }
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
+
+
+def write_eval_outputs(run_dir: Path, result: GridResult, meta: Dict[str, Any]) -> Dict[str, Any]:
+    """``metrics.json`` and ``per_class.csv`` in ``run_dir``. Returns the metrics dict written."""
+    m = result.metrics[0]
+    out = dict(meta)
+    out.update(params=result.points[0], num_images=result.num_images, num_skipped=len(result.skipped),
+               skipped=result.skipped, seconds=round(result.seconds, 2), mIoU=m["mIoU"], aAcc=m["aAcc"],
+               mAcc=m["mAcc"], num_pixels=m["num_pixels"], per_class=m["per_class"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(run_dir / "metrics.json", json.dumps(_json_safe(out), indent=2))
+    rows = [[i, r["class"], r["IoU"], r["Acc"], r["gt_pixels"], r["pred_pixels"]] for i, r in enumerate(m["per_class"])]
+    _write_atomic(run_dir / "per_class.csv", _csv_text(["index", "class", "IoU", "Acc", "gt_pixels", "pred_pixels"], rows))
+    return out
+
+
+def sweep_rows(result: GridResult) -> List[List[Any]]:
+    return [[p[k] for k in PARAMS] + [m["mIoU"], m["aAcc"], m["mAcc"]] for p, m in zip(result.points, result.metrics)]
+
+
+def write_sweep_outputs(run_dir: Path, result: GridResult, meta: Dict[str, Any]) -> Dict[str, Any]:
+    """``sweep.csv`` (one row a point), ``sweep_per_class.csv`` (one row a point and class), ``sweep.json``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    header = list(PARAMS) + ["mIoU", "aAcc", "mAcc"]
+    _write_atomic(run_dir / "sweep.csv", _csv_text(header, sweep_rows(result)))
+    long_rows = []
+    for p, m in zip(result.points, result.metrics):
+        for i, r in enumerate(m["per_class"]):
+            long_rows.append([p[k] for k in PARAMS] + [i, r["class"], r["IoU"], r["Acc"]])
+    _write_atomic(run_dir / "sweep_per_class.csv", _csv_text(list(PARAMS) + ["index", "class", "IoU", "Acc"], long_rows))
+    best = max(range(len(result.points)), key=lambda g: -1.0 if math.isnan(result.metrics[g]["mIoU"])
+               else result.metrics[g]["mIoU"])
+    out = dict(meta)
+    out.update(num_images=result.num_images, num_skipped=len(result.skipped), skipped=result.skipped,
+               seconds=round(result.seconds, 2), best={**result.points[best], "mIoU": result.metrics[best]["mIoU"]},
+               points=[{**p, "mIoU": m["mIoU"], "aAcc": m["aAcc"], "mAcc": m["mAcc"],
+                        "IoU": {r["class"]: r["IoU"] for r in m["per_class"]}}
+                       for p, m in zip(result.points, result.metrics)])
+    _write_atomic(run_dir / "sweep.json", json.dumps(_json_safe(out), indent=2))
+    return out

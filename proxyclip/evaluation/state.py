@@ -1,0 +1,104 @@
+"""Resumable evaluation state: confusion matrices plus the ids of the images they count.
+
+One file per process (``<run_dir>/state/rank<r>-of-<w>.pt``), written atomically (temporary
+file, fsync, rename): the matrices and the done-list always change together, so an image is
+either fully counted and listed, or neither. A restart with the same run directory loads
+the file and skips the listed images; a restart with different settings (another dataset,
+subset, model or grid) is refused rather than mixed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+STATE_VERSION = 1
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class RunState:
+    def __init__(self, run_dir: Path, rank: int, world_size: int, fingerprint: Dict[str, Any], shape):
+        self.dir = Path(run_dir) / "state"
+        self.rank = rank
+        self.world_size = world_size
+        self.fingerprint = fingerprint
+        self.path = self.dir / f"rank{rank}-of-{world_size}.pt"
+        # (cm, done, skipped) replaced as one tuple, so a signal between two statements can
+        # never leave a matrix that counts an image the done-list does not name
+        self._data = (torch.zeros(shape, dtype=torch.int64), (), ())
+        self._done_set = set()
+
+    @property
+    def cm(self) -> torch.Tensor:
+        return self._data[0]
+
+    @property
+    def done(self) -> List[str]:
+        return list(self._data[1])
+
+    @property
+    def skipped(self) -> List[Dict[str, str]]:
+        return list(self._data[2])
+
+    def load(self) -> bool:
+        """Load a previous state of this run (True if there was one). Raises on a mismatch."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        others = sorted(p.name for p in self.dir.glob("rank*-of-*.pt") if not p.name.endswith(f"-of-{self.world_size}.pt"))
+        if others:
+            raise RuntimeError(
+                f"{self.dir} holds the state of a run with another number of processes ({', '.join(others)}); "
+                f"resume it with the same number of processes (torchrun --nproc_per_node), or use a new run directory"
+            )
+        if not self.path.is_file():
+            return False
+        d = torch.load(self.path, map_location="cpu", weights_only=False)
+        old = d.get("fingerprint", {})
+        if old != self.fingerprint:
+            diff = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
+            detail = "; ".join(f"{k}: {old.get(k)!r} then, {self.fingerprint.get(k)!r} now" for k in diff)
+            raise RuntimeError(
+                f"{self.path} belongs to a run with other settings ({detail}); use a new run directory "
+                f"(hydra.run.dir=...) or delete {self.dir} to start over"
+            )
+        if tuple(d["cm"].shape) != tuple(self.cm.shape):
+            raise RuntimeError(f"{self.path}: confusion matrix shape {tuple(d['cm'].shape)} != {tuple(self.cm.shape)}")
+        self._data = (d["cm"], tuple(d["done"]), tuple(d.get("skipped", [])))
+        self._done_set = set(self._data[1])
+        return True
+
+    def is_done(self, sample_id: str) -> bool:
+        return sample_id in self._done_set
+
+    def add(self, sample_id: str, cm: Optional[torch.Tensor] = None, skipped: Optional[str] = None) -> None:
+        if sample_id in self._done_set:
+            raise RuntimeError(f"image {sample_id} would be counted twice")
+        cm_old, done, skip = self._data
+        new_cm = cm_old + cm if cm is not None else cm_old
+        new_skip = skip + ({"id": sample_id, "reason": skipped},) if skipped is not None else skip
+        self._data = (new_cm, done + (sample_id,), new_skip)
+        self._done_set.add(sample_id)
+
+    def save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        cm, done, skipped = self._data
+        payload = dict(version=STATE_VERSION, fingerprint=self.fingerprint, cm=cm, done=list(done),
+                       skipped=list(skipped), rank=self.rank, world_size=self.world_size)
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".pt")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
