@@ -1,0 +1,275 @@
+"""proxyclip.viz: figures checked headlessly (Agg) for content, against independent computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from proxyclip import proxy, viz
+
+
+def image_axes(fig: Figure):
+    """Axes that show an image (colour bars excluded)."""
+    return [ax for ax in fig.axes if ax.images and ax.get_label() != "<colorbar>"]
+
+
+def render(fig: Figure) -> np.ndarray:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())
+
+
+def two_region_features(h=6, w=8, c=16, seed=0):
+    """(1, C, h, w) features: columns < w//2 share vector a, the rest vector b, a ⟂ b."""
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(c, 2, generator=g))
+    feats = torch.empty(1, c, h, w)
+    feats[0, :, :, : w // 2] = basis[:, 0, None, None]
+    feats[0, :, :, w // 2:] = basis[:, 1, None, None]
+    return feats
+
+
+# ---------------------------------------------------------------- attention maps
+
+def test_attention_heatmap_argmax_lands_on_chosen_patch():
+    h, w, H, W = 6, 8, 48, 64  # 8x8-pixel patches
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(1, 32, h, w, generator=g)  # generic features: a token is most similar to itself
+    s = proxy.normalize_affinity(proxy.cosine_affinity(feats), beta=1.2, gamma=3.0)
+    attn = proxy.masked_softmax(s, proxy.affinity_mask(s))[0]
+    image = torch.rand(3, H, W, generator=g)
+    for patch in [(0, 0), (2, 5), (5, 7)]:
+        k = patch[0] * w + patch[1]
+        fig = viz.plot_attention_map(image, attn[k], (h, w), patch=patch)
+        (ax,) = image_axes(fig)
+        heat = np.asarray(ax.images[1].get_array())
+        assert heat.shape == (H, W)
+        y, x = np.unravel_index(np.argmax(heat), heat.shape)
+        y1, y2, x1, x2 = viz.patch_box(patch, (h, w), (H, W))
+        assert (y1, y2, x1, x2) == (patch[0] * 8, patch[0] * 8 + 8, patch[1] * 8, patch[1] * 8 + 8)
+        assert y1 <= y < y2 and x1 <= x < x2
+        # the outline drawn is that patch's box
+        (rect,) = [p for p in ax.patches if isinstance(p, Rectangle)]
+        assert rect.get_xy() == (x1 - 0.5, y1 - 0.5) and (rect.get_width(), rect.get_height()) == (8, 8)
+        render(fig)
+
+
+def test_attention_of_a_two_region_image_stays_in_its_region():
+    h, w, H, W = 6, 8, 60, 80
+    feats = two_region_features(h, w)
+    s = proxy.normalize_affinity(proxy.cosine_affinity(feats), beta=1.2, gamma=3.0)
+    attn = proxy.masked_softmax(s, proxy.affinity_mask(s))[0]
+    k = 3 * w + 1  # a patch in the left region
+    fig = viz.plot_attention_map(torch.zeros(3, H, W), attn[k], (h, w), patch=(3, 1))
+    heat = np.asarray(image_axes(fig)[0].images[1].get_array())
+    left, right = heat[:, : W // 2], heat[:, W // 2:]
+    # the other region is masked (cosine 0 < beta * mean): exactly zero; own region uniform 1/24
+    assert (right == 0).all()
+    np.testing.assert_allclose(left, 1.0 / (h * w // 2), rtol=1e-5)
+
+
+def test_patch_heatmap_is_nearest_block_upsampling():
+    row = np.arange(12, dtype=np.float32)
+    heat = viz.patch_heatmap(row, (3, 4), (9, 8))
+    np.testing.assert_array_equal(heat, np.kron(row.reshape(3, 4), np.ones((3, 2))))
+    # non-divisible size: every pixel shows the token whose box holds it
+    heat = viz.patch_heatmap(torch.tensor(row), (3, 4), (10, 7))
+    for y in range(10):
+        for x in range(7):
+            r, c = int(y * 3 / 10), int(x * 4 / 7)
+            assert heat[y, x] == row[r * 4 + c]
+
+
+def test_attention_grid_panels_and_titles():
+    rows = [torch.softmax(torch.randn(24), 0) for _ in range(3)]
+    maps = [(f"map {i}", r, (4, 6), (1, 2)) for i, r in enumerate(rows)]
+    fig = viz.plot_attention_grid(torch.rand(3, 40, 60), maps, ncols=2)
+    axes = image_axes(fig)
+    assert [ax.get_title() for ax in axes] == ["map 0", "map 1", "map 2"]
+    for ax, r in zip(axes, rows):
+        heat = np.asarray(ax.images[1].get_array())
+        np.testing.assert_allclose(heat[::10, ::10].ravel(), r.numpy(), rtol=1e-6)
+
+
+def test_clip_last_block_attention_matches_multihead_attention(tiny_segmenter):
+    """Our q/k computation from the block's weights equals torch's own attention weights."""
+    block = tiny_segmenter.clip_model.visual.transformer.resblocks[-1]
+    assert isinstance(block.attn, torch.nn.MultiheadAttention)
+    g = torch.Generator().manual_seed(0)
+    d = block.attn.embed_dim
+    tokens = torch.randn(2, 1 + 16, d, generator=g)
+    with torch.no_grad():
+        ours = viz.clip_last_block_attention(block, tokens)
+        x = block.ln_1(tokens)
+        _, weights = block.attn(x, x, x, need_weights=True, average_attn_weights=True)  # (B, 17, 17)
+    expected = weights[:, 1:, 1:] / weights[:, 1:, 1:].sum(-1, keepdim=True)
+    assert ours.shape == (2, 16, 16)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours.sum(-1), torch.ones(2, 16))
+
+
+def test_clip_attention_from_the_pipeline_hook(tiny_segmenter, rand_image):
+    pred, cache = tiny_segmenter.run_with_cache(rand_image, ["a", "b"], names=["clip.last_block_input", "clip.values"])
+    tokens, values = cache["clip.last_block_input"], cache["clip.values"]
+    gh, gw = values.shape[-2:]
+    attn = viz.clip_last_block_attention(tiny_segmenter.clip_model.visual.transformer.resblocks[-1], tokens)
+    assert attn.shape == (values.shape[0], gh * gw, gh * gw)
+    assert torch.isfinite(attn).all() and (attn >= 0).all()
+    fig = viz.plot_attention_map(rand_image, attn[0, 0], (gh, gw), patch=(0, 0), title="CLIP")
+    assert image_axes(fig)[0].get_title() == "CLIP"
+
+
+def test_affinity_stages_show_the_normalization_and_mask(tiny_segmenter, rand_image):
+    beta, gamma = 1.1, 2.5
+    _, cache = tiny_segmenter.run_with_cache(rand_image, ["a", "b"], names=["vfm.features", "proxy.affinity",
+                                             "proxy.affinity_normalized", "proxy.mask", "proxy.attention"],
+                                             beta=beta, gamma=gamma)
+    feats = cache["vfm.features"][0].double()  # (C, Hv, Wv) of window 0
+    grid = tuple(feats.shape[-2:])
+    # independent computation in float64 numpy
+    f = feats.flatten(1).T.numpy()
+    f = f / np.linalg.norm(f, axis=1, keepdims=True)
+    S = f @ f.T
+    S_norm = (S - beta * S.mean()) * gamma
+    k = 5
+    fig = viz.plot_affinity_stages(rand_image, cache["proxy.affinity"][0, k], cache["proxy.affinity_normalized"][0, k],
+                                   cache["proxy.mask"][0, k], grid, patch=divmod(k, grid[1]),
+                                   attention_row=cache["proxy.attention"][0, k])
+    axes = image_axes(fig)
+    assert [ax.get_title().split(":")[0] for ax in axes] == ["cosine affinity S", "normalized S'", "kept (S' >= 0)",
+                                                            "attention softmax(S')"]
+    H, W = rand_image.shape[1:]
+    ys = (np.arange(grid[0]) * H + H // 2) // grid[0]  # one pixel inside each token's block
+    xs = (np.arange(grid[1]) * W + W // 2) // grid[1]
+    shown = [np.asarray(ax.images[1].get_array())[np.ix_(ys, xs)].ravel() for ax in axes]
+    np.testing.assert_allclose(shown[0], S[k], atol=1e-5)
+    np.testing.assert_allclose(shown[1], S_norm[k], atol=1e-4)
+    kept = S_norm[k] >= 0
+    if not kept.any():
+        kept[k] = True
+    np.testing.assert_array_equal(shown[2].astype(bool), kept)
+    assert axes[2].get_title().endswith(f"{kept.sum()}/{kept.size}")
+    expected_attn = np.where(kept, np.exp(S_norm[k] - S_norm[k][kept].max()), 0)
+    np.testing.assert_allclose(shown[3], expected_attn / expected_attn.sum(), rtol=1e-4, atol=1e-7)
+    # the normalized panel's colours are centred on 0 (the masking threshold)
+    lo, hi = axes[1].images[1].get_clim()
+    assert lo == pytest.approx(-hi)
+
+
+# ---------------------------------------------------------------- label maps and scores
+
+def test_colorize_labels_palette_and_ignore():
+    labels = np.array([[0, 1, 2], [255, 7, 1]])
+    out = viz.colorize_labels(labels, n_classes=3)
+    pal = viz.label_palette(3)
+    np.testing.assert_array_equal(out[0], pal[[0, 1, 2]])
+    np.testing.assert_array_equal(out[1, 0], [0, 0, 0])  # ignore
+    np.testing.assert_array_equal(out[1, 1], [0, 0, 0])  # out of range
+    np.testing.assert_array_equal(out[1, 2], pal[1])
+
+
+def test_segmentation_panels_overlay_and_legend():
+    H, W = 20, 30
+    image = torch.rand(3, H, W, generator=torch.Generator().manual_seed(0))
+    pred = torch.zeros(H, W, dtype=torch.long)
+    pred[:, 10:] = 2
+    gt = pred.clone()
+    gt[:5] = 3
+    gt[0, 0] = 255
+    names = ["background", "cat; kitty", "dog", "sky; heaven"]
+    fig = viz.plot_segmentation(image, pred, names, gt_labels=gt, alpha=0.4)
+    axes = image_axes(fig)
+    assert [ax.get_title() for ax in axes] == ["image", "ground truth", "prediction"]
+    img = image.permute(1, 2, 0).numpy()
+    pal = viz.label_palette(4) / 255.0
+    shown_pred = np.asarray(axes[2].images[0].get_array())
+    np.testing.assert_allclose(shown_pred, 0.6 * img + 0.4 * pal[pred.numpy()], atol=1e-6)
+    shown_gt = np.asarray(axes[1].images[0].get_array())
+    np.testing.assert_allclose(shown_gt[0, 0], 0.6 * img[0, 0], atol=1e-6)  # ignore: no colour added
+    # legend: classes present in prediction or ground truth, first synonym, in class order
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["background", "dog", "sky"]
+    assert len(image_axes(viz.plot_segmentation(image, pred, names))) == 2  # no ground truth: 2 panels
+    render(fig)
+
+
+def test_baseline_comparison_panels():
+    image = torch.rand(3, 16, 16)
+    base = torch.zeros(16, 16, dtype=torch.long)
+    prox = torch.ones(16, 16, dtype=torch.long)
+    fig = viz.plot_baseline_comparison(image, base, prox, ["a", "b"])
+    axes = image_axes(fig)
+    assert [ax.get_title() for ax in axes] == ["image", "CLIP, no VFM (baseline)", "ProxyCLIP"]
+    pal = viz.label_palette(2) / 255.0
+    img = image.permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(np.asarray(axes[1].images[0].get_array()), 0.5 * img + 0.5 * pal[0], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(axes[2].images[0].get_array()), 0.5 * img + 0.5 * pal[1], atol=1e-6)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["a", "b"]
+
+
+def test_class_scores_one_panel_per_query_on_one_scale():
+    scores = torch.randn(3, 12, 18)
+    fig = viz.plot_class_scores(torch.rand(3, 12, 18), scores, ["sky", "person", "people"], ncols=2)
+    axes = image_axes(fig)
+    assert [ax.get_title() for ax in axes] == ["image", "sky", "person", "people"]
+    for q, ax in enumerate(axes[1:]):
+        np.testing.assert_allclose(np.asarray(ax.images[0].get_array()), scores[q].numpy())
+        assert ax.images[0].get_clim() == pytest.approx((float(scores.min()), float(scores.max())))
+    with pytest.raises(ValueError, match="Q = len"):
+        viz.plot_class_scores(torch.rand(3, 12, 18), scores, ["sky"])
+
+
+def test_sweep_heatmap_marks_the_best_cell():
+    values = np.array([[10.0, 12.0, 11.0], [9.0, 15.5, 14.0]])
+    fig = viz.plot_sweep_heatmap(values, [1.0, 1.2], [2.0, 3.0, 4.0])
+    (ax,) = image_axes(fig)
+    np.testing.assert_array_equal(np.asarray(ax.images[0].get_array()), values)
+    (rect,) = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert rect.get_xy() == (0.5, 0.5)  # column 1 (gamma 3.0), row 1 (beta 1.2)
+    assert sorted(t.get_text() for t in ax.texts) == sorted(f"{v:.1f}" for v in values.ravel())
+    assert "beta=1.2, gamma=3" in ax.get_title()
+    with pytest.raises(ValueError, match="do not match"):
+        viz.plot_sweep_heatmap(values, [1.0], [2.0, 3.0, 4.0])
+
+
+# ---------------------------------------------------------------- geometry
+
+def test_locate_patch_hand_worked():
+    # original 100x200, resized 50x100, two 50x50 windows, a 5x5 grid (10-pixel tokens)
+    windows = [(0, 50, 0, 50), (0, 50, 50, 100)]
+    # pixel (30, 150) -> resized (14.75, 74.75): window 1, row 1 (10..20), column 2 (70..80 -> 20..30 in window)
+    assert viz.locate_patch(30, 150, (100, 200), (50, 100), windows, (5, 5)) == (1, 1, 2)
+    assert viz.locate_patch(0, 0, (100, 200), (50, 100), windows, (5, 5)) == (0, 0, 0)
+    assert viz.locate_patch(99, 199, (100, 200), (50, 100), windows, (5, 5)) == (1, 4, 4)
+    # overlapping windows: the one whose centre is nearer wins
+    overlapping = [(0, 40, 0, 40), (0, 40, 20, 60)]
+    assert viz.locate_patch(10, 25, (40, 60), (40, 60), overlapping, (4, 4))[0] == 0
+    assert viz.locate_patch(10, 35, (40, 60), (40, 60), overlapping, (4, 4)) == (1, 1, 1)
+    # padding: a 10-pixel window padded by 1 each side is a 12-pixel grid of 3 tokens (4 pixels each)
+    box = [(0, 10, 0, 10)]
+    assert viz.locate_patch(0, 0, (10, 10), (10, 10), box, (3, 3), pad=(1, 1, 1, 1)) == (0, 0, 0)
+    assert viz.locate_patch(3, 2, (10, 10), (10, 10), box, (3, 3), pad=(1, 1, 1, 1)) == (0, 1, 0)
+    assert viz.locate_patch(9, 7, (10, 10), (10, 10), box, (3, 3), pad=(1, 1, 1, 1)) == (0, 2, 2)
+
+
+def test_window_pixels_is_the_resized_crop():
+    image = torch.rand(3, 40, 60)
+    crop = viz.window_pixels(image, (20, 30), (5, 15, 10, 30))
+    expected = F.interpolate(image[None], size=(20, 30), mode="bilinear", align_corners=False)[0, :, 5:15, 10:30]
+    torch.testing.assert_close(crop, expected)
+    torch.testing.assert_close(viz.window_pixels(image, (40, 60), (0, 40, 0, 60)), image)
+
+
+def test_image_to_float_hwc_layouts():
+    chw = torch.zeros(3, 4, 5)
+    chw[1] = 1.0
+    out = viz.image_to_float_hwc(chw)
+    assert out.shape == (4, 5, 3) and (out[..., 1] == 1).all() and (out[..., [0, 2]] == 0).all()
+    u8 = (out * 255).astype(np.uint8)
+    np.testing.assert_allclose(viz.image_to_float_hwc(u8), out)
