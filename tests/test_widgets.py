@@ -1,0 +1,200 @@
+"""proxyclip.widgets: the explorer driven by setting widget values, checked against the pipeline itself."""
+
+from __future__ import annotations
+
+import datetime
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from proxyclip import viz
+from proxyclip.widgets import Explorer, ExplorerController
+
+# as tests/conftest.py's TINY, without the backbone choices (the explorer's dropdowns set those)
+SMALL = ["method.short_side=64", "method.crop=64", "method.stride=32", "batch_size=2"]
+CLASSES = ["sky", "person; people", "horse"]
+
+
+@pytest.fixture
+def factory(tiny_segmenter, tiny_segmenter_novfm):
+    """Reuse the session's tiny segmenters (same configs the explorer would compose)."""
+    built = []
+
+    def make(clip, vfm):
+        built.append((clip, vfm))
+        return {"test_tiny": tiny_segmenter, "none": tiny_segmenter_novfm}[vfm]
+
+    make.built = built
+    return make
+
+
+@pytest.fixture
+def explorer(factory, rand_image):
+    return Explorer(clip="test_tiny", vfm="test_tiny", weights="random", overrides=SMALL, image=rand_image,
+                    classes=CLASSES, segmenter_factory=factory, clip_options=["test_tiny"],
+                    vfm_options=["test_tiny", "none"])
+
+
+def png_size(data: bytes):
+    return Image.open(io.BytesIO(data)).size
+
+
+def proxy_attention_numpy(features: torch.Tensor, beta: float, gamma: float) -> np.ndarray:
+    """Independent float64 proxy attention of one window's (C, H, W) features."""
+    f = features.double().flatten(1).T.numpy()
+    f = f / np.linalg.norm(f, axis=1, keepdims=True)
+    s = f @ f.T
+    s = (s - beta * s.mean()) * gamma
+    keep = s >= 0
+    empty = ~keep.any(1)
+    keep[empty, empty] = True  # an empty row keeps its diagonal
+    e = np.where(keep, np.exp(s - np.where(keep, s, -np.inf).max(1, keepdims=True)), 0.0)
+    return e / e.sum(1, keepdims=True)
+
+
+def test_first_view_encodes_once_and_renders(explorer, factory, tiny_segmenter, rand_image):
+    c = explorer.controller
+    assert (c.n_encodes, c.n_decodes) == (1, 1)
+    assert factory.built == [("test_tiny", "test_tiny")]
+    # the defaults shown are the config's (conf/method/proxyclip.yaml)
+    m = tiny_segmenter.cfg.method
+    assert (explorer.gamma.value, explorer.beta.value, explorer.prob_thd.value) == (m.gamma, m.beta, m.prob_thd)
+    assert explorer.temperature.value == pytest.approx(1 / m.logit_scale)
+    assert (explorer.patch_y.max, explorer.patch_x.max) == (rand_image.shape[1] - 1, rand_image.shape[2] - 1)
+    assert png_size(explorer.seg_image.value)[0] > 100 and png_size(explorer.attn_image.value)[0] > 100
+    expected = tiny_segmenter.predict(rand_image, CLASSES)
+    torch.testing.assert_close(c.prediction.labels, expected.labels)
+    assert explorer.progress.value == 1.0 and "encodes 1, decodes 1" in explorer.status.value
+
+
+def test_sliders_rerun_only_decode_with_the_slider_values(explorer, tiny_segmenter, rand_image):
+    c = explorer.controller
+    enc_before = c.encoded
+    seg_png = explorer.seg_image.value
+
+    explorer.gamma.value = 5.0
+    assert (c.n_encodes, c.n_decodes) == (1, 2)
+    assert c.encoded is enc_before
+    expected = tiny_segmenter.predict(rand_image, CLASSES, gamma=5.0)
+    torch.testing.assert_close(c.prediction.scores, expected.scores)
+    assert not torch.equal(c.prediction.scores, tiny_segmenter.predict(rand_image, CLASSES).scores)
+
+    explorer.beta.value = 0.8
+    explorer.temperature.value = 0.05  # logit_scale 20
+    assert (c.n_encodes, c.n_decodes) == (1, 4)
+    pred = c.prediction
+    assert pred.params == {"beta": 0.8, "gamma": 5.0, "logit_scale": pytest.approx(20.0), "prob_thd": 0.0}
+    q = torch.softmax(20.0 * pred.scores, dim=0)  # queries: sky, person, people, horse
+    torch.testing.assert_close(pred.probs[1], torch.maximum(q[1], q[2]))
+    torch.testing.assert_close(pred.probs[0], q[0])
+
+    explorer.prob_thd.value = 0.6
+    assert (c.n_encodes, c.n_decodes) == (1, 5)
+    pred = c.prediction
+    best, arg = pred.probs.max(0)
+    torch.testing.assert_close(pred.labels, torch.where(best < 0.6, 0, arg))
+    assert explorer.seg_image.value != seg_png
+
+
+def test_patch_sliders_show_the_chosen_tokens_attention_without_computing(explorer, rand_image):
+    c = explorer.controller
+    png = explorer.attn_image.value
+    # rand_image is 80x112 -> resized 64x90 -> windows x 0..64 and 26..90; test_tiny VFM grid 4x4 (16 px)
+    explorer.patch_y.value, explorer.patch_x.value = 10, 100
+    assert (c.n_encodes, c.n_decodes) == (1, 1)
+    assert explorer.attn_image.value != png
+    v = c.attention_view()
+    # by hand: (10, 100) -> resized (7.9, 80.3): window 1 (x 26..90), token row 0, column (80.3-26)//16 = 3
+    assert v.window == 1 and v.proxy_patch == (0, 3) and v.proxy_grid == (4, 4)
+    expected = proxy_attention_numpy(c.encoded.vfm_features[1], beta=c.params["beta"], gamma=c.params["gamma"])
+    np.testing.assert_allclose(v.proxy_row.numpy(), expected[3], rtol=1e-4, atol=1e-6)
+    # the figure shows that row over window 1's pixels
+    fig = c.attention_figure()
+    heat = np.asarray(fig.axes[0].images[1].get_array())
+    assert heat.shape == tuple(v.window_image.shape[1:]) == (64, 64)
+    np.testing.assert_allclose(heat[8::16, 8::16].ravel(), expected[3], rtol=1e-4, atol=1e-6)
+    assert fig.axes[0].get_title().startswith("proxy attention")
+    # CLIP's own attention of the same point: a distribution over CLIP's grid
+    assert v.clip_row.shape == (v.clip_grid[0] * v.clip_grid[1],)
+    assert float(v.clip_row.sum()) == pytest.approx(1.0, abs=1e-5)
+    # affinity stages view: S, S', mask, attention of that token
+    explorer.show_affinity.value = True
+    assert (c.n_encodes, c.n_decodes) == (1, 1)
+    titles = [ax.get_title() for ax in c.attention_figure(show_affinity=True).axes if ax.images]
+    assert titles[0] == "cosine affinity S" and titles[-1] == "attention softmax(S')"
+
+
+def test_backbone_change_reencodes_with_progress_and_caches(explorer, factory):
+    c = explorer.controller
+    messages, disabled = [], []
+    explorer.progress.observe(lambda ch: messages.append(ch.new), names="description")
+    explorer.gamma.observe(lambda ch: disabled.append(ch.new), names="disabled")
+
+    explorer.vfm.value = "none"
+    assert (c.n_encodes, c.n_decodes) == (2, 2)
+    assert factory.built[-1] == ("test_tiny", "none")
+    assert any(m.startswith("encoding 2 window(s) with test_tiny + none") for m in messages)
+    assert messages[-1] == "encoded" and explorer.progress.value == 1.0
+    assert disabled == [True, False]  # controls locked during the encode, then released
+    assert c.encoded.vfm_features is None
+    v = c.attention_view()
+    assert v.proxy_row is None and v.clip_row is not None
+    assert [ax.get_title() for ax in c.attention_figure().axes if ax.images] == ["CLIP's own attention (test_tiny)"]
+
+    explorer.vfm.value = "test_tiny"  # encoded before: taken from the cache, decoded again
+    assert (c.n_encodes, c.n_decodes) == (2, 3)
+    assert c.attention_view().proxy_row is not None
+
+
+def test_classes_text_decodes_only_and_bad_input_is_reported(explorer):
+    c = explorer.controller
+    explorer.classes.value = "cat\ndog; puppy"
+    assert (c.n_encodes, c.n_decodes) == (1, 2)
+    assert c.prediction.class_names == ["cat", "dog; puppy"]
+    assert c.prediction.queries == ["cat", "dog", "puppy"]
+    explorer.classes.value = "cat\ncat"
+    assert c.n_decodes == 2 and "duplicate" in explorer.status.value
+    assert c.prediction.class_names == ["cat", "dog; puppy"]
+
+
+def test_new_image_by_upload_and_by_path(explorer, tmp_path):
+    c = explorer.controller
+    pixels = (np.random.default_rng(0).random((48, 72, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    explorer.upload.value = ({"name": "up.png", "type": "image/png", "size": len(buf.getvalue()),
+                              "content": memoryview(buf.getvalue()),
+                              "last_modified": datetime.datetime.now(datetime.timezone.utc)},)
+    assert c.n_encodes == 2
+    torch.testing.assert_close(c.image, torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
+    assert (explorer.patch_y.max, explorer.patch_x.max) == (47, 71)
+    assert c.prediction.labels.shape == (48, 72)
+
+    path = tmp_path / "p.png"
+    Image.fromarray(pixels[:, ::-1].copy()).save(path)
+    explorer.path.value = str(path)
+    explorer.load_path.click()
+    assert c.n_encodes == 3 and c.image_name == str(path)
+    explorer.path.value = str(tmp_path / "missing.png")
+    explorer.load_path.click()
+    assert c.n_encodes == 3 and "not found" in explorer.status.value
+
+
+def test_controller_without_widgets(factory, rand_image):
+    c = ExplorerController(clip="test_tiny", vfm="test_tiny", image=rand_image, classes=["a", "b"],
+                           segmenter_factory=factory)
+    assert (c.n_encodes, c.n_decodes) == (1, 1)
+    c.set_params(gamma=c.params["gamma"])  # unchanged value: nothing to do
+    assert c.refresh() is False
+    c.set_params(logit_temperature=0.1)
+    assert c.refresh() is True and c.prediction.params["logit_scale"] == pytest.approx(10.0)
+    c.set_point(-5, 10_000)  # clamped into the image
+    assert c.point == (0.0, rand_image.shape[2] - 1.0)
+    v = c.attention_view()
+    win, row, col = viz.locate_patch(*c.point, c.encoded.image_size, c.encoded.resized_size, c.encoded.windows,
+                                     v.proxy_grid)
+    assert (v.window, v.proxy_patch) == (win, (row, col)) == (1, (0, 3))
+    assert c.n_encodes == 1
