@@ -1,0 +1,49 @@
+"""Every config combination composes; typos and wrong types are errors, not silent defaults."""
+
+import itertools
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
+
+from proxyclip import compose_config
+from proxyclip.config import CONF_DIR
+from proxyclip.backbones.vfm import FAMILIES
+
+
+def group(name):
+    return sorted(p.stem for p in (CONF_DIR / name).glob("*.yaml"))
+
+
+def test_groups_hold_the_documented_choices():
+    assert {"vit_b16", "vit_l14", "vit_h14"} <= set(group("clip"))
+    assert {"dino_vitb8", "dino_vitb16", "dino_vits8", "dino_vits16", "dinov2_vitb14_reg", "sam_vitb", "sam_vitl",
+            "sam_vith", "mae_vitb16", "none"} <= set(group("vfm"))
+    assert set(group("weights")) == {"pretrained", "local", "random"}
+
+
+@pytest.mark.parametrize("primary", ["config", "segment"])
+def test_every_combination_composes(primary):
+    combos = list(itertools.product(group("clip"), group("vfm"), group("weights"), group("method")))
+    for clip, vfm, weights, method in combos:
+        cfg = compose_config(primary, [f"clip={clip}", f"vfm={vfm}", f"weights={weights}", f"method={method}"])
+        assert cfg.clip.name and cfg.vfm.family in FAMILIES
+        assert (cfg.vfm.timm_name is None) == (cfg.vfm.family == "none")
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # nothing left unset
+
+
+def test_paper_defaults_live_in_conf():
+    m = compose_config().method
+    assert (m.beta, m.gamma, m.logit_scale, m.crop, m.stride, m.short_side) == (1.2, 3.0, 40.0, 336, 112, 336)
+    cfg = compose_config(overrides=["clip=vit_h14", "vfm=sam_vitb"])
+    assert (cfg.clip.name, cfg.clip.pretrained, cfg.vfm.input_size) == ("ViT-H-14", "laion2b_s32b_b79k", 1024)
+
+
+def test_typos_and_wrong_types_are_errors():
+    with pytest.raises(ConfigCompositionException, match="gama"):
+        compose_config(overrides=["method.gama=2"])
+    with pytest.raises((ConfigCompositionException, ValidationError), match="beta"):
+        compose_config(overrides=["method.beta=abc"])
+    with pytest.raises(ConfigCompositionException, match="clip/vit_z99"):
+        compose_config(overrides=["clip=vit_z99"])

@@ -1,0 +1,264 @@
+"""The Segmenter end to end on tiny random models: hooks, encode/decode, the method's steps."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from proxyclip import HOOK_NAMES, Encoded, Segmenter
+from proxyclip.text import TEMPLATES, parse_classes
+
+from conftest import tiny_config
+
+CLASSES = ["sky", "person; people", "horse"]
+
+
+def test_hook_names_and_shapes(tiny_segmenter, rand_image):
+    seg = tiny_segmenter
+    pred, cache = seg.run_with_cache(rand_image, CLASSES)
+    assert set(cache) == set(HOOK_NAMES) == set(seg.hook_names)
+    # 80x112 -> short side 64: 64x90 -> windows of 64, stride 32: 1 row x ((90-64+31)//32+1 = 2) columns
+    enc = seg.encode(rand_image)
+    assert enc.resized_size == (64, 90) and enc.windows == [(0, 64, 0, 64), (0, 64, 26, 90)]
+    d, e, c = 64, 64, 64  # tiny CLIP width, embed dim; tiny VFM width
+    shapes = {
+        "vfm.features": (2, c, 4, 4),
+        "clip.last_block_input": (2, 1 + 16, d),
+        "clip.values": (2, d, 4, 4),
+        "proxy.affinity": (2, 16, 16),
+        "proxy.affinity_normalized": (2, 16, 16),
+        "proxy.mask": (2, 16, 16),
+        "proxy.attention": (2, 16, 16),
+        "clip.dense": (2, e, 4, 4),
+        "text.embeddings": (4, e),
+        "scores.window": (2, 4, 64, 64),
+        "scores.image": (4, 80, 112),
+    }
+    assert {k: tuple(v.shape) for k, v in cache.items()} == shapes
+    assert cache["proxy.mask"].dtype == torch.bool
+    torch.testing.assert_close(cache["proxy.attention"].sum(-1), torch.ones(2, 16))
+    torch.testing.assert_close(cache["scores.image"], pred.scores)
+    assert pred.scores.shape == (4, 80, 112) and pred.probs.shape == (3, 80, 112) and pred.labels.shape == (80, 112)
+    assert pred.labels.dtype == torch.int64
+
+
+def test_cache_subset_and_unknown_name(tiny_segmenter, rand_image):
+    _, cache = tiny_segmenter.run_with_cache(rand_image, CLASSES, names=["proxy.attention"])
+    assert list(cache) == ["proxy.attention"]
+    with pytest.raises(KeyError, match="proxy.atention"):
+        tiny_segmenter.run_with_cache(rand_image, CLASSES, names=["proxy.atention"])
+
+
+def test_identity_attention_gives_projected_values(tiny_segmenter, rand_image):
+    seg = tiny_segmenter
+    identity = lambda attn, hook: torch.eye(attn.shape[-1]).expand_as(attn)  # noqa: E731
+    with seg.hooks.active(hooks={"proxy.attention": identity}):
+        _, cache = seg.run_with_cache(rand_image, CLASSES, names=["clip.values", "clip.dense", "vfm.features"])
+    values = cache["clip.values"]  # (n, D, gh, gw)
+    grid = tuple(cache["vfm.features"].shape[-2:])
+    resized = F.interpolate(values, size=grid, mode="bilinear", align_corners=False)
+    tokens = resized.flatten(2).transpose(1, 2)  # (n, N, D)
+    visual = seg.clip_model.visual
+    block = visual.transformer.resblocks[-1]
+    with torch.no_grad():
+        direct = visual.ln_post(block.attn.out_proj(tokens)) @ visual.proj
+    direct = F.normalize(direct, dim=-1).transpose(1, 2).reshape(cache["clip.dense"].shape)
+    torch.testing.assert_close(cache["clip.dense"], direct, atol=1e-5, rtol=1e-5)
+
+
+def test_values_and_tokens_match_open_clip(tiny_segmenter):
+    """Our blocks 1..L-1 and value projection agree with open_clip's own forward and torch's attention."""
+    seg = tiny_segmenter
+    visual = seg.clip_model.visual
+    x = torch.rand(2, 3, 224, 224)  # the pretrained grid: no position-embedding resize
+    captured = {}
+    handle = visual.transformer.resblocks[-1].register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
+    try:
+        with torch.no_grad():
+            visual(x)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        tokens = seg.clip.tokens_before_last_block(x)
+        values = seg.clip.last_block_values(tokens, (14, 14))
+    torch.testing.assert_close(tokens, captured["x"])
+    # torch's MultiheadAttention with each token attending only to itself returns out_proj(v)
+    block = visual.transformer.resblocks[-1]
+    n = tokens.shape[1]
+    only_self = torch.full((n, n), float("-inf")).fill_diagonal_(0)
+    with torch.no_grad():
+        h = block.ln_1(tokens)
+        mha = block.attn(h, h, h, need_weights=False, attn_mask=only_self)[0][:, 1:]
+        ours = block.attn.out_proj(values.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(ours, mha, atol=1e-5, rtol=1e-5)
+
+
+def test_encode_then_decode_equals_predict(tiny_segmenter, rand_image):
+    seg = tiny_segmenter
+    a = seg.predict(rand_image, CLASSES, gamma=2.5)
+    b = seg.decode(seg.encode(rand_image), CLASSES, gamma=2.5)
+    torch.testing.assert_close(a.scores, b.scores)
+    assert torch.equal(a.labels, b.labels)
+
+
+def test_decode_params_change_only_decode(tiny_segmenter, rand_image):
+    seg = tiny_segmenter
+    enc = seg.encode(rand_image)
+    a = seg.decode(enc, CLASSES, beta=1.0, gamma=2.0)
+    b = seg.decode(enc, CLASSES, beta=1.4, gamma=5.0)
+    assert not torch.allclose(a.scores, b.scores)
+    assert a.params["beta"] == 1.0 and b.params["gamma"] == 5.0
+    assert seg.decode(enc, CLASSES).params["beta"] == seg.cfg.method.beta  # defaults from conf/
+
+
+def test_encoded_roundtrip(tiny_segmenter, rand_image, tmp_path):
+    seg = tiny_segmenter
+    enc = seg.encode(rand_image)
+    torch.save(enc.to_dict(), tmp_path / "enc.pt")
+    back = Encoded.from_dict(torch.load(tmp_path / "enc.pt"))
+    torch.testing.assert_close(seg.decode(back, CLASSES).scores, seg.decode(enc, CLASSES).scores)
+
+
+def test_probabilities_and_labels_follow_the_spec(tiny_segmenter, rand_image):
+    seg = tiny_segmenter
+    pred = seg.predict(rand_image, CLASSES, logit_scale=40.0)
+    q = torch.softmax(40.0 * pred.scores, dim=0)  # queries: sky, person, people, horse
+    expected = torch.stack([q[0], torch.maximum(q[1], q[2]), q[3]])
+    torch.testing.assert_close(pred.probs, expected)
+    assert torch.equal(pred.labels, expected.argmax(0))
+    # threshold: pixels whose best probability is below prob_thd become class 0
+    thd = float(expected.max(0).values.median())
+    low = seg.predict(rand_image, CLASSES, logit_scale=40.0, prob_thd=thd)
+    below = expected.max(0).values < thd
+    assert below.any() and (low.labels[below] == 0).all()
+    assert torch.equal(low.labels[~below], pred.labels[~below])
+
+
+def test_text_embeddings_are_the_normalized_template_mean(tiny_segmenter):
+    seg = tiny_segmenter
+    model, tok = seg.clip_model, seg.clip.tokenizer
+    with torch.no_grad():
+        per_prompt = F.normalize(model.encode_text(tok([t("horse") for t in TEMPLATES])), dim=-1)
+    expected = F.normalize(per_prompt.mean(0), dim=-1)
+    assert len(TEMPLATES) == 80
+    torch.testing.assert_close(seg.text_embeddings(["horse"])[0], expected, atol=1e-5, rtol=1e-5)
+    assert seg.text_embeddings(["horse"]).data_ptr() != 0 and "horse" in seg.text._cache
+
+
+def test_window_scores_are_cosines_of_dense_and_text(tiny_segmenter, rand_image):
+    seg = tiny_segmenter
+    _, cache = seg.run_with_cache(rand_image, CLASSES, names=["clip.dense", "text.embeddings", "scores.window"])
+    raw = torch.einsum("nehw,qe->nqhw", cache["clip.dense"], cache["text.embeddings"])
+    up = F.interpolate(raw, size=(64, 64), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(cache["scores.window"], up, atol=1e-5, rtol=1e-5)
+    assert cache["clip.dense"].norm(dim=1).sub(1).abs().max() < 1e-5
+
+
+def test_replacing_affinity_changes_attention(tiny_segmenter, rand_image):
+    """A researcher's substitute affinity flows through normalize -> mask -> softmax."""
+    seg = tiny_segmenter
+    block = lambda s, hook: torch.block_diag(torch.ones(8, 8), torch.ones(8, 8)).expand_as(s)  # noqa: E731
+    with seg.hooks.active(hooks={"proxy.affinity": block}):
+        _, cache = seg.run_with_cache(rand_image, CLASSES, names=["proxy.attention"], beta=1.0, gamma=3.0)
+    attn = cache["proxy.attention"]
+    # mean = 0.5, S' = (S - 0.5) * 3: kept exactly inside the blocks, uniform there
+    expected = torch.block_diag(torch.full((8, 8), 1 / 8), torch.full((8, 8), 1 / 8))
+    torch.testing.assert_close(attn, expected.expand_as(attn))
+
+
+def test_hook_returning_wrong_shape_is_an_error(tiny_segmenter, rand_image):
+    with pytest.raises(ValueError, match="proxy.attention.*shape"):
+        tiny_segmenter.run_with_hooks(rand_image, CLASSES, hooks={"proxy.attention": lambda t, h: t[:, :2]})
+
+
+def test_no_vfm_baseline_uses_clip_grid(tiny_segmenter_novfm, rand_image):
+    pred, cache = tiny_segmenter_novfm.run_with_cache(rand_image, CLASSES)
+    assert not any(k.startswith("proxy.") or k == "vfm.features" for k in cache)
+    assert tuple(cache["clip.dense"].shape[-2:]) == (4, 4)
+    visual = tiny_segmenter_novfm.clip_model.visual
+    tokens = cache["clip.values"].flatten(2).transpose(1, 2)
+    with torch.no_grad():
+        direct = F.normalize(visual.ln_post(visual.transformer.resblocks[-1].attn.out_proj(tokens)) @ visual.proj, dim=-1)
+    torch.testing.assert_close(cache["clip.dense"], direct.transpose(1, 2).reshape(cache["clip.dense"].shape),
+                               atol=1e-5, rtol=1e-5)
+    assert not torch.isnan(pred.scores).any()
+
+
+def test_random_weights_are_deterministic(rand_image):
+    a = Segmenter.from_config(tiny_config()).predict(rand_image, CLASSES)
+    b = Segmenter.from_config(tiny_config()).predict(rand_image, CLASSES)
+    c = Segmenter.from_config(tiny_config("weights.seed=1")).predict(rand_image, CLASSES)
+    assert torch.equal(a.scores, b.scores)
+    assert not torch.allclose(a.scores, c.scores)
+    assert a.random_weights
+
+
+@pytest.mark.parametrize("size", [(80, 112), (112, 80), (20, 30), (37, 101)])
+def test_any_image_size_works(tiny_segmenter, size):
+    img = torch.rand(3, *size, generator=torch.Generator().manual_seed(4))
+    pred = tiny_segmenter.predict(img, CLASSES)
+    assert pred.scores.shape == (4, *size) and torch.isfinite(pred.scores).all()
+
+
+def test_odd_windows_are_padded_and_cut(rand_image):
+    # short side 70 and a crop larger than the image: one 70x98 window, padded to 80x112 (multiple of 16)
+    seg = Segmenter.from_config(tiny_config("method.short_side=70", "method.crop=128", "method.stride=64"))
+    enc = seg.encode(rand_image)
+    assert enc.windows == [(0, 70, 0, 98)] and enc.pad == (5, 5, 7, 7)
+    assert tuple(enc.clip_values.shape[-2:]) == (5, 7)
+    pred, cache = seg.run_with_cache(enc, CLASSES, names=["scores.window"])
+    assert cache["scores.window"].shape == (1, 4, 70, 98)
+    assert torch.isfinite(pred.scores).all()
+
+
+def test_constant_image_has_no_nan(tiny_segmenter):
+    pred, cache = tiny_segmenter.run_with_cache(torch.full((3, 64, 64), 0.5), CLASSES, names=["proxy.attention"])
+    assert torch.isfinite(pred.scores).all() and torch.isfinite(cache["proxy.attention"]).all()
+
+
+def test_decode_rejects_foreign_encoded(tiny_segmenter, tiny_segmenter_novfm, rand_image):
+    enc = tiny_segmenter_novfm.encode(rand_image)
+    with pytest.raises(ValueError, match="another configuration"):
+        tiny_segmenter.decode(enc, CLASSES)
+
+
+def test_parse_classes():
+    cl = parse_classes(["sky", " person; people ;", "horse"])
+    assert cl.class_names == ["sky", "person; people ;", "horse"]
+    assert cl.queries == ["sky", "person", "people", "horse"] and cl.query_to_class == [0, 1, 1, 2]
+
+
+@pytest.mark.parametrize("classes,match", [
+    ([], "empty"), (["sky", "sky"], "duplicate"), (["sky", "cat; Sky"], "duplicate"),
+    (["sky", " ; ;"], "only separators"), ("sky", "list"),
+])
+def test_bad_class_lists(tiny_segmenter, rand_image, classes, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        tiny_segmenter.predict(rand_image, classes)
+
+
+@pytest.mark.parametrize("kwargs,field", [(dict(gamma=float("nan")), "gamma"), (dict(beta=float("inf")), "beta"),
+                                          (dict(logit_scale=-1.0), "logit_scale")])
+def test_bad_hyperparameters_in_decode(tiny_segmenter, rand_image, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_segmenter.predict(rand_image, CLASSES, **kwargs)
+
+
+def test_batch_size_does_not_change_results(rand_image):
+    a = Segmenter.from_config(tiny_config("batch_size=1")).predict(rand_image, CLASSES)
+    b = Segmenter.from_config(tiny_config("batch_size=3")).predict(rand_image, CLASSES)
+    torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
+
+
+def test_position_embeddings_resized_bicubic(tiny_segmenter):
+    clip = tiny_segmenter.clip
+    pos = clip.visual.positional_embedding
+    same = clip.positional_embedding((14, 14))
+    assert torch.equal(same, pos)
+    small = clip.positional_embedding((4, 6))
+    grid = pos[1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(4, 6), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(small[1:], expected.permute(0, 2, 3, 1).reshape(24, -1))
+    torch.testing.assert_close(small[0], pos[0])
+    assert math.isclose(float(small.shape[0]), 25.0)

@@ -1,0 +1,73 @@
+"""Resize, sliding-window arithmetic and merge, against hand-worked cases."""
+
+import pytest
+import torch
+
+from proxyclip.windows import (merge_windows, padding_multiple, resized_size, slide_windows,
+                               symmetric_padding)
+
+
+def test_resized_size_hand_worked():
+    assert resized_size(375, 500, 336, 2048) == (336, 448)  # VOC image
+    assert resized_size(512, 683, 448, 2048) == (448, 598)  # ADE image: 683 * 448/512 = 597.6
+    assert resized_size(1024, 2048, 448, 2048) == (448, 896)  # Cityscapes
+    assert resized_size(3000, 4000, 336, 2048) == (336, 448)  # large photo
+    assert resized_size(100, 3000, 336, 2048) == (68, 2048)  # long side capped: scale 2048/3000
+    assert resized_size(10, 20, 336, 2048) == (336, 672)  # small images are enlarged
+
+
+def test_square_voc_windows():
+    # 336 x 448 with crop 336 / stride 112: one row, (448 - 336 + 111) // 112 + 1 = 2 columns
+    assert slide_windows(336, 448, 336, 112) == [(0, 336, 0, 336), (0, 336, 112, 448)]
+
+
+def test_last_window_is_shifted_inward():
+    # 500 rows: (500 - 336 + 111) // 112 + 1 = 3 rows starting 0, 112, 224 -> last shifted to 164
+    boxes = slide_windows(500, 336, 336, 112)
+    assert boxes == [(0, 336, 0, 336), (112, 448, 0, 336), (164, 500, 0, 336)]
+
+
+def test_non_square_and_smaller_than_crop():
+    # 200 wide < crop: one column of the full width; height 400: (400-336+111)//112+1 = 2 rows
+    assert slide_windows(400, 200, 336, 112) == [(0, 336, 0, 200), (64, 400, 0, 200)]
+    assert slide_windows(50, 70, 336, 112) == [(0, 50, 0, 70)]
+    # non-square crop and stride
+    assert slide_windows(6, 7, (4, 3), (2, 2)) == [
+        (0, 4, 0, 3), (0, 4, 2, 5), (0, 4, 4, 7), (2, 6, 0, 3), (2, 6, 2, 5), (2, 6, 4, 7)]
+
+
+def test_cityscapes_window_count():
+    boxes = slide_windows(448, 896, 224, 112)
+    assert len(boxes) == 3 * 7  # REFERENCE.md: 21 windows
+    assert all(b[1] - b[0] == 224 and b[3] - b[2] == 224 for b in boxes)
+
+
+@pytest.mark.parametrize("h,w,crop,stride", [(336, 448, 336, 112), (500, 333, 336, 112), (97, 61, 32, 17)])
+def test_windows_cover_every_pixel_and_stay_inside(h, w, crop, stride):
+    count = torch.zeros(h, w)
+    for y1, y2, x1, x2 in slide_windows(h, w, crop, stride):
+        assert 0 <= y1 < y2 <= h and 0 <= x1 < x2 <= w
+        assert y2 - y1 == min(crop, h) and x2 - x1 == min(crop, w)
+        count[y1:y2, x1:x2] += 1
+    assert count.min() >= 1
+
+
+def test_merge_averages_overlaps():
+    boxes = [(0, 2, 0, 3), (0, 2, 2, 5)]  # overlap in column 2
+    scores = torch.stack([torch.full((1, 2, 3), 1.0), torch.full((1, 2, 3), 3.0)])
+    merged = merge_windows(scores, boxes, (2, 5))
+    expected = torch.tensor([[1.0, 1.0, 2.0, 3.0, 3.0]] * 2)[None]
+    torch.testing.assert_close(merged, expected)
+
+
+def test_merge_rejects_gaps():
+    with pytest.raises(ValueError, match="cover"):
+        merge_windows(torch.ones(1, 1, 2, 2), [(0, 2, 0, 2)], (2, 4))
+
+
+def test_padding():
+    assert padding_multiple(16, 8) == 16
+    assert padding_multiple(16, 14) == 112
+    assert padding_multiple(14, 8) == 56  # ViT-L/14 + DINO B/8: the original's 56
+    assert symmetric_padding(70, 96, 16) == (5, 5, 0, 0)
+    assert symmetric_padding(33, 17, 16) == (7, 8, 7, 8)
