@@ -1,0 +1,38 @@
+"""``proxyclip-eval``: mIoU of one dataset (Hydra; ``-m`` for several).
+
+    proxyclip-eval dataset=voc21 data_root=/datasets clip=vit_b16 vfm=dino_vitb8
+    proxyclip-eval -m dataset=voc21,context60,coco_object,voc20,context59,coco_stuff,cityscapes,ade20k
+    torchrun --nproc_per_node=4 -m proxyclip.cli.evaluate dataset=ade20k device=cuda
+
+Writes ``metrics.json`` (mIoU, aAcc, mAcc, per-class IoU/Acc, model and protocol) and
+``per_class.csv`` into the run directory, plus ``state/`` for resuming: the same command with
+``hydra.run.dir=<that directory>`` continues an interrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import hydra
+from omegaconf import DictConfig
+
+from ..config import CONF_DIR
+from ..evaluation.config import register_eval_schemas
+
+register_eval_schemas()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
+def _main(cfg: DictConfig) -> None:
+    from ..evaluation.app import run_cli
+
+    run_cli(cfg, "eval")
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Shared body of ``proxyclip-eval`` and ``proxyclip-sweep`` (Hydra apps)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+
+def _remove_stray_run_dir(path: Path) -> None:
+    """A non-zero torchrun rank's own Hydra folder (only .hydra/ and *.log): rank 0's is used instead."""
+    if not path.is_dir():
+        return
+    entries = list(path.iterdir())
+    if all(e.name == ".hydra" or e.suffix == ".log" for e in entries):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_cli(cfg: DictConfig, kind: str) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from ..backbones import WeightsUnavailable
+    from ..data import BadLabelError, DatasetNotFoundError
+    from .api import evaluate, sweep
+    from .distributed import broadcast_object, cleanup, init_distributed
+
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    prog = f"proxyclip-{kind}"
+    info = init_distributed(str(cfg.device))
+    try:
+        out = Path(cfg.run_dir) if cfg.get("run_dir") else Path(hc.runtime.output_dir)
+        if info.enabled:  # every process must write into rank 0's run directory
+            shared = Path(broadcast_object(str(out), info))
+            if shared != out and not cfg.get("run_dir"):
+                _remove_stray_run_dir(out)
+            out = shared
+        try:
+            (evaluate if kind == "eval" else sweep)(cfg, run_dir=out, info=info)
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted; continue with the same command and hydra.run.dir={out}", file=sys.stderr)
+            sys.exit(130)
+        except (ValueError, TypeError, FileNotFoundError, DatasetNotFoundError, BadLabelError, WeightsUnavailable,
+                RuntimeError) as e:
+            msg = f"{prog}: error: {e}"
+            print(msg, file=sys.stderr)
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "error.txt").write_text(msg + "\n")
+            except OSError:
+                pass
+            if not multirun:  # in a multirun, the other jobs (datasets) still run
+                sys.exit(2)
+    finally:
+        cleanup(info)
