@@ -424,12 +424,13 @@ class Explorer:
         finally:
             self._set_enabled(True)
 
-    def _render(self, segmentation: bool = True) -> None:
+    def _render(self, segmentation: bool = True, attention: bool = True) -> None:
         t0 = time.perf_counter()
         c = self.controller
         if segmentation:
             self.seg_image.value = figure_to_png(c.segmentation_figure(), dpi=self.dpi)
-        self.attn_image.value = figure_to_png(c.attention_figure(self.show_affinity.value), dpi=self.dpi)
+        if attention:
+            self.attn_image.value = figure_to_png(c.attention_figure(self.show_affinity.value), dpi=self.dpi)
         self.n_renders += 1
         dec = c.last_decode_seconds * 1000
         self.status.value = (f"{c.image_name} {tuple(c.image.shape[1:])} | {len(c.encoded.windows)} window(s) | "
@@ -443,6 +444,7 @@ class Explorer:
             return
         t0 = time.perf_counter()
         c = self.controller
+        before = (c.params["beta"], c.params["gamma"])
         c.set_params(gamma=self.gamma.value, beta=self.beta.value, logit_temperature=self.temperature.value,
                      prob_thd=self.prob_thd.value)
         try:
@@ -450,7 +452,8 @@ class Explorer:
         except ValueError as e:
             self.status.value = f"<span style='color:#b00'>{e}</span>"
             return
-        self._render()
+        # the attention maps depend on beta and gamma only: the temperature and threshold redraw the labels
+        self._render(attention=(c.params["beta"], c.params["gamma"]) != before)
         self.last_update_seconds = time.perf_counter() - t0
 
     def _on_patch(self, change=None) -> None:
@@ -458,7 +461,7 @@ class Explorer:
             return
         t0 = time.perf_counter()
         self.controller.set_point(self.patch_y.value, self.patch_x.value)
-        self._render()
+        self._render(segmentation=change is None or change.owner is not self.show_affinity)
         self.last_update_seconds = time.perf_counter() - t0
 
     def _on_classes(self, change=None) -> None:
