@@ -44,7 +44,20 @@ def _prepare(cfg: DictConfig, info: DistInfo, seg=None, dataset: Optional[Segmen
         from ..pipeline import Segmenter
 
         seg = Segmenter.from_config(cfg)
+    else:
+        _check_segmenter_matches(seg, cfg)
     return seg, dataset
+
+
+def _check_segmenter_matches(seg, cfg: DictConfig) -> None:
+    """A Segmenter passed in must encode the way ``cfg`` (with the dataset's protocol) says."""
+    fields = [("clip", "name"), ("clip", "pretrained"), ("vfm", "name"), ("weights", "source"), ("weights", "seed"),
+              ("method", "short_side"), ("method", "max_long_side"), ("method", "crop"), ("method", "stride")]
+    for group, key in fields:
+        have, want = seg.cfg[group][key], cfg[group][key]
+        if have != want:
+            raise ValueError(f"the Segmenter was built with {group}.{key}={have} but this evaluation's config "
+                             f"says {want} (the dataset protocol sets method.*); build it from this config")
 
 
 def _resolve_run_dir(cfg: DictConfig, run_dir: Optional[os.PathLike]) -> Path:
@@ -71,7 +84,7 @@ def _run(cfg: DictConfig, grid: Any, run_dir: Optional[os.PathLike], seg, datase
         seg, dataset = _prepare(cfg, info, seg, dataset)
         out_dir = _resolve_run_dir(cfg, run_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        points = grid_points(seg, grid)
+        points = grid_points(seg, grid, cfg.method)
         say(f"{job_type}: {dataset.name}, {len(dataset)} images, {dataset.num_classes} classes, "
             f"{len(points)} hyperparameter point(s), {info.world_size} process(es) -> {out_dir}")
         if getattr(seg, "random_weights", False):

@@ -51,11 +51,17 @@ def select_indices(n: int, limit: Optional[int], seed: int = 0) -> List[int]:
     return sorted(random.Random(seed).sample(range(n), int(limit)))
 
 
-def grid_points(seg, grid: Optional[Any] = None) -> List[Dict[str, float]]:
-    """Hyperparameter points: the product of ``grid``'s lists; an empty or missing list = the method's value."""
+def grid_points(seg, grid: Optional[Any] = None, method: Optional[Any] = None) -> List[Dict[str, float]]:
+    """Hyperparameter points: the product of ``grid``'s lists.
+
+    An empty or missing list means the value in ``method`` (the run's ``cfg.method``, which
+    carries the dataset's protocol, e.g. its prob_thd), else the Segmenter's own config.
+    """
     axes = []
     for name in PARAMS:
         values = list(getattr(grid, name, None) or []) if grid is not None else []
+        if not values and method is not None:
+            values = [float(method[name])]
         axes.append(values or [None])
     points = []
     for combo in itertools.product(*axes):

@@ -1,0 +1,50 @@
+"""Shared pieces of the evaluation tests: tiny-model overrides and a session Segmenter."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+# tiny random models, a 64-px protocol; overrides the dataset's short side / crop / stride
+TINY_EVAL = ["clip=test_tiny", "vfm=test_tiny", "weights=random", "method.short_side=64", "method.crop=64",
+             "method.stride=32", "batch_size=2", "progress=false", "checkpoint_seconds=0"]
+
+
+def eval_cfg(name: str, data_root, *extra: str, config_name: str = "eval"):
+    from proxyclip.evaluation import compose_eval_config
+
+    return compose_eval_config([f"dataset={name}", f"data_root={data_root}", *TINY_EVAL, *extra], config_name)
+
+
+@pytest.fixture(scope="session")
+def eval_segmenter():
+    from proxyclip import Segmenter
+
+    return Segmenter.from_config(eval_cfg("voc21", "/nonexistent"))
+
+
+def miou_by_hand(cm: np.ndarray) -> float:
+    """mmseg's mIoU from a confusion matrix, written out independently (percent)."""
+    inter = np.diag(cm).astype(float)
+    union = cm.sum(0) + cm.sum(1) - inter
+    valid = union > 0
+    return float(100 * np.mean(inter[valid] / union[valid]))
+
+
+def subprocess_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true", MPLBACKEND="Agg",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.update(extra)
+    return env

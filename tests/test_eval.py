@@ -1,0 +1,124 @@
+"""The evaluation loop against an independent per-image computation; subsets, bad labels, state, summary."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import confusion_matrix as sk_confusion
+
+from fixtures_datasets import make_ade20k, make_voc
+from fixtures_eval import eval_cfg, eval_segmenter, miou_by_hand  # noqa: F401  (fixture)
+from proxyclip.data import BadLabelError, build_dataset
+from proxyclip.evaluation import evaluate, select_indices
+from proxyclip.evaluation.summary import build_table, summarize
+
+
+def _independent_cm(seg, ds, **params):
+    """Predict every image on its own and count with scikit-learn."""
+    k = ds.num_classes
+    total = np.zeros((k, k), np.int64)
+    for i in range(len(ds)):
+        pred = seg.predict(str(ds.samples[i].image), ds.class_names, **params)
+        _, gt = ds[i]
+        keep = gt.numpy() != ds.ignore_index
+        total += sk_confusion(gt.numpy()[keep], pred.labels.numpy()[keep], labels=list(range(k)))
+    return total
+
+
+def test_evaluate_equals_independent_per_image_count(tmp_path, eval_segmenter):
+    make_voc(tmp_path)
+    cfg = eval_cfg("voc21", tmp_path)
+    assert cfg.method.prob_thd == 0.2  # the VOC21 protocol's threshold reaches the decode
+    out = evaluate(cfg, run_dir=tmp_path / "run", seg=eval_segmenter)
+    ds = build_dataset(cfg.dataset)
+    cm = _independent_cm(eval_segmenter, ds, prob_thd=0.2)
+    assert out["num_images"] == 4 and out["params"]["prob_thd"] == 0.2
+    assert out["mIoU"] == pytest.approx(miou_by_hand(cm), abs=1e-9)
+    assert out["aAcc"] == pytest.approx(100 * np.trace(cm) / cm.sum(), abs=1e-9)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["mIoU"] == pytest.approx(out["mIoU"]) and saved["dataset"] == "voc21"
+    rows = list(csv.DictReader(open(tmp_path / "run" / "per_class.csv")))
+    assert len(rows) == 21 and rows[1]["class"] == "aeroplane"
+    assert [int(r["gt_pixels"]) for r in rows] == cm.sum(1).tolist()
+
+
+def test_reduce_zero_label_dataset_end_to_end(tmp_path, eval_segmenter):
+    make_ade20k(tmp_path)
+    cfg = eval_cfg("ade20k", tmp_path)
+    out = evaluate(cfg, run_dir=tmp_path / "run", seg=eval_segmenter)
+    cm = _independent_cm(eval_segmenter, build_dataset(cfg.dataset), prob_thd=0.0)
+    assert cm.shape == (150, 150)
+    assert out["mIoU"] == pytest.approx(miou_by_hand(cm), abs=1e-9)
+
+
+def test_limit_is_a_reproducible_subset(tmp_path, eval_segmenter):
+    assert select_indices(10, 4, seed=0) == select_indices(10, 4, seed=0)
+    assert select_indices(10, 4, seed=0) != select_indices(10, 4, seed=1)
+    assert select_indices(10, None) == list(range(10)) and select_indices(3, 5) == [0, 1, 2]
+    assert all(len(set(select_indices(50, 7, s))) == 7 for s in range(5))
+    make_voc(tmp_path)
+    out = evaluate(eval_cfg("voc21", tmp_path, "limit=2", "limit_seed=3"), run_dir=tmp_path / "r", seg=eval_segmenter)
+    done = torch.load(tmp_path / "r" / "state" / "rank0-of-1.pt", weights_only=False)["done"]
+    ids = sorted(build_dataset(eval_cfg("voc21", tmp_path).dataset).samples[i].id for i in select_indices(4, 2, 3))
+    assert out["num_images"] == 2 and sorted(done) == ids
+
+
+def test_bad_label_is_fatal_by_default_and_skipped_on_request(tmp_path, eval_segmenter):
+    expected = make_voc(tmp_path)
+    bad = sorted(expected)[2]
+    lab = tmp_path / "VOCdevkit/VOC2012/SegmentationClass" / f"{bad}.png"
+    arr = np.array(Image.open(lab))
+    arr[:2, :2] = 99
+    Image.fromarray(arr).save(lab)
+    with pytest.raises(BadLabelError, match=f"{bad}.png"):
+        evaluate(eval_cfg("voc21", tmp_path), run_dir=tmp_path / "a", seg=eval_segmenter)
+    out = evaluate(eval_cfg("voc21", tmp_path, "dataset.bad_labels=skip"), run_dir=tmp_path / "b", seg=eval_segmenter)
+    assert out["num_images"] == 3 and out["num_skipped"] == 1
+    assert out["skipped"][0]["id"] == bad and "[99]" in out["skipped"][0]["reason"]
+    good = build_dataset(eval_cfg("voc21", tmp_path).dataset)
+    good = good.subset([i for i, s in enumerate(good.samples) if s.id != bad])
+    assert out["mIoU"] == pytest.approx(miou_by_hand(_independent_cm(eval_segmenter, good, prob_thd=0.2)), abs=1e-9)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, eval_segmenter):
+    make_voc(tmp_path, n=2)
+    evaluate(eval_cfg("voc21", tmp_path), run_dir=tmp_path / "run", seg=eval_segmenter)
+    with pytest.raises(RuntimeError, match="other settings.*points"):
+        evaluate(eval_cfg("voc21", tmp_path, "method.beta=1.5"), run_dir=tmp_path / "run", seg=eval_segmenter)
+
+
+def test_segmenter_built_for_another_protocol_is_refused(tmp_path, eval_segmenter):
+    make_voc(tmp_path, n=1)
+    with pytest.raises(ValueError, match="method.crop=64 but .* says 336"):
+        evaluate(eval_cfg("voc21", tmp_path, "method.crop=336"), run_dir=tmp_path / "r", seg=eval_segmenter)
+
+
+def _fake_metrics(path, dataset, miou, clip="ViT-B-16/openai", beta=1.2):
+    path.mkdir(parents=True)
+    rec = {"dataset": dataset, "mIoU": miou, "method": "proxyclip", "clip": clip, "vfm": "dino_vitb8",
+           "weights": "pretrained", "params": {"beta": beta, "gamma": 3.0, "logit_scale": 40.0, "prob_thd": 0.0},
+           "limit": None, "limit_seed": 0}
+    (path / "metrics.json").write_text(json.dumps(rec))
+
+
+def test_summary_table_rows_columns_and_average(tmp_path):
+    datasets = ["voc21", "context60", "coco_object", "voc20", "context59", "coco_stuff", "cityscapes", "ade20k"]
+    for j, d in enumerate(datasets):
+        _fake_metrics(tmp_path / "mr" / f"{j}_{d}", d, 10.0 + j)
+        if d != "ade20k":
+            _fake_metrics(tmp_path / "mr2" / f"{j}_{d}", d, 50.0, clip="ViT-L-14/openai")
+    md = summarize([tmp_path / "mr", tmp_path / "mr2"], tmp_path / "out")
+    lines = md.splitlines()
+    assert lines[0] == "| method | VOC21 | PC60 | Object | VOC20 | PC59 | Stuff | City | ADE | avg |"
+    b16 = next(ln for ln in lines if "ViT-B-16" in ln)
+    assert b16.endswith("| 10.0 | 11.0 | 12.0 | 13.0 | 14.0 | 15.0 | 16.0 | 17.0 | 13.5 |")
+    l14 = next(ln for ln in lines if "ViT-L-14" in ln)
+    assert l14.endswith("| 50.0 | - | 50.0* |")  # ADE missing: average of the 7 it has, marked
+    assert (tmp_path / "out" / "summary.csv").read_text().count("\n") == 3
+    cols, rows = build_table([json.loads((tmp_path / "mr/0_voc21/metrics.json").read_text())], paper=True)
+    assert cols[1:9] == ["VOC21", "PC60", "Object", "VOC20", "PC59", "Stuff", "City", "ADE"]
+    paper = next(r for r in rows if r[0].startswith("ProxyCLIP B/16"))
+    assert paper[1] == 61.3 and paper[-1] == "42.3"  # REFERENCE.md section 7's average

@@ -1,0 +1,105 @@
+"""Dataset-level sweeps: every grid point equals its own evaluation; the feature cache is exact and safe."""
+
+import csv
+
+import pytest
+import torch
+
+from fixtures_datasets import make_voc
+from fixtures_eval import eval_cfg, eval_segmenter  # noqa: F401  (fixture)
+from proxyclip.data import build_dataset
+from proxyclip.evaluation import FeatureCache, evaluate, sweep
+
+
+def test_sweep_points_equal_separate_evaluations(tmp_path, eval_segmenter):
+    make_voc(tmp_path, n=3)
+    cfg = eval_cfg("voc20", tmp_path, "sweep.beta=[1.0,1.4]", "sweep.gamma=[2.0,3.0]", "sweep.prob_thd=[]",
+                   config_name="sweep")
+    out = sweep(cfg, run_dir=tmp_path / "sweep", seg=eval_segmenter)
+    assert [(p["beta"], p["gamma"]) for p in out["points"]] == [(1.0, 2.0), (1.0, 3.0), (1.4, 2.0), (1.4, 3.0)]
+    for p in out["points"]:
+        single = evaluate(eval_cfg("voc20", tmp_path, f"method.beta={p['beta']}", f"method.gamma={p['gamma']}"),
+                          run_dir=tmp_path / f"e{p['beta']}_{p['gamma']}", seg=eval_segmenter)
+        assert p["mIoU"] == pytest.approx(single["mIoU"], abs=1e-9)
+        assert p["IoU"]["aeroplane"] == pytest.approx(single["per_class"][0]["IoU"], nan_ok=True)
+    rows = list(csv.DictReader(open(tmp_path / "sweep" / "sweep.csv")))
+    assert [(float(r["beta"]), float(r["gamma"])) for r in rows] == [(1.0, 2.0), (1.0, 3.0), (1.4, 2.0), (1.4, 3.0)]
+    assert float(rows[2]["mIoU"]) == pytest.approx(out["points"][2]["mIoU"], abs=1e-4)
+    long_rows = list(csv.DictReader(open(tmp_path / "sweep" / "sweep_per_class.csv")))
+    assert len(long_rows) == 4 * 20 and long_rows[0]["class"] == "aeroplane"
+    assert max(p["mIoU"] for p in out["points"]) == out["best"]["mIoU"]
+
+
+def test_sweep_encodes_each_image_once(tmp_path, eval_segmenter, monkeypatch):
+    make_voc(tmp_path, n=3)
+    calls = []
+    real = type(eval_segmenter).encode
+    monkeypatch.setattr(type(eval_segmenter), "encode", lambda self, im: calls.append(1) or real(self, im))
+    cfg = eval_cfg("voc21", tmp_path, "sweep.beta=[1.0,1.2,1.4]", "sweep.gamma=[2,3,4,5]", config_name="sweep")
+    out = sweep(cfg, run_dir=tmp_path / "s", seg=eval_segmenter)
+    assert len(out["points"]) == 12 and len(calls) == 3
+
+
+def test_feature_cache_is_exact_and_reused(tmp_path, eval_segmenter, capsys):
+    make_voc(tmp_path, n=3)
+    args = ["sweep.beta=[1.0,1.4]", "sweep.gamma=[3.0]", f"cache_dir={tmp_path / 'cache'}"]
+    first = sweep(eval_cfg("voc21", tmp_path, *args, config_name="sweep"), run_dir=tmp_path / "a", seg=eval_segmenter)
+    printed = capsys.readouterr().out
+    assert "feature cache" in printed and "for the 3 images still to encode" in printed and "free)" in printed
+    entries = sorted((tmp_path / "cache" / eval_segmenter.key).rglob("*.pt"))
+    assert len(entries) == 3 and not list((tmp_path / "cache").rglob(".tmp-*"))
+    # a half-written file from an interrupted run is never read back, a corrupt entry is recomputed
+    (entries[0].parent / ".tmp-abc.pt").write_bytes(b"partial")
+    entries[1].write_bytes(b"garbage")
+
+    def no_encode(self, image):
+        raise AssertionError("encode called although cached")
+
+    cache = FeatureCache(tmp_path / "cache", eval_segmenter.key)
+    images = [s.image for s in build_dataset(eval_cfg("voc21", tmp_path).dataset).samples]
+    hits = [cache.get(p) is not None for p in images]
+    assert hits.count(True) == 2  # the garbage entry is a miss (and removed)
+    second = sweep(eval_cfg("voc21", tmp_path, *args, config_name="sweep"), run_dir=tmp_path / "b", seg=eval_segmenter)
+    assert [p["mIoU"] for p in second["points"]] == [p["mIoU"] for p in first["points"]]
+    # third run: everything cached, so the backbones are never needed
+    import proxyclip.pipeline as pl
+
+    orig = pl.Segmenter.encode
+    pl.Segmenter.encode = no_encode
+    try:
+        third = sweep(eval_cfg("voc21", tmp_path, *args, config_name="sweep"), run_dir=tmp_path / "c",
+                      seg=eval_segmenter)
+    finally:
+        pl.Segmenter.encode = orig
+    assert [p["mIoU"] for p in third["points"]] == [p["mIoU"] for p in first["points"]]
+
+
+def test_cached_encoded_decodes_bit_identically(tmp_path, eval_segmenter):
+    make_voc(tmp_path, n=1)
+    img = tmp_path / "VOCdevkit/VOC2012/JPEGImages/2007_000000.jpg"
+    cache = FeatureCache(tmp_path / "c", eval_segmenter.key, print_fn=lambda s: None)
+    enc = eval_segmenter.encode(str(img))
+    cache.put(img, enc, remaining=1)
+    back = cache.get(img)
+    assert torch.equal(back.image, enc.image) and torch.equal(back.clip_values, enc.clip_values)
+    a = eval_segmenter.decode(enc, ["sky", "cat; kitten"]).scores
+    b = eval_segmenter.decode(back, ["sky", "cat; kitten"]).scores
+    assert torch.equal(a, b)
+
+
+def test_cache_stops_writing_when_the_estimate_does_not_fit(tmp_path, eval_segmenter, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    make_voc(tmp_path, n=1)
+    img = tmp_path / "VOCdevkit/VOC2012/JPEGImages/2007_000000.jpg"
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    said = []
+    cache = FeatureCache(tmp_path / "c", eval_segmenter.key, print_fn=said.append)
+    enc = eval_segmenter.encode(str(img))
+    cache.put(img, enc, remaining=5000)
+    assert not cache.writing and "does not fit" in said[-1]
+    n = len(list((tmp_path / "c").rglob("*.pt")))
+    cache.put(tmp_path / "VOCdevkit/VOC2012/JPEGImages/2012_999999.jpg", enc)
+    assert len(list((tmp_path / "c").rglob("*.pt"))) == n
