@@ -1,0 +1,36 @@
+"""torchrun with 2 CPU processes (gloo): sharded images, summed confusion matrices, same metrics."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from fixtures_datasets import make_voc
+from fixtures_eval import PYTHON, REPO, TINY_EVAL, subprocess_env
+
+
+def test_torchrun_two_processes_equals_single_process(tmp_path):
+    make_voc(tmp_path, n=5)
+    args = ["dataset=voc21", f"data_root={tmp_path}", *TINY_EVAL]
+    single = subprocess.run([PYTHON, "-m", "proxyclip.cli.evaluate", *args, f"hydra.run.dir={tmp_path / 'single'}"],
+                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert single.returncode == 0, single.stderr[-3000:]
+    torchrun = shutil.which("torchrun", path=str(Path(PYTHON).parent)) or "torchrun"
+    dist = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "proxyclip.cli.evaluate", *args,
+                           f"hydra.run.dir={tmp_path / 'dist'}"],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert dist.returncode == 0, dist.stderr[-3000:]
+    assert "2 process(es)" in dist.stdout
+    a = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "dist" / "metrics.json").read_text())
+    assert b["num_images"] == a["num_images"] == 5 and b["num_pixels"] == a["num_pixels"]
+    for key in ("mIoU", "aAcc", "mAcc"):
+        assert b[key] == a[key]
+    assert [r["IoU"] for r in b["per_class"]] == [r["IoU"] for r in a["per_class"]]
+    # each process counted its own share: disjoint, together every image once
+    r0 = torch.load(tmp_path / "dist" / "state" / "rank0-of-2.pt", weights_only=False)["done"]
+    r1 = torch.load(tmp_path / "dist" / "state" / "rank1-of-2.pt", weights_only=False)["done"]
+    assert len(r0) == 3 and len(r1) == 2 and not set(r0) & set(r1)
+    assert sorted(r0 + r1) == [f"2007_{i:06d}" for i in range(5)]
