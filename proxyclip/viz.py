@@ -306,19 +306,23 @@ def plot_affinity_stages(image, affinity_row, normalized_row, mask_row, grid: Tu
     return fig
 
 
-def plot_sweep_heatmap(values, row_values: Sequence[float], col_values: Sequence[float], row_name: str = "beta",
+def _tick(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) else str(v)
+
+
+def plot_sweep_heatmap(values, row_values: Sequence[Any], col_values: Sequence[Any], row_name: str = "beta",
                        col_name: str = "gamma", metric: str = "mIoU", fmt: str = "{:.1f}",
                        cmap: str = "viridis") -> Figure:
-    """A metric over a 2-D grid (``values[i, j]`` at ``row_values[i]``, ``col_values[j]``),
-    each cell annotated, the best cell outlined."""
+    """A metric over a 2-D grid (``values[i, j]`` at ``row_values[i]``, ``col_values[j]``; numbers
+    or names, e.g. CLIP x VFM), each cell annotated, the best cell outlined. NaN cells stay blank."""
     v = _to_numpy(values).astype(np.float64)
     if v.shape != (len(row_values), len(col_values)):
         raise ValueError(f"values {v.shape} do not match the grid ({len(row_values)}, {len(col_values)})")
-    fig = Figure(figsize=(2.0 + 0.9 * len(col_values), 1.4 + 0.6 * len(row_values)), layout="constrained")
+    fig = Figure(figsize=(2.2 + 0.9 * len(col_values), 1.4 + 0.6 * len(row_values)), layout="constrained")
     ax = fig.subplots()
     im = ax.imshow(v, cmap=cmap, aspect="auto")
-    ax.set_xticks(range(len(col_values)), [f"{c:g}" for c in col_values])
-    ax.set_yticks(range(len(row_values)), [f"{r:g}" for r in row_values])
+    ax.set_xticks(range(len(col_values)), [_tick(c) for c in col_values])
+    ax.set_yticks(range(len(row_values)), [_tick(r) for r in row_values])
     ax.set_xlabel(col_name)
     ax.set_ylabel(row_name)
     finite = np.isfinite(v)
@@ -326,12 +330,13 @@ def plot_sweep_heatmap(values, row_values: Sequence[float], col_values: Sequence
         mid = (np.nanmin(v) + np.nanmax(v)) / 2
         for i in range(v.shape[0]):
             for j in range(v.shape[1]):
-                ax.text(j, i, fmt.format(v[i, j]), ha="center", va="center", fontsize="small",
-                        color="black" if v[i, j] > mid else "white")
-        i, j = np.unravel_index(np.nanargmax(np.where(finite, v, -np.inf)), v.shape)
+                if finite[i, j]:
+                    ax.text(j, i, fmt.format(v[i, j]), ha="center", va="center", fontsize="small",
+                            color="black" if v[i, j] > mid else "white")
+        i, j = np.unravel_index(np.argmax(np.where(finite, v, -np.inf)), v.shape)
         ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-        ax.set_title(f"{metric}: best {fmt.format(v[i, j])} at {row_name}={row_values[i]:g}, {col_name}={col_values[j]:g}",
-                     fontsize="medium")
+        ax.set_title(f"{metric}: best {fmt.format(v[i, j])} at {row_name}={_tick(row_values[i])}, "
+                     f"{col_name}={_tick(col_values[j])}", fontsize="medium")
     fig.colorbar(im, ax=ax, label=metric)
     return fig
 

@@ -273,3 +273,15 @@ def test_image_to_float_hwc_layouts():
     assert out.shape == (4, 5, 3) and (out[..., 1] == 1).all() and (out[..., [0, 2]] == 0).all()
     u8 = (out * 255).astype(np.uint8)
     np.testing.assert_allclose(viz.image_to_float_hwc(u8), out)
+
+
+def test_sweep_heatmap_with_named_axes_and_missing_cells():
+    values = np.array([[30.0, np.nan], [25.0, 41.0]])
+    fig = viz.plot_sweep_heatmap(values, ["vit_b16", "vit_l14"], ["dino_vitb8", "none"], row_name="CLIP",
+                                 col_name="VFM")
+    (ax,) = image_axes(fig)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["dino_vitb8", "none"]
+    assert sorted(t.get_text() for t in ax.texts) == ["25.0", "30.0", "41.0"]  # NaN left blank
+    (rect,) = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert rect.get_xy() == (0.5, 0.5)
+    assert ax.get_title() == "mIoU: best 41.0 at CLIP=vit_l14, VFM=none"

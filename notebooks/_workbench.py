@@ -1,0 +1,91 @@
+"""Shared settings of the workbench notebooks: smoke mode, backbones, a small labeled set.
+
+Smoke mode (``PROXYCLIP_SMOKE=1``, what CI runs): tiny random models (``clip=test_tiny
+vfm=test_tiny``), small images, few sweep points, W&B offline into a temporary folder.
+Otherwise the notebooks run for real: pretrained weights when they can be had (else random
+weights, said loudly), full-size images, the paper's grids.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+from PIL import Image
+
+NOTEBOOKS = Path(__file__).resolve().parent
+
+
+def smoke_mode(value: Optional[bool] = None) -> bool:
+    """The notebook's SMOKE parameter if set (papermill), else the PROXYCLIP_SMOKE environment variable."""
+    if value is not None:
+        return bool(value)
+    return os.environ.get("PROXYCLIP_SMOKE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def core_overrides(smoke: bool, clip: Optional[str] = None, vfm: Optional[str] = None) -> List[str]:
+    """Config overrides for ``compose_config``: tiny random models in smoke mode, else the paper's backbones."""
+    if smoke:
+        return [f"clip={clip or 'test_tiny'}", f"vfm={vfm or 'test_tiny'}", "weights=random",
+                "method.short_side=64", "method.crop=64", "method.stride=32"]
+    return [f"clip={clip or 'vit_b16'}", f"vfm={vfm or 'dino_vitb8'}", "weights=pretrained",
+            "weights.fallback_to_random=true"]
+
+
+def wandb_overrides(smoke: bool, mode: Optional[str] = None, group: Optional[str] = None) -> List[str]:
+    """``logger=wandb`` overrides: offline into a temporary folder in smoke mode, else ``mode`` (default offline)."""
+    mode = mode or os.environ.get("WANDB_MODE") or "offline"
+    out = ["logger=wandb", f"logger.mode={mode}"]
+    if smoke:
+        out.append(f"logger.dir={tempfile.mkdtemp(prefix='proxyclip-wandb-')}")
+    if group:
+        out.append(f"logger.group={group}")
+    return out
+
+
+SHAPES_CLASSES = ["sky", "grass", "sun", "red car; car"]
+
+
+def make_shapes_dataset(root: Path, n: int = 4, size: int = 96, seed: int = 0) -> Path:
+    """A small labeled set in the ``custom`` dataset format (images/, labels/, classes.txt):
+    a sky (blue gradient), grass (green, textured), a sun (yellow disc) and a red car (box).
+    Random textures make every image different; labels are exact. Returns ``root``."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("\n".join(SHAPES_CLASSES) + "\n")
+    for i in range(n):
+        h, w = size, int(size * rng.uniform(1.0, 1.5))
+        yy, xx = np.mgrid[0:h, 0:w]
+        horizon = int(h * rng.uniform(0.45, 0.65))
+        label = np.where(yy < horizon, 0, 1).astype(np.uint8)
+        img = np.zeros((h, w, 3), np.float32)
+        sky = np.stack([0.35 + 0.2 * yy / h, 0.55 + 0.2 * yy / h, np.full_like(yy, 0.95, dtype=float)], -1)
+        grass = np.stack([0.15 + 0.1 * rng.random((h, w)), 0.55 + 0.2 * rng.random((h, w)), 0.1 + 0.05 * rng.random((h, w))], -1)
+        img[:] = np.where((yy < horizon)[..., None], sky, grass)
+        cy, cx, r = rng.uniform(0.1, 0.3) * h, rng.uniform(0.15, 0.85) * w, rng.uniform(0.07, 0.12) * h
+        sun = (yy - cy) ** 2 + (xx - cx) ** 2 <= r ** 2
+        img[sun] = (1.0, 0.9, 0.2)
+        label[sun] = 2
+        ch, cw = int(h * rng.uniform(0.12, 0.2)), int(w * rng.uniform(0.2, 0.3))
+        y0 = min(horizon + int(h * 0.05), h - ch - 1)
+        x0 = int(rng.uniform(0.05, 0.95 - cw / w) * w)
+        img[y0:y0 + ch, x0:x0 + cw] = (0.85, 0.1, 0.1)
+        label[y0:y0 + ch, x0:x0 + cw] = 3
+        label[0, 0] = 255  # one ignored pixel, as real datasets have
+        img = np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1)
+        Image.fromarray((img * 255).astype(np.uint8)).save(root / "images" / f"{i:04d}.png")
+        Image.fromarray(label).save(root / "labels" / f"{i:04d}.png")
+    return root
+
+
+def labeled_set_root(smoke: bool, data_root: Optional[str] = None) -> Path:
+    """``data_root`` (a folder in the custom format) if given, else a fresh synthetic shapes set."""
+    if data_root:
+        return Path(data_root)
+    n, size = (3, 64) if smoke else (12, 336)
+    return make_shapes_dataset(Path(tempfile.mkdtemp(prefix="proxyclip-shapes-")), n=n, size=size)
