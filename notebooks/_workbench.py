@@ -36,11 +36,13 @@ def core_overrides(smoke: bool, clip: Optional[str] = None, vfm: Optional[str] =
 
 
 def wandb_overrides(smoke: bool, mode: Optional[str] = None, group: Optional[str] = None) -> List[str]:
-    """``logger=wandb`` overrides: offline into a temporary folder in smoke mode, else ``mode`` (default offline)."""
+    """``logger=wandb`` overrides: ``mode`` (default $WANDB_MODE, else offline); runs are written under
+    $PROXYCLIP_WANDB_DIR if set, else (smoke mode) a temporary folder, else ./wandb."""
     mode = mode or os.environ.get("WANDB_MODE") or "offline"
     out = ["logger=wandb", f"logger.mode={mode}"]
-    if smoke:
-        out.append(f"logger.dir={tempfile.mkdtemp(prefix='proxyclip-wandb-')}")
+    folder = os.environ.get("PROXYCLIP_WANDB_DIR") or (tempfile.mkdtemp(prefix="proxyclip-wandb-") if smoke else None)
+    if folder:
+        out.append(f"logger.dir={folder}")
     if group:
         out.append(f"logger.group={group}")
     return out

@@ -1,0 +1,131 @@
+"""The workbench notebooks: paired with their py:percent files, committed without outputs, and
+executed top to bottom in smoke mode (PROXYCLIP_SMOKE=1: tiny random models), checking what they made."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NAMES = ["01_quickstart", "02_attention_maps", "03_sweeps", "04_backbone_ablation", "05_hooks_tour"]
+WANDB = str(Path(sys.executable).with_name("wandb"))
+
+
+def test_every_notebook_is_paired_and_has_no_outputs():
+    assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == NAMES
+    for name in NAMES:
+        ipynb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+        py = jupytext.read(NOTEBOOKS / f"{name}.py")
+        assert ipynb.metadata["jupytext"]["formats"] == "ipynb,py:percent"
+        # same cells, same sources: the .py is the diff-friendly twin of the .ipynb
+        assert [(c.cell_type, c.source) for c in ipynb.cells] == [(c.cell_type, c.source) for c in py.cells], name
+        for cell in ipynb.cells:
+            if cell.cell_type == "code":
+                assert cell.outputs == [] and cell.execution_count is None, f"{name}: committed outputs"
+        tagged = [c for c in ipynb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1 and "SMOKE = None" in tagged[0].source, f"{name}: parameters cell"
+
+
+def execute(name: str, tmp_path: Path, **env: str) -> nbformat.NotebookNode:
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    saved = dict(os.environ)
+    os.environ.update({"PROXYCLIP_SMOKE": "1", "PROXYCLIP_WANDB_DIR": str(tmp_path / "wandb"),
+                       "WANDB_MODE": "offline", **env})
+    os.environ.pop("MPLBACKEND", None)  # the notebooks use the inline backend, as in Jupyter
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return nb
+
+
+def outputs(nb, kind: str):
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if kind in o.get("data", {})]
+
+
+def text_of(nb) -> str:
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def leet_summary(run_dir: Path) -> dict:
+    out = subprocess.run([WANDB, "leet", "inspect", "--summary", "--json", str(run_dir)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def leet_records(run_dir: Path) -> list:
+    (log,) = run_dir.glob("run-*.wandb")
+    out = subprocess.run([WANDB, "leet", "inspect", "--json", str(log)], capture_output=True, text=True, timeout=60)
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def test_quickstart(tmp_path):
+    nb = execute("01_quickstart", tmp_path)
+    assert "smoke mode" in text_of(nb)
+    assert len(outputs(nb, "image/png")) >= 3  # segmentation, score maps, gamma=6
+    widgets = outputs(nb, "application/vnd.jupyter.widget-view+json")
+    assert len(widgets) == 1  # the explorer, as the last cell's value
+    assert nb.cells[-1].outputs[-1]["data"]["application/vnd.jupyter.widget-view+json"]["model_id"]
+
+
+def test_attention_maps(tmp_path):
+    nb = execute("02_attention_maps", tmp_path)
+    assert len(outputs(nb, "image/png")) == 4  # VFMs, gamma x beta, stages, baseline comparison
+
+
+def test_sweeps_logs_the_grid_to_wandb(tmp_path):
+    nb = execute("03_sweeps", tmp_path)
+    assert len(outputs(nb, "image/png")) == 2  # heatmap, best-point segmentation
+    (run,) = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    summary = leet_summary(run)
+    assert summary["config"]["dataset"]["name"] == "custom"
+    assert summary["config"]["sweep"]["beta"] == [1.0, 1.4] and summary["config"]["sweep"]["gamma"] == [2.0, 4.0]
+    s = summary["summary"]
+    assert s["sweep"]["_type"] == "table-file" and s["sweep"]["nrows"] == 4
+    table = json.loads((run / "files" / s["sweep"]["path"]).read_text())
+    best_row = max(table["data"], key=lambda r: r[table["columns"].index("mIoU")])
+    assert s["best_mIoU"] == pytest.approx(best_row[table["columns"].index("mIoU")])
+    assert s["mIoU_beta_gamma"]["_type"] == "image-file"
+    run_rec = next(r for r in leet_records(run) if r["type"] == "run")["run"]
+    assert run_rec["run_group"] == "gamma-beta-grid"
+
+
+def test_backbone_ablation_one_run_per_pair_grouped(tmp_path):
+    nb = execute("04_backbone_ablation", tmp_path)
+    assert len(outputs(nb, "image/png")) == 1
+    runs = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 3  # test_tiny x {test_tiny, none} + the summary run
+    by_job = {}
+    for run in runs:
+        rec = next(r for r in leet_records(run) if r["type"] == "run")["run"]
+        assert rec["run_group"] == "clip-x-vfm"
+        by_job.setdefault(rec.get("job_type"), []).append((run, leet_summary(run)))
+    assert len(by_job["eval"]) == 2 and len(by_job["summary"]) == 1
+    vfms = sorted(s["config"]["vfm"]["name"] for _, s in by_job["eval"])
+    assert vfms == ["none", "test_tiny"]
+    run, summary = by_job["summary"][0]
+    table = json.loads((run / "files" / summary["summary"]["ablation"]["path"]).read_text())
+    mious = {row[1]: row[2] for row in table["data"]}
+    for _, s in by_job["eval"]:  # the summary table holds the numbers each pair's run logged
+        assert mious[s["config"]["vfm"]["name"]] == pytest.approx(s["summary"]["mIoU"])
+
+
+def test_hooks_tour(tmp_path):
+    nb = execute("05_hooks_tour", tmp_path)
+    text = text_of(nb)
+    for name in ["vfm.features", "proxy.attention", "scores.image"]:
+        assert name in text
+    assert "ground-truth affinity (ceiling)" in text
+    assert len(outputs(nb, "image/png")) == 3
