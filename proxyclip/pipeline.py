@@ -48,6 +48,7 @@ class Encoded:
     clip_values: torch.Tensor  # (n_windows, D, gh, gw) float32
     vfm_features: Optional[torch.Tensor]  # (n_windows, C, Hv, Wv) float32, None without a VFM
     key: str  # identity of (backbones, weights, resolution, crop, stride)
+    memo: Dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)  # decode-side reuse, not saved
 
     @property
     def image_size(self) -> Tuple[int, int]:
@@ -208,21 +209,30 @@ class Segmenter:
 
     @torch.no_grad()
     def dense_embeddings(self, enc: Encoded, start: int, stop: int, beta: float, gamma: float) -> torch.Tensor:
-        """(B, E, Hv, Wv) L2-normalized dense embeddings of windows ``start:stop``."""
+        """(B, E, Hv, Wv) L2-normalized dense embeddings of windows ``start:stop``.
+
+        Two exact shortcuts keep repeated decodes cheap: the last block's ``out_proj`` is affine
+        and both the bilinear resize and every attention row are weighted means (weights
+        summing to 1), so ``out_proj`` runs on CLIP's coarser grid before them; and the raw
+        cosine affinity depends only on the VFM features, so it is computed once per Encoded.
+        """
         values = enc.clip_values[start:stop].to(self.device)
+        projected = self.clip.out_proj_map(values)  # (B, D, gh, gw)
         if enc.vfm_features is None:
             grid = tuple(values.shape[-2:])
-            aggregated = values.flatten(2).transpose(1, 2)
+            aggregated = projected.flatten(2).transpose(1, 2)
         else:
-            feats = enc.vfm_features[start:stop].to(self.device)
-            grid = tuple(feats.shape[-2:])
             hp = self.hooks.point
-            s = hp("proxy.affinity", proxy.cosine_affinity(feats), start)
+            memo_key = ("proxy.affinity", start, stop)
+            if memo_key not in enc.memo:
+                enc.memo[memo_key] = proxy.cosine_affinity(enc.vfm_features[start:stop].to(self.device))
+            grid = tuple(enc.vfm_features.shape[-2:])
+            s = hp("proxy.affinity", enc.memo[memo_key], start)
             s = hp("proxy.affinity_normalized", proxy.normalize_affinity(s, beta, gamma), start)
             mask = hp("proxy.mask", proxy.affinity_mask(s), start)
             attn = hp("proxy.attention", proxy.masked_softmax(s, mask), start)
-            aggregated = proxy.aggregate(attn, proxy.resize_values(values, grid))
-        dense = F.normalize(self.clip.project(aggregated).float(), dim=-1)
+            aggregated = proxy.aggregate(attn, proxy.resize_values(projected, grid))
+        dense = F.normalize(self.clip.head(aggregated).float(), dim=-1)
         dense = dense.transpose(1, 2).reshape(dense.shape[0], dense.shape[2], *grid)
         return self.hooks.point("clip.dense", dense, start)
 

@@ -129,9 +129,17 @@ class ClipBackbone(nn.Module):
     def project(self, aggregated: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, N, E): the last block's out_proj, then ln_post, then proj."""
         block = self.visual.transformer.resblocks[-1]
-        x = block.attn.out_proj(aggregated.to(self.dtype))
-        x = self.visual.ln_post(x)
-        return x @ self.visual.proj
+        return self.head(block.attn.out_proj(aggregated.to(self.dtype)))
+
+    def out_proj_map(self, values: torch.Tensor) -> torch.Tensor:
+        """The last block's out_proj applied to a (B, D, gh, gw) value map."""
+        block = self.visual.transformer.resblocks[-1]
+        x = block.attn.out_proj(values.flatten(2).transpose(1, 2).to(self.dtype))
+        return x.transpose(1, 2).reshape(values.shape)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, N, E): ln_post, then proj."""
+        return self.visual.ln_post(x) @ self.visual.proj
 
     def grid_of(self, height: int, width: int) -> Tuple[int, int]:
         return height // self.patch_size, width // self.patch_size
