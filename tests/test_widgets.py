@@ -198,3 +198,16 @@ def test_controller_without_widgets(factory, rand_image):
                                      v.proxy_grid)
     assert (v.window, v.proxy_patch) == (win, (row, col)) == (1, (0, 3))
     assert c.n_encodes == 1
+
+
+def test_only_what_changed_is_redrawn(explorer):
+    """Temperature and threshold change the labels, not the attention: only the segmentation is redrawn."""
+    seg_png, attn_png = explorer.seg_image.value, explorer.attn_image.value
+    explorer.temperature.value = 0.1
+    assert explorer.seg_image.value != seg_png and explorer.attn_image.value == attn_png
+    explorer.beta.value = 0.5  # the attention changes with beta
+    assert explorer.attn_image.value != attn_png
+    seg_png, attn_png = explorer.seg_image.value, explorer.attn_image.value
+    explorer.show_affinity.value = True  # a view switch: attention panel only, no decode
+    assert explorer.attn_image.value != attn_png and explorer.seg_image.value == seg_png
+    assert explorer.controller.n_decodes == 3
