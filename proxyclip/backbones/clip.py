@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .weights import (WeightsUnavailable, check_checkpoint_file, hub_failure_message, mismatch_error,
-                      offline_unless_reachable, seeded)
+                      offline_unless_reachable, quiet_library_logs, seeded)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -30,6 +30,11 @@ def create_clip_model(name: str, pretrained: str, quick_gelu: bool, source: str,
     """An open_clip model in eval mode. ``source``: pretrained | local | random."""
     if name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {name!r} (clip.name); known: {', '.join(open_clip.list_models()[:12])}, ...")
+    with quiet_library_logs():
+        return _create(name, pretrained, quick_gelu, source, seed, checkpoint).eval().requires_grad_(False)
+
+
+def _create(name: str, pretrained: str, quick_gelu: bool, source: str, seed: int, checkpoint: str | None) -> nn.Module:
     kwargs = dict(force_quick_gelu=quick_gelu)
     if source == "random":
         model = seeded(seed, lambda: open_clip.create_model(name, pretrained=None, load_weights=False, **kwargs))
@@ -53,7 +58,7 @@ def create_clip_model(name: str, pretrained: str, quick_gelu: bool, source: str,
                                                              "clip.checkpoint")) from e
     else:
         raise ValueError(f"weights.source must be pretrained, local or random; got {source!r}")
-    return model.eval().requires_grad_(False)
+    return model
 
 
 class ClipBackbone(nn.Module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from pathlib import Path
@@ -83,6 +84,18 @@ def mismatch_error(path: Path, what: str, err: Exception) -> CheckpointMismatch:
     if len(detail) > 600:
         detail = detail[:600] + " ..."
     return CheckpointMismatch(f"checkpoint {path} does not match the architecture {what}: {detail}")
+
+
+@contextlib.contextmanager
+def quiet_library_logs() -> Iterator[None]:
+    """Silence open_clip's root-logger chatter while a model is built; failures surface as our errors."""
+    root = logging.getLogger()
+    old = root.level
+    root.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        root.setLevel(old)
 
 
 def seeded(seed: int, build: Callable[[], T]) -> T:
