@@ -40,7 +40,7 @@ def write_outputs(pred, out_dir: Path, cfg: DictConfig, image_path: str) -> dict
     fig = plot_overlay(pred.image, pred.labels, pred.class_names)
     if pred.random_weights:
         fig.suptitle("RANDOM WEIGHTS (pretrained unavailable): not a real segmentation", color="red", fontsize=9)
-    fig.savefig(out_dir / "overlay.png")
+    fig.savefig(out_dir / "overlay.png", bbox_inches="tight")
     counts = np.bincount(labels.ravel(), minlength=k)
     record = dict(
         image=image_path,

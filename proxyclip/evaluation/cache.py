@@ -68,10 +68,10 @@ class FeatureCache:
         h = file_digest(image_path)
         return self.root / h[:2] / f"{h}.pt"
 
-    def get(self, image_path: PathLike):
+    def get(self, image_path: PathLike, entry: Optional[Path] = None):
         from ..pipeline import Encoded
 
-        p = self.path_for(image_path)
+        p = entry or self.path_for(image_path)
         if not p.is_file():
             self.misses += 1
             return None
@@ -90,10 +90,10 @@ class FeatureCache:
         self.hits += 1
         return enc
 
-    def put(self, image_path: PathLike, enc, remaining: int = 0) -> None:
+    def put(self, image_path: PathLike, enc, remaining: int = 0, entry: Optional[Path] = None) -> None:
         if not self.writing:
             return
-        p = self.path_for(image_path)
+        p = entry or self.path_for(image_path)
         p.parent.mkdir(parents=True, exist_ok=True)
         d = enc.to_dict()
         d["image"] = torch.round(d["image"].float() * 255.0).clamp_(0, 255).to(torch.uint8)
@@ -129,8 +129,9 @@ class FeatureCache:
             )
 
     def get_or_encode(self, image_path: PathLike, encode: Callable[[], object], remaining: int = 0):
-        enc = self.get(image_path)
+        entry = self.path_for(image_path)  # hash the file once
+        enc = self.get(image_path, entry)
         if enc is None:
             enc = encode()
-            self.put(image_path, enc, remaining)
+            self.put(image_path, enc, remaining, entry)
         return enc
