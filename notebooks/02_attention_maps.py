@@ -33,13 +33,14 @@ CLASSES = ["person; woman; lady", "flag", "wall", "uniform; jacket", "tie"]
 VFMS = ["dino_vitb8", "dino_vitb16", "dinov2_vitb14_reg", "sam_vitb", "mae_vitb16"]
 GAMMAS = [1.0, 3.0, 6.0]
 BETAS = [0.8, 1.2, 1.6]
+WANDB_MODE = None  # online | offline | disabled; None = $WANDB_MODE, else offline
 
 # %%
 # %matplotlib inline
 import gc
 
 import torch
-from _workbench import core_overrides, smoke_mode
+from _workbench import core_overrides, smoke_mode, wandb_overrides
 
 from proxyclip import Segmenter, compose_config, load_image, viz
 from proxyclip.widgets import ASSETS
@@ -106,7 +107,8 @@ for name in VFMS:
     if name != VFMS[-1]:
         del seg, cache
         gc.collect()
-viz.plot_attention_grid(pixels, maps + [clip_map], ncols=3)
+fig_vfms = viz.plot_attention_grid(pixels, maps + [clip_map], ncols=3)
+fig_vfms
 
 # %% [markdown]
 # ## Gamma and beta
@@ -127,7 +129,8 @@ for gamma in GAMMAS:
         pixels, rows = attention_rows(seg, c, geo, y, x)
         title, row, grid, patch = rows[0]
         grid_maps.append((f"gamma={gamma:g} beta={beta:g}", row, grid, patch))
-viz.plot_attention_grid(pixels, grid_maps, ncols=len(BETAS))
+fig_gamma_beta = viz.plot_attention_grid(pixels, grid_maps, ncols=len(BETAS))
+fig_gamma_beta
 
 # %% [markdown]
 # ## The stages for one patch
@@ -141,9 +144,11 @@ grid = tuple(enc.vfm_features.shape[-2:])
 pad = (0, 0, 0, 0) if seg.vfm.resizes_input else enc.pad
 win, r, col = viz.locate_patch(y, x, enc.image_size, enc.resized_size, enc.windows, grid, pad=pad)
 k = r * grid[1] + col
-viz.plot_affinity_stages(viz.window_pixels(image, enc.resized_size, enc.windows[win]), c["proxy.affinity"][win, k],
-                         c["proxy.affinity_normalized"][win, k], c["proxy.mask"][win, k], grid, (r, col),
-                         attention_row=c["proxy.attention"][win, k])
+fig_stages = viz.plot_affinity_stages(
+    viz.window_pixels(image, enc.resized_size, enc.windows[win]), c["proxy.affinity"][win, k],
+    c["proxy.affinity_normalized"][win, k], c["proxy.mask"][win, k], grid, (r, col),
+    attention_row=c["proxy.attention"][win, k])
+fig_stages
 
 # %% [markdown]
 # ## Without a VFM vs with one
@@ -155,3 +160,19 @@ pred_none = seg_none.predict(image, CLASSES)
 pred_proxy = seg.decode(enc, CLASSES)
 viz.plot_baseline_comparison(image, pred_none.labels, pred_proxy.labels, CLASSES,
                              names=("CLIP, no VFM", f"ProxyCLIP + {seg.cfg.vfm.name}"))
+
+# %% [markdown]
+# ## Keep the figures in W&B
+# One run holding the attention figures (offline by default: `wandb sync` it later).
+
+# %%
+from proxyclip.config import to_container
+from proxyclip.loggers import build_logger
+
+log_cfg = compose_config("segment", core_overrides(SMOKE) + wandb_overrides(SMOKE, WANDB_MODE, group="attention-maps"))
+with build_logger(log_cfg.logger, to_container(log_cfg), job_type="figures") as log:
+    log.log_figure("attention/vfms", fig_vfms)
+    log.log_figure("attention/gamma_beta", fig_gamma_beta)
+    log.log_figure("attention/stages", fig_stages)
+    log.log_segmentation("segmentation/proxyclip", image, pred_proxy.labels, class_names=pred_proxy.class_names)
+    print("W&B run:", getattr(log, "run_dir", None))

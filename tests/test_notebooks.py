@@ -83,6 +83,11 @@ def test_quickstart(tmp_path):
 def test_attention_maps(tmp_path):
     nb = execute("02_attention_maps", tmp_path)
     assert len(outputs(nb, "image/png")) == 4  # VFMs, gamma x beta, stages, baseline comparison
+    (run,) = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    s = leet_summary(run)["summary"]
+    for key in ("attention/vfms", "attention/gamma_beta", "attention/stages"):
+        assert s[key]["_type"] == "image-file" and (run / "files" / s[key]["path"]).stat().st_size > 1000
+    assert set(s["segmentation/proxyclip"]["masks"]) == {"prediction"}
 
 
 def test_sweeps_logs_the_grid_to_wandb(tmp_path):
