@@ -94,7 +94,7 @@ class ExplorerController:
                  overrides: Sequence[str] = (), image: Any = None, classes: Sequence[str] = DEFAULT_CLASSES,
                  segmenter_factory: Optional[Callable[[str, str], Segmenter]] = None,
                  progress: Optional[Callable[[str, float], None]] = None, max_segmenters: int = 2,
-                 max_encoded: int = 8, compute: bool = True):
+                 max_encoded: int = 8, compute: bool = True, segmenter: Optional[Segmenter] = None):
         self.weights = weights
         self.overrides = list(overrides)
         self._factory = segmenter_factory or self._default_factory
@@ -104,6 +104,8 @@ class ExplorerController:
         self._encoded: "OrderedDict[Tuple[str, str], Tuple[Encoded, Optional[torch.Tensor]]]" = OrderedDict()
         self.n_encodes = self.n_decodes = self.n_builds = 0
         self.clip_name, self.vfm_name = clip, vfm
+        if segmenter is not None:  # an already built pipeline for (clip, vfm): not built twice
+            self._segmenters[(clip, vfm)] = segmenter
         self.classes: List[str] = list(classes)
         self.image: torch.Tensor = load_image(image if image is not None else ASSETS / "sample.jpg")
         self.image_name = str(image) if isinstance(image, (str, Path)) else ("sample.jpg" if image is None else "image")
@@ -307,7 +309,7 @@ class Explorer:
     """The ipywidgets view of an :class:`ExplorerController`. ``Explorer(...).widget`` is the box to display.
 
     Keyword arguments go to the controller (``clip``, ``vfm``, ``weights``, ``overrides``,
-    ``image``, ``classes``, ``segmenter_factory``). ``clip_options`` / ``vfm_options``
+    ``image``, ``classes``, ``segmenter`` (reuse a built pipeline), ``segmenter_factory``). ``clip_options`` / ``vfm_options``
     restrict the dropdowns (default: every file in ``conf/clip`` and ``conf/vfm``).
     """
 

@@ -211,3 +211,11 @@ def test_only_what_changed_is_redrawn(explorer):
     explorer.show_affinity.value = True  # a view switch: attention panel only, no decode
     assert explorer.attn_image.value != attn_png and explorer.seg_image.value == seg_png
     assert explorer.controller.n_decodes == 3
+
+
+def test_a_given_segmenter_is_reused(tiny_segmenter, rand_image):
+    built = []
+    c = ExplorerController(clip="test_tiny", vfm="test_tiny", image=rand_image, classes=["a"],
+                           segmenter=tiny_segmenter, segmenter_factory=lambda *k: built.append(k))
+    assert c.segmenter is tiny_segmenter and built == [] and c.n_builds == 0
+    assert c.encoded.key == tiny_segmenter.key
