@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import confusion_matrix as sk_confusion
 
-from fixtures_datasets import make_ade20k, make_voc
+from fixtures_datasets import make_voc
 from fixtures_eval import eval_cfg, eval_segmenter, miou_by_hand  # noqa: F401  (fixture)
 from proxyclip.data import BadLabelError, build_dataset
 from proxyclip.evaluation import evaluate, select_indices
@@ -46,11 +46,16 @@ def test_evaluate_equals_independent_per_image_count(tmp_path, eval_segmenter):
 
 
 def test_reduce_zero_label_dataset_end_to_end(tmp_path, eval_segmenter):
-    make_ade20k(tmp_path)
-    cfg = eval_cfg("ade20k", tmp_path)
+    make_voc(tmp_path)
+    cfg = eval_cfg("voc20", tmp_path)
     out = evaluate(cfg, run_dir=tmp_path / "run", seg=eval_segmenter)
-    cm = _independent_cm(eval_segmenter, build_dataset(cfg.dataset), prob_thd=0.0)
-    assert cm.shape == (150, 150)
+    ds = build_dataset(cfg.dataset)
+    cm = _independent_cm(eval_segmenter, ds, prob_thd=0.0)
+    assert cm.shape == (20, 20) and out["params"]["prob_thd"] == 0.0
+    # background pixels are ignored, not counted as a class
+    raw_nonbg = sum(int(((np.array(Image.open(s.label)) != 0) & (np.array(Image.open(s.label)) != 255)).sum())
+                    for s in ds.samples)
+    assert out["num_pixels"] == cm.sum() == raw_nonbg
     assert out["mIoU"] == pytest.approx(miou_by_hand(cm), abs=1e-9)
 
 
@@ -122,3 +127,27 @@ def test_summary_table_rows_columns_and_average(tmp_path):
     assert cols[1:9] == ["VOC21", "PC60", "Object", "VOC20", "PC59", "Stuff", "City", "ADE"]
     paper = next(r for r in rows if r[0].startswith("ProxyCLIP B/16"))
     assert paper[1] == 61.3 and paper[-1] == "42.3"  # REFERENCE.md section 7's average
+
+
+def test_ctrl_c_saves_progress_and_resume_matches(tmp_path, eval_segmenter, monkeypatch):
+    make_voc(tmp_path, n=4)
+    cfg = eval_cfg("voc20", tmp_path, "checkpoint_seconds=1000")  # only the interrupt itself saves
+    full = evaluate(cfg, run_dir=tmp_path / "full", seg=eval_segmenter)
+    seg_cls = type(eval_segmenter)
+    real_decode = seg_cls.decode
+    calls = []
+
+    def decode_then_ctrl_c(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # Ctrl-C while the third image is being decoded
+            raise KeyboardInterrupt
+        return real_decode(self, *a, **k)
+
+    monkeypatch.setattr(seg_cls, "decode", decode_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(cfg, run_dir=tmp_path / "run", seg=eval_segmenter)
+    monkeypatch.setattr(seg_cls, "decode", real_decode)
+    state = torch.load(tmp_path / "run" / "state" / "rank0-of-1.pt", weights_only=False)
+    assert len(state["done"]) == 2
+    resumed = evaluate(cfg, run_dir=tmp_path / "run", seg=eval_segmenter)
+    assert resumed["num_pixels"] == full["num_pixels"] and resumed["mIoU"] == full["mIoU"]

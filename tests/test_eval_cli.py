@@ -43,7 +43,7 @@ def test_multirun_over_datasets_then_summary(tmp_path):
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     make_voc(tmp_path, n=5)
-    base = ["-m", "proxyclip.cli.evaluate", "dataset=voc21", f"data_root={tmp_path}", *TINY_EVAL]
+    base = ["-m", "proxyclip.cli.evaluate", "dataset=voc20", f"data_root={tmp_path}", *TINY_EVAL]
     full = _run(base + [f"hydra.run.dir={tmp_path / 'full'}"])
     assert full.returncode == 0, full.stderr[-3000:]
 

@@ -13,7 +13,7 @@ from fixtures_eval import PYTHON, REPO, TINY_EVAL, subprocess_env
 
 def test_torchrun_two_processes_equals_single_process(tmp_path):
     make_voc(tmp_path, n=5)
-    args = ["dataset=voc21", f"data_root={tmp_path}", *TINY_EVAL]
+    args = ["dataset=voc20", f"data_root={tmp_path}", *TINY_EVAL]
     single = subprocess.run([PYTHON, "-m", "proxyclip.cli.evaluate", *args, f"hydra.run.dir={tmp_path / 'single'}"],
                             cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
     assert single.returncode == 0, single.stderr[-3000:]
