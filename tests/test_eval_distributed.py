@@ -34,3 +34,19 @@ def test_torchrun_two_processes_equals_single_process(tmp_path):
     r1 = torch.load(tmp_path / "dist" / "state" / "rank1-of-2.pt", weights_only=False)["done"]
     assert len(r0) == 3 and len(r1) == 2 and not set(r0) & set(r1)
     assert sorted(r0 + r1) == [f"2007_{i:06d}" for i in range(5)]
+
+
+def test_stray_rank_run_dir_is_removed_only_when_empty_of_results(tmp_path):
+    from proxyclip.evaluation.app import _remove_stray_run_dir
+
+    stray = tmp_path / "stray"
+    (stray / ".hydra").mkdir(parents=True)
+    (stray / ".hydra" / "config.yaml").write_text("x: 1")
+    (stray / "evaluate.log").write_text("")
+    _remove_stray_run_dir(stray)
+    assert not stray.exists()
+    kept = tmp_path / "kept"
+    (kept / ".hydra").mkdir(parents=True)
+    (kept / "metrics.json").write_text("{}")
+    _remove_stray_run_dir(kept)
+    assert (kept / "metrics.json").exists()
