@@ -144,3 +144,23 @@ def test_shipped_class_files_have_the_protocol_sizes():
         assert len(set(lines)) == k, name  # no duplicated class line
     assert read_class_lines("context60")[0] == "background"
     assert "; " in read_class_lines("voc21")[0] and "; " in read_class_lines("coco_object")[0]
+
+
+# REFERENCE.md section 5, typed out: classes, short side, crop, stride, prob_thd, reduce_zero_label
+PROTOCOL = {
+    "voc21": (21, 336, 336, 112, 0.20, False), "context60": (60, 336, 336, 112, 0.15, False),
+    "coco_object": (81, 336, 336, 112, 0.25, False), "voc20": (20, 336, 336, 112, 0.0, True),
+    "context59": (59, 336, 336, 112, 0.0, True), "coco_stuff": (171, 336, 336, 112, 0.0, False),
+    "cityscapes": (19, 448, 224, 112, 0.0, False), "ade20k": (150, 448, 336, 112, 0.0, True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROTOCOL))
+def test_dataset_config_carries_the_reference_protocol(name):
+    cfg = compose_eval_config([f"dataset={name}"])
+    k, short, crop, stride, thd, rzl = PROTOCOL[name]
+    assert (cfg.dataset.num_classes, cfg.method.short_side, cfg.method.crop, cfg.method.stride) == (k, short, crop, stride)
+    assert cfg.method.prob_thd == pytest.approx(thd) and cfg.dataset.reduce_zero_label is rzl
+    assert cfg.dataset.ignore_index == 255 and cfg.method.beta == 1.2 and cfg.method.logit_scale == 40.0
+    # a command-line override still wins over the dataset's protocol
+    assert compose_eval_config([f"dataset={name}", "method.crop=224"]).method.crop == 224
