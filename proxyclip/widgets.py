@@ -32,7 +32,7 @@ from .images import load_image
 from .pipeline import Encoded, Prediction, Segmenter
 
 __all__ = ["ExplorerController", "Explorer", "available_backbones", "sample_images", "DEFAULT_CLASSES",
-           "figure_to_png"]
+           "figure_to_png", "pixel_to_data"]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -51,13 +51,27 @@ def sample_images() -> Dict[str, Path]:
 
 
 def figure_to_png(fig, dpi: Optional[float] = None) -> bytes:
-    """Render a matplotlib Figure to PNG bytes with the Agg canvas."""
+    """Render a matplotlib Figure to PNG bytes with the Agg canvas (at ``dpi``, which becomes the
+    figure's own, so its transforms map data to the PNG's pixels afterwards)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
+    if dpi is not None:
+        fig.set_dpi(dpi)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
+
+
+def pixel_to_data(fig, px: float, py: float) -> Optional[Tuple[float, float]]:
+    """A point of a rendered figure's PNG (``px`` right, ``py`` down from the top-left corner)
+    -> ``(x, y)`` data coordinates of the image panel under it, or None if it hits no image panel."""
+    display = (px, fig.bbox.height - py)  # matplotlib's display coordinates grow upwards
+    for ax in fig.axes:
+        if ax.images and ax.get_label() != "<colorbar>" and ax.bbox.contains(*display):
+            x, y = ax.transData.inverted().transform(display)
+            return float(x), float(y)
+    return None
 
 
 def _image_id(img: torch.Tensor) -> str:
@@ -357,15 +371,26 @@ class Explorer:
         self.patch_y = W.IntSlider(min=0, max=1, description="patch y", continuous_update=False,
                                    style={"description_width": "110px"}, layout=W.Layout(width="420px"))
         self.show_affinity = W.Checkbox(value=False, description="affinity stages (S, S', mask)")
+        self.hint = W.HTML("<small>the patch sliders choose the pixel whose attention is shown</small>")
         self.seg_image = W.Image(format="png")
         self.attn_image = W.Image(format="png")
+        self._seg_figure = None
+        self.click_events = None
+        try:  # optional: click on the segmentation to choose the patch (pip install ipyevents)
+            from ipyevents import Event
+
+            self.click_events = Event(source=self.seg_image, watched_events=["click"])
+            self.click_events.on_dom_event(self._on_click)
+            self.hint.value = "<small>click the segmentation (or use the patch sliders) to choose the patch</small>"
+        except ImportError:
+            pass
 
         controls = W.VBox([
             W.HTML("<b>ProxyCLIP explorer</b>"),
             self.image_picker, W.HBox([self.path, self.load_path]), self.upload,
             self.clip, self.vfm, self.classes,
             self.gamma, self.beta, self.temperature, self.prob_thd,
-            self.patch_x, self.patch_y, self.show_affinity, self.progress, self.status,
+            self.patch_x, self.patch_y, self.hint, self.show_affinity, self.progress, self.status,
         ], layout=W.Layout(min_width="440px"))
         self.widget = W.HBox([controls, W.VBox([self.seg_image, self.attn_image])])
         self.widget.add_class("proxyclip-explorer")
@@ -430,7 +455,8 @@ class Explorer:
         t0 = time.perf_counter()
         c = self.controller
         if segmentation:
-            self.seg_image.value = figure_to_png(c.segmentation_figure(), dpi=self.dpi)
+            self._seg_figure = c.segmentation_figure()
+            self.seg_image.value = figure_to_png(self._seg_figure, dpi=self.dpi)
         if attention:
             self.attn_image.value = figure_to_png(c.attention_figure(self.show_affinity.value), dpi=self.dpi)
         self.n_renders += 1
@@ -465,6 +491,27 @@ class Explorer:
         self.controller.set_point(self.patch_y.value, self.patch_x.value)
         self._render(segmentation=change is None or change.owner is not self.show_affinity)
         self.last_update_seconds = time.perf_counter() - t0
+
+    def _on_click(self, event: Dict[str, Any]) -> None:
+        """A click on the segmentation figure (ipyevents): choose that pixel (either panel)."""
+        if self._busy or self._seg_figure is None or event.get("type") != "click":
+            return
+        if "dataX" in event:  # ipyevents: position in the image's own pixels
+            px, py = event["dataX"], event["dataY"]
+        else:
+            scale = self._seg_figure.bbox.width / max(event["boundingRectWidth"], 1)
+            px, py = event["relativeX"] * scale, event["relativeY"] * scale
+        hit = pixel_to_data(self._seg_figure, px, py)
+        if hit is None:
+            return
+        x, y = hit
+        self._busy = True
+        try:
+            self.patch_x.value = int(min(max(round(x), 0), self.patch_x.max))
+            self.patch_y.value = int(min(max(round(y), 0), self.patch_y.max))
+        finally:
+            self._busy = False
+        self._on_patch()
 
     def _on_classes(self, change=None) -> None:
         if self._busy:

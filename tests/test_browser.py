@@ -127,6 +127,20 @@ def test_quickstart_runs_in_jupyterlab_and_the_explorer_renders(jupyterlab, tmp_
                 ".some(e => e.innerText.includes('encodes 1, decodes 2'))", timeout=60_000)
             assert readout.inner_text().strip() == "5.00"
 
+            # click on the left part of the segmentation figure: the patch moves left of the centre (x = 40)
+            patch_x = page.locator(".proxyclip-explorer .widget-slider").nth(4)
+            assert "patch x" in patch_x.inner_text() and patch_x.locator(".widget-readout").inner_text().strip() == "40"
+            seg_img = page.locator(".proxyclip-explorer img").first
+            box = seg_img.bounding_box()
+            src_before = seg_img.get_attribute("src")
+            seg_img.click(position={"x": box["width"] * 0.15, "y": box["height"] * 0.4})
+            page.wait_for_function(
+                "() => { const r = document.querySelectorAll('.proxyclip-explorer .widget-slider')[4]"
+                ".querySelector('.widget-readout'); return r && Number(r.innerText) < 30; }", timeout=30_000)
+            page.wait_for_function(  # the figure is redrawn with the marker at the new point
+                "(before) => document.querySelector('.proxyclip-explorer img').getAttribute('src') !== before",
+                arg=src_before, timeout=30_000)
+
             # no cell raised
             assert page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']").count() == 0
             explorer.scroll_into_view_if_needed()

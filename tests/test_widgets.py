@@ -219,3 +219,44 @@ def test_a_given_segmenter_is_reused(tiny_segmenter, rand_image):
                            segmenter=tiny_segmenter, segmenter_factory=lambda *k: built.append(k))
     assert c.segmenter is tiny_segmenter and built == [] and c.n_builds == 0
     assert c.encoded.key == tiny_segmenter.key
+
+
+def test_pixel_to_data_hand_worked():
+    """A 4x2-inch figure at 50 dpi (200x100 px) whose only axes fill it and show a 20x10 image."""
+    from matplotlib.figure import Figure
+
+    from proxyclip.widgets import figure_to_png, pixel_to_data
+
+    fig = Figure(figsize=(4, 2))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(np.zeros((10, 20)), aspect="auto")
+    png = figure_to_png(fig, dpi=50)
+    assert png_size(png) == (200, 100)
+    # PNG pixel (px, py) -> data: pixel centres of the image are at integers, 10 PNG px per data unit
+    x, y = pixel_to_data(fig, 5.0, 5.0)
+    assert (x, y) == pytest.approx((0.0, 0.0))
+    x, y = pixel_to_data(fig, 195.0, 95.0)
+    assert (x, y) == pytest.approx((19.0, 9.0))
+    x, y = pixel_to_data(fig, 100.0, 30.0)
+    assert (x, y) == pytest.approx((9.5, 2.5))
+    cb_fig = Figure(figsize=(4, 2))
+    cb_ax = cb_fig.add_axes((0.5, 0, 0.5, 1))
+    cb_ax.imshow(np.zeros((10, 10)), aspect="auto")
+    figure_to_png(cb_fig, dpi=50)
+    assert pixel_to_data(cb_fig, 20.0, 50.0) is None  # left half: no image panel there
+
+
+def test_clicking_the_segmentation_chooses_the_patch(explorer, rand_image):
+    c = explorer.controller
+    fig = explorer._seg_figure
+    H_px = fig.bbox.height
+    # where the pixel (y=20, x=30) of the image is drawn in the prediction panel, in PNG pixels
+    pred_ax = [ax for ax in fig.axes if ax.images][1]
+    dx, dy = pred_ax.transData.transform((30, 20))
+    decodes = c.n_decodes
+    explorer._on_click({"type": "click", "dataX": dx, "dataY": H_px - dy})
+    assert (explorer.patch_x.value, explorer.patch_y.value) == (30, 20)
+    assert c.point == (20.0, 30.0) and c.n_decodes == decodes
+    explorer._on_click({"type": "click", "dataX": 1.0, "dataY": 1.0})  # the corner: no panel, nothing changes
+    assert c.point == (20.0, 30.0)
+    assert explorer.click_events is not None  # ipyevents wired to the segmentation image
