@@ -68,3 +68,15 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert [r["IoU"] for r in b["per_class"]] == [r["IoU"] for r in a["per_class"]]
     final = torch.load(run_dir / "state" / "rank0-of-1.pt", weights_only=False)
     assert sorted(final["done"]) == sorted(set(final["done"])) and len(final["done"]) == 5
+
+
+def test_sweep_command_writes_the_tidy_table(tmp_path):
+    make_voc(tmp_path, n=2)
+    r = _run(["-m", "proxyclip.cli.sweep", "dataset=voc20", f"data_root={tmp_path}", *TINY_EVAL,
+              "sweep.beta=[1.0,1.2]", "sweep.gamma=[2,3,4]", f"hydra.run.dir={tmp_path / 'sw'}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = (tmp_path / "sw" / "sweep.csv").read_text().splitlines()
+    assert rows[0] == "beta,gamma,logit_scale,prob_thd,mIoU,aAcc,mAcc" and len(rows) == 1 + 6
+    assert "best mIoU" in r.stdout
+    best = json.loads((tmp_path / "sw" / "sweep.json").read_text())["best"]
+    assert best["mIoU"] == max(p["mIoU"] for p in json.loads((tmp_path / "sw" / "sweep.json").read_text())["points"])

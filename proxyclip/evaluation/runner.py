@@ -238,7 +238,7 @@ def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     w = csv.writer(buf)
     w.writerow(header)
     for r in rows:
-        w.writerow(["" if isinstance(v, float) and math.isnan(v) else (f"{v:.4f}" if isinstance(v, float) else v)
+        w.writerow(["" if isinstance(v, float) and math.isnan(v) else (f"{v:.6g}" if isinstance(v, float) else v)
                     for v in r])
     return buf.getvalue()
 
