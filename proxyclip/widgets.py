@@ -30,6 +30,7 @@ import torch
 from .config import CONF_DIR, compose_config
 from .images import load_image
 from .pipeline import Encoded, Prediction, Segmenter
+from .text import parse_classes
 
 __all__ = ["ExplorerController", "Explorer", "available_backbones", "sample_images", "DEFAULT_CLASSES",
            "figure_to_png", "pixel_to_data"]
@@ -185,6 +186,7 @@ class ExplorerController:
         if isinstance(classes, str):
             sep = "\n" if "\n" in classes else ","
             classes = [c.strip() for c in classes.split(sep) if c.strip()]
+        parse_classes(list(classes))  # a bad list raises here and leaves the state as it was
         self.classes = list(classes)
         self._stale_decode = True
 
@@ -527,8 +529,23 @@ class Explorer:
     def _on_backbone(self, change=None) -> None:
         if self._busy:
             return
-        self.controller.set_backbones(clip=self.clip.value, vfm=self.vfm.value)
-        self._full_update()
+        c = self.controller
+        previous = (c.clip_name, c.vfm_name)
+        c.set_backbones(clip=self.clip.value, vfm=self.vfm.value)
+        try:
+            self._full_update()
+        except Exception as e:  # e.g. weights that cannot be loaded: say so, go back to what worked
+            c.set_backbones(*previous)
+            self._busy = True
+            try:
+                self.clip.value, self.vfm.value = previous
+            finally:
+                self._busy = False
+            c.refresh()  # the previous pipeline and encode are cached: a decode at most
+            self._render()
+            wanted = change.new if change is not None else "the new backbones"
+            self.status.value = f"<span style='color:#b00'>could not switch to {wanted}: {type(e).__name__}: {e}</span>"
+            self.progress.description, self.progress.bar_style = "failed", "danger"
 
     def _on_sample(self, change=None) -> None:
         if self._busy or self.image_picker.value is None:

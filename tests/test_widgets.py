@@ -260,3 +260,22 @@ def test_clicking_the_segmentation_chooses_the_patch(explorer, rand_image):
     explorer._on_click({"type": "click", "dataX": 1.0, "dataY": 1.0})  # the corner: no panel, nothing changes
     assert c.point == (20.0, 30.0)
     assert explorer.click_events is not None  # ipyevents wired to the segmentation image
+
+
+def test_a_backbone_that_fails_to_load_is_reported_and_undone(tiny_segmenter, rand_image):
+    def factory(clip, vfm):
+        if vfm == "none":
+            raise RuntimeError("weights unavailable (simulated)")
+        return tiny_segmenter
+
+    ex = Explorer(clip="test_tiny", vfm="test_tiny", image=rand_image, classes=CLASSES, segmenter_factory=factory,
+                  clip_options=["test_tiny"], vfm_options=["test_tiny", "none"])
+    c = ex.controller
+    labels = c.prediction.labels.clone()
+    ex.vfm.value = "none"
+    assert "could not switch to none" in ex.status.value and "simulated" in ex.status.value
+    assert ex.vfm.value == "test_tiny" and (c.clip_name, c.vfm_name) == ("test_tiny", "test_tiny")
+    assert c.n_encodes == 1 and torch.equal(c.prediction.labels, labels)
+    assert not ex.gamma.disabled  # controls released
+    ex.gamma.value = 4.0  # and the explorer still works
+    assert c.n_decodes == 3 and c.prediction.params["gamma"] == 4.0
