@@ -225,8 +225,9 @@ def _figure_to_uint8(fig: Any) -> np.ndarray:
 
 
 def hydra_run_identity() -> tuple[Optional[str], Optional[str]]:
-    """``(name, group)`` for the current Hydra job: in a multirun, group = the sweep folder's
-    name and name = the job's overrides (``method.beta=1.0,method.gamma=3.0``); else ``(None, None)``."""
+    """``(name, group)`` for the current Hydra job: in a multirun, group = the sweep folder's name
+    and name = the job's values of the swept keys (``method.beta=1.0,method.gamma=3.0``); else
+    ``(None, None)``."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -237,10 +238,26 @@ def hydra_run_identity() -> tuple[Optional[str], Optional[str]]:
         if hc.mode != RunMode.MULTIRUN:
             return None, None
         group = os.path.basename(os.path.normpath(str(hc.sweep.dir)))
-        name = hc.job.override_dirname or f"job{hc.job.num}"
-        return name, group
+        return _swept_overrides(hc) or hc.job.override_dirname or f"job{hc.job.num}", group
     except Exception:  # no Hydra, or a partial HydraConfig (compose API): no defaults
         return None, None
+
+
+def _swept_overrides(hc: Any) -> Optional[str]:
+    """The job's overrides of the keys the sweep varies (read from the sweep's multirun.yaml,
+    which Hydra writes before the first job), e.g. ``method.beta=1.0``; None if unknown."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    path = os.path.join(str(hc.sweep.dir), "multirun.yaml")
+    if not os.path.exists(path):
+        return None
+    parser = OverridesParser.create()
+    sweep_lines = list(OmegaConf.load(path).hydra.overrides.task)
+    swept = {o.key_or_group for o in parser.parse_overrides(sweep_lines) if o.is_sweep_override()}
+    job_lines = list(hc.overrides.task)
+    mine = [line for line, o in zip(job_lines, parser.parse_overrides(job_lines)) if o.key_or_group in swept]
+    return ",".join(mine) or None
 
 
 def build_logger(
