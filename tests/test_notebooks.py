@@ -39,7 +39,10 @@ def execute(name: str, tmp_path: Path, **env: str) -> nbformat.NotebookNode:
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     saved = dict(os.environ)
     os.environ.update({"PROXYCLIP_SMOKE": "1", "PROXYCLIP_WANDB_DIR": str(tmp_path / "wandb"),
-                       "WANDB_MODE": "offline", **env})
+                       "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true",
+                       "WANDB_ERROR_REPORTING": "false", "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"),
+                       "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"), "WANDB_DATA_DIR": str(tmp_path / "wandb_data"),
+                       "HF_HUB_OFFLINE": "1", **env})
     os.environ.pop("MPLBACKEND", None)  # the notebooks use the inline backend, as in Jupyter
     try:
         NotebookClient(nb, timeout=300, kernel_name="python3",
