@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from fixtures_datasets import make_voc
-from fixtures_eval import PYTHON, REPO, TINY_EVAL, subprocess_env
+from fixtures_eval import PYTHON, REPO, TINY_EVAL, eval_segmenter, subprocess_env  # noqa: F401 (fixture)
 
 
 def test_torchrun_two_processes_equals_single_process(tmp_path):
@@ -50,3 +50,26 @@ def test_stray_rank_run_dir_is_removed_only_when_empty_of_results(tmp_path):
     (kept / "metrics.json").write_text("{}")
     _remove_stray_run_dir(kept)
     assert (kept / "metrics.json").exists()
+
+
+def test_killed_torchrun_resumes_on_one_process(tmp_path, eval_segmenter):
+    from fixtures_eval import eval_cfg
+    from proxyclip.evaluation import evaluate
+
+    make_voc(tmp_path, n=5)
+    full = evaluate(eval_cfg("voc20", tmp_path), run_dir=tmp_path / "full", seg=eval_segmenter)
+    torchrun = shutil.which("torchrun", path=str(Path(PYTHON).parent)) or "torchrun"
+    run_dir = tmp_path / "dist"
+    # each rank SIGKILLs itself in the middle of its second image
+    dist = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "proxyclip.cli.evaluate",
+                           "dataset=voc20", f"data_root={tmp_path}", *TINY_EVAL, f"hydra.run.dir={run_dir}"],
+                          cwd=REPO, env=subprocess_env(PROXYCLIP_EVAL_KILL_AFTER="1"), capture_output=True,
+                          text=True, timeout=300)
+    assert dist.returncode != 0 and not (run_dir / "metrics.json").exists()
+    done = [torch.load(p, weights_only=False)["done"] for p in sorted((run_dir / "state").glob("rank*-of-2.pt"))]
+    assert 1 <= sum(map(len, done)) <= 2  # at most one image per rank got saved
+    resumed = evaluate(eval_cfg("voc20", tmp_path), run_dir=run_dir, seg=eval_segmenter)
+    assert resumed["num_images"] == 5 and resumed["num_pixels"] == full["num_pixels"]
+    assert resumed["mIoU"] == full["mIoU"] and resumed["aAcc"] == full["aAcc"]
+    mine = torch.load(run_dir / "state" / "rank0-of-1.pt", weights_only=False)["done"]
+    assert not set(mine) & {i for d in done for i in d} and len(mine) + sum(map(len, done)) == 5

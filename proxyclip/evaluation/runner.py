@@ -121,7 +121,9 @@ def run_grid(
     }
     state = RunState(Path(run_dir), info.rank, info.world_size, fingerprint, (len(points), k, k))
     if state.load():
-        print_fn(f"resuming {state.path}: {len(state.done)} images already counted")
+        print_fn(f"resuming {state.path}: {len(state.done)} images already counted"
+                 + (f", plus {len(state.foreign_done)} by an earlier attempt with another number of processes"
+                    if state.foreign_done else ""))
     mine = shard(range(len(dataset)), info)
     todo = [i for i in mine if not state.is_done(dataset.samples[i].id)]
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
@@ -195,10 +197,11 @@ def run_grid(
         state.save()
 
     barrier(info)
-    cm = all_reduce_sum(state.cm, info)
+    # every process read the same earlier-attempt files: add them once, after the sum
+    cm = all_reduce_sum(state.cm, info) + state.foreign_cm
     gathered = all_gather_objects((len(state.done), state.skipped), info)
-    counted = sum(n for n, _ in gathered)
-    skipped = [s for _, sk in gathered for s in sk]
+    counted = sum(n for n, _ in gathered) + len(state.foreign_done)
+    skipped = [s for _, sk in gathered for s in sk] + state.foreign_skipped
     if counted != len(dataset):
         raise RuntimeError(f"{counted} images accounted for, but the dataset selection has {len(dataset)}")
     return GridResult(points=points, cm=cm, class_names=list(dataset.class_names), num_images=counted - len(skipped),

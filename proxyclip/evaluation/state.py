@@ -3,8 +3,10 @@
 One file per process (``<run_dir>/state/rank<r>-of-<w>.pt``), written atomically (temporary
 file, fsync, rename): the matrices and the done-list always change together, so an image is
 either fully counted and listed, or neither. A restart with the same run directory loads
-the file and skips the listed images; a restart with different settings (another dataset,
-subset, model or grid) is refused rather than mixed in.
+the file and skips the listed images. A restart with another number of processes reads the
+earlier attempt's files without writing them (their images count as done, their matrices are
+added once). A restart with different settings (another dataset, subset, model or grid) is
+refused rather than mixed in.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ class RunState:
         # never leave a matrix that counts an image the done-list does not name
         self._data = (torch.zeros(shape, dtype=torch.int64), (), ())
         self._done_set = set()
+        self.foreign_cm = torch.zeros(shape, dtype=torch.int64)
+        self.foreign_done = []
+        self.foreign_skipped = []
+        self._foreign_set = set()
 
     @property
     def cm(self) -> torch.Tensor:
@@ -49,37 +55,51 @@ class RunState:
     def skipped(self) -> List[Dict[str, str]]:
         return list(self._data[2])
 
-    def load(self) -> bool:
-        """Load a previous state of this run (True if there was one). Raises on a mismatch."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        others = sorted(p.name for p in self.dir.glob("rank*-of-*.pt") if not p.name.endswith(f"-of-{self.world_size}.pt"))
-        if others:
-            raise RuntimeError(
-                f"{self.dir} holds the state of a run with another number of processes ({', '.join(others)}); "
-                f"resume it with the same number of processes (torchrun --nproc_per_node), or use a new run directory"
-            )
-        if not self.path.is_file():
-            return False
-        d = torch.load(self.path, map_location="cpu", weights_only=False)
+    def _read(self, path: Path) -> Dict[str, Any]:
+        d = torch.load(path, map_location="cpu", weights_only=False)
         old = d.get("fingerprint", {})
         if old != self.fingerprint:
             diff = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
             detail = "; ".join(f"{k}: {old.get(k)!r} then, {self.fingerprint.get(k)!r} now" for k in diff)
             raise RuntimeError(
-                f"{self.path} belongs to a run with other settings ({detail}); use a new run directory "
+                f"{path} belongs to a run with other settings ({detail}); use a new run directory "
                 f"(hydra.run.dir=...) or delete {self.dir} to start over"
             )
         if tuple(d["cm"].shape) != tuple(self.cm.shape):
-            raise RuntimeError(f"{self.path}: confusion matrix shape {tuple(d['cm'].shape)} != {tuple(self.cm.shape)}")
+            raise RuntimeError(f"{path}: confusion matrix shape {tuple(d['cm'].shape)} != {tuple(self.cm.shape)}")
+        return d
+
+    def load(self) -> bool:
+        """Load a previous state of this run (True if there was one). Raises on a settings mismatch.
+
+        Files of an earlier attempt with another number of processes are read, never written:
+        their images count as done (``foreign_*``), so a run can resume on more or fewer processes.
+        Every image id is recorded in exactly one file, so nothing is counted twice.
+        """
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.foreign_cm = torch.zeros_like(self.cm)
+        self.foreign_done: List[str] = []
+        self.foreign_skipped: List[Dict[str, str]] = []
+        for p in sorted(self.dir.glob("rank*-of-*.pt")):
+            if p.name.endswith(f"-of-{self.world_size}.pt"):
+                continue
+            d = self._read(p)
+            self.foreign_cm += d["cm"]
+            self.foreign_done += list(d["done"])
+            self.foreign_skipped += list(d.get("skipped", []))
+        self._foreign_set = set(self.foreign_done)
+        if not self.path.is_file():
+            return bool(self.foreign_done)
+        d = self._read(self.path)
         self._data = (d["cm"], tuple(d["done"]), tuple(d.get("skipped", [])))
         self._done_set = set(self._data[1])
         return True
 
     def is_done(self, sample_id: str) -> bool:
-        return sample_id in self._done_set
+        return sample_id in self._done_set or sample_id in self._foreign_set
 
     def add(self, sample_id: str, cm: Optional[torch.Tensor] = None, skipped: Optional[str] = None) -> None:
-        if sample_id in self._done_set:
+        if sample_id in self._done_set or sample_id in self._foreign_set:
             raise RuntimeError(f"image {sample_id} would be counted twice")
         cm_old, done, skip = self._data
         new_cm = cm_old + cm if cm is not None else cm_old
