@@ -165,6 +165,8 @@ def compose_config(config_name: str = "config", overrides: Optional[List[str]] =
             f"config folder {CONF_DIR} not found: install the package in editable mode "
             "(pip install -e .) from a checkout, or set PROXYCLIP_CONF_DIR"
         )
+    if config_name in ("eval", "sweep"):
+        import proxyclip.evaluation.config  # noqa: F401  (registers eval_schema / sweep_schema)
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):

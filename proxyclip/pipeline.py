@@ -295,11 +295,14 @@ def decide(scores: torch.Tensor, classes: ClassList, logit_scale: float, prob_th
            ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(Q, H, W) scores -> (K, H, W) class probabilities and (H, W) int64 labels."""
     q_probs = torch.softmax(logit_scale * scores, dim=0)
-    owner = torch.tensor(classes.query_to_class, device=scores.device)
     k = len(classes.class_names)
-    index = owner.view(-1, 1, 1).expand_as(q_probs)
-    probs = torch.zeros((k, *scores.shape[1:]), dtype=q_probs.dtype, device=scores.device)
-    probs = probs.scatter_reduce(0, index, q_probs, reduce="amax", include_self=False)
+    if k == len(classes.queries):  # one name per class: queries are the classes, in order
+        probs = q_probs
+    else:
+        groups: List[List[int]] = [[] for _ in range(k)]
+        for q, owner in enumerate(classes.query_to_class):
+            groups[owner].append(q)
+        probs = torch.stack([q_probs[g[0]] if len(g) == 1 else q_probs[g].amax(dim=0) for g in groups])
     best, labels = probs.max(dim=0)
     if prob_thd > 0:
         labels[best < prob_thd] = 0
