@@ -57,35 +57,30 @@ print(f"image {H}x{W}, chosen pixel (y={y:.0f}, x={x:.0f}); VFMs {VFMS}")
 
 
 # %% [markdown]
-# A helper: for one pipeline and one pixel, the row of the proxy attention (from the
-# `proxy.attention` hook) and of CLIP's own last-block attention (computed from the tokens at
-# the `clip.last_block_input` hook with the block's own weights), plus the window they live in.
+# A helper: for one pipeline, its `Encoded` and one pixel, the row of the proxy attention (read
+# at the `proxy.attention` hook of a decode) and of CLIP's own last-block attention (computed
+# from the tokens at the `clip.last_block_input` hook with the block's own weights), plus the
+# pixels of the window they live in. Encode-time hooks fire only when `run_with_cache` gets an
+# image (not an `Encoded`), so CLIP's tokens are recorded once, by one full run; every other
+# call below is a decode on an `Encoded`.
 
 # %%
-def attention_rows(seg, cache, enc_like, y, x):
+def attention_rows(seg, enc, attention, clip_tokens, y, x):
     """-> (window pixels, [(title, row, grid, patch), ...]) for the pixel (y, x) of the original image."""
-    values = cache["clip.values"]
-    clip_grid = tuple(values.shape[-2:])
-    win, r, c = viz.locate_patch(y, x, enc_like["image_size"], enc_like["resized_size"], enc_like["windows"],
-                                 clip_grid, pad=enc_like["pad"])
-    pixels = viz.window_pixels(image, enc_like["resized_size"], enc_like["windows"][win])
+    clip_grid = tuple(enc.clip_values.shape[-2:])
+    win, r, c = viz.locate_patch(y, x, enc.image_size, enc.resized_size, enc.windows, clip_grid, pad=enc.pad)
+    pixels = viz.window_pixels(enc.image, enc.resized_size, enc.windows[win])
     maps = []
-    if "proxy.attention" in cache:
-        grid = tuple(cache["vfm.features"].shape[-2:])
-        pad = (0, 0, 0, 0) if seg.vfm.resizes_input else enc_like["pad"]
-        _, vr, vc = viz.locate_patch(y, x, enc_like["image_size"], enc_like["resized_size"], enc_like["windows"],
-                                     grid, pad=pad)
-        maps.append((f"proxy: {seg.cfg.vfm.name} {grid[0]}x{grid[1]}", cache["proxy.attention"][win, vr * grid[1] + vc],
-                     grid, (vr, vc)))
+    if attention is not None:
+        grid = tuple(enc.vfm_features.shape[-2:])
+        pad = (0, 0, 0, 0) if seg.vfm.resizes_input else enc.pad  # SAM resizes the unpadded window
+        _, vr, vc = viz.locate_patch(y, x, enc.image_size, enc.resized_size, enc.windows, grid, pad=pad)
+        maps.append((f"proxy: {seg.cfg.vfm.name} {grid[0]}x{grid[1]}", attention[win, vr * grid[1] + vc], grid,
+                     (vr, vc)))
     block = seg.clip_model.visual.transformer.resblocks[-1]
-    clip_attn = viz.clip_last_block_attention(block, cache["clip.last_block_input"][win:win + 1])[0]
+    clip_attn = viz.clip_last_block_attention(block, clip_tokens[win:win + 1])[0]
     maps.append((f"CLIP's own ({seg.cfg.clip.name})", clip_attn[r * clip_grid[1] + c], clip_grid, (r, c)))
     return pixels, maps
-
-
-def geometry(seg, image):
-    enc = seg.encode(image)
-    return enc, dict(image_size=enc.image_size, resized_size=enc.resized_size, windows=enc.windows, pad=enc.pad)
 
 
 # %% [markdown]
@@ -95,38 +90,37 @@ def geometry(seg, image):
 # ProxyCLIP throws away: it is spatially diffuse.
 
 # %%
-maps, pixels = [], None
+maps = []
 for name in VFMS:
     seg = Segmenter.from_config(compose_config(overrides=core_overrides(SMOKE, vfm=name)))
-    enc, geo = geometry(seg, image)
-    _, cache = seg.run_with_cache(image, CLASSES, names=["vfm.features", "clip.values", "clip.last_block_input",
-                                                          "proxy.attention"])
-    pixels, rows = attention_rows(seg, cache, geo, y, x)
+    if name == VFMS[0]:  # one full run records CLIP's last-block tokens (the same CLIP for every VFM)
+        _, full = seg.run_with_cache(image, CLASSES, names=["clip.last_block_input"])
+        clip_tokens = full["clip.last_block_input"]
+    enc = seg.encode(image)
+    _, cache = seg.run_with_cache(enc, CLASSES, names=["proxy.attention"])
+    pixels, rows = attention_rows(seg, enc, cache["proxy.attention"], clip_tokens, y, x)
     maps.extend(rows[:-1])
     clip_map = rows[-1]
-    if name != VFMS[-1]:
-        del seg, cache
-        gc.collect()
+    if name == VFMS[0]:
+        seg_main, enc_main = seg, enc  # the first VFM (the default, DINO ViT-B/8) is explored below
+    del seg, enc, cache
+    gc.collect()
 fig_vfms = viz.plot_attention_grid(pixels, maps + [clip_map], ncols=3)
 fig_vfms
 
 # %% [markdown]
 # ## Gamma and beta
 # Gamma scales the normalized affinity (an inverse temperature: larger = sharper attention);
-# beta shifts it (larger = more entries fall below 0 and are masked out). One encode, one
-# decode per setting.
+# beta shifts it (larger = more entries fall below 0 and are masked out). One decode per
+# setting on the first VFM's `Encoded`.
 
 # %%
-# With an Encoded as input, encode-time hooks (clip.last_block_input) do not fire: take those
-# tokens from the last full run above (same image, same CLIP).
-_, cache_full = seg.run_with_cache(image, CLASSES, names=["clip.last_block_input"])
+seg, enc = seg_main, enc_main
 grid_maps = []
 for gamma in GAMMAS:
     for beta in BETAS:
         _, c = seg.run_with_cache(enc, CLASSES, names=["proxy.attention"], gamma=gamma, beta=beta)
-        c = {**c, "vfm.features": enc.vfm_features, "clip.values": enc.clip_values,
-             "clip.last_block_input": cache_full["clip.last_block_input"]}
-        pixels, rows = attention_rows(seg, c, geo, y, x)
+        pixels, rows = attention_rows(seg, enc, c["proxy.attention"], clip_tokens, y, x)
         title, row, grid, patch = rows[0]
         grid_maps.append((f"gamma={gamma:g} beta={beta:g}", row, grid, patch))
 fig_gamma_beta = viz.plot_attention_grid(pixels, grid_maps, ncols=len(BETAS))
