@@ -144,7 +144,7 @@ class WandbLogger(Logger):
             dir=dir,
             config=dict(config or {}),
             reinit="create_new",
-            settings=wandb.Settings(console="off", x_disable_stats=True, x_disable_machine_info=True),
+            settings=wandb.Settings(console="off"),  # system metrics on; stdout is not captured
         )
         self._finished = False
 
