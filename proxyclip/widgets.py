@@ -37,7 +37,7 @@ __all__ = ["ExplorerController", "Explorer", "available_backbones", "sample_imag
 ASSETS = Path(__file__).resolve().parent / "assets"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DEFAULT_CLASSES = ["person; woman; lady", "flag", "wall", "uniform; jacket", "tie"]
-PROXY_NAMES = ("proxy.affinity", "proxy.affinity_normalized", "proxy.mask", "proxy.attention")
+STAGE_NAMES = ("proxy.affinity", "proxy.affinity_normalized", "proxy.mask")  # recorded only when shown
 
 
 def available_backbones(group: str) -> List[str]:
@@ -130,6 +130,7 @@ class ExplorerController:
         self.prediction: Optional[Prediction] = None
         self.cache: Dict[str, torch.Tensor] = {}
         self.last_decode_seconds = self.last_encode_seconds = float("nan")
+        self.record_stages = False  # also keep S, S' and the mask (3 more N x N tensors a window)
         self._stale_encode = self._stale_decode = True
         if compute:
             self.refresh()
@@ -200,6 +201,14 @@ class ExplorerController:
                 self.params[k] = float(v)
                 self._stale_decode = True
 
+    def set_record_stages(self, on: bool) -> None:
+        """Keep the affinity stages (S, S', mask) of the next decodes; turning it on decodes once more
+        if they are missing. Off by default: for SAM (64x64 tokens) each is 67 MB a window."""
+        self.record_stages = bool(on)
+        if on and self.encoded is not None and self.encoded.vfm_features is not None \
+                and "proxy.affinity" not in self.cache:
+            self._stale_decode = True
+
     def set_point(self, y: float, x: float) -> None:
         """The chosen pixel (original image coordinates) whose attention is shown. No computation."""
         h, w = self.image.shape[1:]
@@ -248,7 +257,7 @@ class ExplorerController:
 
     def _decode(self) -> None:
         seg = self.segmenter
-        names = PROXY_NAMES if seg.vfm is not None else ()
+        names = () if seg.vfm is None else ("proxy.attention",) + (STAGE_NAMES if self.record_stages else ())
         t0 = time.perf_counter()
         pred, cache = seg.run_with_cache(self.encoded, self.classes, names=names, **self.params)
         self.last_decode_seconds = time.perf_counter() - t0
@@ -279,9 +288,10 @@ class ExplorerController:
             k = row * grid[1] + col
             view.proxy_grid, view.proxy_patch = grid, (row, col)
             view.proxy_row = self.cache["proxy.attention"][win, k]
-            view.affinity_row = self.cache["proxy.affinity"][win, k]
-            view.normalized_row = self.cache["proxy.affinity_normalized"][win, k]
-            view.mask_row = self.cache["proxy.mask"][win, k]
+            if "proxy.affinity" in self.cache:
+                view.affinity_row = self.cache["proxy.affinity"][win, k]
+                view.normalized_row = self.cache["proxy.affinity_normalized"][win, k]
+                view.mask_row = self.cache["proxy.mask"][win, k]
         return view
 
     def segmentation_figure(self):
@@ -301,7 +311,7 @@ class ExplorerController:
         from .viz import plot_affinity_stages, plot_attention_grid
 
         v = self.attention_view()
-        if show_affinity and v.proxy_row is not None:
+        if show_affinity and v.affinity_row is not None:
             return plot_affinity_stages(v.window_image, v.affinity_row, v.normalized_row, v.mask_row, v.proxy_grid,
                                         v.proxy_patch, attention_row=v.proxy_row, panel_size=2.6)
         maps = []
@@ -400,8 +410,9 @@ class Explorer:
 
         for w in (self.gamma, self.beta, self.temperature, self.prob_thd):
             w.observe(self._on_params, names="value")
-        for w in (self.patch_x, self.patch_y, self.show_affinity):
+        for w in (self.patch_x, self.patch_y):
             w.observe(self._on_patch, names="value")
+        self.show_affinity.observe(self._on_view, names="value")
         self.classes.observe(self._on_classes, names="value")
         self.clip.observe(self._on_backbone, names="value")
         self.vfm.observe(self._on_backbone, names="value")
@@ -490,8 +501,16 @@ class Explorer:
             return
         t0 = time.perf_counter()
         self.controller.set_point(self.patch_y.value, self.patch_x.value)
-        self._render(segmentation=change is None or change.owner is not self.show_affinity)
+        self._render()
         self.last_update_seconds = time.perf_counter() - t0
+
+    def _on_view(self, change=None) -> None:
+        """The affinity-stages checkbox: record the stages (one decode if missing), redraw the attention panel."""
+        if self._busy:
+            return
+        self.controller.set_record_stages(self.show_affinity.value)
+        self.controller.refresh()
+        self._render(segmentation=False)
 
     def _on_click(self, event: Dict[str, Any]) -> None:
         """A click on the segmentation figure (ipyevents): choose that pixel (either panel)."""

@@ -120,11 +120,22 @@ def test_patch_sliders_show_the_chosen_tokens_attention_without_computing(explor
     # CLIP's own attention of the same point: a distribution over CLIP's grid
     assert v.clip_row.shape == (v.clip_grid[0] * v.clip_grid[1],)
     assert float(v.clip_row.sum()) == pytest.approx(1.0, abs=1e-5)
-    # affinity stages view: S, S', mask, attention of that token
+    assert v.affinity_row is None and "proxy.affinity" not in c.cache  # stages are kept only when shown
+    # affinity stages view: S, S', mask, attention of that token (one decode records them)
     explorer.show_affinity.value = True
-    assert (c.n_encodes, c.n_decodes) == (1, 1)
+    assert (c.n_encodes, c.n_decodes) == (1, 2)
+    v = c.attention_view()
+    f = c.encoded.vfm_features[1].double().flatten(1).T.numpy()
+    f = f / np.linalg.norm(f, axis=1, keepdims=True)
+    s = f @ f.T
+    s_norm = (s - c.params["beta"] * s.mean()) * c.params["gamma"]
+    np.testing.assert_allclose(v.affinity_row.numpy(), s[3], atol=1e-5)
+    np.testing.assert_allclose(v.normalized_row.numpy(), s_norm[3], atol=1e-4)
+    np.testing.assert_array_equal(v.mask_row.numpy(), s_norm[3] >= 0)
     titles = [ax.get_title() for ax in c.attention_figure(show_affinity=True).axes if ax.images]
     assert titles[0] == "cosine affinity S" and titles[-1] == "attention softmax(S')"
+    explorer.gamma.value = 4.0  # while shown, every decode keeps them
+    assert "proxy.affinity" in c.cache and c.n_decodes == 3
 
 
 def test_backbone_change_reencodes_with_progress_and_caches(explorer, factory):
@@ -208,9 +219,9 @@ def test_only_what_changed_is_redrawn(explorer):
     explorer.beta.value = 0.5  # the attention changes with beta
     assert explorer.attn_image.value != attn_png
     seg_png, attn_png = explorer.seg_image.value, explorer.attn_image.value
-    explorer.show_affinity.value = True  # a view switch: attention panel only, no decode
+    explorer.show_affinity.value = True  # a view switch: the attention panel only (one decode records the stages)
     assert explorer.attn_image.value != attn_png and explorer.seg_image.value == seg_png
-    assert explorer.controller.n_decodes == 3
+    assert explorer.controller.n_decodes == 4
 
 
 def test_a_given_segmenter_is_reused(tiny_segmenter, rand_image):
