@@ -22,7 +22,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["Logger", "NoOpLogger", "WandbLogger", "build_logger", "hydra_run_identity", "image_to_uint8"]
+__all__ = ["Logger", "NoOpLogger", "WandbLogger", "build_logger", "hydra_output_dir", "hydra_run_identity",
+           "image_to_uint8"]
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -243,6 +244,18 @@ def hydra_run_identity() -> tuple[Optional[str], Optional[str]]:
         return None, None
 
 
+def hydra_output_dir() -> Optional[str]:
+    """The current Hydra job's output folder (where its files go), or None outside a Hydra app."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return str(HydraConfig.get().runtime.output_dir)
+    except Exception:
+        pass
+    return None
+
+
 def _swept_overrides(hc: Any) -> Optional[str]:
     """The job's overrides of the keys the sweep varies (read from the sweep's multirun.yaml,
     which Hydra writes before the first job), e.g. ``method.beta=1.0``; None if unknown."""
@@ -273,8 +286,10 @@ def build_logger(
     as the run's config. ``name``/``group`` override ``logger_cfg``'s (``group`` = the
     sweep's name, so a sweep's runs are grouped); ``job_type`` e.g. "eval" or "sweep".
     ``logger_cfg.name == "none"`` or ``mode == "disabled"`` gives a :class:`NoOpLogger`.
-    Inside a Hydra multirun, missing ``name``/``group`` default to the job's overrides and
-    the sweep folder's name, so every job is its own run and the sweep is one group.
+    Inside a Hydra multirun, missing ``name``/``group`` default to the job's swept values and
+    the sweep folder's name, so every job is its own run and the sweep is one group. Inside
+    any Hydra app, a missing ``logger.dir`` is the job's output folder (the run sits next to
+    the job's other files: ``wandb sync multirun/<sweep>/*/wandb/offline-run-*``).
     """
     kind = _get(logger_cfg, "name", "none")
     mode = _get(logger_cfg, "mode", "disabled")
@@ -296,5 +311,5 @@ def build_logger(
         group=group,
         job_type=job_type,
         tags=list(_get(logger_cfg, "tags", []) or []),
-        dir=_get(logger_cfg, "dir"),
+        dir=_get(logger_cfg, "dir") or hydra_output_dir(),
     )

@@ -50,11 +50,11 @@ def test_hydra_multirun_of_eval_logs_one_wandb_run_per_point_grouped(tmp_path):
                MPLBACKEND="Agg", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "proxyclip.cli.evaluate", "-m", *TINY, "dataset=custom", f"dataset.root={data}",
            "progress=false", "log_images=1", "logger=wandb", "logger.mode=offline",
-           f"logger.dir={tmp_path / 'wandb'}", "method.beta=0.8,1.6", f"hydra.sweep.dir={sweep_dir}"]
+           "method.beta=0.8,1.6", f"hydra.sweep.dir={sweep_dir}"]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    runs = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2
+    runs = sorted(sweep_dir.glob("*/wandb/offline-run-*"))  # each run in its job's folder (logger.dir unset)
+    assert len(runs) == 2 and not (tmp_path / "wandb").exists()
     betas = {}
     for run in runs:
         summary = json.loads(leet("--summary", "--json", str(run)))
@@ -66,9 +66,8 @@ def test_hydra_multirun_of_eval_logs_one_wandb_run_per_point_grouped(tmp_path):
         assert summary["name"] == f"method.beta={beta}"  # the job's override
         betas[beta] = summary
         # the run's metrics equal what the job wrote to its own metrics.json
-        job = next(d for d in sweep_dir.iterdir() if d.is_dir() and (d / "metrics.json").exists()
-                   and json.loads((d / "metrics.json").read_text())["params"]["beta"] == beta)
-        metrics = json.loads((job / "metrics.json").read_text())
+        metrics = json.loads((run.parents[1] / "metrics.json").read_text())  # that job's own results
+        assert metrics["params"]["beta"] == beta
         assert summary["summary"]["mIoU"] == metrics["mIoU"]
         s = summary["summary"]
         assert s["per_class"]["_type"] == "table-file" and s["per_class"]["nrows"] == 2
