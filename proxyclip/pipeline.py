@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import open_clip
@@ -274,21 +274,46 @@ class Segmenter:
         return self.decode(self.encode(image), classes, **params)
 
     # ------------------------------------------------------------------ hooks
+    def _encoded(self, image: ImageLike | Encoded) -> Encoded:
+        """Encode an image; or replay a stored Encoded's tensors through the encode-time hook points.
+
+        Replaying lets hooks read and replace ``vfm.features`` and ``clip.values`` of a cached
+        encode (``clip.last_block_input`` is not stored, so it fires only when encoding).
+        """
+        if not isinstance(image, Encoded):
+            return self.encode(image)
+        enc, bs = image, int(self.cfg.batch_size)
+        feats, values, feats_changed, values_changed = [], [], False, False
+        for start in range(0, len(enc.windows), bs):
+            if enc.vfm_features is not None:
+                f = enc.vfm_features[start:start + bs]
+                feats.append(self.hooks.point("vfm.features", f, start))
+                feats_changed |= feats[-1] is not f
+            v = enc.clip_values[start:start + bs]
+            values.append(self.hooks.point("clip.values", v, start))
+            values_changed |= values[-1] is not v
+        if not (feats_changed or values_changed):
+            return enc
+        return replace(enc, vfm_features=torch.cat(feats) if feats_changed else enc.vfm_features,
+                       clip_values=torch.cat(values) if values_changed else enc.clip_values,
+                       memo={} if feats_changed else enc.memo)
+
     def run_with_cache(self, image: ImageLike | Encoded, classes: Sequence[str], names: Optional[Iterable[str]] = None,
                        **params: Optional[float]) -> Tuple[Prediction, Dict[str, torch.Tensor]]:
         """Predict and record hook tensors (all names, or ``names``). Pass an Encoded to skip encode."""
         raw: Dict[str, List[torch.Tensor]] = {}
         with self.hooks.active(cache=raw, cache_names=names):
-            enc = image if isinstance(image, Encoded) else self.encode(image)
-            pred = self.decode(enc, classes, **params)
+            pred = self.decode(self._encoded(image), classes, **params)
         return pred, finish_cache(raw)
 
     def run_with_hooks(self, image: ImageLike | Encoded, classes: Sequence[str], hooks: Dict[str, HookFn],
                        **params: Optional[float]) -> Prediction:
-        """Predict with ``hooks`` ({name: fn(tensor, hook) -> replacement or None}) active."""
+        """Predict with ``hooks`` ({name: fn(tensor, hook) -> replacement or None}) active.
+
+        With an Encoded, hooks on ``vfm.features`` and ``clip.values`` apply to its stored tensors.
+        """
         with self.hooks.active(hooks=hooks):
-            enc = image if isinstance(image, Encoded) else self.encode(image)
-            return self.decode(enc, classes, **params)
+            return self.decode(self._encoded(image), classes, **params)
 
 
 def decide(scores: torch.Tensor, classes: ClassList, logit_scale: float, prob_thd: float
@@ -316,7 +341,7 @@ def _create_vfm(cfg: DictConfig, source: str):
     if not v.timm_name:
         raise ValueError(f"vfm={v.name}: vfm.timm_name is not set (family {v.family!r} needs a timm model)")
     kwargs = OmegaConf.to_container(v.timm_kwargs) if "timm_kwargs" in v else {}
-    return create_vfm_model(v.timm_name, source, seed=cfg.weights.seed + 1, checkpoint=v.checkpoint,
+    return create_vfm_model(v.timm_name, source, seed=cfg.weights.seed, checkpoint=v.checkpoint,
                             timm_kwargs=kwargs, is_sam=(v.family == "sam"))
 
 

@@ -54,3 +54,20 @@ def test_segment_bad_input_is_one_clear_line(tmp_path):
     assert "Traceback" not in r.stderr
     r = run_cli(tmp_path, "classes=[]", f"hydra.run.dir={tmp_path / 'y'}")
     assert r.returncode == 2 and "class list is empty" in r.stderr
+
+
+def test_segment_logs_to_offline_wandb(tmp_path):
+    import json as _json
+
+    from test_loggers import read_run
+
+    out = tmp_path / "run"
+    r = run_cli(tmp_path, "classes=[sky,grass]", "logger=wandb", "logger.mode=offline", f"hydra.run.dir={out}")
+    assert r.returncode == 0, r.stderr
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    summary, records = read_run(str(run_dir))
+    text = _json.dumps(records)
+    assert summary.get("random_weights") is True or '"random_weights"' in _json.dumps(summary)
+    for key in ("segmentation", "overlay", "shares"):
+        assert f'"{key}' in text, key
+    assert "sky" in text and "grass" in text  # the shares table's rows and the mask labels

@@ -262,3 +262,31 @@ def test_position_embeddings_resized_bicubic(tiny_segmenter):
     torch.testing.assert_close(small[1:], expected.permute(0, 2, 3, 1).reshape(24, -1))
     torch.testing.assert_close(small[0], pos[0])
     assert math.isclose(float(small.shape[0]), 25.0)
+
+
+def test_encode_time_hooks_replay_on_a_stored_encoded(tiny_segmenter, rand_image):
+    seg = tiny_segmenter
+    enc = seg.encode(rand_image)
+    fresh, fresh_cache = seg.run_with_cache(rand_image, CLASSES, names=["vfm.features", "clip.values"])
+    again, cache = seg.run_with_cache(enc, CLASSES, names=["vfm.features", "clip.values"])
+    torch.testing.assert_close(cache["vfm.features"], fresh_cache["vfm.features"])
+    torch.testing.assert_close(cache["clip.values"], fresh_cache["clip.values"])
+    # replacing the stored VFM features through the hook = decoding an Encoded built with them
+    swapped = torch.roll(enc.vfm_features, 1, dims=-1)
+    via_hook = seg.run_with_hooks(enc, CLASSES, hooks={
+        "vfm.features": lambda f, hook: swapped[hook.window_start:hook.window_start + f.shape[0]]})
+    direct = seg.decode(Encoded.from_dict({**enc.to_dict(), "vfm_features": swapped}), CLASSES)
+    torch.testing.assert_close(via_hook.scores, direct.scores)
+    assert not torch.allclose(via_hook.scores, again.scores)
+    torch.testing.assert_close(seg.decode(enc, CLASSES).scores, again.scores)  # the stored Encoded is untouched
+
+
+def test_same_architecture_under_other_names_gets_other_random_weights():
+    from proxyclip.backbones.vfm import create_vfm_model
+
+    kw = dict(embed_dim=64, depth=1, num_heads=2)
+    a = create_vfm_model("vit_base_patch16_224.dino", "random", timm_kwargs=kw)
+    b = create_vfm_model("vit_base_patch16_224.mae", "random", timm_kwargs=kw)
+    a2 = create_vfm_model("vit_base_patch16_224.dino", "random", timm_kwargs=kw)
+    assert torch.equal(a.patch_embed.proj.weight, a2.patch_embed.proj.weight)
+    assert not torch.equal(a.patch_embed.proj.weight, b.patch_embed.proj.weight)

@@ -37,7 +37,8 @@ def create_clip_model(name: str, pretrained: str, quick_gelu: bool, source: str,
 def _create(name: str, pretrained: str, quick_gelu: bool, source: str, seed: int, checkpoint: str | None) -> nn.Module:
     kwargs = dict(force_quick_gelu=quick_gelu)
     if source == "random":
-        model = seeded(seed, lambda: open_clip.create_model(name, pretrained=None, load_weights=False, **kwargs))
+        model = seeded(seed, f"clip:{name}",
+                       lambda: open_clip.create_model(name, pretrained=None, load_weights=False, **kwargs))
     elif source == "local":
         path = check_checkpoint_file(checkpoint, "clip.checkpoint")
         try:

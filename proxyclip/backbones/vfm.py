@@ -36,7 +36,7 @@ def create_vfm_model(timm_name: str, source: str, seed: int = 0, checkpoint: Opt
         return timm.create_model(timm_name, pretrained=pretrained, **kwargs, **extra)
 
     if source == "random":
-        model = seeded(seed, lambda: build(False))
+        model = seeded(seed, f"vfm:{timm_name}:{sorted(kwargs.items())}", lambda: build(False))
     elif source == "local":
         path = check_checkpoint_file(checkpoint, "vfm.checkpoint")
         try:

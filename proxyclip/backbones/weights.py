@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import socket
+import zlib
 from pathlib import Path
 from typing import Callable, Iterator, Optional, TypeVar
 
@@ -98,8 +99,12 @@ def quiet_library_logs() -> Iterator[None]:
         root.setLevel(old)
 
 
-def seeded(seed: int, build: Callable[[], T]) -> T:
-    """Build with the global RNG seeded, restoring the caller's RNG state afterwards."""
+def seeded(seed: int, name: str, build: Callable[[], T]) -> T:
+    """Build with the global RNG seeded from ``(seed, name)``, restoring the caller's RNG state afterwards.
+
+    The model's name is mixed into the seed, so two models of the same architecture under
+    different names (``dino_vitb16``, ``mae_vitb16``) do not get identical random weights.
+    """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(zlib.crc32(f"{int(seed)}:{name}".encode()))  # the CPU generator keeps 32 bits
         return build()

@@ -4,7 +4,8 @@
 
 Writes into the Hydra run directory: ``labels.png`` (palette PNG, index = class),
 ``overlay.png`` (image + label map + legend), ``shares.json`` (per-class pixel shares)
-and ``config.yaml`` (the resolved config). Hydra multirun (``-m``) works.
+and ``config.yaml`` (the resolved config); with ``logger=wandb`` also a W&B run (segmentation
+mask, overlay, shares table, config). Hydra multirun (``-m``) works.
 """
 
 from __future__ import annotations
@@ -57,10 +58,19 @@ def write_outputs(pred, out_dir: Path, cfg: DictConfig, image_path: str) -> dict
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     from ..pipeline import Segmenter
 
+    from ..config import to_container
+    from ..loggers import build_logger
+    from ..viz import plot_overlay
+
     image = cfg.image or str(SAMPLE_IMAGE)
     seg = Segmenter.from_config(cfg)
     pred = seg.predict(image, list(cfg.classes))
     record = write_outputs(pred, out_dir, cfg, image)
+    with build_logger(cfg.logger, to_container(cfg), job_type="segment") as logger:
+        logger.log_segmentation("segmentation", pred.image, pred.labels, class_names=pred.class_names)
+        logger.log_figure("overlay", plot_overlay(pred.image, pred.labels, pred.class_names))
+        logger.log_table("shares", ["class", "share"], list(record["shares"].items()))
+        logger.log_summary({"random_weights": pred.random_weights})
     tag = " (RANDOM weights)" if pred.random_weights else ""
     top = sorted(record["shares"].items(), key=lambda kv: -kv[1])[:5]
     print(f"[proxyclip] {image}{tag} -> {out_dir}: " + ", ".join(f"{n} {s:.1%}" for n, s in top))
