@@ -8,7 +8,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 TEST_ENV := HF_HUB_OFFLINE=1 HF_HOME=$(CURDIR)/.cache/hf WANDB_MODE=offline WANDB_SILENT=true \
 	WANDB_DISABLE_GIT=true WANDB_ERROR_REPORTING=false MPLBACKEND=Agg TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test bench browser-deps clean
+.PHONY: setup demo test bench bench-all browser-deps clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: setup
 
 bench: setup
 	$(TEST_ENV) $(PY) bench/bench_core.py
+
+bench-all: bench
+	$(TEST_ENV) $(PY) bench/bench_sweep_dataset.py
+	$(TEST_ENV) $(PY) bench/bench_widgets.py
 
 # Debian's Chromium for the browser test (tests/ marked `browser`); needs root.
 browser-deps:

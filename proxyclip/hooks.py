@@ -20,7 +20,9 @@ of a cache are concatenated over all windows of an image, in window order):
     scores.window             (B, Q, h, w)    cosine scores of each window at its own size
     scores.image              (Q, H, W)       windows merged, at the original image size
 
-With vfm=none the ``proxy.*`` points do not fire and (Hv, Wv) = (gh, gw).
+With vfm=none the ``proxy.*`` points do not fire and (Hv, Wv) = (gh, gw). When a stored
+``Encoded`` is decoded with hooks, ``vfm.features`` and ``clip.values`` are replayed from it;
+``clip.last_block_input`` fires only when an image is encoded.
 """
 
 from __future__ import annotations
