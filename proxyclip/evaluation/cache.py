@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
+
+from .state import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -97,16 +97,7 @@ class FeatureCache:
         p.parent.mkdir(parents=True, exist_ok=True)
         d = enc.to_dict()
         d["image"] = torch.round(d["image"].float() * 255.0).clamp_(0, 255).to(torch.uint8)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-", suffix=".pt")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(d, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_torch_save(d, p)
         size = p.stat().st_size
         self.writes += 1
         self.bytes_written += size
@@ -124,8 +115,8 @@ class FeatureCache:
         if need > 0.95 * free:
             self.writing = False
             self.print(
-                f"feature cache: the estimate does not fit on the disk; not caching further images "
-                f"(free space or point cache_dir elsewhere)"
+                "feature cache: the estimate does not fit on the disk; not caching further images "
+                "(free space or point cache_dir elsewhere)"
             )
 
     def get_or_encode(self, image_path: PathLike, encode: Callable[[], object], remaining: int = 0):
