@@ -106,6 +106,3 @@ class TextEncoder:
             for name, emb in zip(missing, F.normalize(per_prompt.mean(dim=1), dim=-1)):
                 self._cache[name] = emb
         return torch.stack([self._cache[n] for n in names])
-
-    def clear_cache(self) -> None:
-        self._cache.clear()

@@ -66,7 +66,8 @@ class ClipBackbone(nn.Module):
     """Dense CLIP features: everything but the last block's attention mixing.
 
     ``tokens_before_last_block`` -> (B, 1+gh*gw, D); ``last_block_values`` -> (B, D, gh, gw);
-    ``project`` maps aggregated values (B, N, D) through out_proj -> ln_post -> proj to (B, N, E).
+    ``out_proj_map`` applies the last block's out_proj to a value map, and ``head`` maps
+    aggregated (B, N, D) through ln_post -> proj to (B, N, E).
     """
 
     def __init__(self, model: nn.Module, tokenizer):
@@ -131,11 +132,6 @@ class ClipBackbone(nn.Module):
         b_v = block.attn.in_proj_bias[2 * d:] if block.attn.in_proj_bias is not None else None
         v = F.linear(block.ln_1(tokens[:, 1:]), w_v, b_v)
         return v.transpose(1, 2).reshape(v.shape[0], d, grid[0], grid[1])
-
-    def project(self, aggregated: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) -> (B, N, E): the last block's out_proj, then ln_post, then proj."""
-        block = self.visual.transformer.resblocks[-1]
-        return self.head(block.attn.out_proj(aggregated.to(self.dtype)))
 
     def out_proj_map(self, values: torch.Tensor) -> torch.Tensor:
         """The last block's out_proj applied to a (B, D, gh, gw) value map."""

@@ -7,7 +7,7 @@ Every VFM returns patch features as a map (B, C, Hv, Wv):
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional
 
 import timm
 import torch
@@ -78,11 +78,6 @@ class VfmBackbone(nn.Module):
     def resizes_input(self) -> bool:
         """True when the VFM sees a fixed-size resized copy (SAM), so windows need no VFM padding."""
         return self.input_size is not None
-
-    def grid_of(self, height: int, width: int) -> Tuple[int, int]:
-        if self.input_size is not None:
-            height = width = self.input_size
-        return height // self.patch_size, width // self.patch_size
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet-normalized images (B, 3, h, w) -> features (B, C, Hv, Wv)."""
