@@ -144,7 +144,7 @@ def _log_results(logger: Any, job_type: str, result: GridResult, written: Dict[s
     logger.log_summary({"best_mIoU": written["best"]["mIoU"], **{f"best_{k}": written["best"][k] for k in PARAMS}})
     fig = sweep_heatmap(result)
     if fig is not None:
-        logger.log_figure("mIoU_beta_gamma", fig, close=True)
+        logger.log_figure("mIoU_beta_gamma", fig)
 
 
 def sweep_heatmap(result: GridResult):
@@ -153,28 +153,15 @@ def sweep_heatmap(result: GridResult):
     gammas = sorted({p["gamma"] for p in result.points})
     if len(betas) < 2 or len(gammas) < 2:
         return None
-    import matplotlib
-
-    matplotlib.use(os.environ.get("MPLBACKEND", "Agg"), force=False)
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from ..viz import plot_sweep_heatmap
 
     grid = np.full((len(betas), len(gammas)), np.nan)
     for p, m in zip(result.points, result.metrics):
         i, j = betas.index(p["beta"]), gammas.index(p["gamma"])
         grid[i, j] = m["mIoU"] if np.isnan(grid[i, j]) else max(grid[i, j], m["mIoU"])
-    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(gammas), 1.0 + 0.6 * len(betas)))
-    im = ax.imshow(grid, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(gammas)), [f"{g:g}" for g in gammas])
-    ax.set_yticks(range(len(betas)), [f"{b:g}" for b in betas])
-    ax.set_xlabel("gamma")
-    ax.set_ylabel("beta")
-    for i in range(len(betas)):
-        for j in range(len(gammas)):
-            ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", color="w", fontsize=8)
-    fig.colorbar(im, ax=ax, label="mIoU")
-    fig.tight_layout()
-    return fig
+    return plot_sweep_heatmap(grid, betas, gammas, row_name="beta", col_name="gamma", metric="mIoU")
 
 
 def evaluate(cfg: DictConfig, run_dir: Optional[os.PathLike] = None, seg=None,
