@@ -17,6 +17,7 @@ Config groups (one folder each in ``conf/``):
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -171,6 +172,15 @@ def compose_config(config_name: str = "config", overrides: Optional[List[str]] =
         GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         return compose(config_name, overrides=list(overrides or []))
+
+
+def config_get(cfg: Any, key: str, default: Any = None) -> Any:
+    """Read ``key`` from a DictConfig, a dict, a dataclass or None (then ``default``)."""
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping):  # dict, DictConfig
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -22,17 +22,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from .config import config_get
+
 __all__ = ["Logger", "NoOpLogger", "WandbLogger", "build_logger", "hydra_output_dir", "hydra_run_identity",
            "image_to_uint8"]
-
-
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    """Read ``key`` from a DictConfig, dataclass or dict."""
-    if cfg is None:
-        return default
-    if isinstance(cfg, Mapping):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
 
 
 def image_to_uint8(image: Any) -> np.ndarray:
@@ -291,8 +284,8 @@ def build_logger(
     any Hydra app, a missing ``logger.dir`` is the job's output folder (the run sits next to
     the job's other files: ``wandb sync multirun/<sweep>/*/wandb/offline-run-*``).
     """
-    kind = _get(logger_cfg, "name", "none")
-    mode = _get(logger_cfg, "mode", "disabled")
+    kind = config_get(logger_cfg, "name", "none")
+    mode = config_get(logger_cfg, "mode", "disabled")
     if kind in (None, "none") or mode == "disabled":
         return NoOpLogger()
     if kind != "wandb":
@@ -301,15 +294,15 @@ def build_logger(
     if name is None:
         name = hydra_name
     if group is None:
-        group = _get(logger_cfg, "group") or hydra_group
+        group = config_get(logger_cfg, "group") or hydra_group
     return WandbLogger(
         config,
-        project=_get(logger_cfg, "project", "proxyclip") or "proxyclip",
-        entity=_get(logger_cfg, "entity"),
+        project=config_get(logger_cfg, "project", "proxyclip") or "proxyclip",
+        entity=config_get(logger_cfg, "entity"),
         mode=mode,
         name=name,
         group=group,
         job_type=job_type,
-        tags=list(_get(logger_cfg, "tags", []) or []),
-        dir=_get(logger_cfg, "dir") or hydra_output_dir(),
+        tags=list(config_get(logger_cfg, "tags", []) or []),
+        dir=config_get(logger_cfg, "dir") or hydra_output_dir(),
     )

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..config import config_get
+
 __all__ = [
     "BadLabelError",
     "DatasetNotFoundError",
@@ -89,17 +91,6 @@ def read_class_lines(name: str, background: Optional[Sequence[str]] = None) -> L
     if background:
         lines[0] = "; ".join(str(w).strip() for w in background)
     return lines
-
-
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    if cfg is None:
-        return default
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
-    try:
-        return cfg.get(key, default)  # DictConfig
-    except AttributeError:
-        return getattr(cfg, key, default)
 
 
 class SegmentationDataset:
@@ -210,7 +201,7 @@ class SegmentationDataset:
 
 
 def _prepare_hint(cfg: Any) -> str:
-    hint = (_get(cfg, "prepare") or "").strip()
+    hint = (config_get(cfg, "prepare") or "").strip()
     return f"\nHow to prepare it:\n  {hint}" if hint else ""
 
 
@@ -262,16 +253,16 @@ def build_dataset(cfg: Any) -> SegmentationDataset:
     Raises DatasetNotFoundError naming the expected path, and how to prepare the data, when the
     root, a folder, the split file, or any listed image/label file is missing.
     """
-    name = _get(cfg, "name")
-    root_s = _get(cfg, "root")
+    name = config_get(cfg, "name")
+    root_s = config_get(cfg, "root")
     if root_s in (None, ""):
         raise DatasetNotFoundError(
             f"dataset '{name}': no root given; pass dataset.root=PATH (or data_root=DIR holding the usual "
             f"mmsegmentation folders)." + _prepare_hint(cfg)
         )
     root = Path(os.path.expanduser(str(root_s)))
-    img_dir_rel = str(_get(cfg, "img_dir"))
-    ann_dir_rel = str(_get(cfg, "ann_dir"))
+    img_dir_rel = str(config_get(cfg, "img_dir"))
+    ann_dir_rel = str(config_get(cfg, "ann_dir"))
     if not root.is_dir():
         raise DatasetNotFoundError(
             f"dataset '{name}': root folder {root} does not exist (dataset.root). It should contain "
@@ -286,10 +277,10 @@ def build_dataset(cfg: Any) -> SegmentationDataset:
                 f"dataset '{name}': {what} folder {d} not found (dataset.root={root}, expected '{rel}' inside it)."
                 + _suggest_root(root, rel) + _prepare_hint(cfg)
             )
-    img_suffix = str(_get(cfg, "img_suffix", ".jpg"))
-    seg_suffix = str(_get(cfg, "seg_suffix", ".png"))
-    recursive = bool(_get(cfg, "recursive", False))
-    split_file = _get(cfg, "split_file")
+    img_suffix = str(config_get(cfg, "img_suffix", ".jpg"))
+    seg_suffix = str(config_get(cfg, "seg_suffix", ".png"))
+    recursive = bool(config_get(cfg, "recursive", False))
+    split_file = config_get(cfg, "split_file")
     if split_file:
         sf = root / str(split_file)
         if not sf.is_file():
@@ -300,7 +291,7 @@ def build_dataset(cfg: Any) -> SegmentationDataset:
             )
         ids = [ln.strip() for ln in sf.read_text().splitlines() if ln.strip()]
     else:
-        list_from = str(_get(cfg, "list_from", "images"))
+        list_from = str(config_get(cfg, "list_from", "images"))
         if list_from == "images":
             ids = _list_ids(img_dir, img_suffix, recursive)
         elif list_from == "labels":
@@ -319,11 +310,11 @@ def build_dataset(cfg: Any) -> SegmentationDataset:
         raise DatasetNotFoundError(
             f"dataset '{name}': {len(missing)} listed files are missing, e.g.\n  {shown}" + _prepare_hint(cfg)
         )
-    class_lines = read_class_lines(str(_get(cfg, "classnames")), _get(cfg, "background"))
-    k = _get(cfg, "num_classes")
+    class_lines = read_class_lines(str(config_get(cfg, "classnames")), config_get(cfg, "background"))
+    k = config_get(cfg, "num_classes")
     if k is not None and int(k) != len(class_lines):
         raise ValueError(
-            f"dataset '{name}': class-name file {classnames_path(str(_get(cfg, 'classnames')))} has "
+            f"dataset '{name}': class-name file {classnames_path(str(config_get(cfg, 'classnames')))} has "
             f"{len(class_lines)} lines but dataset.num_classes={k}"
         )
     return SegmentationDataset(
@@ -331,7 +322,7 @@ def build_dataset(cfg: Any) -> SegmentationDataset:
         samples,
         class_lines,
         root=root,
-        reduce_zero_label=bool(_get(cfg, "reduce_zero_label", False)),
-        ignore_index=int(_get(cfg, "ignore_index", 255)),
-        bad_labels=str(_get(cfg, "bad_labels", "error")),
+        reduce_zero_label=bool(config_get(cfg, "reduce_zero_label", False)),
+        ignore_index=int(config_get(cfg, "ignore_index", 255)),
+        bad_labels=str(config_get(cfg, "bad_labels", "error")),
     )
