@@ -9,13 +9,15 @@ Config groups (one folder each in ``conf/``):
     clip/     which open_clip model and tag          (vit_b16, vit_l14, vit_h14)
     vfm/      which vision foundation model (timm)   (dino_vitb8, dinov2_vitb14_reg, sam_vitb, mae_vitb16, none, ...)
     weights/  where weights come from                (pretrained, local, random)
-    method/   proxy-attention hyperparameters        (proxyclip)
+    method/   the last-block method and its knobs    (proxyclip, clip, maskclip, sclip, clearclip, naclip)
+    postprocess/  score-map refinement               (none, pamr, pamr_naclip, pamr_talk2dino)
     dataset/  evaluation protocol and data root      (voc21, ..., custom)
     logger/   experiment logging                     (none, wandb)
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -61,17 +63,48 @@ class WeightsConfig:
 
 @dataclass
 class MethodConfig:
-    """Proxy attention and inference hyperparameters (values in conf/method/*.yaml)."""
+    """The last-block method and inference settings every method shares (values in conf/method/*.yaml).
 
-    name: str = MISSING  # proxyclip (the no-VFM MaskCLIP baseline is vfm=none)
-    beta: float = MISSING  # affinity shift: S' = (S - beta * mean(S)) * gamma
-    gamma: float = MISSING  # affinity scale (inverse softmax temperature)
+    Each method's YAML names its schema (below) and its own published switches; the geometry and
+    the class decision are the dataset's protocol (``conf/method/_protocol.yaml``, then
+    ``conf/dataset/*.yaml``). The methods themselves: ``proxyclip/methods/`` and docs/methods.md.
+    """
+
+    name: str = MISSING  # clip | maskclip | sclip | clearclip | naclip | proxyclip (proxyclip.methods.METHODS)
+    residual: bool = MISSING  # last block: Y = X + attention output (else Y = attention output)
+    ffn: bool = MISSING  # last block: Z = Y + mlp(ln_2(Y)) (else Z = Y)
     logit_scale: float = MISSING  # class decision: softmax(logit_scale * scores)
     prob_thd: float = MISSING  # best probability below this -> background (class 0); 0 disables
     short_side: int = MISSING  # resize so the short side is this long
     max_long_side: int = MISSING  # ... but the long side is at most this long
     crop: int = MISSING  # sliding-window size
     stride: int = MISSING  # sliding-window stride
+
+
+@dataclass
+class ProxyClipMethodConfig(MethodConfig):
+    """ProxyCLIP: attention from the VFM's patch affinities (proxyclip/proxy.py)."""
+
+    beta: float = MISSING  # affinity shift: S' = (S - beta * mean(S)) * gamma
+    gamma: float = MISSING  # affinity scale (inverse softmax temperature)
+    shift: bool = True  # subtract beta * mean(S) (the adaptive normalization); false: S' = gamma * S
+    mask: bool = True  # exclude entries with S' < 0; false: softmax over every entry
+
+
+@dataclass
+class NaclipMethodConfig(MethodConfig):
+    """NACLIP: key-key attention plus a Gaussian neighbourhood prior."""
+
+    gaussian_std: float = MISSING  # sigma of the prior, in patches
+
+
+@dataclass
+class PostprocessConfig:
+    """Refinement of the merged score maps before the class decision (conf/postprocess/*.yaml)."""
+
+    name: str = "none"  # none | pamr (proxyclip.postprocess.POSTPROCESSES)
+    steps: int = 0  # PAMR iterations
+    dilations: List[int] = field(default_factory=list)  # PAMR neighbourhood dilations (pixels)
 
 
 @dataclass
@@ -124,6 +157,7 @@ class Config:
     vfm: VfmConfig = MISSING
     weights: WeightsConfig = MISSING
     method: MethodConfig = MISSING
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     device: str = "cpu"  # cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | fp16 | bf16 (backbones; the proxy attention runs in fp32)
     batch_size: int = 4  # windows of one image per backbone forward
@@ -146,6 +180,9 @@ def register_schemas() -> None:
     cs.store(group="vfm", name="vfm_schema", node=VfmConfig)
     cs.store(group="weights", name="weights_schema", node=WeightsConfig)
     cs.store(group="method", name="method_schema", node=MethodConfig)
+    cs.store(group="method", name="proxyclip_schema", node=ProxyClipMethodConfig)
+    cs.store(group="method", name="naclip_schema", node=NaclipMethodConfig)
+    cs.store(group="postprocess", name="postprocess_schema", node=PostprocessConfig)
     cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
 
@@ -172,6 +209,22 @@ def compose_config(config_name: str = "config", overrides: Optional[List[str]] =
         GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         return compose(config_name, overrides=list(overrides or []))
+
+
+@functools.lru_cache(maxsize=None)
+def group_choice(group: str, name: str) -> DictConfig:
+    """The composed node of one config-group choice, e.g. ``group_choice("method", "sclip")``: its
+    YAML's values over its schema (read-only; cached). Used to decode with another method or
+    post-process than the configured one, with that one's own defaults."""
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = [f"{group}={name}"]
+    cfg = (compose("config", overrides=overrides) if GlobalHydra.instance().is_initialized()
+           else compose_config(overrides=overrides))
+    node = cfg[group]
+    OmegaConf.set_readonly(node, True)
+    return node
 
 
 def config_get(cfg: Any, key: str, default: Any = None) -> Any:

@@ -8,21 +8,24 @@ replacement of the same shape; a cache may record it.
 The names, and what they carry (B = windows in one backbone batch; window-level entries
 of a cache are concatenated over all windows of an image, in window order):
 
-    vfm.features              (B, C, Hv, Wv)  VFM patch features, prefix tokens dropped
-    clip.last_block_input     (B, 1+gh*gw, D) tokens entering CLIP's last block
+    vfm.features              (B, C, Hv, Wv)  VFM patch features, prefix tokens dropped (methods with a VFM)
+    clip.last_block_input     (B, 1+gh*gw, D) tokens entering CLIP's last block (what Encoded stores)
     clip.values               (B, D, gh, gw)  value projection of the last block, CLS dropped
-    proxy.affinity            (B, N, N)       cosine affinity of VFM tokens, N = Hv*Wv
-    proxy.affinity_normalized (B, N, N)       (S - beta * mean(S)) * gamma
+    proxy.affinity            (B, N, N)       cosine affinity of VFM tokens, N = Hv*Wv       (proxyclip)
+    proxy.affinity_normalized (B, N, N)       (S - beta * mean(S)) * gamma                     (proxyclip)
     proxy.mask                (B, N, N) bool  True where kept (S' >= 0, or the diagonal of an empty row)
-    proxy.attention           (B, N, N)       softmax over kept entries, rows sum to 1
-    clip.dense                (B, E, Hv, Wv)  L2-normalized dense embeddings
+    proxy.attention           (B, N, N)       softmax over kept entries, rows sum to 1         (proxyclip)
+    attention.pattern         (B, h, T, T)    the attention the method runs: h heads, or 1 when shared;
+                                              T = 1 + gh*gw (CLS first), or N for proxyclip
+    clip.last_block_output    (B, T, D)       after residual and FFN, before ln_post
+    clip.dense                (B, E, h, w)    L2-normalized dense embeddings (CLIP grid; VFM grid for proxyclip)
     text.embeddings           (Q, E)          one row per query name
     scores.window             (B, Q, h, w)    cosine scores of each window at its own size
     scores.image              (Q, H, W)       windows merged, at the original image size
+    scores.refined            (Q, H, W)       after the post-process (= scores.image with postprocess=none)
 
-With vfm=none the ``proxy.*`` points do not fire and (Hv, Wv) = (gh, gw). When a stored
-``Encoded`` is decoded with hooks, ``vfm.features`` and ``clip.values`` are replayed from it;
-``clip.last_block_input`` fires only when an image is encoded.
+The ``proxy.*`` points fire only for proxyclip. When a stored ``Encoded`` is decoded with hooks,
+``vfm.features`` and ``clip.last_block_input`` are replayed from it.
 """
 
 from __future__ import annotations
@@ -41,14 +44,17 @@ HOOK_NAMES: tuple[str, ...] = (
     "proxy.affinity_normalized",
     "proxy.mask",
     "proxy.attention",
+    "attention.pattern",
+    "clip.last_block_output",
     "clip.dense",
     "text.embeddings",
     "scores.window",
     "scores.image",
+    "scores.refined",
 )
 
 # Hooks whose tensors are per window (their cache entries are concatenated over windows).
-WINDOW_HOOKS = frozenset(HOOK_NAMES) - {"text.embeddings", "scores.image"}
+WINDOW_HOOKS = frozenset(HOOK_NAMES) - {"text.embeddings", "scores.image", "scores.refined"}
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], Optional[torch.Tensor]]
 

@@ -1,10 +1,11 @@
 """The Segmenter: wires the stages together. encode (expensive) / decode (cheap) / predict.
 
-    encode: image -> resize -> windows -> [VFM features, CLIP values] per window      (Encoded)
-    decode: affinity -> normalize -> mask -> attention -> aggregate -> dense -> scores
-            -> merge windows -> probabilities -> labels                               (Prediction)
+    encode: image -> resize -> windows -> [CLIP tokens entering the last block, VFM features]  (Encoded)
+    decode: last block with the method's attention (proxyclip/methods.py, last_block.py) -> dense
+            -> scores -> merge windows -> post-process -> probabilities -> labels           (Prediction)
 
-Every stage's tensor passes through a named hook point (see ``proxyclip.hooks``).
+One encode serves every method: ``decode(enc, classes, method="sclip")``. Every stage's tensor
+passes through a named hook point (see ``proxyclip.hooks``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import open_clip
 import torch
@@ -22,8 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 from . import proxy
 from .backbones import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ClipBackbone, VfmBackbone,
                         WeightsUnavailable, create_clip_model, create_vfm_model)
+from .config import group_choice
 from .hooks import HOOK_NAMES, HookFn, HookSet, finish_cache
 from .images import ImageLike, load_image
+from .last_block import BlockInputs, dense_from_block_output, run_last_block
+from .methods import Method, get_method
+from .postprocess import get_postprocess
 from .text import ClassList, TextEncoder, parse_classes
 from .windows import (Box, merge_windows, padding_multiple, resize_image, resized_size, slide_windows,
                       symmetric_padding)
@@ -31,46 +36,61 @@ from .windows import (Box, merge_windows, padding_multiple, resize_image, resize
 log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_ENCODED_FORMAT = 2  # 2: CLIP tokens entering the last block (1: its values)
+PostprocessSpec = Union[None, str, Mapping[str, Any]]
 
 
 @dataclass
 class Encoded:
-    """The expensive half of one image: per-window VFM features and CLIP values.
+    """The expensive half of one image: per window, the CLIP tokens entering the last block and the
+    VFM features, kept as separate parts.
 
     Depends only on the image, the backbones, their weights and the resolution settings
-    (``key`` says which), never on beta, gamma, classes or thresholds.
+    (``clip_key`` / ``vfm_key`` say which), never on the method, its knobs, classes or thresholds.
     """
 
     image: torch.Tensor  # (3, H, W) original image in [0, 1]
     resized_size: Tuple[int, int]  # (h, w) after the short-side resize
     windows: List[Box]  # (y1, y2, x1, x2) in the resized image
     pad: Tuple[int, int, int, int]  # (top, bottom, left, right) padding of every window
-    clip_values: torch.Tensor  # (n_windows, D, gh, gw) float32
+    clip_tokens: torch.Tensor  # (n_windows, 1 + gh*gw, D) float32, CLS first
+    clip_grid: Tuple[int, int]  # (gh, gw)
     vfm_features: Optional[torch.Tensor]  # (n_windows, C, Hv, Wv) float32, None without a VFM
-    key: str  # identity of (backbones, weights, resolution, crop, stride)
-    memo: Dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)  # decode-side reuse, not saved
+    clip_key: str  # identity of (CLIP, weights, resolution, crop, stride, padding)
+    vfm_key: Optional[str]  # identity of (VFM, weights, resolution, crop, stride); None without a VFM
+    memo: Dict[Any, Any] = field(default_factory=dict, repr=False)  # decode-side reuse, not saved
 
     @property
     def image_size(self) -> Tuple[int, int]:
         return int(self.image.shape[1]), int(self.image.shape[2])
 
+    @property
+    def key(self) -> str:
+        return f"{self.clip_key}+{self.vfm_key or 'novfm'}"
+
     def to_dict(self) -> Dict[str, Any]:
         """Plain dict of CPU tensors and metadata, for ``torch.save``."""
-        return dict(image=self.image.cpu(), resized_size=list(self.resized_size), windows=[list(b) for b in self.windows],
-                    pad=list(self.pad), clip_values=self.clip_values.cpu(),
-                    vfm_features=None if self.vfm_features is None else self.vfm_features.cpu(), key=self.key)
+        return dict(format=_ENCODED_FORMAT, image=self.image.cpu(), resized_size=list(self.resized_size),
+                    windows=[list(b) for b in self.windows], pad=list(self.pad), clip_tokens=self.clip_tokens.cpu(),
+                    clip_grid=list(self.clip_grid),
+                    vfm_features=None if self.vfm_features is None else self.vfm_features.cpu(),
+                    clip_key=self.clip_key, vfm_key=self.vfm_key)
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Encoded":
+        if d.get("format") != _ENCODED_FORMAT:
+            raise ValueError(f"Encoded format {d.get('format', 1)} is not {_ENCODED_FORMAT} (saved by an older version: "
+                             "encode again)")
         return cls(image=d["image"], resized_size=tuple(d["resized_size"]), windows=[tuple(b) for b in d["windows"]],
-                   pad=tuple(d["pad"]), clip_values=d["clip_values"], vfm_features=d["vfm_features"], key=d["key"])
+                   pad=tuple(d["pad"]), clip_tokens=d["clip_tokens"], clip_grid=tuple(d["clip_grid"]),
+                   vfm_features=d["vfm_features"], clip_key=d["clip_key"], vfm_key=d["vfm_key"])
 
 
 @dataclass
 class Prediction:
     """Result for one image, at its original size.
 
-    scores  (Q, H, W) cosine scores per query name, windows merged
+    scores  (Q, H, W) cosine scores per query name, windows merged (and post-processed, if on)
     probs   (K, H, W) softmax(logit_scale * scores) over queries, max over each class's queries
     labels  (H, W) int64 argmax class; best probability < prob_thd -> 0 (background)
     """
@@ -82,12 +102,21 @@ class Prediction:
     class_names: List[str]
     queries: List[str]
     query_to_class: List[int]
-    params: Dict[str, float] = field(default_factory=dict)  # beta, gamma, logit_scale, prob_thd used
+    params: Dict[str, Any] = field(default_factory=dict)  # method, its knobs, logit_scale, prob_thd, postprocess
     random_weights: bool = False  # True when the backbones run with random weights
+
+    @property
+    def method(self) -> str:
+        return str(self.params.get("method", ""))
 
 
 class Segmenter:
-    """ProxyCLIP inference for one (CLIP, VFM, weights, method) configuration."""
+    """Training-free segmentation for one (CLIP, VFM, weights, method) configuration.
+
+    The configured method (``cfg.method``) is the default of every decode; any registered method
+    decodes from the same Encoded (``decode(enc, classes, method="sclip")``), except that a method
+    needing a VFM needs a Segmenter built with one.
+    """
 
     def __init__(self, cfg: DictConfig, clip: ClipBackbone, vfm: Optional[VfmBackbone], random_weights: bool):
         self.cfg = cfg
@@ -99,16 +128,21 @@ class Segmenter:
         self.hooks = HookSet()
         m = cfg.method
         _check_geometry(m)
+        method = get_method(m.name)
+        if method.needs_vfm and vfm is None:
+            raise ValueError(_no_vfm_message(m.name, cfg.vfm.name))
         vfm_patch = [] if vfm is None or vfm.resizes_input else [vfm.patch_size]
         self.pad_multiple = padding_multiple(clip.patch_size, *vfm_patch)
         self._clip_norm = _norm_tensors(CLIP_MEAN, CLIP_STD, self.device)
         self._vfm_norm = _norm_tensors(IMAGENET_MEAN, IMAGENET_STD, self.device)
-        self.key = self._make_key()
+        self.clip_key, self.vfm_key = self._make_keys()
+        self.resolve_params()  # the configured method's values are valid
+        self.resolve_postprocess()
 
     # ------------------------------------------------------------------ building
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "Segmenter":
-        """Build both backbones as ``cfg`` says (see conf/)."""
+        """Build the backbones as ``cfg`` says (see conf/); no VFM when the method needs none."""
         device = torch.device(cfg.device)
         if cfg.precision not in _DTYPES:
             raise ValueError(f"precision must be one of {list(_DTYPES)}, got {cfg.precision!r}")
@@ -117,6 +151,12 @@ class Segmenter:
         if int(cfg.batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
         _check_geometry(cfg.method)
+        method = get_method(cfg.method.name)
+        if method.needs_vfm and cfg.vfm.family == "none":
+            raise ValueError(_no_vfm_message(cfg.method.name, cfg.vfm.name))
+        use_vfm = method.needs_vfm
+        if not use_vfm and cfg.vfm.family != "none":
+            log.warning("method=%s uses no VFM: vfm=%s is neither built nor run", cfg.method.name, cfg.vfm.name)
         dtype = _DTYPES[cfg.precision]
         if device.type == "cpu" and dtype != torch.float32:
             log.warning("precision=%s on CPU is much slower than fp32", cfg.precision)
@@ -125,14 +165,14 @@ class Segmenter:
         try:
             clip_model = create_clip_model(cfg.clip.name, cfg.clip.pretrained, cfg.clip.quick_gelu, source,
                                            seed=w.seed, checkpoint=cfg.clip.checkpoint)
-            vfm_model = _create_vfm(cfg, source)
+            vfm_model = _create_vfm(cfg, source) if use_vfm else None
         except WeightsUnavailable as e:
             if not w.fallback_to_random:
                 raise
             print(f"[proxyclip] pretrained weights unavailable, using RANDOM weights (seed {w.seed}): {e}")
             source = "random"
             clip_model = create_clip_model(cfg.clip.name, cfg.clip.pretrained, cfg.clip.quick_gelu, source, seed=w.seed)
-            vfm_model = _create_vfm(cfg, source)
+            vfm_model = _create_vfm(cfg, source) if use_vfm else None
         clip = ClipBackbone(clip_model.to(device=device, dtype=dtype), open_clip.get_tokenizer(cfg.clip.name))
         vfm = None
         if vfm_model is not None:
@@ -146,27 +186,41 @@ class Segmenter:
 
     @property
     def vfm_model(self) -> Optional[torch.nn.Module]:
-        """The underlying timm model (None for the no-VFM baseline)."""
+        """The underlying timm model (None when the method needs no VFM)."""
         return None if self.vfm is None else self.vfm.model
+
+    @property
+    def method(self) -> str:
+        """The configured method (the default of every decode)."""
+        return str(self.cfg.method.name)
+
+    @property
+    def key(self) -> str:
+        """Identity of what ``encode`` produces (both parts)."""
+        return f"{self.clip_key}+{self.vfm_key or 'novfm'}"
 
     @property
     def hook_names(self) -> List[str]:
         return list(HOOK_NAMES)
 
-    def _make_key(self) -> str:
+    def _make_keys(self) -> Tuple[str, Optional[str]]:
         c, v, w, m = self.cfg.clip, self.cfg.vfm, self.cfg.weights, self.cfg.method
         weights = {"random": f"random{w.seed}", "local": f"local:{c.checkpoint}:{v.checkpoint}"}.get(
             "random" if self.random_weights else w.source, "pretrained")
-        parts = [f"clip={c.name}/{c.pretrained}/qg{int(c.quick_gelu)}", f"vfm={v.name}/{v.timm_name}/{v.input_size}",
-                 f"kw={OmegaConf.to_container(v.timm_kwargs) if 'timm_kwargs' in v else {}}", f"w={weights}",
-                 f"res={m.short_side}/{m.max_long_side}/{m.crop}/{m.stride}", f"prec={self.cfg.precision}"]
-        text = "|".join(parts)
-        return f"{v.name}-{c.name}-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
+        common = [f"w={weights}", f"res={m.short_side}/{m.max_long_side}/{m.crop}/{m.stride}",
+                  f"prec={self.cfg.precision}", f"format={_ENCODED_FORMAT}"]
+        clip_parts = [f"clip={c.name}/{c.pretrained}/qg{int(c.quick_gelu)}", f"pad={self.pad_multiple}"] + common
+        clip_key = f"{c.name}-{_digest(clip_parts)}"
+        if self.vfm is None:
+            return clip_key, None
+        vfm_parts = [f"vfm={v.name}/{v.timm_name}/{v.input_size}",
+                     f"kw={OmegaConf.to_container(v.timm_kwargs) if 'timm_kwargs' in v else {}}"] + common
+        return clip_key, f"{v.name}-{_digest(vfm_parts)}"
 
     # ------------------------------------------------------------------ encode
     @torch.no_grad()
     def encode(self, image: ImageLike) -> Encoded:
-        """Resize, cut windows, run both backbones. -> Encoded (all windows)."""
+        """Resize, cut windows, run the backbones (CLIP up to its last block; the VFM if any) -> Encoded."""
         img = load_image(image)
         m = self.cfg.method
         size = resized_size(img.shape[1], img.shape[2], m.short_side, m.max_long_side)
@@ -174,7 +228,7 @@ class Segmenter:
         boxes = slide_windows(size[0], size[1], m.crop, m.stride)
         y1, y2, x1, x2 = boxes[0]
         pad = symmetric_padding(y2 - y1, x2 - x1, self.pad_multiple)
-        values, feats = [], []
+        tokens, feats = [], []
         bs = int(self.cfg.batch_size)
         for start in range(0, len(boxes), bs):
             crops = torch.stack([resized[:, a:b, c:d] for (a, b, c, d) in boxes[start:start + bs]])
@@ -185,66 +239,114 @@ class Segmenter:
                     vfm_in = F.pad(vfm_in, (pad[2], pad[3], pad[0], pad[1]))
                 f = self.vfm.features(vfm_in).float()
                 feats.append(self.hooks.point("vfm.features", f, start))
-            tokens = self.clip.tokens_before_last_block(clip_in)
-            tokens = self.hooks.point("clip.last_block_input", tokens, start)
-            grid = self.clip.grid_of(clip_in.shape[-2], clip_in.shape[-1])
-            v = self.clip.last_block_values(tokens, grid).float()
-            values.append(self.hooks.point("clip.values", v, start))
-        return Encoded(image=img, resized_size=size, windows=boxes, pad=pad, clip_values=torch.cat(values),
-                       vfm_features=torch.cat(feats) if feats else None, key=self.key)
+            t = self.clip.tokens_before_last_block(clip_in).float()
+            tokens.append(self.hooks.point("clip.last_block_input", t, start))
+        grid = self.clip.grid_of(size_with_pad(boxes[0], pad)[0], size_with_pad(boxes[0], pad)[1])
+        return Encoded(image=img, resized_size=size, windows=boxes, pad=pad, clip_tokens=torch.cat(tokens),
+                       clip_grid=grid, vfm_features=torch.cat(feats) if feats else None,
+                       clip_key=self.clip_key, vfm_key=self.vfm_key)
 
     # ------------------------------------------------------------------ decode
-    def resolve_params(self, beta=None, gamma=None, logit_scale=None, prob_thd=None) -> Dict[str, float]:
-        """Hyperparameters for one decode: the given values, else the config's."""
-        m = self.cfg.method
-        p = dict(beta=m.beta if beta is None else beta, gamma=m.gamma if gamma is None else gamma,
-                 logit_scale=m.logit_scale if logit_scale is None else logit_scale,
-                 prob_thd=m.prob_thd if prob_thd is None else prob_thd)
-        proxy.check_hyperparameters(**p)
-        return {k: float(v) for k, v in p.items()}
+    def resolve_params(self, method: Optional[str] = None, **params: Any) -> Dict[str, Any]:
+        """All settings of one decode: ``method``, its switches and knobs, ``logit_scale``, ``prob_thd``.
+
+        Given values win (``None`` = not given); the rest come from ``cfg.method`` for the configured
+        method, else from that method's own YAML (conf/method/<name>.yaml), except ``prob_thd`` (and
+        the geometry), which belong to the dataset's protocol and always come from ``cfg.method``.
+        """
+        name = self.method if method is None else str(method)
+        meth = get_method(name)
+        base = self.cfg.method if name == self.method else group_choice("method", name)
+        keys = ("residual", "ffn") + meth.knobs + ("logit_scale", "prob_thd")
+        unknown = sorted(k for k, v in params.items() if v is not None and k not in keys)
+        if unknown:
+            raise ValueError(f"method {name} has no parameter(s) {unknown}; its parameters: {', '.join(keys)}")
+        p: Dict[str, Any] = {"method": name}
+        for k in keys:
+            default = self.cfg.method.prob_thd if k == "prob_thd" else base[k]
+            p[k] = _as_type_of(k, default, params.get(k))
+        proxy.check_decision_params(p["logit_scale"], p["prob_thd"])
+        if meth.check is not None:
+            meth.check(**{k: p[k] for k in meth.knobs})
+        return p
+
+    def resolve_postprocess(self, postprocess: PostprocessSpec = None) -> Dict[str, Any]:
+        """The post-process settings of one decode: ``None`` = the configured one; a name (``"pamr"``:
+        that YAML's settings); or a mapping with ``name`` and any settings to change."""
+        if postprocess is None:
+            spec: Dict[str, Any] = {"name": self.cfg.postprocess.name}
+        elif isinstance(postprocess, str):
+            spec = {"name": postprocess}
+        elif isinstance(postprocess, Mapping):
+            spec = dict(postprocess)
+        else:
+            raise TypeError(f"postprocess must be None, a name or a mapping, got {type(postprocess).__name__}")
+        name = str(spec.pop("name", self.cfg.postprocess.name))
+        post = get_postprocess(name)
+        base = self.cfg.postprocess if name == self.cfg.postprocess.name else group_choice("postprocess", name)
+        unknown = sorted(set(spec) - set(post.settings))
+        if unknown:
+            raise ValueError(f"postprocess {name} has no setting(s) {unknown}; its settings: {list(post.settings) or 'none'}")
+        out: Dict[str, Any] = {"name": name}
+        for k in post.settings:
+            value = spec.get(k, base[k])
+            out[k] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        if post.check is not None:
+            post.check(**{k: out[k] for k in post.settings})
+        return out
 
     def text_embeddings(self, queries: Sequence[str]) -> torch.Tensor:
         """(Q, E) prompt-ensembled text embeddings, cached per name."""
         return self.text.embed(list(queries))
 
     @torch.no_grad()
-    def dense_embeddings(self, enc: Encoded, start: int, stop: int, beta: float, gamma: float) -> torch.Tensor:
-        """(B, E, Hv, Wv) L2-normalized dense embeddings of windows ``start:stop``.
+    def dense_embeddings(self, enc: Encoded, start: int, stop: int, params: Dict[str, Any]) -> torch.Tensor:
+        """(B, E, h, w) L2-normalized dense embeddings of windows ``start:stop`` with ``params``' method.
 
-        Two exact shortcuts keep repeated decodes cheap: the last block's ``out_proj`` is affine
-        and both the bilinear resize and every attention row are weighted means (weights
-        summing to 1), so ``out_proj`` runs on CLIP's coarser grid before them; and the raw
-        cosine affinity depends only on the VFM features, so it is computed once per Encoded.
+        The grid (h, w) is CLIP's, or the VFM's for ProxyCLIP. q, k, v and ProxyCLIP's raw affinity
+        depend only on the Encoded, so they are computed once per Encoded (``enc.memo``).
         """
-        values = enc.clip_values[start:stop].to(self.device)
-        projected = self.clip.out_proj_map(values)  # (B, D, gh, gw)
-        if enc.vfm_features is None:
-            grid = tuple(values.shape[-2:])
-            aggregated = projected.flatten(2).transpose(1, 2)
-        else:
-            hp = self.hooks.point
-            memo_key = ("proxy.affinity", start, stop)
-            if memo_key not in enc.memo:
-                enc.memo[memo_key] = proxy.cosine_affinity(enc.vfm_features[start:stop].to(self.device))
-            grid = tuple(enc.vfm_features.shape[-2:])
-            s = hp("proxy.affinity", enc.memo[memo_key], start)
-            s = hp("proxy.affinity_normalized", proxy.normalize_affinity(s, beta, gamma), start)
-            mask = hp("proxy.mask", proxy.affinity_mask(s), start)
-            attn = hp("proxy.attention", proxy.masked_softmax(s, mask), start)
-            aggregated = proxy.aggregate(attn, proxy.resize_values(projected, grid))
-        dense = F.normalize(self.clip.head(aggregated).float(), dim=-1)
-        dense = dense.transpose(1, 2).reshape(dense.shape[0], dense.shape[2], *grid)
-        return self.hooks.point("clip.dense", dense, start)
+        meth = get_method(params["method"])
 
-    @torch.no_grad()
-    def decode(self, enc: Encoded, classes: Sequence[str], beta: Optional[float] = None, gamma: Optional[float] = None,
-               logit_scale: Optional[float] = None, prob_thd: Optional[float] = None) -> Prediction:
-        """Proxy attention, scores, merge, decision. ``None`` hyperparameters come from ``cfg.method``."""
+        def point(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            return self.hooks.point(name, tensor, start)
+
+        feats = None if enc.vfm_features is None else enc.vfm_features[start:stop].to(self.device)
+        x = BlockInputs(self.clip, enc.clip_tokens[start:stop].to(self.device), enc.clip_grid, feats, enc.memo,
+                        (start, stop), point)
+        att = meth.attention(x, **{k: params[k] for k in meth.knobs})
+        pattern = point("attention.pattern", att.pattern)
+        replaced = pattern is not att.pattern
+        att = replace(att, pattern=pattern)
+        z = point("clip.last_block_output", run_last_block(x, att, params["residual"], params["ffn"],
+                                                           shortcut=not replaced))
+        return point("clip.dense", dense_from_block_output(self.clip, z, att))
+
+    def _check_encoded(self, enc: Encoded, meth: Method) -> None:
         if not isinstance(enc, Encoded):
             raise TypeError(f"decode takes the Encoded returned by encode(), got {type(enc).__name__}")
-        if enc.key != self.key:
-            raise ValueError(f"this Encoded was made by another configuration ({enc.key}), not {self.key}")
-        p = self.resolve_params(beta, gamma, logit_scale, prob_thd)
+        if enc.clip_key != self.clip_key:
+            raise ValueError(f"this Encoded was made by another CLIP configuration ({enc.clip_key}), not {self.clip_key}")
+        if meth.needs_vfm:
+            if enc.vfm_features is None:
+                raise ValueError(f"method {meth.name} needs VFM features, but this Encoded has none (it was encoded "
+                                 f"for a method without a VFM); encode with a Segmenter built for {meth.name}")
+            if enc.vfm_key != self.vfm_key:
+                raise ValueError(f"this Encoded's VFM features come from another configuration ({enc.vfm_key}), "
+                                 f"not {self.vfm_key}")
+
+    @torch.no_grad()
+    def decode(self, enc: Encoded, classes: Sequence[str], method: Optional[str] = None,
+               postprocess: PostprocessSpec = None, **params: Any) -> Prediction:
+        """Last block, scores, merge, post-process, decision.
+
+        ``method`` (default: the configured one) and its parameters by name (``beta=``, ``gamma=``,
+        ``gaussian_std=``, ``residual=``, ``ffn=``, ``logit_scale=``, ``prob_thd=``; ``None`` = default,
+        see :meth:`resolve_params`); ``postprocess`` as in :meth:`resolve_postprocess`.
+        """
+        p = self.resolve_params(method, **params)
+        self._check_encoded(enc, get_method(p["method"]))
+        post = self.resolve_postprocess(postprocess)
         cl = parse_classes(classes)
         text = self.hooks.point("text.embeddings", self.text_embeddings(cl.queries))
         top, bottom, left, right = enc.pad
@@ -255,7 +357,7 @@ class Segmenter:
         bs = int(self.cfg.batch_size)
         for start in range(0, len(enc.windows), bs):
             stop = min(start + bs, len(enc.windows))
-            dense = self.dense_embeddings(enc, start, stop, p["beta"], p["gamma"])
+            dense = self.dense_embeddings(enc, start, stop, p)
             s = torch.einsum("behw,qe->bqhw", dense, text.to(dense.dtype))
             s = F.interpolate(s, size=padded, mode="bilinear", align_corners=False)
             s = s[:, :, top:top + wh, left:left + ww]
@@ -264,56 +366,65 @@ class Segmenter:
         if tuple(merged.shape[-2:]) != enc.image_size:
             merged = F.interpolate(merged[None], size=enc.image_size, mode="bilinear", align_corners=False)[0]
         scores = self.hooks.point("scores.image", merged)
+        scores = self.hooks.point("scores.refined", self._postprocess(scores, enc.image, post))
         probs, labels = decide(scores, cl, p["logit_scale"], p["prob_thd"])
         return Prediction(image=enc.image, scores=scores, probs=probs, labels=labels, class_names=cl.class_names,
-                          queries=cl.queries, query_to_class=cl.query_to_class, params=p,
+                          queries=cl.queries, query_to_class=cl.query_to_class, params={**p, "postprocess": post},
                           random_weights=self.random_weights)
 
-    def predict(self, image: ImageLike, classes: Sequence[str], **params: Optional[float]) -> Prediction:
-        """``decode(encode(image), classes, **params)``."""
-        return self.decode(self.encode(image), classes, **params)
+    def _postprocess(self, scores: torch.Tensor, image: torch.Tensor, post: Dict[str, Any]) -> torch.Tensor:
+        refine = get_postprocess(post["name"]).refine
+        if refine is None:
+            return scores
+        mean, std = (t[0].cpu() for t in self._clip_norm)
+        guide = (image.cpu().float() - mean) / std
+        return refine(scores, guide, **{k: v for k, v in post.items() if k != "name"})
+
+    def predict(self, image: ImageLike, classes: Sequence[str], method: Optional[str] = None,
+                postprocess: PostprocessSpec = None, **params: Any) -> Prediction:
+        """``decode(encode(image), classes, method, postprocess, **params)``."""
+        return self.decode(self.encode(image), classes, method, postprocess, **params)
 
     # ------------------------------------------------------------------ hooks
     def _encoded(self, image: ImageLike | Encoded) -> Encoded:
         """Encode an image; or replay a stored Encoded's tensors through the encode-time hook points.
 
-        Replaying lets hooks read and replace ``vfm.features`` and ``clip.values`` of a cached
-        encode (``clip.last_block_input`` is not stored, so it fires only when encoding).
+        Replaying lets hooks read and replace ``vfm.features`` and ``clip.last_block_input`` of a
+        cached encode (everything after them is decode and fires anyway).
         """
         if not isinstance(image, Encoded):
             return self.encode(image)
         enc, bs = image, int(self.cfg.batch_size)
-        feats, values, feats_changed, values_changed = [], [], False, False
+        feats, tokens, changed = [], [], False
         for start in range(0, len(enc.windows), bs):
             if enc.vfm_features is not None:
                 f = enc.vfm_features[start:start + bs]
                 feats.append(self.hooks.point("vfm.features", f, start))
-                feats_changed |= feats[-1] is not f
-            v = enc.clip_values[start:start + bs]
-            values.append(self.hooks.point("clip.values", v, start))
-            values_changed |= values[-1] is not v
-        if not (feats_changed or values_changed):
+                changed |= feats[-1] is not f
+            t = enc.clip_tokens[start:start + bs]
+            tokens.append(self.hooks.point("clip.last_block_input", t, start))
+            changed |= tokens[-1] is not t
+        if not changed:
             return enc
-        return replace(enc, vfm_features=torch.cat(feats) if feats_changed else enc.vfm_features,
-                       clip_values=torch.cat(values) if values_changed else enc.clip_values,
-                       memo={} if feats_changed else enc.memo)
+        return replace(enc, vfm_features=torch.cat(feats) if feats else None, clip_tokens=torch.cat(tokens), memo={})
 
     def run_with_cache(self, image: ImageLike | Encoded, classes: Sequence[str], names: Optional[Iterable[str]] = None,
-                       **params: Optional[float]) -> Tuple[Prediction, Dict[str, torch.Tensor]]:
+                       method: Optional[str] = None, postprocess: PostprocessSpec = None,
+                       **params: Any) -> Tuple[Prediction, Dict[str, torch.Tensor]]:
         """Predict and record hook tensors (all names, or ``names``). Pass an Encoded to skip encode."""
         raw: Dict[str, List[torch.Tensor]] = {}
         with self.hooks.active(cache=raw, cache_names=names):
-            pred = self.decode(self._encoded(image), classes, **params)
+            pred = self.decode(self._encoded(image), classes, method, postprocess, **params)
         return pred, finish_cache(raw)
 
     def run_with_hooks(self, image: ImageLike | Encoded, classes: Sequence[str], hooks: Dict[str, HookFn],
-                       **params: Optional[float]) -> Prediction:
+                       method: Optional[str] = None, postprocess: PostprocessSpec = None, **params: Any) -> Prediction:
         """Predict with ``hooks`` ({name: fn(tensor, hook) -> replacement or None}) active.
 
-        With an Encoded, hooks on ``vfm.features`` and ``clip.values`` apply to its stored tensors.
+        With an Encoded, hooks on ``vfm.features`` and ``clip.last_block_input`` apply to its stored tensors.
         """
         with self.hooks.active(hooks=hooks):
-            return self.decode(self._encoded(image), classes, **params)
+            return self.decode(self._encoded(image), classes, method, postprocess, **params)
 
 
 def decide(scores: torch.Tensor, classes: ClassList, logit_scale: float, prob_thd: float
@@ -343,6 +454,32 @@ def _create_vfm(cfg: DictConfig, source: str):
     kwargs = OmegaConf.to_container(v.timm_kwargs) if "timm_kwargs" in v else {}
     return create_vfm_model(v.timm_name, source, seed=cfg.weights.seed, checkpoint=v.checkpoint,
                             timm_kwargs=kwargs, is_sam=(v.family == "sam"))
+
+
+def _no_vfm_message(method: str, vfm: str) -> str:
+    return (f"method={method} needs a VFM, but vfm={vfm}: choose one (e.g. vfm=dino_vitb8); for the baseline "
+            "without a VFM use method=maskclip (method.residual=false method.ffn=false for the v-only variant)")
+
+
+def _as_type_of(name: str, default: Any, value: Any) -> Any:
+    """``value`` (or ``default`` when None) with ``default``'s type: bool stays bool, numbers become float."""
+    v = default if value is None else value
+    if isinstance(default, bool):
+        if not isinstance(v, bool):
+            raise ValueError(f"{name} must be true or false, got {v!r}")
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _digest(parts: Sequence[str]) -> str:
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
+
+
+def size_with_pad(box: Box, pad: Tuple[int, int, int, int]) -> Tuple[int, int]:
+    """(height, width) of a window after its symmetric padding."""
+    return box[1] - box[0] + pad[0] + pad[1], box[3] - box[2] + pad[2] + pad[3]
 
 
 def _check_geometry(m) -> None:

@@ -18,19 +18,35 @@ import torch
 import torch.nn.functional as F
 
 
-def check_hyperparameters(beta: float, gamma: float, logit_scale: float, prob_thd: float) -> None:
-    """Raise ValueError naming the first hyperparameter outside its valid range."""
-    for name, value in (("beta", beta), ("gamma", gamma), ("logit_scale", logit_scale), ("prob_thd", prob_thd)):
+def _check_finite(**values: float) -> None:
+    for name, value in values.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def check_affinity_params(beta: float, gamma: float) -> None:
+    """Raise ValueError unless beta >= 0 and gamma > 0 are finite numbers."""
+    _check_finite(beta=beta, gamma=gamma)
     if beta < 0:
         raise ValueError(f"beta (affinity shift) must be >= 0, got {beta}")
     if gamma <= 0:
         raise ValueError(f"gamma (affinity scale) must be > 0, got {gamma}")
+
+
+def check_decision_params(logit_scale: float, prob_thd: float) -> None:
+    """Raise ValueError unless logit_scale > 0 and 0 <= prob_thd <= 1 are finite numbers."""
+    _check_finite(logit_scale=logit_scale, prob_thd=prob_thd)
     if logit_scale <= 0:
         raise ValueError(f"logit_scale must be > 0, got {logit_scale}")
     if not 0 <= prob_thd <= 1:
         raise ValueError(f"prob_thd must lie in [0, 1], got {prob_thd}")
+
+
+def check_hyperparameters(beta: float, gamma: float, logit_scale: float, prob_thd: float) -> None:
+    """Raise ValueError naming the first hyperparameter outside its valid range."""
+    _check_finite(beta=beta, gamma=gamma, logit_scale=logit_scale, prob_thd=prob_thd)
+    check_affinity_params(beta, gamma)
+    check_decision_params(logit_scale, prob_thd)
 
 
 def cosine_affinity(features: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ def tiny_segmenter() -> Segmenter:
 
 @pytest.fixture(scope="session")
 def tiny_segmenter_novfm() -> Segmenter:
-    return Segmenter.from_config(tiny_config("vfm=none"))
+    return Segmenter.from_config(tiny_config("method=maskclip", "method.residual=false", "method.ffn=false"))
 
 
 @pytest.fixture

@@ -30,15 +30,19 @@ def test_hook_names_and_shapes(tiny_segmenter, rand_image):
         "proxy.affinity_normalized": (2, 16, 16),
         "proxy.mask": (2, 16, 16),
         "proxy.attention": (2, 16, 16),
+        "attention.pattern": (2, 1, 16, 16),
+        "clip.last_block_output": (2, 16, d),
         "clip.dense": (2, e, 4, 4),
         "text.embeddings": (4, e),
         "scores.window": (2, 4, 64, 64),
         "scores.image": (4, 80, 112),
+        "scores.refined": (4, 80, 112),
     }
     assert {k: tuple(v.shape) for k, v in cache.items()} == shapes
     assert cache["proxy.mask"].dtype == torch.bool
     torch.testing.assert_close(cache["proxy.attention"].sum(-1), torch.ones(2, 16))
     torch.testing.assert_close(cache["scores.image"], pred.scores)
+    assert torch.equal(cache["attention.pattern"][:, 0], cache["proxy.attention"])
     assert pred.scores.shape == (4, 80, 112) and pred.probs.shape == (3, 80, 112) and pred.labels.shape == (80, 112)
     assert pred.labels.dtype == torch.int64
 
@@ -173,6 +177,8 @@ def test_hook_returning_wrong_shape_is_an_error(tiny_segmenter, rand_image):
 
 
 def test_no_vfm_baseline_uses_clip_grid(tiny_segmenter_novfm, rand_image):
+    # method=maskclip with residual and FFN off: each patch keeps its own value (the v-only baseline)
+    assert tiny_segmenter_novfm.vfm is None
     pred, cache = tiny_segmenter_novfm.run_with_cache(rand_image, CLASSES)
     assert not any(k.startswith("proxy.") or k == "vfm.features" for k in cache)
     assert tuple(cache["clip.dense"].shape[-2:]) == (4, 4)
@@ -206,7 +212,7 @@ def test_odd_windows_are_padded_and_cut(rand_image):
     seg = Segmenter.from_config(tiny_config("method.short_side=70", "method.crop=128", "method.stride=64"))
     enc = seg.encode(rand_image)
     assert enc.windows == [(0, 70, 0, 98)] and enc.pad == (5, 5, 7, 7)
-    assert tuple(enc.clip_values.shape[-2:]) == (5, 7)
+    assert enc.clip_grid == (5, 7) and enc.clip_tokens.shape[1] == 1 + 5 * 7
     pred, cache = seg.run_with_cache(enc, CLASSES, names=["scores.window"])
     assert cache["scores.window"].shape == (1, 4, 70, 98)
     assert torch.isfinite(pred.scores).all()
@@ -218,9 +224,13 @@ def test_constant_image_has_no_nan(tiny_segmenter):
 
 
 def test_decode_rejects_foreign_encoded(tiny_segmenter, tiny_segmenter_novfm, rand_image):
-    enc = tiny_segmenter_novfm.encode(rand_image)
-    with pytest.raises(ValueError, match="another configuration"):
+    enc = tiny_segmenter_novfm.encode(rand_image)  # CLIP only: its method needs no VFM
+    with pytest.raises(ValueError, match="needs VFM features"):
         tiny_segmenter.decode(enc, CLASSES)
+    tiny_segmenter.decode(enc, CLASSES, method="sclip")  # the CLIP part is the same: fine for CLIP-only methods
+    other = Segmenter.from_config(tiny_config("weights.seed=3"))
+    with pytest.raises(ValueError, match="another CLIP configuration"):
+        other.decode(tiny_segmenter.encode(rand_image), CLASSES)
 
 
 def test_parse_classes():
@@ -267,10 +277,11 @@ def test_position_embeddings_resized_bicubic(tiny_segmenter):
 def test_encode_time_hooks_replay_on_a_stored_encoded(tiny_segmenter, rand_image):
     seg = tiny_segmenter
     enc = seg.encode(rand_image)
-    fresh, fresh_cache = seg.run_with_cache(rand_image, CLASSES, names=["vfm.features", "clip.values"])
-    again, cache = seg.run_with_cache(enc, CLASSES, names=["vfm.features", "clip.values"])
-    torch.testing.assert_close(cache["vfm.features"], fresh_cache["vfm.features"])
-    torch.testing.assert_close(cache["clip.values"], fresh_cache["clip.values"])
+    names = ["vfm.features", "clip.values", "clip.last_block_input"]
+    fresh, fresh_cache = seg.run_with_cache(rand_image, CLASSES, names=names)
+    again, cache = seg.run_with_cache(enc, CLASSES, names=names)
+    for name in names:
+        torch.testing.assert_close(cache[name], fresh_cache[name])
     # replacing the stored VFM features through the hook = decoding an Encoded built with them
     swapped = torch.roll(enc.vfm_features, 1, dims=-1)
     via_hook = seg.run_with_hooks(enc, CLASSES, hooks={

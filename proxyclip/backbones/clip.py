@@ -8,7 +8,7 @@ open_clip is used as a library: its modules' weights are read (``conv1``, ``posi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import open_clip
 import torch
@@ -65,9 +65,10 @@ def _create(name: str, pretrained: str, quick_gelu: bool, source: str, seed: int
 class ClipBackbone(nn.Module):
     """Dense CLIP features: everything but the last block's attention mixing.
 
-    ``tokens_before_last_block`` -> (B, 1+gh*gw, D); ``last_block_values`` -> (B, D, gh, gw);
-    ``out_proj_map`` applies the last block's out_proj to a value map, and ``head`` maps
-    aggregated (B, N, D) through ln_post -> proj to (B, N, E).
+    ``tokens_before_last_block`` -> (B, 1+gh*gw, D) (the encode); the pieces of the last block
+    a method recombines (``query_key``, ``last_block_values``, ``cls_value``, ``out_proj``,
+    ``residual_and_ffn``; see proxyclip/last_block.py); ``head`` maps (B, N, D) through
+    ln_post -> proj to (B, N, E).
     """
 
     def __init__(self, model: nn.Module, tokenizer):
@@ -124,20 +125,53 @@ class ClipBackbone(nn.Module):
             x = x.transpose(0, 1)
         return x
 
+    @property
+    def last_block(self) -> nn.Module:
+        return self.visual.transformer.resblocks[-1]
+
+    @property
+    def heads(self) -> int:
+        return int(self.last_block.attn.num_heads)
+
+    def _in_proj(self, tokens: torch.Tensor, part: int) -> torch.Tensor:
+        """One third (0 = q, 1 = k, 2 = v) of the last block's in-projection of ``ln_1(tokens)``."""
+        block, d = self.last_block, self.width
+        w = block.attn.in_proj_weight[part * d:(part + 1) * d]
+        b = block.attn.in_proj_bias[part * d:(part + 1) * d] if block.attn.in_proj_bias is not None else None
+        return F.linear(block.ln_1(tokens.to(self.dtype)), w, b)
+
+    def query_key(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys of the last block, per head: two (B, H, T, D/H) float32 tensors."""
+        b, t, d = tokens.shape
+        q, k = (self._in_proj(tokens, part).float().view(b, t, self.heads, d // self.heads).transpose(1, 2)
+                for part in (0, 1))
+        return q, k
+
     def last_block_values(self, tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         """``v = ln_1(x) @ W_v^T + b_v`` of the last block, CLS dropped -> (B, D, gh, gw)."""
-        block = self.visual.transformer.resblocks[-1]
-        d = self.width
-        w_v = block.attn.in_proj_weight[2 * d:]
-        b_v = block.attn.in_proj_bias[2 * d:] if block.attn.in_proj_bias is not None else None
-        v = F.linear(block.ln_1(tokens[:, 1:]), w_v, b_v)
-        return v.transpose(1, 2).reshape(v.shape[0], d, grid[0], grid[1])
+        v = self._in_proj(tokens[:, 1:], 2)
+        return v.transpose(1, 2).reshape(v.shape[0], self.width, grid[0], grid[1])
+
+    def cls_value(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The CLS token's value in the last block -> (B, 1, D)."""
+        return self._in_proj(tokens[:, :1], 2)
+
+    def out_proj(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's out_proj on (B, T, D) tokens."""
+        return self.last_block.attn.out_proj(x.to(self.dtype))
 
     def out_proj_map(self, values: torch.Tensor) -> torch.Tensor:
         """The last block's out_proj applied to a (B, D, gh, gw) value map."""
-        block = self.visual.transformer.resblocks[-1]
-        x = block.attn.out_proj(values.flatten(2).transpose(1, 2).to(self.dtype))
+        x = self.out_proj(values.flatten(2).transpose(1, 2))
         return x.transpose(1, 2).reshape(values.shape)
+
+    def residual_and_ffn(self, out: torch.Tensor, tokens: Optional[torch.Tensor], ffn: bool) -> torch.Tensor:
+        """``Y = tokens + ls_1(out)`` (``Y = out`` when ``tokens`` is None), then ``Y + ls_2(mlp(ln_2(Y)))`` if ``ffn``."""
+        block = self.last_block
+        y = out if tokens is None else tokens.to(out.dtype) + _layer_scale(block, "ls_1")(out)
+        if ffn:
+            y = y + _layer_scale(block, "ls_2")(block.mlp(block.ln_2(y.to(self.dtype))).to(y.dtype))
+        return y
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, N, E): ln_post, then proj."""
@@ -145,3 +179,7 @@ class ClipBackbone(nn.Module):
 
     def grid_of(self, height: int, width: int) -> Tuple[int, int]:
         return height // self.patch_size, width // self.patch_size
+
+
+def _layer_scale(block: nn.Module, name: str) -> nn.Module:
+    return getattr(block, name, None) or nn.Identity()
