@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import proxy
 from .backbones import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ClipBackbone, VfmBackbone,
                         WeightsUnavailable, create_clip_model, create_vfm_model)
-from .config import group_choice
+from .config import CONF_DIR, group_choice
 from .hooks import HOOK_NAMES, HookFn, HookSet, finish_cache
 from .images import ImageLike, load_image
 from .last_block import BlockInputs, dense_from_block_output, run_last_block
@@ -271,12 +271,17 @@ class Segmenter:
         return p
 
     def resolve_postprocess(self, postprocess: PostprocessSpec = None) -> Dict[str, Any]:
-        """The post-process settings of one decode: ``None`` = the configured one; a name (``"pamr"``:
-        that YAML's settings); or a mapping with ``name`` and any settings to change."""
+        """The post-process settings of one decode: ``None`` = the configured one; a preset name
+        (a file of conf/postprocess/: ``"pamr"``, ``"pamr_talk2dino"``, ``"none"``); or a mapping with
+        ``name`` (``"pamr"``) and the settings to change (the rest: the configured ones if the name is
+        the configured one, else conf/postprocess/<name>.yaml's)."""
         if postprocess is None:
             spec: Dict[str, Any] = {"name": self.cfg.postprocess.name}
         elif isinstance(postprocess, str):
-            spec = {"name": postprocess}
+            presets = sorted(p.stem for p in (CONF_DIR / "postprocess").glob("*.yaml"))
+            if postprocess not in presets:
+                raise ValueError(f"unknown postprocess {postprocess!r}; the presets in conf/postprocess: {', '.join(presets)}")
+            spec = dict(OmegaConf.to_container(group_choice("postprocess", postprocess)))
         elif isinstance(postprocess, Mapping):
             spec = dict(postprocess)
         else:
