@@ -59,15 +59,13 @@ print(f"image {H}x{W}, chosen pixel (y={y:.0f}, x={x:.0f}); VFMs {VFMS}")
 # %% [markdown]
 # A helper: for one pipeline, its `Encoded` and one pixel, the row of the proxy attention (read
 # at the `proxy.attention` hook of a decode) and of CLIP's own last-block attention (computed
-# from the tokens at the `clip.last_block_input` hook with the block's own weights), plus the
-# pixels of the window they live in. Encode-time hooks fire only when `run_with_cache` gets an
-# image (not an `Encoded`), so CLIP's tokens are recorded once, by one full run; every other
-# call below is a decode on an `Encoded`.
+# from the tokens entering the last block, which the `Encoded` keeps, with the block's own
+# weights), plus the pixels of the window they live in.
 
 # %%
-def attention_rows(seg, enc, attention, clip_tokens, y, x):
+def attention_rows(seg, enc, attention, y, x):
     """-> (window pixels, [(title, row, grid, patch), ...]) for the pixel (y, x) of the original image."""
-    clip_grid = tuple(enc.clip_values.shape[-2:])
+    clip_grid = enc.clip_grid
     win, r, c = viz.locate_patch(y, x, enc.image_size, enc.resized_size, enc.windows, clip_grid, pad=enc.pad)
     pixels = viz.window_pixels(enc.image, enc.resized_size, enc.windows[win])
     maps = []
@@ -78,7 +76,7 @@ def attention_rows(seg, enc, attention, clip_tokens, y, x):
         maps.append((f"proxy: {seg.cfg.vfm.name} {grid[0]}x{grid[1]}", attention[win, vr * grid[1] + vc], grid,
                      (vr, vc)))
     block = seg.clip_model.visual.transformer.resblocks[-1]
-    clip_attn = viz.clip_last_block_attention(block, clip_tokens[win:win + 1])[0]
+    clip_attn = viz.clip_last_block_attention(block, enc.clip_tokens[win:win + 1])[0]
     maps.append((f"CLIP's own ({seg.cfg.clip.name})", clip_attn[r * clip_grid[1] + c], clip_grid, (r, c)))
     return pixels, maps
 
@@ -93,12 +91,9 @@ def attention_rows(seg, enc, attention, clip_tokens, y, x):
 maps = []
 for name in VFMS:
     seg = Segmenter.from_config(compose_config(overrides=core_overrides(SMOKE, vfm=name)))
-    if name == VFMS[0]:  # one full run records CLIP's last-block tokens (the same CLIP for every VFM)
-        _, full = seg.run_with_cache(image, CLASSES, names=["clip.last_block_input"])
-        clip_tokens = full["clip.last_block_input"]
     enc = seg.encode(image)
     _, cache = seg.run_with_cache(enc, CLASSES, names=["proxy.attention"])
-    pixels, rows = attention_rows(seg, enc, cache["proxy.attention"], clip_tokens, y, x)
+    pixels, rows = attention_rows(seg, enc, cache["proxy.attention"], y, x)
     maps.extend(rows[:-1])
     clip_map = rows[-1]
     if name == VFMS[0]:
@@ -120,7 +115,7 @@ grid_maps = []
 for gamma in GAMMAS:
     for beta in BETAS:
         _, c = seg.run_with_cache(enc, CLASSES, names=["proxy.attention"], gamma=gamma, beta=beta)
-        pixels, rows = attention_rows(seg, enc, c["proxy.attention"], clip_tokens, y, x)
+        pixels, rows = attention_rows(seg, enc, c["proxy.attention"], y, x)
         title, row, grid, patch = rows[0]
         grid_maps.append((f"gamma={gamma:g} beta={beta:g}", row, grid, patch))
 fig_gamma_beta = viz.plot_attention_grid(pixels, grid_maps, ncols=len(BETAS))
@@ -146,11 +141,12 @@ fig_stages
 
 # %% [markdown]
 # ## Without a VFM vs with one
-# `vfm=none` is the MaskCLIP-style baseline: CLIP's last-block values without any attention.
+# The baseline without a VFM: CLIP's last-block values without any attention (MaskCLIP, v-only:
+# no residual, no FFN), decoded from the same `Encoded` (docs/methods.md; notebook 06 has the
+# whole family).
 
 # %%
-seg_none = Segmenter.from_config(compose_config(overrides=core_overrides(SMOKE, vfm="none")))
-pred_none = seg_none.predict(image, CLASSES)
+pred_none = seg.decode(enc, CLASSES, method="maskclip", residual=False, ffn=False)
 pred_proxy = seg.decode(enc, CLASSES)
 viz.plot_baseline_comparison(image, pred_none.labels, pred_proxy.labels, CLASSES,
                              names=("CLIP, no VFM", f"ProxyCLIP + {seg.cfg.vfm.name}"))

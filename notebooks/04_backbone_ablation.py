@@ -19,7 +19,8 @@
 # Every (CLIP, VFM) pair is evaluated on the same labeled set (custom format; a synthetic set by
 # default) with the method's default hyperparameters. Each pair is its own W&B run; all runs of
 # this ablation share one W&B group, and a last run of the group holds the whole grid as a table
-# and a heatmap. `vfm=none` is the no-VFM (MaskCLIP-style) baseline.
+# and a heatmap. `none` is the baseline without a VFM (MaskCLIP, v-only: `method=maskclip
+# method.residual=false method.ffn=false`; docs/methods.md).
 #
 # Smoke mode (`PROXYCLIP_SMOKE=1`): the tiny random CLIP with the tiny VFM and with none.
 
@@ -65,7 +66,8 @@ print(f"{len(CLIPS)} CLIP x {len(VFMS)} VFM on {root}; results in {out_dir}")
 results = {}
 for clip in CLIPS:
     for vfm in VFMS:
-        overrides = core_overrides(SMOKE, clip=clip, vfm=vfm) + [
+        baseline = ["method=maskclip", "method.residual=false", "method.ffn=false"] if vfm == "none" else []
+        overrides = core_overrides(SMOKE, clip=clip, vfm=vfm) + baseline + [
             "dataset=custom", f"dataset.root={root}", "progress=false", "log_images=1",
             f"logger.tags=[{clip},{vfm}]", *logger_overrides]
         if LIMIT:

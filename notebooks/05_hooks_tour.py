@@ -134,8 +134,7 @@ def miou(predict):
     return metrics_from_confusion(cm, classes)["mIoU"]
 
 
-seg_none = Segmenter.from_config(compose_config(overrides=core_overrides(SMOKE, vfm="none")))
-miou_none = miou(lambda i: seg_none.predict(samples[i][0], classes).labels)
+miou_none = miou(lambda i: seg.decode(encoded[i], classes, method="maskclip", residual=False, ffn=False).labels)
 miou_proxy = miou(lambda i: seg.decode(encoded[i], classes).labels)
 miou_oracle = miou(lambda i: seg.run_with_hooks(
     encoded[i], classes, hooks={"proxy.affinity": oracle_affinity_hook(samples[i][1], encoded[i])}).labels)

@@ -17,7 +17,7 @@ notebooks (displayed as the cell's value), scripts (``fig.savefig``), W&B
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -404,3 +404,47 @@ def locate_patch(y: float, x: float, image_size: Tuple[int, int], resized_size: 
     row = min(int((ry - y1 + top + 0.5) * gh / (y2 - y1 + top + bottom)), gh - 1)
     col = min(int((rx - x1 + left + 0.5) * gw / (x2 - x1 + left + right)), gw - 1)
     return best, row, col
+
+
+def pattern_row(pattern, enc, y: float, x: float, vfm_resizes_input: bool = False):
+    """The attention of the token under original-image pixel ``(y, x)`` over the patch tokens of
+    its window, read from an ``attention.pattern`` hook tensor ``(n_windows, H or 1, T, T)`` of a
+    decode of ``enc`` (any method): heads averaged; for T = 1 + gh*gw the CLS column is dropped
+    and the row renormalized to sum 1; otherwise (ProxyCLIP) the grid is the VFM's.
+
+    Returns ``(row (N,), grid, (r, c), window)``, ready for :func:`plot_attention_grid`.
+    """
+    t = pattern.shape[-1]
+    gh, gw = enc.clip_grid
+    if t == 1 + gh * gw:
+        grid, cls, pad = (gh, gw), True, enc.pad
+    else:
+        grid, cls = tuple(enc.vfm_features.shape[-2:]), False
+        pad = (0, 0, 0, 0) if vfm_resizes_input else enc.pad  # SAM sees the unpadded window resized
+    win, r, c = locate_patch(y, x, enc.image_size, enc.resized_size, enc.windows, grid, pad=pad)
+    row = pattern[win].float().mean(dim=0)[int(cls) + r * grid[1] + c]
+    if cls:
+        row = row[1:] / row[1:].sum()
+    return row, grid, (r, c), win
+
+
+def plot_method_grid(image, labels_by_method: Mapping[str, Any], class_names: Sequence[str], gt_labels=None,
+                     alpha: float = 0.5, ncols: int = 4) -> Figure:
+    """One panel per method (``{name: (H, W) labels}``), after the image and the ground truth
+    (when given); one legend of the classes present."""
+    img = image_to_float_hwc(image)
+    n_classes = len(class_names)
+    panels = [("image", None)] + ([("ground truth", gt_labels)] if gt_labels is not None else [])
+    panels += list(labels_by_method.items())
+    ncols = min(ncols, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig = Figure(figsize=(3.2 * ncols, 3.0 * nrows + 0.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols)).ravel()
+    for ax, (title, labels) in zip(axes, panels):
+        ax.imshow(img if labels is None else _overlay(img, colorize_labels(labels, n_classes), alpha))
+        ax.set_title(title)
+    for ax in axes:
+        ax.set_axis_off()
+    maps = [m for _, m in panels[1:]]
+    _legend(fig, present_classes(*maps, n_classes=n_classes), class_names, n_classes)
+    return fig

@@ -14,7 +14,7 @@ import nbformat
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ["01_quickstart", "02_attention_maps", "03_sweeps", "04_backbone_ablation", "05_hooks_tour"]
+NAMES = ["01_quickstart", "02_attention_maps", "03_sweeps", "04_backbone_ablation", "05_hooks_tour", "06_method_zoo"]
 WANDB = str(Path(sys.executable).with_name("wandb"))
 
 
@@ -137,3 +137,17 @@ def test_hooks_tour(tmp_path):
         assert name in text
     assert "ground-truth affinity (ceiling)" in text
     assert len(outputs(nb, "image/png")) == 3
+
+
+def test_method_zoo(tmp_path):
+    nb = execute("06_method_zoo", tmp_path)
+    assert len(outputs(nb, "image/png")) == 2  # segmentations side by side, attention of one patch
+    (run,) = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    s = leet_summary(run)["summary"]
+    table = json.loads((run / "files" / s["methods"]["path"]).read_text())
+    methods = [row[0] for row in table["data"]]
+    assert methods == ["clip", "maskclip", "sclip", "clearclip", "naclip", "proxyclip", "naclip+pamr"]
+    best = max(table["data"], key=lambda r: r[1])
+    assert s["best_method"] == best[0] and s["best_mIoU"] == pytest.approx(best[1])
+    for key in ("segmentations", "attention_of_one_patch"):
+        assert s[key]["_type"] == "image-file"

@@ -141,7 +141,7 @@ def _log_results(logger: Any, job_type: str, result: GridResult, written: Dict[s
     logger.log_table("sweep", list(PARAMS) + ["mIoU", "aAcc", "mAcc"], sweep_rows(result))
     for g, (p, m) in enumerate(zip(result.points, result.metrics)):
         logger.log_metrics({**p, "mIoU": m["mIoU"], "aAcc": m["aAcc"], "mAcc": m["mAcc"]}, step=g)
-    logger.log_summary({"best_mIoU": written["best"]["mIoU"], **{f"best_{k}": written["best"][k] for k in PARAMS}})
+    logger.log_summary({"best_mIoU": written["best"]["mIoU"], **{f"best_{k}": written["best"].get(k) for k in PARAMS}})
     fig = sweep_heatmap(result)
     if fig is not None:
         logger.log_figure("mIoU_beta_gamma", fig)

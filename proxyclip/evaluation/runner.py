@@ -36,7 +36,7 @@ from .state import RunState, digest
 
 log = logging.getLogger(__name__)
 
-PARAMS = ("beta", "gamma", "logit_scale", "prob_thd")
+PARAMS = ("beta", "gamma", "logit_scale", "prob_thd")  # the sweepable ones (beta, gamma: proxyclip's)
 # Fault injection for the resumability test: SIGKILL this process once N images are counted,
 # in the middle of the next one (after its decode, before its state is saved).
 KILL_ENV = "PROXYCLIP_EVAL_KILL_AFTER"
@@ -55,12 +55,13 @@ def grid_points(seg, grid: Optional[Any] = None, method: Optional[Any] = None) -
     """Hyperparameter points: the product of ``grid``'s lists.
 
     An empty or missing list means the value in ``method`` (the run's ``cfg.method``, which
-    carries the dataset's protocol, e.g. its prob_thd), else the Segmenter's own config.
+    carries the dataset's protocol, e.g. its prob_thd), else the Segmenter's own config. Each point
+    holds every setting of its decode (method, switches, knobs; ``Segmenter.resolve_params``).
     """
     axes = []
     for name in PARAMS:
         values = list(getattr(grid, name, None) or []) if grid is not None else []
-        if not values and method is not None:
+        if not values and method is not None and name in method:
             values = [float(method[name])]
         axes.append(values or [None])
     points = []
@@ -252,6 +253,7 @@ def describe_run(cfg: Any, seg: Any, dataset: SegmentationDataset) -> Dict[str, 
     return {
         "dataset": dataset.name,
         "method": str(m.name),
+        "postprocess": str(cfg.postprocess.name) if "postprocess" in cfg else "none",
         "clip": f"{cfg.clip.name}/{cfg.clip.pretrained}",
         "vfm": str(cfg.vfm.name),
         "weights": str(cfg.weights.source) + ("" if str(cfg.weights.source) != "random" else f"(seed {cfg.weights.seed})"),
@@ -282,7 +284,7 @@ def write_eval_outputs(run_dir: Path, result: GridResult, meta: Dict[str, Any]) 
 
 
 def sweep_rows(result: GridResult) -> List[List[Any]]:
-    return [[p[k] for k in PARAMS] + [m["mIoU"], m["aAcc"], m["mAcc"]] for p, m in zip(result.points, result.metrics)]
+    return [[p.get(k) for k in PARAMS] + [m["mIoU"], m["aAcc"], m["mAcc"]] for p, m in zip(result.points, result.metrics)]
 
 
 def write_sweep_outputs(run_dir: Path, result: GridResult, meta: Dict[str, Any]) -> Dict[str, Any]:
@@ -293,7 +295,7 @@ def write_sweep_outputs(run_dir: Path, result: GridResult, meta: Dict[str, Any])
     long_rows = []
     for p, m in zip(result.points, result.metrics):
         for i, r in enumerate(m["per_class"]):
-            long_rows.append([p[k] for k in PARAMS] + [i, r["class"], r["IoU"], r["Acc"]])
+            long_rows.append([p.get(k) for k in PARAMS] + [i, r["class"], r["IoU"], r["Acc"]])
     _write_atomic(run_dir / "sweep_per_class.csv", _csv_text(list(PARAMS) + ["index", "class", "IoU", "Acc"], long_rows))
     best = max(range(len(result.points)), key=lambda g: -1.0 if math.isnan(result.metrics[g]["mIoU"])
                else result.metrics[g]["mIoU"])

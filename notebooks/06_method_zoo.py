@@ -1,0 +1,142 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 6. The method zoo: CLIP, MaskCLIP, SCLIP, ClearCLIP, NACLIP, ProxyCLIP
+#
+# Every training-free method here changes only CLIP's last block (docs/methods.md), so one encode of
+# an image (CLIP's tokens entering the last block, plus the VFM features ProxyCLIP needs) serves all
+# of them: each method below is a decode on the same `Encoded`. We look at
+# - their segmentations of one image, side by side;
+# - the attention of one chosen patch under each method (the `attention.pattern` hook, which every
+#   method fires);
+# - a per-method mIoU table on a labeled folder (`custom` format; a synthetic set by default), with
+#   and without PAMR, logged to Weights & Biases with the figures.
+#
+# Smoke mode (`PROXYCLIP_SMOKE=1`): tiny random models, small images.
+
+# %% tags=["parameters"]
+SMOKE = None
+IMAGE = None  # a path; None = the bundled sample image
+CLASSES = ["person; woman; lady", "flag", "wall", "uniform; jacket", "tie"]
+METHODS = ["clip", "maskclip", "sclip", "clearclip", "naclip", "proxyclip"]
+PIXEL = (0.45, 0.5)  # the chosen pixel, as fractions of the image's (height, width)
+DATA_ROOT = None  # a labeled folder (custom format); None = a synthetic set
+WANDB_MODE = None
+GROUP = "method-zoo"
+
+# %%
+# %matplotlib inline
+import time
+
+import torch
+from _workbench import core_overrides, labeled_set_root, smoke_mode, wandb_overrides
+
+from proxyclip import Segmenter, compose_config, load_image, viz
+from proxyclip.config import to_container
+from proxyclip.data import build_dataset
+from proxyclip.loggers import build_logger
+from proxyclip.widgets import ASSETS
+from proxyclip.metrics import confusion_matrix, metrics_from_confusion
+
+SMOKE = smoke_mode(SMOKE)
+cfg = compose_config(overrides=core_overrides(SMOKE))
+seg = Segmenter.from_config(cfg)
+image = load_image(IMAGE or ASSETS / "sample.jpg")
+if SMOKE:
+    image = torch.nn.functional.interpolate(image[None], size=(72, 96), mode="bilinear", align_corners=False)[0]
+print(f"CLIP {cfg.clip.name}, VFM {cfg.vfm.name}, random weights: {seg.random_weights}; image {tuple(image.shape[1:])}")
+
+# %% [markdown]
+# ## One encode, six decodes
+# `seg.encode` runs the backbones once; `seg.decode(enc, classes, method=...)` runs only the last
+# block of each method (with that method's own switches and knobs from `conf/method/<name>.yaml`),
+# the scores and the decision.
+
+# %%
+t = time.perf_counter()
+enc = seg.encode(image)
+t_encode = time.perf_counter() - t
+preds, patterns, t_decode = {}, {}, {}
+for name in METHODS:
+    t = time.perf_counter()
+    preds[name], cache = seg.run_with_cache(enc, CLASSES, names=["attention.pattern"], method=name)
+    t_decode[name] = time.perf_counter() - t
+    patterns[name] = cache["attention.pattern"]
+print(f"encode {t_encode:.2f} s; decodes: " + ", ".join(f"{n} {s:.2f} s" for n, s in t_decode.items()))
+fig_segmentations = viz.plot_method_grid(image, {n: p.labels for n, p in preds.items()}, CLASSES)
+fig_segmentations
+
+# %% [markdown]
+# ## The attention of one patch, per method
+# Each panel is the row of the attention the method runs for the token under the chosen pixel
+# (red box), averaged over heads, over the patches of its window. CLIP's own attention is diffuse;
+# MaskCLIP's is the patch itself; SCLIP, ClearCLIP and NACLIP correlate queries or keys; ProxyCLIP's
+# comes from the VFM, on the VFM's finer grid.
+
+# %%
+y, x = PIXEL[0] * enc.image_size[0], PIXEL[1] * enc.image_size[1]
+maps = []
+for name in METHODS:
+    row, grid, patch, window = viz.pattern_row(patterns[name], enc, y, x,
+                                               vfm_resizes_input=bool(seg.vfm and seg.vfm.resizes_input))
+    maps.append((f"{name} ({grid[0]}x{grid[1]})", row, grid, patch))
+pixels = viz.window_pixels(enc.image, enc.resized_size, enc.windows[window])
+fig_attention = viz.plot_attention_grid(pixels, maps)
+fig_attention
+
+# %% [markdown]
+# ## mIoU per method on a labeled folder
+# Each image is encoded once; every method (and NACLIP with PAMR, as its paper runs it) decodes it.
+# The command-line equivalent on a real benchmark, with the published numbers beside the measured:
+#
+#     proxyclip-eval -m dataset=voc21 data_root=DATA method=clip,maskclip,sclip,clearclip,naclip,proxyclip
+#     proxyclip-summary multirun/eval/<time> --table methods
+
+# %%
+root = labeled_set_root(SMOKE, DATA_ROOT)
+eval_cfg = compose_config("eval", core_overrides(SMOKE) + ["dataset=custom", f"dataset.root={root}"]
+                          + wandb_overrides(SMOKE, WANDB_MODE, group=GROUP))
+dataset = build_dataset(eval_cfg.dataset)
+names = dataset.class_names
+variants = {name: dict(method=name) for name in METHODS}
+variants["naclip+pamr"] = dict(method="naclip", postprocess="pamr_naclip")
+cms = {v: torch.zeros(len(names), len(names), dtype=torch.int64) for v in variants}
+for i in range(len(dataset)):
+    img, gt = dataset[i]
+    enc_i = seg.encode(img)
+    for v, kw in variants.items():
+        cms[v] += confusion_matrix(seg.decode(enc_i, names, **kw).labels, gt, len(names),
+                                   ignore_index=dataset.ignore_index)
+results = {v: metrics_from_confusion(cm, names) for v, cm in cms.items()}
+columns = ["method", "mIoU", "aAcc", "mAcc"]
+rows = [[v, r["mIoU"], r["aAcc"], r["mAcc"]] for v, r in results.items()]
+print(f"{len(dataset)} images of {root}")
+for row in rows:
+    print(f"{row[0]:14s} mIoU {row[1]:6.2f}  aAcc {row[2]:6.2f}  mAcc {row[3]:6.2f}")
+
+# %% [markdown]
+# ## Log to Weights & Biases
+# One run: the table, the segmentations and the attention figure.
+
+# %%
+with build_logger(eval_cfg.logger, {"methods": METHODS, **to_container(eval_cfg)}, name=f"{GROUP}-table",
+                  job_type="methods") as log:
+    log.log_table("methods", columns, rows)
+    log.log_figure("segmentations", fig_segmentations)
+    log.log_figure("attention_of_one_patch", fig_attention)
+    best = max(results, key=lambda v: results[v]["mIoU"])
+    log.log_summary({"best_method": best, "best_mIoU": results[best]["mIoU"]})
+print("best:", best, round(results[best]["mIoU"], 2))
