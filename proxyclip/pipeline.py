@@ -218,32 +218,50 @@ class Segmenter:
         return clip_key, f"{v.name}-{_digest(vfm_parts)}"
 
     # ------------------------------------------------------------------ encode
-    @torch.no_grad()
-    def encode(self, image: ImageLike) -> Encoded:
-        """Resize, cut windows, run the backbones (CLIP up to its last block; the VFM if any) -> Encoded."""
-        img = load_image(image)
+    def _layout(self, img: torch.Tensor) -> Tuple[Tuple[int, int], List[Box], Tuple[int, int, int, int]]:
+        """(resized size, windows, padding) of an image under this configuration."""
         m = self.cfg.method
         size = resized_size(img.shape[1], img.shape[2], m.short_side, m.max_long_side)
-        resized = resize_image(img.to(self.device), size)
         boxes = slide_windows(size[0], size[1], m.crop, m.stride)
         y1, y2, x1, x2 = boxes[0]
-        pad = symmetric_padding(y2 - y1, x2 - x1, self.pad_multiple)
+        return size, boxes, symmetric_padding(y2 - y1, x2 - x1, self.pad_multiple)
+
+    @torch.no_grad()
+    def encode(self, image: ImageLike, reuse: Optional[Encoded] = None) -> Encoded:
+        """Resize, cut windows, run the backbones (CLIP up to its last block; the VFM if any) -> Encoded.
+
+        ``reuse``: an Encoded of the same image (e.g. from a Segmenter with another VFM, see
+        :meth:`with_vfm`) whose parts made under this configuration's keys and window layout are
+        taken as they are: comparing VFMs on one image runs CLIP once.
+        """
+        img = load_image(image)
+        size, boxes, pad = self._layout(img)
+        same = (reuse is not None and reuse.resized_size == size and reuse.windows == boxes and reuse.pad == pad
+                and torch.equal(reuse.image, img))
+        clip_tokens = reuse.clip_tokens if same and reuse.clip_key == self.clip_key else None
+        vfm_features = None
+        if self.vfm is not None and same and reuse.vfm_key == self.vfm_key:
+            vfm_features = reuse.vfm_features
+        run_vfm = self.vfm is not None and vfm_features is None
+        resized = resize_image(img.to(self.device), size) if run_vfm or clip_tokens is None else None
         tokens, feats = [], []
         bs = int(self.cfg.batch_size)
-        for start in range(0, len(boxes), bs):
+        for start in range(0, len(boxes) if resized is not None else 0, bs):
             crops = torch.stack([resized[:, a:b, c:d] for (a, b, c, d) in boxes[start:start + bs]])
-            clip_in = F.pad(_normalize(crops, *self._clip_norm), (pad[2], pad[3], pad[0], pad[1]))
-            if self.vfm is not None:
+            if run_vfm:
                 vfm_in = _normalize(crops, *self._vfm_norm)
                 if not self.vfm.resizes_input:
                     vfm_in = F.pad(vfm_in, (pad[2], pad[3], pad[0], pad[1]))
                 f = self.vfm.features(vfm_in).float()
                 feats.append(self.hooks.point("vfm.features", f, start))
-            t = self.clip.tokens_before_last_block(clip_in).float()
-            tokens.append(self.hooks.point("clip.last_block_input", t, start))
-        grid = self.clip.grid_of(size_with_pad(boxes[0], pad)[0], size_with_pad(boxes[0], pad)[1])
-        return Encoded(image=img, resized_size=size, windows=boxes, pad=pad, clip_tokens=torch.cat(tokens),
-                       clip_grid=grid, vfm_features=torch.cat(feats) if feats else None,
+            if clip_tokens is None:
+                clip_in = F.pad(_normalize(crops, *self._clip_norm), (pad[2], pad[3], pad[0], pad[1]))
+                t = self.clip.tokens_before_last_block(clip_in).float()
+                tokens.append(self.hooks.point("clip.last_block_input", t, start))
+        grid = self.clip.grid_of(*size_with_pad(boxes[0], pad))
+        return Encoded(image=img, resized_size=size, windows=boxes, pad=pad,
+                       clip_tokens=torch.cat(tokens) if clip_tokens is None else clip_tokens, clip_grid=grid,
+                       vfm_features=torch.cat(feats) if run_vfm else vfm_features,
                        clip_key=self.clip_key, vfm_key=self.vfm_key)
 
     # ------------------------------------------------------------------ decode
