@@ -68,7 +68,7 @@ def _create(timm_name: str, source: str, seed: int, checkpoint: Optional[str], k
         path = check_checkpoint_file(checkpoint, "vfm.checkpoint")
         try:
             model = build(True, pretrained_cfg_overlay=dict(file=str(path)))
-        except TypeError:
+        except TypeError:  # an argument the architecture does not take: create_vfm_model retries without it
             raise
         except RuntimeError as e:
             raise mismatch_error(path, f"timm {timm_name}", e) from e
@@ -78,7 +78,7 @@ def _create(timm_name: str, source: str, seed: int, checkpoint: Optional[str], k
         with offline_unless_reachable() as reachable:
             try:
                 model = build(True)
-            except TypeError:
+            except TypeError:  # as above: not a download failure
                 raise
             except Exception as e:
                 raise WeightsUnavailable(hub_failure_message(f"VFM {timm_name}", reachable, "vfm.checkpoint")) from e
@@ -149,7 +149,7 @@ class VfmBackbone(nn.Module):
         return self.input_size is not None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, h, w) normalized with ``mean``/``std`` -> features (B, C, Hv, Wv).
+        """Images (B, 3, h, w) normalized with ``mean``/``std`` -> float32 features (B, C, Hv, Wv).
 
         A fixed-size model sees ``x`` resized to ``input_size``; any other is padded (symmetric)
         to a multiple of ``patch_size`` first, so Hv, Wv = ceil(h / patch_size), ceil(w / patch_size).
@@ -163,8 +163,8 @@ class VfmBackbone(nn.Module):
         with self._capture_qkv() as captured:
             tokens = self._intermediate(x.to(self.dtype))
         if self.feature == "tokens":
-            return tokens
-        return self._split_qkv(captured, tokens.shape[-2:])
+            return tokens.float()
+        return self._split_qkv(captured, tokens.shape[-2:]).float()
 
     def _intermediate(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.norm and self.feature == "tokens"
