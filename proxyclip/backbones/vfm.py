@@ -120,9 +120,10 @@ class VfmBackbone(nn.Module):
         data = timm.data.resolve_model_data_config(model)
         self.mean: Tuple[float, float, float] = tuple(float(m) for m in data["mean"])
         self.std: Tuple[float, float, float] = tuple(float(s) for s in data["std"])
-        self._qkv = None if feature == "tokens" else self._fused_qkv(model.get_submodule(info["module"]))
-        if self._qkv is not None:
-            self.channels = int(self._qkv.out_features) // 3
+        qkv = None if feature == "tokens" else self._fused_qkv(model.get_submodule(info["module"]))
+        self._qkv_path = None if qkv is None else f"{info['module']}.attn.qkv"  # a name: no second reference
+        if qkv is not None:
+            self.channels = int(qkv.out_features) // 3
         else:
             self.channels = int(info.get("num_chs_norm", info["num_chs"]) if self.norm else info["num_chs"])
 
@@ -179,10 +180,10 @@ class VfmBackbone(nn.Module):
     @contextlib.contextmanager
     def _capture_qkv(self) -> Iterator[List[torch.Tensor]]:
         captured: List[torch.Tensor] = []
-        if self._qkv is None:
+        if self._qkv_path is None:
             yield captured
             return
-        handle = self._qkv.register_forward_hook(lambda module, args, out: captured.append(out))
+        handle = self.model.get_submodule(self._qkv_path).register_forward_hook(lambda module, args, out: captured.append(out))
         try:
             yield captured
         finally:
