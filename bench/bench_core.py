@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from proxyclip import Segmenter, compose_config  # noqa: E402
-from proxyclip.backbones import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from proxyclip.backbones import CLIP_MEAN, CLIP_STD  # noqa: E402
 
 CLASSES = ["sky", "person; people", "horse", "grass", "tree"]
 
@@ -95,7 +95,7 @@ def main() -> None:
             tokens = seg.clip.tokens_before_last_block(norm(x, CLIP_MEAN, CLIP_STD))
             last = seg.clip_model.visual.transformer.resblocks[-1]
             last(tokens)  # CLIP's full last block, as its own forward would run it
-            seg.vfm_model.forward_features(norm(x, IMAGENET_MEAN, IMAGENET_STD))
+            seg.vfm_model.forward_features(norm(x, seg.vfm.mean, seg.vfm.std))
 
     t_bb = timed(backbones, args.repeats)
     print(f"backbones' own forward over the same windows {t_bb:.3f} s, predict/backbones = {t_pred / t_bb:.3f} "

@@ -42,12 +42,16 @@ class ClipConfig:
 
 @dataclass
 class VfmConfig:
-    """A vision foundation model built with timm (or ``none`` for the no-VFM baseline)."""
+    """A vision foundation model built with timm (``timm_name: null`` = no VFM, the baseline); docs/vfm.md."""
 
     name: str = MISSING  # short key, e.g. "dino_vitb8"
-    family: str = MISSING  # dino | dinov2 | sam | mae | none
-    timm_name: Optional[str] = None  # e.g. "vit_base_patch8_224.dino"
+    timm_name: Optional[str] = None  # timm name and pretrained tag, e.g. "vit_base_patch8_224.dino"
     input_size: Optional[int] = None  # fixed square input side (SAM: 1024); None = the window's own size
+    layer: int = -1  # feature layer (a ViT block, a Hiera stage); negative counts from the end
+    feature: str = "tokens"  # tokens | q | k | v (that block's attention projections, heads concatenated)
+    norm: bool = True  # tokens: apply the model's final norm (SAM: its neck); ignored for q/k/v
+    channels: Optional[int] = None  # C of the full model's features at these settings (checked by the tests)
+    stride: Optional[int] = None  # the full model's stride at this layer (checked by the tests)
     timm_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
     checkpoint: Optional[str] = None  # local checkpoint file, used with weights=local
 

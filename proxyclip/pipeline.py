@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from . import proxy
-from .backbones import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ClipBackbone, VfmBackbone,
-                        WeightsUnavailable, create_clip_model, create_vfm_model)
+from .backbones import CLIP_MEAN, CLIP_STD, ClipBackbone, VfmBackbone, WeightsUnavailable, build_vfm, create_clip_model
 from .config import CONF_DIR, group_choice
 from .hooks import HOOK_NAMES, HookFn, HookSet, finish_cache
 from .images import ImageLike, load_image
@@ -134,7 +133,7 @@ class Segmenter:
         vfm_patch = [] if vfm is None or vfm.resizes_input else [vfm.patch_size]
         self.pad_multiple = padding_multiple(clip.patch_size, *vfm_patch)
         self._clip_norm = _norm_tensors(CLIP_MEAN, CLIP_STD, self.device)
-        self._vfm_norm = _norm_tensors(IMAGENET_MEAN, IMAGENET_STD, self.device)
+        self._vfm_norm = None if vfm is None else _norm_tensors(vfm.mean, vfm.std, self.device)
         self.clip_key, self.vfm_key = self._make_keys()
         self.resolve_params()  # the configured method's values are valid
         self.resolve_postprocess()
@@ -152,10 +151,10 @@ class Segmenter:
             raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
         _check_geometry(cfg.method)
         method = get_method(cfg.method.name)
-        if method.needs_vfm and cfg.vfm.family == "none":
+        if method.needs_vfm and not cfg.vfm.timm_name:
             raise ValueError(_no_vfm_message(cfg.method.name, cfg.vfm.name))
         use_vfm = method.needs_vfm
-        if not use_vfm and cfg.vfm.family != "none":
+        if not use_vfm and cfg.vfm.timm_name:
             log.warning("method=%s uses no VFM: vfm=%s is neither built nor run", cfg.method.name, cfg.vfm.name)
         dtype = _DTYPES[cfg.precision]
         if device.type == "cpu" and dtype != torch.float32:
@@ -165,18 +164,17 @@ class Segmenter:
         try:
             clip_model = create_clip_model(cfg.clip.name, cfg.clip.pretrained, cfg.clip.quick_gelu, source,
                                            seed=w.seed, checkpoint=cfg.clip.checkpoint)
-            vfm_model = _create_vfm(cfg, source) if use_vfm else None
+            vfm = build_vfm(cfg.vfm, source, w.seed) if use_vfm else None
         except WeightsUnavailable as e:
             if not w.fallback_to_random:
                 raise
             print(f"[proxyclip] pretrained weights unavailable, using RANDOM weights (seed {w.seed}): {e}")
             source = "random"
             clip_model = create_clip_model(cfg.clip.name, cfg.clip.pretrained, cfg.clip.quick_gelu, source, seed=w.seed)
-            vfm_model = _create_vfm(cfg, source) if use_vfm else None
+            vfm = build_vfm(cfg.vfm, source, w.seed) if use_vfm else None
         clip = ClipBackbone(clip_model.to(device=device, dtype=dtype), open_clip.get_tokenizer(cfg.clip.name))
-        vfm = None
-        if vfm_model is not None:
-            vfm = VfmBackbone(vfm_model.to(device=device, dtype=dtype), cfg.vfm.family, cfg.vfm.input_size)
+        if vfm is not None:
+            vfm = vfm.to(device=device, dtype=dtype)
         return cls(cfg, clip, vfm, random_weights=(source == "random"))
 
     @property
@@ -466,17 +464,6 @@ def decide(scores: torch.Tensor, classes: ClassList, logit_scale: float, prob_th
     if prob_thd > 0:
         labels[best < prob_thd] = 0
     return probs, labels.long()
-
-
-def _create_vfm(cfg: DictConfig, source: str):
-    v = cfg.vfm
-    if v.family == "none":
-        return None
-    if not v.timm_name:
-        raise ValueError(f"vfm={v.name}: vfm.timm_name is not set (family {v.family!r} needs a timm model)")
-    kwargs = OmegaConf.to_container(v.timm_kwargs) if "timm_kwargs" in v else {}
-    return create_vfm_model(v.timm_name, source, seed=cfg.weights.seed, checkpoint=v.checkpoint,
-                            timm_kwargs=kwargs, is_sam=(v.family == "sam"))
 
 
 def _no_vfm_message(method: str, vfm: str) -> str:
