@@ -99,7 +99,10 @@ def find_published(method: str, clip: str, vfm: str,
 
 
 def published_average(row: PublishedRow, datasets: Sequence[str]) -> Optional[float]:
-    """Mean of ``row``'s values over ``datasets`` (None if it lacks one of them)."""
+    """Mean of ``row``'s values over ``datasets`` (None if it lacks one of them); over all eight
+    benchmarks, the paper's own average column."""
+    if sorted(datasets) == sorted(PAPER_DATASETS):
+        return row.avg
     values = [row.by_dataset.get(d) for d in datasets]
     if not values or any(v is None for v in values):
         return None

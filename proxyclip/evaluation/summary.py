@@ -38,7 +38,7 @@ METHOD_ORDER = ("clip", "maskclip", "sclip", "clearclip", "naclip", "proxyclip")
 CLIP_ORDER = ("ViT-B-16/openai", "ViT-L-14/openai", "ViT-H-14/laion2b_s32b_b79k")
 VFM_ORDER = ("dino_vitb8", "dino_vitb16", "dinov2_vitb14_reg", "sam_vitb", "mae_vitb16")
 # fields that always identify a row, with the value a record without them gets
-BASE_FIELDS: Dict[str, Any] = {"method": "?", "clip": "?", "vfm": "none", "weights": "?", "vfm_layer": -1,
+BASE_FIELDS: Dict[str, Any] = {"method": "?", "clip": "?", "vfm": "none", "weights": "pretrained", "vfm_layer": -1,
                                "vfm_feature": "tokens", "postprocess": "none", "limit": None, "limit_seed": 0}
 # the value of a base field that needs no mention in the "setting" column
 UNREMARKABLE: Dict[str, Any] = {"weights": "pretrained", "vfm_layer": -1, "vfm_feature": "tokens",
@@ -138,7 +138,7 @@ def fmt(v: Any) -> str:
     if isinstance(v, bool):
         return "on" if v else "off"
     if isinstance(v, float):
-        return f"{v:g}"
+        return f"{v:.1f}" if v.is_integer() else f"{v:g}"
     return "-" if v is None else str(v)
 
 
@@ -202,12 +202,13 @@ def _paper_config(r: dict) -> bool:
 
 def _benchmark_row(label: List[str], by_dataset: Dict[str, float], columns: Sequence[str],
                    pub: Optional[PublishedRow]) -> Tuple[List[str], List[Cell]]:
-    """One row of the benchmark table: a cell per dataset column, then the average."""
+    """A cell per dataset column, then the average. A measured row (``by_dataset`` not empty) gets
+    published numbers beside its measured cells only; a reference row (empty) the published ones."""
     published = pub.by_dataset if pub else {}
-    cells = [Cell(by_dataset.get(d), published.get(d)) for d in columns]
-    mean, partial = _mean([by_dataset.get(d) for d in columns])
-    have = [d for d in columns if by_dataset.get(d) is not None] if by_dataset else list(columns)
-    cells.append(Cell(mean, published_average(pub, have) if pub and have else None, partial and bool(by_dataset)))
+    compared = [d for d in columns if d in by_dataset] if by_dataset else list(columns)
+    cells = [Cell(by_dataset.get(d), published.get(d) if d in compared else None) for d in columns]
+    mean, partial = _mean([by_dataset.get(d) for d in columns]) if by_dataset else (None, False)
+    cells.append(Cell(mean, published_average(pub, compared) if pub and compared else None, partial))
     return label, cells
 
 
@@ -225,28 +226,28 @@ def benchmark_table(records: Sequence[dict], kind: str = "main", datasets: Optio
         g = groups.setdefault(tuple(_base(r)) + tuple(_hashable(_params(r).get(k)) for k in params),
                               {"record": r, "cells": {}})
         g["cells"][r["dataset"]] = r["mIoU"]
-    collection = COLLECTIONS[kind]
-    table = Table(kind, f"{kind}: mIoU (%)", ["method", "CLIP", "VFM", "setting"],
-                  [HEADERS.get(d, d) for d in columns] + ["avg"], with_published=True)
-    used: List[PublishedRow] = []
-    for g in sorted(groups.values(), key=lambda g: _row_order(g["record"], params)):
+    entries, used = [], []
+    for g in groups.values():
         r = g["record"]
-        pub = find_published(r.get("method", "?"), r.get("clip", "?"), r.get("vfm", "none"), collection) \
+        pub = find_published(r.get("method", "?"), r.get("clip", "?"), r.get("vfm", "none"), COLLECTIONS[kind]) \
             if _paper_config(r) else None
         used += [pub] if pub and pub not in used else []
         label = [str(r.get("method", "?")), str(r.get("clip", "?")), str(r.get("vfm", "none")), setting_label(r, params)]
-        table.rows.append(_benchmark_row(label, g["cells"], columns, pub))
-    if paper:
-        for pub in (p for p in REFERENCE_ROWS[kind] if p not in used):
-            table.rows.append(_benchmark_row([pub.label, pub.clip, pub.vfm or "-", "published"], {}, columns, pub))
-            used.append(pub)
+        entries.append((_row_order(r.get("method"), r.get("clip"), r.get("vfm"), label[-1]),
+                        _benchmark_row(label, g["cells"], columns, pub)))
+    for pub in (p for p in REFERENCE_ROWS[kind] if paper and p not in used):
+        entries.append((_row_order(pub.method, pub.clip, pub.vfm, "~"),
+                        _benchmark_row([pub.label, pub.clip, pub.vfm or "-", "published"], {}, columns, pub)))
+        used.append(pub)
+    table = Table(kind, f"{kind}: mIoU (%)", ["method", "CLIP", "VFM", "setting"],
+                  [HEADERS.get(d, d) for d in columns] + ["avg"], with_published=True)
+    table.rows = [row for _, row in sorted(entries, key=lambda e: e[0])]
     table.notes = _benchmark_notes(table, used)
     return table
 
 
-def _row_order(r: dict, params: Sequence[str]) -> tuple:
-    return (order_key(r.get("method"), METHOD_ORDER), order_key(r.get("clip"), CLIP_ORDER),
-            order_key(r.get("vfm"), VFM_ORDER), setting_label(r, params))
+def _row_order(method: Any, clip: Any, vfm: Any, setting: str) -> tuple:
+    return (order_key(method, METHOD_ORDER), order_key(clip, CLIP_ORDER), order_key(vfm, VFM_ORDER), setting)
 
 
 def _benchmark_notes(table: Table, used: Sequence[PublishedRow]) -> List[str]:
@@ -295,7 +296,9 @@ def pivot_tables(records: Sequence[dict], pivot: Pivot) -> List[Table]:
     datasets += sorted({r["dataset"] for r in records} - set(datasets))
     rows = sorted(grid, key=lambda k: (order_key(k[0], pivot.row_order), k[1]))
     cols = sorted({c for cells in grid.values() for c in cells}, key=lambda c: order_key(c, pivot.col_order))
-    with_setting = any(setting for _, setting in rows)
+    settings = {setting for _, setting in rows}
+    with_setting = len(settings) > 1  # one setting shared by all rows is said once, in a note
+    shared = [f"All runs: {settings.pop()}."] if len(settings) == 1 and "" not in settings else []
     names = (["average"] if len(datasets) > 1 else []) + datasets
     tables = []
     for name in names:
@@ -303,7 +306,7 @@ def pivot_tables(records: Sequence[dict], pivot: Pivot) -> List[Table]:
         title = (f"{pivot.kind}: mean mIoU (%) over {', '.join(HEADERS.get(d, d) for d in datasets)}"
                  if name == "average" else f"{pivot.kind}: mIoU (%) on {HEADERS.get(name, name)}")
         table = Table(name, title, [pivot.row_title] + (["setting"] if with_setting else []),
-                      [f"{pivot.col_title}={fmt(c)}" for c in cols], notes=[NO_PUBLISHED_NOTE])
+                      [f"{pivot.col_title}={fmt(c)}" for c in cols], notes=shared + [NO_PUBLISHED_NOTE])
         for key in rows:
             label = [fmt(key[0])] + ([key[1]] if with_setting else [])
             table.rows.append((label, [_pivot_cell(grid[key].get(c, {}), subset) for c in cols]))
@@ -346,7 +349,8 @@ def cell_text(c: Cell) -> str:
     shown = f"{c.value:.1f}" + ("*" if c.partial else "")
     if c.published is None:
         return shown
-    return f"{shown} ({c.published:.1f}, {round(c.value, 1) - c.published:+.1f})"
+    diff = round(round(c.value, 1) - round(c.published, 1), 1) + 0.0  # of the numbers shown; no "-0.0"
+    return f"{shown} ({c.published:.1f}, {diff:+.1f})"
 
 
 def to_markdown(tables: Sequence[Table]) -> str:
@@ -355,7 +359,7 @@ def to_markdown(tables: Sequence[Table]) -> str:
         header = t.label_columns + t.value_columns
         out += [f"**{t.title}**", "", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         out += ["| " + " | ".join(label + [cell_text(c) for c in cells]) + " |" for label, cells in t.rows]
-        out += [""] + [ln for note in t.notes for ln in (note, "")]
+        out += [""] + [f"- {note}" for note in t.notes] + [""]
     return "\n".join(out).rstrip("\n") + "\n"
 
 
