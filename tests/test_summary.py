@@ -103,6 +103,15 @@ def test_rows_split_by_swept_parameters_not_by_each_datasets_protocol():
     assert rows[3][4:] == ["10.0", "-", "10.0*"]  # post-processed: the published numbers are without it
 
 
+def test_all_eight_benchmarks_in_the_papers_column_order():
+    records = [rec(d, 10.0 + PAPER_DATASETS.index(d)) for d in reversed(PAPER_DATASETS)]
+    rows = md_rows(to_markdown(build_tables(records, "main")))
+    assert rows[0][4:] == ["VOC21", "PC60", "Object", "VOC20", "PC59", "Stuff", "City", "ADE", "avg"]
+    assert [c.split(" ")[0] for c in rows[1][4:]] == ["10.0", "11.0", "12.0", "13.0", "14.0", "15.0", "16.0", "17.0",
+                                                      "13.5"]
+    assert rows[1][-1] == "13.5 (42.3, -28.8)"  # against the paper's own average column
+
+
 def test_paper_flag_all_columns_and_reference_rows_in_paper_order():
     (table,) = build_tables([rec("voc21", 62.0)], "main", paper=True)
     rows = md_rows(to_markdown([table]))
