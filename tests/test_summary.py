@@ -8,15 +8,26 @@ import io
 import json
 import math
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
+from fixtures_eval import PYTHON, REPO, TINY_EVAL, subprocess_env
 from omegaconf import OmegaConf
 
-from fixtures_eval import PYTHON, REPO, TINY_EVAL, subprocess_env
-from proxyclip.evaluation.published import METHODS_B16, PAPER_DATASETS, PAPER_MAIN, find_published
-from proxyclip.evaluation.summary import build_tables, cell_text, default_kind, summarize, to_csv, to_markdown
+from proxyclip.evaluation.published import (
+    METHODS_B16,
+    PAPER_DATASETS,
+    PAPER_MAIN,
+    find_published,
+)
+from proxyclip.evaluation.summary import (
+    build_tables,
+    cell_text,
+    default_kind,
+    summarize,
+    to_csv,
+    to_markdown,
+)
 
 B16, L14 = "ViT-B-16/openai", "ViT-L-14/openai"
 HEADER_MAIN = ["method", "CLIP", "VFM", "setting"]
@@ -88,7 +99,7 @@ def test_main_table_cells_published_diffs_and_averages():
 
 
 def test_rows_split_by_swept_parameters_not_by_each_datasets_protocol():
-    p = lambda beta, thd: {"beta": beta, "gamma": 3.0, "logit_scale": 40.0, "prob_thd": thd}  # noqa: E731
+    p = lambda beta, thd: {"beta": beta, "gamma": 3.0, "logit_scale": 40.0, "prob_thd": thd}
     records = [rec("voc21", 60.0, params=p(1.2, 0.2)), rec("context60", 30.0, params=p(1.2, 0.15)),
                rec("voc21", 55.0, params=p(1.0, 0.2)), rec("context60", 25.0, params=p(1.0, 0.15)),
                rec("voc21", 40.0, method="sclip", vfm="none", params={"logit_scale": 65.0, "prob_thd": 0.2}),
@@ -229,7 +240,7 @@ def test_tables_logged_to_wandb_offline_read_back(tmp_path, monkeypatch):
     (tmp_path / "r" / "metrics.json").write_text(json.dumps(rec("voc21", 61.04, experiment="paper_main")))
     summarize([tmp_path / "r"], logger_cfg=wandb_logger_config("offline", tmp_path / "w"))
     (run_dir,) = (tmp_path / "w" / "wandb").glob("offline-run-*")
-    summary, records = read_run(str(run_dir))
+    summary, _ = read_run(str(run_dir))
     assert summary["name"] == "summary-main" and summary["config"]["table"] == "main"
     table = summary["summary"]["summary/main"]
     data = json.loads((run_dir / "files" / table["path"]).read_text())

@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Optional
 
 
-def wandb_logger_config(mode: str = None, directory: Path = None):
+def wandb_logger_config(mode: Optional[str] = None, directory: Optional[Path] = None):
     """``conf/logger/wandb.yaml`` checked against the logger schema, with ``mode`` / ``dir`` replaced if given."""
     from omegaconf import OmegaConf
 

@@ -27,7 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .published import COLLECTIONS, PAPER_DATASETS, REFERENCE_ROWS, PublishedRow, find_published, published_average
+from .published import (
+    COLLECTIONS,
+    PAPER_DATASETS,
+    REFERENCE_ROWS,
+    PublishedRow,
+    find_published,
+    published_average,
+)
 
 HEADERS = {"voc21": "VOC21", "context60": "PC60", "coco_object": "Object", "voc20": "VOC20", "context59": "PC59",
            "coco_stuff": "Stuff", "cityscapes": "City", "ade20k": "ADE", "context459": "PC459", "ade847": "ADE847"}
