@@ -86,7 +86,7 @@ def test_main_table_cells_published_diffs_and_averages():
     # L/14 has no ADE: its average is over VOC21 only, marked, against the published VOC21 alone
     assert rows[2][4:] == ["60.0 (60.6, -0.6)", "-", "60.0* (60.6, -0.6)"]
     assert rows[3][4:] == ["50.0", "-", "50.0*"]  # no published row for this method
-    assert "Published ProxyCLIP B/16 + DINO B/8: ProxyCLIP paper" in md and "ECCV 2024" in md
+    assert "Published ProxyCLIP B/16 + DINO B/8, ProxyCLIP L/14 + DINO B/8: ProxyCLIP paper (Lan et al., ECCV 2024)" in md
 
     lines = list(csv.reader(io.StringIO(to_csv([table]))))
     assert lines[0] == ["table"] + HEADER_MAIN + ["VOC21", "VOC21 published", "VOC21 diff", "ADE", "ADE published",

@@ -263,7 +263,10 @@ def _benchmark_notes(table: Table, used: Sequence[PublishedRow]) -> List[str]:
     if any(cells[-1].partial for _, cells in table.rows):
         notes.append("\\* average over the datasets this row has (some are missing); "
                      "its published average is over the same datasets.")
-    notes += [f"Published {p.label}: {p.source}." for p in used]
+    sources: Dict[str, List[str]] = {}
+    for p in used:
+        sources.setdefault(p.source, []).append(p.label)
+    notes += [f"Published {', '.join(labels)}: {source}." for source, labels in sources.items()]
     return notes
 
 
