@@ -13,7 +13,6 @@ from fixtures_datasets import make_voc
 from fixtures_eval import eval_cfg, eval_segmenter, miou_by_hand  # noqa: F401  (fixture)
 from proxyclip.data import BadLabelError, build_dataset
 from proxyclip.evaluation import evaluate, select_indices
-from proxyclip.evaluation.summary import build_table, summarize
 
 
 def _independent_cm(seg, ds, **params):
@@ -99,34 +98,6 @@ def test_segmenter_built_for_another_protocol_is_refused(tmp_path, eval_segmente
     make_voc(tmp_path, n=1)
     with pytest.raises(ValueError, match="method.crop=64 but .* says 336"):
         evaluate(eval_cfg("voc21", tmp_path, "method.crop=336"), run_dir=tmp_path / "r", seg=eval_segmenter)
-
-
-def _fake_metrics(path, dataset, miou, clip="ViT-B-16/openai", beta=1.2):
-    path.mkdir(parents=True)
-    rec = {"dataset": dataset, "mIoU": miou, "method": "proxyclip", "clip": clip, "vfm": "dino_vitb8",
-           "weights": "pretrained", "params": {"beta": beta, "gamma": 3.0, "logit_scale": 40.0, "prob_thd": 0.0},
-           "limit": None, "limit_seed": 0}
-    (path / "metrics.json").write_text(json.dumps(rec))
-
-
-def test_summary_table_rows_columns_and_average(tmp_path):
-    datasets = ["voc21", "context60", "coco_object", "voc20", "context59", "coco_stuff", "cityscapes", "ade20k"]
-    for j, d in enumerate(datasets):
-        _fake_metrics(tmp_path / "mr" / f"{j}_{d}", d, 10.0 + j)
-        if d != "ade20k":
-            _fake_metrics(tmp_path / "mr2" / f"{j}_{d}", d, 50.0, clip="ViT-L-14/openai")
-    md = summarize([tmp_path / "mr", tmp_path / "mr2"], tmp_path / "out")
-    lines = md.splitlines()
-    assert lines[0] == "| method | VOC21 | PC60 | Object | VOC20 | PC59 | Stuff | City | ADE | avg |"
-    b16 = next(ln for ln in lines if "ViT-B-16" in ln)
-    assert b16.endswith("| 10.0 | 11.0 | 12.0 | 13.0 | 14.0 | 15.0 | 16.0 | 17.0 | 13.5 |")
-    l14 = next(ln for ln in lines if "ViT-L-14" in ln)
-    assert l14.endswith("| 50.0 | - | 50.0* |")  # ADE missing: average of the 7 it has, marked
-    assert (tmp_path / "out" / "summary.csv").read_text().count("\n") == 3
-    cols, rows = build_table([json.loads((tmp_path / "mr/0_voc21/metrics.json").read_text())], paper=True)
-    assert cols[1:9] == ["VOC21", "PC60", "Object", "VOC20", "PC59", "Stuff", "City", "ADE"]
-    paper = next(r for r in rows if r[0].startswith("ProxyCLIP B/16"))
-    assert paper[1] == 61.3 and paper[-1] == "42.3"  # REFERENCE.md section 7's average
 
 
 def test_ctrl_c_saves_progress_and_resume_matches(tmp_path, eval_segmenter, monkeypatch):

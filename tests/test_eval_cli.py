@@ -35,10 +35,10 @@ def test_multirun_over_datasets_then_summary(tmp_path):
     s = _run(["-m", "proxyclip.cli.summary", str(mr)])
     assert s.returncode == 0, s.stderr
     lines = s.stdout.splitlines()
-    assert lines[0] == "| method | VOC21 | VOC20 | avg |"
+    assert "| method | CLIP | VFM | setting | VOC21 | VOC20 | avg |" in lines
     row = next(ln for ln in lines if ln.startswith("| proxyclip"))
-    assert "[random weights]" in row and f"| {voc21:.1f} |" in row
-    assert (mr / "summary.md").read_text().splitlines()[0] == lines[0]
+    assert "weights=random(seed 0)" in row and f"| {voc21:.1f} |" in row
+    assert (mr / "summary.md").read_text().splitlines()[:4] == lines[:4]
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):

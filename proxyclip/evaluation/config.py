@@ -30,6 +30,7 @@ class EvalConfig(Config):
     log_images: int = 4  # first N images logged as segmentation masks (when a logger is on)
     progress: bool = True  # tqdm progress bar (images/s, ETA)
     run_dir: Optional[str] = None  # null = Hydra's run directory
+    experiment_name: Optional[str] = None  # set by a conf/experiment/ preset; recorded in metrics.json
 
 
 @dataclass

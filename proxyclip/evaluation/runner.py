@@ -262,6 +262,7 @@ def describe_run(cfg: Any, seg: Any, dataset: SegmentationDataset) -> Dict[str, 
         "protocol": {k: _plain(m[k]) for k in ("short_side", "max_long_side", "crop", "stride")},
         "limit": cfg.get("limit"),
         "limit_seed": cfg.get("limit_seed"),
+        "experiment": cfg.get("experiment_name"),
     }
 
 
