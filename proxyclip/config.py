@@ -83,8 +83,6 @@ class MethodConfig:
     max_long_side: int = MISSING  # ... but the long side is at most this long
     crop: int = MISSING  # sliding-window size
     stride: int = MISSING  # sliding-window stride
-    shift: bool = True  # subtract beta * mean(S) from the affinity (adaptive normalization)
-    mask: bool = True  # exclude affinity entries below 0 before the softmax
 
 
 @dataclass
