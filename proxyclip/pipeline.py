@@ -52,7 +52,7 @@ class Encoded:
     resized_size: Tuple[int, int]  # (h, w) after the short-side resize
     windows: List[Box]  # (y1, y2, x1, x2) in the resized image
     pad: Tuple[int, int, int, int]  # (top, bottom, left, right) padding of every window
-    clip_tokens: torch.Tensor  # (n_windows, 1 + gh*gw, D) float32, CLS first
+    clip_tokens: torch.Tensor  # (n_windows, 1 + gh*gw, D) float32, CLS first (None only in a cache's partial entry)
     clip_grid: Tuple[int, int]  # (gh, gw)
     vfm_features: Optional[torch.Tensor]  # (n_windows, C, Hv, Wv) float32, None without a VFM
     clip_key: str  # identity of (CLIP, weights, resolution, crop, stride, padding)
@@ -177,6 +177,27 @@ class Segmenter:
             vfm = vfm.to(device=device, dtype=dtype)
         return cls(cfg, clip, vfm, random_weights=(source == "random"))
 
+    def with_vfm(self, vfm: str, **settings: Any) -> "Segmenter":
+        """A Segmenter with another VFM (a conf/vfm name, plus field overrides such as ``layer=6``,
+        ``feature="k"``) that shares this one's CLIP model and text cache. Its ``encode(image,
+        reuse=enc)`` takes the CLIP part from ``enc``: comparing VFMs on one image runs CLIP once."""
+        node = OmegaConf.to_container(group_choice("vfm", vfm))
+        cfg = OmegaConf.merge(self.cfg, {"vfm": node})
+        for k, v in settings.items():
+            if k not in cfg.vfm:
+                raise ValueError(f"vfm has no field {k!r}; its fields: {', '.join(cfg.vfm)}")
+            cfg.vfm[k] = v
+        if not get_method(self.method).needs_vfm:
+            raise ValueError(f"method={self.method} uses no VFM: build the Segmenter with a method that does")
+        source = "random" if self.random_weights else self.cfg.weights.source
+        backbone = build_vfm(cfg.vfm, source, cfg.weights.seed)
+        if backbone is None:
+            raise ValueError(_no_vfm_message(self.method, vfm))
+        backbone = backbone.to(device=self.device, dtype=_DTYPES[cfg.precision])
+        other = Segmenter(cfg, self.clip, backbone, self.random_weights)
+        other.text = self.text
+        return other
+
     @property
     def clip_model(self) -> torch.nn.Module:
         """The underlying open_clip model."""
@@ -202,18 +223,22 @@ class Segmenter:
         return list(HOOK_NAMES)
 
     def _make_keys(self) -> Tuple[str, Optional[str]]:
+        """Identities of the two parts an encode makes (the window padding is checked separately:
+        it depends on both backbones' patch sizes, and is usually none)."""
         c, v, w, m = self.cfg.clip, self.cfg.vfm, self.cfg.weights, self.cfg.method
-        weights = {"random": f"random{w.seed}", "local": f"local:{c.checkpoint}:{v.checkpoint}"}.get(
-            "random" if self.random_weights else w.source, "pretrained")
-        common = [f"w={weights}", f"res={m.short_side}/{m.max_long_side}/{m.crop}/{m.stride}",
-                  f"prec={self.cfg.precision}", f"format={_ENCODED_FORMAT}"]
-        clip_parts = [f"clip={c.name}/{c.pretrained}/qg{int(c.quick_gelu)}", f"pad={self.pad_multiple}"] + common
-        clip_key = f"{c.name}-{_digest(clip_parts)}"
+        source = "random" if self.random_weights else w.source
+
+        def weights(checkpoint: Optional[str]) -> str:
+            return {"random": f"random{w.seed}", "local": f"local:{checkpoint}"}.get(source, "pretrained")
+
+        common = [f"res={m.short_side}/{m.max_long_side}/{m.crop}/{m.stride}", f"prec={self.cfg.precision}",
+                  f"format={_ENCODED_FORMAT}"]
+        clip_key = f"{c.name}-{_digest([f'clip={c.name}/{c.pretrained}/qg{int(c.quick_gelu)}', weights(c.checkpoint)] + common)}"
         if self.vfm is None:
             return clip_key, None
-        vfm_parts = [f"vfm={v.name}/{v.timm_name}/{v.input_size}",
-                     f"kw={OmegaConf.to_container(v.timm_kwargs) if 'timm_kwargs' in v else {}}"] + common
-        return clip_key, f"{v.name}-{_digest(vfm_parts)}"
+        vfm_parts = [f"vfm={v.name}/{v.timm_name}/{v.input_size}", f"layer={v.layer}/{v.feature}/norm{int(v.norm)}",
+                     f"kw={OmegaConf.to_container(v.timm_kwargs) if 'timm_kwargs' in v else {}}", weights(v.checkpoint)]
+        return clip_key, f"{v.name}-{_digest(vfm_parts + common)}"
 
     # ------------------------------------------------------------------ encode
     def _layout(self, img: torch.Tensor) -> Tuple[Tuple[int, int], List[Box], Tuple[int, int, int, int]]:
@@ -348,6 +373,9 @@ class Segmenter:
             raise TypeError(f"decode takes the Encoded returned by encode(), got {type(enc).__name__}")
         if enc.clip_key != self.clip_key:
             raise ValueError(f"this Encoded was made by another CLIP configuration ({enc.clip_key}), not {self.clip_key}")
+        if self._layout(enc.image)[2] != enc.pad:
+            raise ValueError(f"this Encoded's windows are padded {enc.pad}, not as this configuration pads them "
+                             f"({self._layout(enc.image)[2]}): encode again with this Segmenter")
         if meth.needs_vfm:
             if enc.vfm_features is None:
                 raise ValueError(f"method {meth.name} needs VFM features, but this Encoded has none (it was encoded "

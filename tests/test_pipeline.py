@@ -301,3 +301,26 @@ def test_same_architecture_under_other_names_gets_other_random_weights():
     a2 = create_vfm_model("vit_base_patch16_224.dino", "random", timm_kwargs=kw)
     assert torch.equal(a.patch_embed.proj.weight, a2.patch_embed.proj.weight)
     assert not torch.equal(a.patch_embed.proj.weight, b.patch_embed.proj.weight)
+
+
+def test_another_vfm_on_the_same_clip_encodes_clip_once(tiny_segmenter, rand_image):
+    seg = tiny_segmenter
+    enc = seg.encode(rand_image)
+    other = seg.with_vfm("test_tiny", layer=0, feature="k")
+    assert other.clip is seg.clip and other.text is seg.text
+    assert other.clip_key == seg.clip_key and other.vfm_key != seg.vfm_key
+    calls = []
+    clip_fn = seg.clip.tokens_before_last_block
+    seg.clip.tokens_before_last_block = lambda x: calls.append(x.shape) or clip_fn(x)
+    try:
+        both = other.encode(rand_image, reuse=enc)
+        elsewhere = other.encode(torch.rand(3, 80, 112), reuse=enc)  # another image: nothing reused
+    finally:
+        del seg.clip.tokens_before_last_block
+    assert both.clip_tokens is enc.clip_tokens and len(calls) == 1 and elsewhere.clip_tokens is not enc.clip_tokens
+    fresh = Segmenter.from_config(tiny_config("vfm.layer=0", "vfm.feature=k"))
+    assert torch.equal(other.decode(both, CLASSES).scores, fresh.predict(rand_image, CLASSES).scores)
+    with pytest.raises(ValueError, match="another configuration"):
+        seg.decode(both, CLASSES)  # its VFM part is not this Segmenter's
+    with pytest.raises(ValueError, match="no field 'layr'"):
+        seg.with_vfm("test_tiny", layr=1)

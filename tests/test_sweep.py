@@ -46,16 +46,17 @@ def test_feature_cache_is_exact_and_reused(tmp_path, eval_segmenter, capsys):
     first = sweep(eval_cfg("voc21", tmp_path, *args, config_name="sweep"), run_dir=tmp_path / "a", seg=eval_segmenter)
     printed = capsys.readouterr().out
     assert "feature cache" in printed and "for the 3 images still to encode" in printed and "free)" in printed
-    entries = sorted((tmp_path / "cache" / eval_segmenter.key).rglob("*.pt"))
-    assert len(entries) == 3 and not list((tmp_path / "cache").rglob(".tmp-*"))
+    entries = sorted((tmp_path / "cache" / eval_segmenter.clip_key).rglob("*.pt"))
+    vfm_entries = sorted((tmp_path / "cache" / eval_segmenter.vfm_key).rglob("*.pt"))
+    assert len(entries) == 3 and len(vfm_entries) == 3 and not list((tmp_path / "cache").rglob(".tmp-*"))
     # a half-written file from an interrupted run is never read back, a corrupt entry is recomputed
     (entries[0].parent / ".tmp-abc.pt").write_bytes(b"partial")
     entries[1].write_bytes(b"garbage")
 
-    def no_encode(self, image):
+    def no_encode(self, image, reuse=None):
         raise AssertionError("encode called although cached")
 
-    cache = FeatureCache(tmp_path / "cache", eval_segmenter.key)
+    cache = FeatureCache(tmp_path / "cache", eval_segmenter)
     images = [s.image for s in build_dataset(eval_cfg("voc21", tmp_path).dataset).samples]
     hits = [cache.get(p) is not None for p in images]
     assert hits.count(True) == 2  # the garbage entry is a miss (and removed)
@@ -77,11 +78,12 @@ def test_feature_cache_is_exact_and_reused(tmp_path, eval_segmenter, capsys):
 def test_cached_encoded_decodes_bit_identically(tmp_path, eval_segmenter):
     make_voc(tmp_path, n=1)
     img = tmp_path / "VOCdevkit/VOC2012/JPEGImages/2007_000000.jpg"
-    cache = FeatureCache(tmp_path / "c", eval_segmenter.key, print_fn=lambda s: None)
+    cache = FeatureCache(tmp_path / "c", eval_segmenter, print_fn=lambda s: None)
     enc = eval_segmenter.encode(str(img))
     cache.put(img, enc, remaining=1)
     back = cache.get(img)
-    assert torch.equal(back.image, enc.image) and torch.equal(back.clip_values, enc.clip_values)
+    assert torch.equal(back.image, enc.image) and torch.equal(back.clip_tokens, enc.clip_tokens)
+    assert torch.equal(back.vfm_features, enc.vfm_features)
     a = eval_segmenter.decode(enc, ["sky", "cat; kitten"]).scores
     b = eval_segmenter.decode(back, ["sky", "cat; kitten"]).scores
     assert torch.equal(a, b)
@@ -96,10 +98,38 @@ def test_cache_stops_writing_when_the_estimate_does_not_fit(tmp_path, eval_segme
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
     said = []
-    cache = FeatureCache(tmp_path / "c", eval_segmenter.key, print_fn=said.append)
+    cache = FeatureCache(tmp_path / "c", eval_segmenter, print_fn=said.append)
     enc = eval_segmenter.encode(str(img))
     cache.put(img, enc, remaining=5000)
     assert not cache.writing and "does not fit" in said[-1]
     n = len(list((tmp_path / "c").rglob("*.pt")))
     cache.put(tmp_path / "VOCdevkit/VOC2012/JPEGImages/2012_999999.jpg", enc)
     assert len(list((tmp_path / "c").rglob("*.pt"))) == n
+
+
+def test_another_vfm_reuses_every_cached_clip_part(tmp_path, eval_segmenter):
+    """The parts are cached separately: a sweep with another VFM (here: another layer of it) encodes
+    only its VFM part; the CLIP part comes from the cache and decodes the same as a fresh encode."""
+    make_voc(tmp_path, n=2)
+    images = [s.image for s in build_dataset(eval_cfg("voc21", tmp_path).dataset).samples]
+    first = FeatureCache(tmp_path / "c", eval_segmenter, print_fn=lambda s: None)
+    for p in images:
+        first.get_or_encode(p, lambda reuse, p=p: eval_segmenter.encode(str(p), reuse=reuse))
+    other = eval_segmenter.with_vfm(eval_segmenter.cfg.vfm.name, layer=0)
+    assert other.clip_key == eval_segmenter.clip_key and other.vfm_key != eval_segmenter.vfm_key
+    runs = {"clip": 0, "vfm": 0}
+    clip_fn, vfm_fn = other.clip.tokens_before_last_block, other.vfm.features
+    other.clip.tokens_before_last_block = lambda x: runs.__setitem__("clip", runs["clip"] + 1) or clip_fn(x)
+    other.vfm.features = lambda x: runs.__setitem__("vfm", runs["vfm"] + 1) or vfm_fn(x)
+    try:
+        cache = FeatureCache(tmp_path / "c", other, print_fn=lambda s: None)
+        encs = [cache.get_or_encode(p, lambda reuse, p=p: other.encode(str(p), reuse=reuse)) for p in images]
+    finally:
+        del other.clip.tokens_before_last_block, other.vfm.features
+    assert runs["clip"] == 0 and runs["vfm"] > 0 and cache.writes == 2  # only the VFM parts were written
+    assert len(list((tmp_path / "c" / other.vfm_key).rglob("*.pt"))) == 2
+    for p, enc in zip(images, encs):
+        fresh = other.encode(str(p))
+        assert torch.equal(other.decode(enc, ["sky", "cat"]).scores, other.decode(fresh, ["sky", "cat"]).scores)
+    again = FeatureCache(tmp_path / "c", other, print_fn=lambda s: None)
+    assert all(again.get(p) is not None for p in images)

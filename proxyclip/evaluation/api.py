@@ -91,7 +91,7 @@ def _run(cfg: DictConfig, grid: Any, run_dir: Optional[os.PathLike], seg, datase
             say("note: random weights; numbers are not comparable to the paper's")
         cache = None
         if cfg.get("cache_dir"):
-            cache = FeatureCache(str(cfg.cache_dir), seg.key, print_fn=say)
+            cache = FeatureCache(str(cfg.cache_dir), seg, print_fn=say)
         logger = None
         if info.is_main and cfg.get("logger") is not None:
             from ..loggers import build_logger

@@ -1,13 +1,16 @@
 """On-disk cache of ``Segmenter.encode`` outputs, for sweeps over whole datasets.
 
-Entry path: ``<cache_dir>/<model key>/<h[:2]>/<h>.pt`` where ``model key`` is the
-Segmenter's ``key`` (CLIP model, VFM model, weights, short side, long-side cap, crop,
-stride, precision) and ``h`` is the SHA-1 of the image file's bytes (the image id: the same
-picture in VOC21 and VOC20 is one entry). Every entry is written to a temporary file in
-the same folder and renamed into place, so an interrupted run never leaves a half-written
-entry under its final name; an unreadable entry is treated as a miss and removed.
+An Encoded has two parts, stored separately: CLIP's tokens entering the last block, and the
+VFM's features. Entry path: ``<cache_dir>/<part key>/<h[:2]>/<h>.pt`` where ``part key`` is
+the Segmenter's ``clip_key`` or ``vfm_key`` (model, weights, short side, long-side cap, crop,
+stride, precision; for the VFM also layer, feature and norm) and ``h`` is the SHA-1 of the
+image file's bytes (the image id: the same picture in VOC21 and VOC20 is one entry). So a
+sweep with another VFM (or a method without one) reuses every cached CLIP part, and only the
+missing part is encoded. Every entry is written to a temporary file in the same folder and
+renamed into place, so an interrupted run never leaves a half-written entry under its final
+name; an unreadable entry is treated as a miss and removed.
 
-The original image is stored as uint8 (it came from an 8-bit file), the features as
+The original image is stored as uint8 (it came from an 8-bit file), the tokens and features as
 float32, so a cached decode is bit-identical to an uncached one.
 """
 
@@ -17,7 +20,7 @@ import hashlib
 import logging
 import shutil
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -44,64 +47,91 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+_CLIP_FIELDS = ("clip_tokens", "clip_grid", "clip_key")
+_VFM_FIELDS = ("vfm_features", "vfm_key")
+
+
 class FeatureCache:
-    """``get`` / ``put`` Encoded objects by image file for one Segmenter configuration.
+    """``get`` / ``put`` the parts of Encoded objects by image file, for one Segmenter's keys.
 
     ``estimate(n)`` after the first write prints the expected size for ``n`` more images and
     the free space; when the estimate does not fit, new entries stop being written (the
     evaluation goes on without them) instead of filling the disk.
     """
 
-    def __init__(self, cache_dir: PathLike, model_key: str, print_fn: Callable[[str], None] = print):
-        self.root = Path(cache_dir) / model_key
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.model_key = model_key
+    def __init__(self, cache_dir: PathLike, seg, print_fn: Callable[[str], None] = print):
+        self.root = Path(cache_dir)
+        self.parts = {"clip": seg.clip_key, "vfm": seg.vfm_key}  # vfm: None when the method uses no VFM
+        for key in self.parts.values():
+            if key is not None:
+                (self.root / key).mkdir(parents=True, exist_ok=True)
         self.print = print_fn
-        self.hits = 0
+        self.hits = 0  # images whose every part came from the cache
         self.misses = 0
-        self.writes = 0
+        self.writes = 0  # part files written
         self.bytes_written = 0
         self.writing = True
         self._estimated = False
 
-    def path_for(self, image_path: PathLike) -> Path:
-        h = file_digest(image_path)
-        return self.root / h[:2] / f"{h}.pt"
+    def path_for(self, key: str, digest: str) -> Path:
+        return self.root / key / digest[:2] / f"{digest}.pt"
 
-    def get(self, image_path: PathLike, entry: Optional[Path] = None):
-        from ..pipeline import Encoded
-
-        p = entry or self.path_for(image_path)
+    def _read(self, key: str, digest: str) -> Optional[dict]:
+        p = self.path_for(key, digest)
         if not p.is_file():
-            self.misses += 1
             return None
         try:
             d = torch.load(p, map_location="cpu", weights_only=False)
-            if d.get("key") != self.model_key:
-                raise ValueError(f"entry made by {d.get('key')}")
-            d = dict(d)
-            d["image"] = d["image"].float().div_(255.0)
-            enc = Encoded.from_dict(d)
+            if not isinstance(d, dict) or d.get("part_key") != key:
+                raise ValueError(f"entry made by {d.get('part_key') if isinstance(d, dict) else type(d).__name__}")
         except Exception as e:  # corrupt or foreign entry: recompute
             log.warning("feature cache: dropping unreadable entry %s (%s)", p, e)
             p.unlink(missing_ok=True)
-            self.misses += 1
             return None
-        self.hits += 1
-        return enc
+        return d
 
-    def put(self, image_path: PathLike, enc, remaining: int = 0, entry: Optional[Path] = None) -> None:
+    def get(self, image_path: PathLike, digest: Optional[str] = None, partial: bool = False):
+        """The cached Encoded of an image: None unless every part is cached (``partial``: whatever
+        parts are, the others None)."""
+        from ..pipeline import Encoded
+
+        digest = digest or file_digest(image_path)
+        found = {name: self._read(key, digest) for name, key in self.parts.items() if key is not None}
+        complete = all(d is not None for d in found.values())
+        got = [d for d in found.values() if d is not None]
+        if not (complete or (partial and got)):
+            return None
+        layout = got[0]
+        fields = dict(format=layout["format"], image=layout["image"].float().div_(255.0),
+                      resized_size=layout["resized_size"], windows=layout["windows"], pad=layout["pad"],
+                      clip_tokens=None, clip_grid=(0, 0), clip_key=None, vfm_features=None, vfm_key=None)
+        for d in got:
+            if (d["resized_size"], d["windows"], d["pad"]) != (layout["resized_size"], layout["windows"], layout["pad"]):
+                return None  # parts cut with other windows (another VFM's padding): encode again
+            fields.update({k: d[k] for k in d if k in _CLIP_FIELDS + _VFM_FIELDS})
+        return Encoded.from_dict(fields)
+
+    def put(self, image_path: PathLike, enc, remaining: int = 0, digest: Optional[str] = None,
+            skip: Sequence[str] = ()) -> None:
+        """Write the parts of ``enc`` (but those named in ``skip``: "clip", "vfm")."""
         if not self.writing:
             return
-        p = entry or self.path_for(image_path)
-        p.parent.mkdir(parents=True, exist_ok=True)
+        digest = digest or file_digest(image_path)
         d = enc.to_dict()
-        d["image"] = torch.round(d["image"].float() * 255.0).clamp_(0, 255).to(torch.uint8)
-        atomic_torch_save(d, p)
-        size = p.stat().st_size
-        self.writes += 1
+        common = dict(format=d["format"], image=torch.round(d["image"].float() * 255.0).clamp_(0, 255).to(torch.uint8),
+                      resized_size=d["resized_size"], windows=d["windows"], pad=d["pad"])
+        size = 0
+        for name, fields in (("clip", _CLIP_FIELDS), ("vfm", _VFM_FIELDS)):
+            key = self.parts[name]
+            if key is None or name in skip or d[f"{name}_key"] != key:
+                continue
+            p = self.path_for(key, digest)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save({**common, **{k: d[k] for k in fields}, "part_key": key}, p)
+            size += p.stat().st_size
+            self.writes += 1
         self.bytes_written += size
-        if not self._estimated:
+        if size and not self._estimated:
             self._estimated = True
             self.estimate(remaining, size)
 
@@ -119,10 +149,16 @@ class FeatureCache:
                 "(free space or point cache_dir elsewhere)"
             )
 
-    def get_or_encode(self, image_path: PathLike, encode: Callable[[], object], remaining: int = 0):
-        entry = self.path_for(image_path)  # hash the file once
-        enc = self.get(image_path, entry)
-        if enc is None:
-            enc = encode()
-            self.put(image_path, enc, remaining, entry)
+    def get_or_encode(self, image_path: PathLike, encode: Callable[..., object], remaining: int = 0):
+        """The cached Encoded, or ``encode(reuse=<the cached parts, or None>)`` and cache what it made."""
+        digest = file_digest(image_path)  # hash the file once
+        cached = self.get(image_path, digest, partial=True)
+        if cached is not None and cached.clip_tokens is not None and (self.parts["vfm"] is None
+                                                                     or cached.vfm_features is not None):
+            self.hits += 1
+            return cached
+        self.misses += 1
+        enc = encode(reuse=cached)
+        have = [] if cached is None else [n for n in ("clip", "vfm") if getattr(cached, f"{n}_key") == self.parts[n]]
+        self.put(image_path, enc, remaining, digest, skip=have)
         return enc

@@ -160,7 +160,7 @@ def run_grid(
                     bar.update(1)
                 continue
             if cache is not None:
-                enc = cache.get_or_encode(sample.image, lambda: seg.encode(image), remaining=n_left)
+                enc = cache.get_or_encode(sample.image, lambda reuse: seg.encode(image, reuse=reuse), remaining=n_left)
             else:
                 enc = seg.encode(image)
             cm_img = torch.zeros((len(points), k, k), dtype=torch.int64)
@@ -255,7 +255,10 @@ def describe_run(cfg: Any, seg: Any, dataset: SegmentationDataset) -> Dict[str, 
         "method": str(m.name),
         "postprocess": str(cfg.postprocess.name) if "postprocess" in cfg else "none",
         "clip": f"{cfg.clip.name}/{cfg.clip.pretrained}",
-        "vfm": str(cfg.vfm.name),
+        "vfm": str(cfg.vfm.name) if getattr(seg, "vfm", None) is not None else "none",  # none: the method uses none
+        "vfm_layer": int(cfg.vfm.layer),
+        "vfm_feature": str(cfg.vfm.feature),
+        "vfm_norm": bool(cfg.vfm.norm),
         "weights": str(cfg.weights.source) + ("" if str(cfg.weights.source) != "random" else f"(seed {cfg.weights.seed})"),
         "random_weights": bool(getattr(seg, "random_weights", False)),
         "model_key": seg.key,
