@@ -14,13 +14,17 @@
 # ---
 
 # %% [markdown]
-# # 4. Backbone ablation: CLIP x VFM
+# # 4. Backbone ablation: CLIP x VFM, and which VFM layer and feature
 #
 # Every (CLIP, VFM) pair is evaluated on the same labeled set (custom format; a synthetic set by
 # default) with the method's default hyperparameters. Each pair is its own W&B run; all runs of
 # this ablation share one W&B group, and a last run of the group holds the whole grid as a table
 # and a heatmap. `none` is the baseline without a VFM (MaskCLIP, v-only: `method=maskclip
 # method.residual=false method.ffn=false`; docs/methods.md).
+#
+# Then, for the first CLIP, which layer of each VFM and which feature (its tokens, or the q, k or
+# v of that block's attention) the proxy attention should come from: a VFM x layer heatmap per
+# feature, and sliders to look at one setting. CLIP is encoded once per image for all of it.
 #
 # Smoke mode (`PROXYCLIP_SMOKE=1`): the tiny random CLIP with the tiny VFM and with none.
 
@@ -32,6 +36,8 @@ VFMS = ["dino_vitb8", "dino_vitb16", "dinov2_vitb14_reg", "sam_vitb", "mae_vitb1
 WANDB_MODE = None
 GROUP = "clip-x-vfm"
 LIMIT = None  # evaluate only this many images (a reproducible subset)
+LAYERS = [-1, -2, -4, -6]  # VFM feature layers (blocks) for the layer ablation, negative = from the end
+FEATURES = ["tokens", "k"]  # tokens | q | k | v
 
 # %%
 # %matplotlib inline
@@ -50,7 +56,7 @@ from proxyclip.loggers import build_logger
 
 SMOKE = smoke_mode(SMOKE)
 if SMOKE:
-    CLIPS, VFMS = ["test_tiny"], ["test_tiny", "none"]
+    CLIPS, VFMS, LAYERS = ["test_tiny"], ["test_tiny", "none"], [-1, -2]
 root = labeled_set_root(SMOKE, DATA_ROOT)
 out_dir = Path(tempfile.mkdtemp(prefix="proxyclip-ablation-"))
 logger_overrides = wandb_overrides(SMOKE, WANDB_MODE, group=GROUP)
@@ -95,6 +101,96 @@ for row in rows:
     print("  ".join(f"{x:.2f}" if isinstance(x, float) else str(x) for x in row))
 
 # %% [markdown]
+# ## Which layer, which feature
+# For the first CLIP and each VFM: the proxy attention built from VFM layer `layer` (a block,
+# counted from the end when negative) and feature `tokens`, `q`, `k` or `v` (`vfm.layer`,
+# `vfm.feature`; docs/vfm.md). `Segmenter.with_vfm` shares the CLIP model (and the VFM model when
+# only the layer or feature changes), and `encode(image, reuse=enc)` takes CLIP's part of each
+# image from its first encode: only the VFM runs again, up to the chosen layer. A setting a VFM
+# cannot give (a layer it does not have; q/k/v of windowed attention blocks, as in SAM) is left
+# blank, with the reason printed.
+
+# %%
+import torch
+
+from proxyclip import Segmenter, compose_config
+from proxyclip.data import build_dataset
+from proxyclip.metrics import confusion_matrix, metrics_from_confusion
+
+layer_vfms = [v for v in VFMS if v != "none"]
+base = Segmenter.from_config(compose_config(overrides=core_overrides(SMOKE, clip=CLIPS[0], vfm=layer_vfms[0])))
+dataset = build_dataset(compose_config("eval", core_overrides(SMOKE) + ["dataset=custom", f"dataset.root={root}"]).dataset)
+names, k = dataset.class_names, dataset.num_classes
+samples = [dataset[i] for i in range(min(len(dataset), LIMIT or len(dataset)))]
+first_encodes = [base.encode(img) for img, _ in samples]  # CLIP's part of every image, once
+layer_miou = {}
+for vfm in layer_vfms:
+    for feature in FEATURES:
+        for layer in LAYERS:
+            try:
+                seg = base.with_vfm(vfm, layer=layer, feature=feature)
+            except ValueError as e:
+                print(f"{vfm} {feature} layer {layer}: {e}")
+                layer_miou[vfm, feature, layer] = float("nan")
+                continue
+            cm = torch.zeros(k, k, dtype=torch.int64)
+            for (img, gt), enc0 in zip(samples, first_encodes):
+                pred = seg.decode(seg.encode(img, reuse=enc0), names)
+                cm += confusion_matrix(pred.labels, gt, k, ignore_index=dataset.ignore_index)
+            layer_miou[vfm, feature, layer] = metrics_from_confusion(cm, names)["mIoU"]
+            del seg
+        gc.collect()
+rows_layer = [f"{v} ({f})" for v in layer_vfms for f in FEATURES]
+grid_layer = np.array([[layer_miou[v, f, l] for l in LAYERS] for v in layer_vfms for f in FEATURES])
+fig_layers = viz.plot_sweep_heatmap(grid_layer, rows_layer, LAYERS, row_name="VFM (feature)", col_name="layer",
+                                    metric="mIoU")
+fig_layers
+
+# %% [markdown]
+# ## One setting at a time
+# Choose the VFM, its layer and feature: the view shows the segmentation of the first image and
+# the proxy attention of its centre patch. Each change encodes only the VFM (CLIP's part is
+# reused).
+
+# %%
+import ipywidgets as W
+from IPython.display import display
+
+image0, enc0 = samples[0][0], first_encodes[0]
+vfm_choice = W.Dropdown(options=layer_vfms, description="VFM")
+layer_choice = W.IntSlider(value=-1, min=-len(base.vfm.model.feature_info), max=-1, description="layer")
+feature_choice = W.ToggleButtons(options=["tokens", "q", "k", "v"], description="feature")
+view = W.Output()
+
+
+def show(change=None):
+    try:
+        seg = base.with_vfm(vfm_choice.value, layer=layer_choice.value, feature=feature_choice.value)
+    except ValueError as e:
+        with view:
+            view.clear_output(wait=True)
+            print(e)
+        return
+    layer_choice.min = -len(seg.vfm.model.feature_info)
+    enc = seg.encode(image0, reuse=enc0)
+    pred, cache = seg.run_with_cache(enc, names, names=["attention.pattern"])
+    h, w = enc.image_size
+    row, grid, patch, window = viz.pattern_row(cache["attention.pattern"], enc, h / 2, w / 2,
+                                               vfm_resizes_input=seg.vfm.resizes_input)
+    with view:
+        view.clear_output(wait=True)
+        display(viz.plot_segmentation(image0, pred.labels, names, gt_labels=samples[0][1],
+                                      title=f"{vfm_choice.value}, layer {layer_choice.value}, {feature_choice.value}"))
+        display(viz.plot_attention_map(viz.window_pixels(enc.image, enc.resized_size, enc.windows[window]), row,
+                                       grid, patch))
+
+
+for control in (vfm_choice, layer_choice, feature_choice):
+    control.observe(show, names="value")
+show()
+W.VBox([W.HBox([vfm_choice, layer_choice]), feature_choice, view])
+
+# %% [markdown]
 # ## The summary run
 # One more run in the same group with the whole grid as a W&B table and the heatmap.
 
@@ -104,6 +200,9 @@ with build_logger(summary_cfg.logger, {"clips": CLIPS, "vfms": VFMS, "dataset": 
                   name=f"{GROUP}-summary", job_type="summary") as log:
     log.log_table("ablation", columns, rows)
     log.log_figure("mIoU_clip_x_vfm", fig)
+    log.log_table("layers", ["vfm", "feature", "layer", "mIoU"],
+                  [[v, f, l, m] for (v, f, l), m in layer_miou.items()])
+    log.log_figure("mIoU_vfm_x_layer", fig_layers)
     best = max(results, key=lambda k: results[k]["mIoU"])
     log.log_summary({"best_clip": best[0], "best_vfm": best[1], "best_mIoU": results[best]["mIoU"]})
 print("best pair:", best, results[best])

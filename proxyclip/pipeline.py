@@ -179,8 +179,9 @@ class Segmenter:
 
     def with_vfm(self, vfm: str, **settings: Any) -> "Segmenter":
         """A Segmenter with another VFM (a conf/vfm name, plus field overrides such as ``layer=6``,
-        ``feature="k"``) that shares this one's CLIP model and text cache. Its ``encode(image,
-        reuse=enc)`` takes the CLIP part from ``enc``: comparing VFMs on one image runs CLIP once."""
+        ``feature="k"``) that shares this one's CLIP model and text cache (and its VFM model, when
+        only the layer, feature or norm differ). Its ``encode(image, reuse=enc)`` takes the CLIP part
+        from ``enc``: comparing VFMs, layers or features on one image runs CLIP once."""
         node = OmegaConf.to_container(group_choice("vfm", vfm))
         cfg = OmegaConf.merge(self.cfg, {"vfm": node})
         for k, v in settings.items():
@@ -189,11 +190,17 @@ class Segmenter:
             cfg.vfm[k] = v
         if not get_method(self.method).needs_vfm:
             raise ValueError(f"method={self.method} uses no VFM: build the Segmenter with a method that does")
-        source = "random" if self.random_weights else self.cfg.weights.source
-        backbone = build_vfm(cfg.vfm, source, cfg.weights.seed)
-        if backbone is None:
-            raise ValueError(_no_vfm_message(self.method, vfm))
-        backbone = backbone.to(device=self.device, dtype=_DTYPES[cfg.precision])
+        model_fields = ("timm_name", "timm_kwargs", "checkpoint", "input_size")
+        v, mine = cfg.vfm, self.cfg.vfm
+        if self.vfm is not None and all(v[k] == mine[k] for k in model_fields):  # same model, other layer/feature
+            backbone = VfmBackbone(self.vfm.model, layer=v.layer, feature=v.feature, norm=v.norm,
+                                   input_size=v.input_size, name=v.name)
+        else:
+            source = "random" if self.random_weights else self.cfg.weights.source
+            backbone = build_vfm(v, source, cfg.weights.seed)
+            if backbone is None:
+                raise ValueError(_no_vfm_message(self.method, vfm))
+            backbone = backbone.to(device=self.device, dtype=_DTYPES[cfg.precision])
         other = Segmenter(cfg, self.clip, backbone, self.random_weights)
         other.text = self.text
         return other

@@ -112,7 +112,8 @@ def test_sweeps_logs_the_grid_to_wandb(tmp_path):
 
 def test_backbone_ablation_one_run_per_pair_grouped(tmp_path):
     nb = execute("04_backbone_ablation", tmp_path)
-    assert len(outputs(nb, "image/png")) == 1
+    assert len(outputs(nb, "image/png")) == 2  # CLIP x VFM, VFM (feature) x layer
+    assert len(outputs(nb, "application/vnd.jupyter.widget-view+json")) == 1  # the layer/feature sliders
     runs = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 3  # test_tiny x {test_tiny, none} + the summary run
     by_job = {}
@@ -128,6 +129,12 @@ def test_backbone_ablation_one_run_per_pair_grouped(tmp_path):
     mious = {row[1]: row[2] for row in table["data"]}
     for _, s in by_job["eval"]:  # the summary table holds the numbers each pair's run logged
         assert mious[s["config"]["vfm"]["name"]] == pytest.approx(s["summary"]["mIoU"])
+    layers = json.loads((run / "files" / summary["summary"]["layers"]["path"]).read_text())
+    by_setting = {(row[1], row[2]): row[3] for row in layers["data"]}
+    assert set(by_setting) == {("tokens", -1), ("tokens", -2), ("k", -1), ("k", -2)}
+    # the last layer's tokens, with CLIP reused from another encode, = the full evaluation of that pair
+    assert by_setting["tokens", -1] == pytest.approx(mious["test_tiny"])
+    assert by_setting["tokens", -2] != pytest.approx(by_setting["tokens", -1])
 
 
 def test_hooks_tour(tmp_path):

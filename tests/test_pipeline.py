@@ -307,7 +307,7 @@ def test_another_vfm_on_the_same_clip_encodes_clip_once(tiny_segmenter, rand_ima
     seg = tiny_segmenter
     enc = seg.encode(rand_image)
     other = seg.with_vfm("test_tiny", layer=0, feature="k")
-    assert other.clip is seg.clip and other.text is seg.text
+    assert other.clip is seg.clip and other.text is seg.text and other.vfm.model is seg.vfm.model  # only layer/feature differ
     assert other.clip_key == seg.clip_key and other.vfm_key != seg.vfm_key
     calls = []
     clip_fn = seg.clip.tokens_before_last_block
