@@ -12,6 +12,9 @@ Config groups (one folder each in ``conf/``):
     method/   proxy-attention hyperparameters        (proxyclip)
     dataset/  evaluation protocol and data root      (voc21, ..., custom)
     logger/   experiment logging                     (none, wandb)
+
+Top-level configs: ``config`` (:class:`Config`), ``segment`` (:class:`SegmentConfig`), ``eval``
+(:class:`EvalConfig`) and ``sweep`` (:class:`SweepConfig`); all schemas are registered on import.
 """
 
 from __future__ import annotations
@@ -138,10 +141,46 @@ class SegmentConfig(Config):
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
+
+@dataclass
+class EvalConfig(Config):
+    """``proxyclip-eval``: one dataset, the method's hyperparameters, one confusion matrix."""
+
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    data_root: str = "data"  # the folder holding the usual dataset folders (VOCdevkit, ade, ...)
+    limit: Optional[int] = None  # evaluate a reproducible random subset of this many images
+    limit_seed: int = 0  # which subset
+    cache_dir: Optional[str] = None  # on-disk feature cache of encode outputs; null = none
+    checkpoint_seconds: float = 10.0  # save the resumable state at most this often (0 = after every image)
+    log_images: int = 4  # first N images logged as segmentation masks (when a logger is on)
+    progress: bool = True  # tqdm progress bar (images/s, ETA)
+    run_dir: Optional[str] = None  # null = Hydra's run directory
+
+
+@dataclass
+class SweepGrid:
+    """Values to sweep; an empty list means the method's value (a single point)."""
+
+    beta: List[float] = field(default_factory=list)
+    gamma: List[float] = field(default_factory=list)
+    logit_scale: List[float] = field(default_factory=list)
+    prob_thd: List[float] = field(default_factory=list)
+
+
+@dataclass
+class SweepConfig(EvalConfig):
+    """``proxyclip-sweep``: the whole grid from one encode per image."""
+
+    sweep: SweepGrid = field(default_factory=SweepGrid)
+
+
 def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(name="segment_schema", node=SegmentConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="sweep_schema", node=SweepConfig)
     cs.store(group="clip", name="clip_schema", node=ClipConfig)
     cs.store(group="vfm", name="vfm_schema", node=VfmConfig)
     cs.store(group="weights", name="weights_schema", node=WeightsConfig)
@@ -154,9 +193,10 @@ register_schemas()
 
 
 def compose_config(config_name: str = "config", overrides: Optional[List[str]] = None) -> DictConfig:
-    """Compose a config from ``conf/`` without running a Hydra app (for Python and notebooks).
+    """Compose ``conf/<config_name>.yaml`` (config, segment, eval, sweep) without running a Hydra app.
 
     >>> cfg = compose_config(overrides=["clip=vit_b16", "vfm=dino_vitb8", "weights=random"])
+    >>> cfg = compose_config("eval", ["dataset=voc21", "data_root=/datasets", "limit=50"])
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -166,8 +206,6 @@ def compose_config(config_name: str = "config", overrides: Optional[List[str]] =
             f"config folder {CONF_DIR} not found: install the package in editable mode "
             "(pip install -e .) from a checkout, or set PROXYCLIP_CONF_DIR"
         )
-    if config_name in ("eval", "sweep"):
-        import proxyclip.evaluation.config  # noqa: F401  (registers eval_schema / sweep_schema)
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):

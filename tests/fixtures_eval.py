@@ -22,9 +22,9 @@ TINY_EVAL = ["clip=test_tiny", "vfm=test_tiny", "weights=random", "method.short_
 
 
 def eval_cfg(name: str, data_root, *extra: str, config_name: str = "eval"):
-    from proxyclip.evaluation import compose_eval_config
+    from proxyclip import compose_config
 
-    return compose_eval_config([f"dataset={name}", f"data_root={data_root}", *TINY_EVAL, *extra], config_name)
+    return compose_config(config_name, [f"dataset={name}", f"data_root={data_root}", *TINY_EVAL, *extra])
 
 
 @pytest.fixture(scope="session")

@@ -7,11 +7,11 @@ from PIL import Image
 
 from fixtures_datasets import BUILDERS, make_coco_stuff, make_custom, make_voc
 from proxyclip.data import BadLabelError, DatasetNotFoundError, build_dataset, read_class_lines
-from proxyclip.evaluation import compose_eval_config
+from proxyclip import compose_config
 
 
 def _cfg(name, data_root, *extra):
-    return compose_eval_config([f"dataset={name}", f"data_root={data_root}", *extra])
+    return compose_config("eval", [f"dataset={name}", f"data_root={data_root}", *extra])
 
 
 def _reduce(raw, ignore=255):
@@ -157,10 +157,10 @@ PROTOCOL = {
 
 @pytest.mark.parametrize("name", sorted(PROTOCOL))
 def test_dataset_config_carries_the_reference_protocol(name):
-    cfg = compose_eval_config([f"dataset={name}"])
+    cfg = compose_config("eval", [f"dataset={name}"])
     k, short, crop, stride, thd, rzl = PROTOCOL[name]
     assert (cfg.dataset.num_classes, cfg.method.short_side, cfg.method.crop, cfg.method.stride) == (k, short, crop, stride)
     assert cfg.method.prob_thd == pytest.approx(thd) and cfg.dataset.reduce_zero_label is rzl
     assert cfg.dataset.ignore_index == 255 and cfg.method.beta == 1.2 and cfg.method.logit_scale == 40.0
     # a command-line override still wins over the dataset's protocol
-    assert compose_eval_config([f"dataset={name}", "method.crop=224"]).method.crop == 224
+    assert compose_config("eval", [f"dataset={name}", "method.crop=224"]).method.crop == 224

@@ -13,7 +13,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from proxyclip.evaluation import compose_eval_config
+from proxyclip import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 WANDB = str(Path(sys.executable).with_name("wandb"))
@@ -88,7 +88,7 @@ def test_wandb_sweep_yaml_drives_the_eval_entry_point():
         for gamma in params["method.gamma"]["values"]:
             fixed = {k: v["value"] for k, v in params.items() if "value" in v}
             args = [f"{k}={v}" for k, v in fixed.items()] + [f"method.beta={beta}", f"method.gamma={gamma}"]
-            cfg = compose_eval_config(args)
+            cfg = compose_config("eval", args)
             assert cfg.method.beta == beta and cfg.method.gamma == gamma
             assert cfg.logger.name == "wandb" and cfg.logger.mode == "online"
             assert cfg.dataset.name == fixed["dataset"]

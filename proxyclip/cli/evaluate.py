@@ -17,9 +17,6 @@ import hydra
 from omegaconf import DictConfig
 
 from ..config import CONF_DIR
-from ..evaluation.config import register_eval_schemas
-
-register_eval_schemas()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")

@@ -1,7 +1,8 @@
 """``evaluate(cfg)`` and ``sweep(cfg)``: what ``proxyclip-eval`` / ``proxyclip-sweep`` run, callable from Python.
 
-    from proxyclip.evaluation import compose_eval_config, evaluate
-    cfg = compose_eval_config(["dataset=voc21", "data_root=/datasets", "limit=50"])
+    from proxyclip import compose_config
+    from proxyclip.evaluation import evaluate
+    cfg = compose_config("eval", ["dataset=voc21", "data_root=/datasets", "limit=50"])
     result = evaluate(cfg, run_dir="runs/voc21-50")
     result["mIoU"]
 """
