@@ -98,12 +98,12 @@ class DatasetConfig:
     recursive: bool = False  # list sub-folders too (Cityscapes' city folders)
     classnames: str = MISSING  # a shipped name (proxyclip/data/classnames/<name>.txt) or a path
     background: Optional[List[str]] = None  # words replacing class 0's line (background-word ablations)
+    background_class: bool = False  # class 0 is the background: shown as "background" in metrics and figures
     num_classes: Optional[int] = None  # K, checked against the class file; null = its number of lines
     reduce_zero_label: bool = False  # label 0 -> ignore, k -> k-1 (VOC20, Context59, ADE20K)
     ignore_index: int = 255  # 65535 for the 16-bit Context-459 / ADE-847 maps
     bad_labels: str = "error"  # error | skip: label map of the wrong size or with out-of-range values
     prepare: str = ""  # how to obtain and lay out the data (shown when the root is missing)
-    extra: Any = field(default_factory=dict)  # free-form reader-specific fields
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from .config import config_get
+from .text import display_name
 
 __all__ = ["Logger", "NoOpLogger", "WandbLogger", "build_logger", "hydra_output_dir", "hydra_run_identity",
            "image_to_uint8"]
@@ -168,7 +169,7 @@ class WandbLogger(Logger):
         pred = _labels_to_numpy(pred_labels).astype(np.int64)
         if pred.shape != pixels.shape[:2]:
             raise ValueError(f"pred_labels {pred.shape} does not match the image {pixels.shape[:2]}")
-        class_labels = {i: _first_name(n) for i, n in enumerate(class_names)}
+        class_labels = {i: display_name(n) for i, n in enumerate(class_names)}
         masks = {"prediction": {"mask_data": pred, "class_labels": dict(class_labels)}}
         if gt_labels is not None:
             gt = _labels_to_numpy(gt_labels).astype(np.int64)
@@ -195,11 +196,6 @@ class WandbLogger(Logger):
         if not self._finished:
             self._finished = True
             self.run.finish()
-
-
-def _first_name(line: str) -> str:
-    """The display name of a class line ("person; people" -> "person")."""
-    return str(line).split(";")[0].strip()
 
 
 def _plain(v: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
@@ -10,7 +11,10 @@ import torch
 import torch.nn.functional as F
 
 TEMPLATES = open_clip.OPENAI_IMAGENET_TEMPLATES  # OpenAI's 80 ImageNet prompt templates
-SYNONYM_SEPARATOR = ";"
+# Synonyms are separated by "; " (a ";" followed by white space or the end of the line), as in the
+# published protocol: commas never split, so "building, edifice" is one name (one query).
+SYNONYM_SEPARATOR = re.compile(r";(?=\s|$)")
+BACKGROUND = "background"  # the display name of class 0 when its line is a list of background words
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ def parse_classes(classes: Sequence[str] | str) -> ClassList:
     class_names, queries, owner = [], [], []
     seen: Dict[str, int] = {}
     for k, line in enumerate(lines):
-        names = [n.strip() for n in line.split(SYNONYM_SEPARATOR)]
+        names = [n.strip() for n in SYNONYM_SEPARATOR.split(line)]
         names = [n for n in names if n]
         if not names:
             raise ValueError(f"class {k} ({line!r}) holds no name: only separators or white space")
@@ -51,6 +55,23 @@ def parse_classes(classes: Sequence[str] | str) -> ClassList:
             owner.append(k)
         class_names.append(line.strip())
     return ClassList(class_names, queries, owner)
+
+
+def display_name(line: str) -> str:
+    """The short name of a class line: its first synonym ("person; people" -> "person")."""
+    return SYNONYM_SEPARATOR.split(str(line))[0].strip()
+
+
+def display_names(class_lines: Sequence[str], background_class: bool = False) -> List[str]:
+    """One short name per class line (for metrics, CSVs, W&B keys, legends and tables).
+
+    ``background_class``: class 0's line is a list of background words (VOC21, Context60,
+    COCO-Object): it is shown as ``"background"``, not as its first word.
+    """
+    names = [display_name(line) for line in class_lines]
+    if background_class and names:
+        names[0] = BACKGROUND
+    return names
 
 
 class TextEncoder:

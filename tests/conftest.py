@@ -18,9 +18,8 @@ import torch  # noqa: E402
 
 from proxyclip import Segmenter, compose_config  # noqa: E402
 
-# Tiny random models and a small window: fast, but every stage runs for real.
-TINY = ["clip=test_tiny", "vfm=test_tiny", "weights=random", "method.short_side=64", "method.crop=64",
-        "method.stride=32", "batch_size=2"]
+# Tiny random models and a small window (conf/experiment/tiny.yaml): fast, but every stage runs for real.
+TINY = ["experiment=tiny"]
 
 
 def tiny_config(*overrides: str):
@@ -35,6 +34,14 @@ def tiny_segmenter() -> Segmenter:
 @pytest.fixture(scope="session")
 def tiny_segmenter_novfm() -> Segmenter:
     return Segmenter.from_config(tiny_config("vfm=none"))
+
+
+@pytest.fixture(scope="session")
+def eval_segmenter() -> Segmenter:
+    """The evaluation tests' Segmenter (built from the eval config, once per session)."""
+    from fixtures_eval import eval_cfg
+
+    return Segmenter.from_config(eval_cfg("voc21", "/nonexistent"))
 
 
 @pytest.fixture

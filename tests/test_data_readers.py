@@ -164,3 +164,31 @@ def test_dataset_config_carries_the_reference_protocol(name):
     assert cfg.dataset.ignore_index == 255 and cfg.method.beta == 1.2 and cfg.method.logit_scale == 40.0
     # a command-line override still wins over the dataset's protocol
     assert compose_config("eval", [f"dataset={name}", "method.crop=224"]).method.crop == 224
+
+
+def test_shipped_class_files_split_on_semicolon_space_only():
+    """The published protocol: a line splits on "; " only; commas stay inside one name (one query)."""
+    from proxyclip.data import read_class_lines
+    from proxyclip.text import parse_classes
+
+    ade = read_class_lines("ade847")
+    assert len(ade) == 847 and ade[1] == "building, edifice"
+    assert parse_classes(ade).queries == ade  # 847 lines, 847 queries: no synonyms
+    voc = parse_classes(read_class_lines("voc21"))
+    assert voc.queries[:3] == ["sky", "wall", "tree"] and voc.query_to_class.count(0) == 26
+    obj = read_class_lines("coco_object")
+    assert len(obj) == 81 and len(obj[0].split("; ")) == 17 and all("; " not in ln for ln in obj[1:])
+    for name in ("ade20k", "cityscapes", "coco_stuff", "context459", "context59", "context60", "voc20"):
+        lines = read_class_lines(name)
+        assert parse_classes(lines).queries == lines, name  # one query a line
+
+
+@pytest.mark.parametrize("name,first", [("voc21", "background"), ("context60", "background"),
+                                        ("coco_object", "background"), ("voc20", "aeroplane"), ("ade847", "wall")])
+def test_display_names_call_background_class_background(tmp_path, name, first):
+    from proxyclip.text import display_names
+
+    cfg = compose_config("eval", [f"dataset={name}"]).dataset
+    lines = read_class_lines(str(cfg.classnames))
+    names = display_names(lines, cfg.background_class)
+    assert names[0] == first and names[1:] == [ln.split("; ")[0] for ln in lines[1:]]

@@ -10,15 +10,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
+from conftest import TINY
 from PIL import Image
 
 from proxyclip import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 WANDB = str(Path(sys.executable).with_name("wandb"))
-TINY = ["clip=test_tiny", "vfm=test_tiny", "weights=random", "method.short_side=64", "method.crop=64",
-        "method.stride=32"]
 
 
 def make_custom(root: Path, n: int = 2) -> Path:
@@ -41,6 +41,7 @@ def leet(*args: str) -> str:
     return out.stdout
 
 
+@pytest.mark.slow
 def test_hydra_multirun_of_eval_logs_one_wandb_run_per_point_grouped(tmp_path):
     data = make_custom(tmp_path / "data")
     sweep_dir = tmp_path / "multirun" / "beta-sweep"

@@ -133,7 +133,7 @@ def _log_results(logger: Any, job_type: str, result: GridResult, written: Dict[s
     if job_type == "eval":
         m = result.metrics[0]
         metrics = {"mIoU": m["mIoU"], "aAcc": m["aAcc"], "mAcc": m["mAcc"], "num_images": result.num_images}
-        metrics.update({f"IoU/{r['class'].split(';')[0].strip()}": r["IoU"] for r in m["per_class"]})
+        metrics.update({f"IoU/{r['class']}": r["IoU"] for r in m["per_class"]})
         logger.log_metrics(metrics)
         logger.log_table("per_class", ["class", "IoU", "Acc", "gt_pixels", "pred_pixels"],
                          [[r["class"], r["IoU"], r["Acc"], r["gt_pixels"], r["pred_pixels"]] for r in m["per_class"]])

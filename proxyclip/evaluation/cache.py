@@ -21,7 +21,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .state import atomic_torch_save
+from ..files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class FeatureCache:
         p.parent.mkdir(parents=True, exist_ok=True)
         d = enc.to_dict()
         d["image"] = torch.round(d["image"].float() * 255.0).clamp_(0, 255).to(torch.uint8)
-        atomic_torch_save(d, p)
+        atomic_write(p, lambda f: torch.save(d, f))
         size = p.stat().st_size
         self.writes += 1
         self.bytes_written += size
