@@ -20,10 +20,10 @@ from ..config import CONF_DIR
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
-def _main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> float:
     from ..evaluation.app import run_cli
 
-    run_cli(cfg, "eval")
+    return run_cli(cfg, "eval")  # mIoU: what a Hydra sweeper (Optuna) optimizes
 
 
 def main() -> None:

@@ -18,10 +18,10 @@ from ..config import CONF_DIR
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sweep")
-def _main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> float:
     from ..evaluation.app import run_cli
 
-    run_cli(cfg, "sweep")
+    return run_cli(cfg, "sweep")  # the best point's mIoU: what a Hydra sweeper (Optuna) optimizes
 
 
 def main() -> None:

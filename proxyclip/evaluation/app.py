@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 from pathlib import Path
+from typing import Any, Dict, Optional
 
 from omegaconf import DictConfig
 
@@ -18,7 +20,15 @@ def _remove_stray_run_dir(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def run_cli(cfg: DictConfig, kind: str) -> None:
+def headline_metric(kind: str, written: Optional[Dict[str, Any]]) -> float:
+    """The number a Hydra sweeper optimizes: mIoU (eval) or the best point's mIoU (sweep); NaN if none."""
+    if not written:
+        return math.nan
+    return float(written["mIoU"] if kind == "eval" else written["best"]["mIoU"])
+
+
+def run_cli(cfg: DictConfig, kind: str) -> float:
+    """Run the eval / sweep app; returns :func:`headline_metric` (Hydra hands it to the sweeper)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -39,7 +49,7 @@ def run_cli(cfg: DictConfig, kind: str) -> None:
                 _remove_stray_run_dir(out)
             out = shared
         try:
-            (evaluate if kind == "eval" else sweep)(cfg, run_dir=out, info=info)
+            return headline_metric(kind, (evaluate if kind == "eval" else sweep)(cfg, run_dir=out, info=info))
         except KeyboardInterrupt:
             print(f"{prog}: interrupted; continue with the same command and hydra.run.dir={out}", file=sys.stderr)
             sys.exit(130)
@@ -54,5 +64,6 @@ def run_cli(cfg: DictConfig, kind: str) -> None:
                 pass
             if not multirun:  # in a multirun, the other jobs (datasets) still run
                 sys.exit(2)
+            return math.nan
     finally:
         cleanup(info)
