@@ -127,9 +127,10 @@ class Config:
     vfm: VfmConfig = MISSING
     weights: WeightsConfig = MISSING
     method: MethodConfig = MISSING
-    device: str = "cpu"  # cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | fp16 | bf16 (backbones; the proxy attention runs in fp32)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (auto: cuda when available)
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16 (backbones; auto: fp16 on CUDA, fp32 on CPU)
     batch_size: int = 4  # windows of one image per backbone forward
+    text_cache: Optional[str] = "auto"  # text-embedding disk cache folder; auto = the user's cache folder; null = off
 
 
 @dataclass

@@ -12,6 +12,8 @@ os.environ["WANDB_DISABLE_GIT"] = "true"
 os.environ["WANDB_ERROR_REPORTING"] = "false"
 os.environ["MPLBACKEND"] = "Agg"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# the text-embedding disk cache (text_cache: auto) goes to a throwaway folder, never the user's ~/.cache
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="proxyclip-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -63,7 +63,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     from ..viz import plot_overlay
 
     image = cfg.image or str(SAMPLE_IMAGE)
-    seg = Segmenter.from_config(cfg)
+    seg = Segmenter.from_config(cfg)  # resolves device/precision "auto" into cfg (saved in config.yaml)
+    print(f"[proxyclip] device {cfg.device}, precision {cfg.precision}")
     pred = seg.predict(image, list(cfg.classes))
     record = write_outputs(pred, out_dir, cfg, image)
     with build_logger(cfg.logger, to_container(cfg), job_type="segment") as logger:

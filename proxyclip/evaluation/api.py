@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional
 from omegaconf import DictConfig
 
 from ..config import to_container
+from ..devices import resolve_runtime
 from ..data import SegmentationDataset, build_dataset
 from .cache import FeatureCache
 from .distributed import DistInfo, cleanup, init_distributed
@@ -79,6 +80,7 @@ def _resolve_run_dir(cfg: DictConfig, run_dir: Optional[os.PathLike]) -> Path:
 def _run(cfg: DictConfig, grid: Any, run_dir: Optional[os.PathLike], seg, dataset, job_type: str,
          info: Optional[DistInfo] = None) -> tuple:
     own_group = info is None
+    resolve_runtime(cfg)  # device/precision "auto" -> this machine's values (saved with the run's config)
     info = info or init_distributed(str(cfg.device))
     say = _say(info)
     try:
@@ -87,7 +89,8 @@ def _run(cfg: DictConfig, grid: Any, run_dir: Optional[os.PathLike], seg, datase
         out_dir.mkdir(parents=True, exist_ok=True)
         points = grid_points(seg, grid, cfg.method)
         say(f"{job_type}: {dataset.name}, {len(dataset)} images, {dataset.num_classes} classes, "
-            f"{len(points)} hyperparameter point(s), {info.world_size} process(es) -> {out_dir}")
+            f"{len(points)} hyperparameter point(s), {info.world_size} process(es), device {cfg.device}, "
+            f"precision {cfg.precision} -> {out_dir}")
         if getattr(seg, "random_weights", False):
             say("note: random weights; numbers are not comparable to the paper's")
         cache = None

@@ -34,12 +34,14 @@ def run_cli(cfg: DictConfig, kind: str) -> float:
 
     from ..backbones import WeightsUnavailable
     from ..data import BadLabelError, DatasetNotFoundError
+    from ..devices import resolve_runtime
     from .api import evaluate, sweep
     from .distributed import broadcast_object, cleanup, init_distributed
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     prog = f"proxyclip-{kind}"
+    resolve_runtime(cfg)  # device/precision "auto" -> this machine's values, before anything uses them
     info = init_distributed(str(cfg.device))
     try:
         out = Path(cfg.run_dir) if cfg.get("run_dir") else Path(hc.runtime.output_dir)
