@@ -1,4 +1,4 @@
-"""Segmentation metrics from one confusion matrix per dataset (REFERENCE.md section 5).
+"""Segmentation metrics from one confusion matrix per dataset (docs/protocol.md, Per-dataset protocol).
 
 Definitions (the ones mmsegmentation reports):
     intersect_k = C[k, k]               (C[gt, pred], pixels with gt == ignore_index left out)

@@ -146,7 +146,7 @@ def test_shipped_class_files_have_the_protocol_sizes():
     assert "; " in read_class_lines("voc21")[0] and "; " in read_class_lines("coco_object")[0]
 
 
-# REFERENCE.md section 5, typed out: classes, short side, crop, stride, prob_thd, reduce_zero_label
+# docs/protocol.md's per-dataset protocol, typed out: classes, short side, crop, stride, prob_thd, reduce_zero_label
 PROTOCOL = {
     "voc21": (21, 336, 336, 112, 0.20, False), "context60": (60, 336, 336, 112, 0.15, False),
     "coco_object": (81, 336, 336, 112, 0.25, False), "voc20": (20, 336, 336, 112, 0.0, True),

@@ -126,7 +126,7 @@ def test_summary_table_rows_columns_and_average(tmp_path):
     cols, rows = build_table([json.loads((tmp_path / "mr/0_voc21/metrics.json").read_text())], paper=True)
     assert cols[1:9] == ["VOC21", "PC60", "Object", "VOC20", "PC59", "Stuff", "City", "ADE"]
     paper = next(r for r in rows if r[0].startswith("ProxyCLIP B/16"))
-    assert paper[1] == 61.3 and paper[-1] == "42.3"  # REFERENCE.md section 7's average
+    assert paper[1] == 61.3 and paper[-1] == "42.3"  # docs/protocol.md's published average
 
 
 def test_ctrl_c_saves_progress_and_resume_matches(tmp_path, eval_segmenter, monkeypatch):

@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="proxyclip-summary", description="Paper-style mIoU table from metrics.json files.")
     ap.add_argument("paths", nargs="+", type=Path, help="run or multirun folders (searched recursively) or metrics.json files")
     ap.add_argument("--out", type=Path, default=None, help="where to write summary.md / summary.csv (default: first folder)")
-    ap.add_argument("--paper", action="store_true", help="add the published rows (REFERENCE.md section 7) and all 8 columns")
+    ap.add_argument("--paper", action="store_true", help="add the published rows (docs/protocol.md, Published numbers) and all 8 columns")
     ap.add_argument("--datasets", default=None, help="comma-separated dataset columns, e.g. voc21,ade20k")
     args = ap.parse_args(argv)
     out = args.out

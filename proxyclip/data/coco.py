@@ -1,4 +1,4 @@
-"""COCO-Object (81 classes) from COCO-Stuff 164k label maps (REFERENCE.md section 5).
+"""COCO-Object (81 classes) from COCO-Stuff 164k label maps (docs/protocol.md, Per-dataset protocol).
 
 COCO-Object keeps COCO's 80 thing classes as 1..80 and makes every stuff pixel and every
 unlabeled pixel background 0. Two inputs are understood, per file:
