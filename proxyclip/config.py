@@ -213,6 +213,18 @@ def compose_config(config_name: str = "config", overrides: Optional[List[str]] =
         return compose(config_name, overrides=list(overrides or []))
 
 
+def hydra_output_dir() -> Optional[str]:
+    """The current Hydra job's output folder (its run directory), or None outside a Hydra app."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return str(HydraConfig.get().runtime.output_dir)
+    except Exception:  # a partial HydraConfig (compose API)
+        pass
+    return None
+
+
 def config_get(cfg: Any, key: str, default: Any = None) -> Any:
     """Read ``key`` from a DictConfig, a dict, a dataclass or None (then ``default``)."""
     if cfg is None:

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .config import config_get
+from .config import config_get, hydra_output_dir
 from .text import display_name
 
 __all__ = ["Logger", "NoOpLogger", "WandbLogger", "build_logger", "hydra_output_dir", "hydra_run_identity",
@@ -205,15 +205,6 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def _figure_to_uint8(fig: Any) -> np.ndarray:
-    """Render a matplotlib Figure with the Agg canvas into ``(H, W, 3) uint8``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = FigureCanvasAgg(fig)  # re-homes the figure on an Agg canvas (any backend)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
-
-
 def hydra_run_identity() -> tuple[Optional[str], Optional[str]]:
     """``(name, group)`` for the current Hydra job: in a multirun, group = the sweep folder's name
     and name = the job's values of the swept keys (``method.beta=1.0,method.gamma=3.0``); else
@@ -231,18 +222,6 @@ def hydra_run_identity() -> tuple[Optional[str], Optional[str]]:
         return _swept_overrides(hc) or hc.job.override_dirname or f"job{hc.job.num}", group
     except Exception:  # no Hydra, or a partial HydraConfig (compose API): no defaults
         return None, None
-
-
-def hydra_output_dir() -> Optional[str]:
-    """The current Hydra job's output folder (where its files go), or None outside a Hydra app."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            return str(HydraConfig.get().runtime.output_dir)
-    except Exception:
-        pass
-    return None
 
 
 def _swept_overrides(hc: Any) -> Optional[str]:
@@ -302,3 +281,14 @@ def build_logger(
         tags=list(config_get(logger_cfg, "tags", []) or []),
         dir=config_get(logger_cfg, "dir") or hydra_output_dir(),
     )
+
+
+def _figure_to_uint8(fig: Any) -> np.ndarray:
+    """A matplotlib Figure as ``(H, W, 3) uint8`` pixels (rendered by :func:`proxyclip.viz.figure_to_png`)."""
+    import io
+
+    from PIL import Image
+
+    from .viz import figure_to_png
+
+    return np.asarray(Image.open(io.BytesIO(figure_to_png(fig))).convert("RGB"))

@@ -41,15 +41,24 @@ def label_palette(n: int) -> np.ndarray:
     return pal
 
 
-def _to_hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().float().permute(1, 2, 0).numpy()
-    return np.clip(np.asarray(image, dtype=np.float32), 0, 1)
+def figure_to_png(fig, dpi: Optional[float] = None) -> bytes:
+    """Render a matplotlib Figure to PNG bytes with the Agg canvas (at ``dpi``, which becomes the
+    figure's own, so its transforms map data to the PNG's pixels afterwards)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    if dpi is not None:
+        fig.set_dpi(dpi)
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
 
 
 def plot_overlay(image: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], alpha: float = 0.5) -> Figure:
     """The image with its label map blended over it, and a legend of the classes present."""
-    img = _to_hwc(image)
+    img = image_to_float_hwc(image)
     lab = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     pal = label_palette(max(len(class_names), int(lab.max()) + 1)).astype(np.float32) / 255
     blended = (1 - alpha) * img + alpha * pal[lab]

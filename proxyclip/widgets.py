@@ -30,6 +30,7 @@ from .config import CONF_DIR, compose_config
 from .images import load_image
 from .pipeline import Encoded, Prediction, Segmenter
 from .text import parse_classes
+from .viz import figure_to_png
 
 __all__ = ["ExplorerController", "Explorer", "available_backbones", "sample_images", "DEFAULT_CLASSES",
            "figure_to_png", "pixel_to_data"]
@@ -48,19 +49,6 @@ def available_backbones(group: str) -> List[str]:
 def sample_images() -> Dict[str, Path]:
     """Bundled sample images (``proxyclip/assets``), by file name."""
     return {p.name: p for p in sorted(ASSETS.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
-
-
-def figure_to_png(fig, dpi: Optional[float] = None) -> bytes:
-    """Render a matplotlib Figure to PNG bytes with the Agg canvas (at ``dpi``, which becomes the
-    figure's own, so its transforms map data to the PNG's pixels afterwards)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    if dpi is not None:
-        fig.set_dpi(dpi)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return buf.getvalue()
 
 
 def pixel_to_data(fig, px: float, py: float) -> Optional[Tuple[float, float]]:

@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 
 from omegaconf import DictConfig
 
-from ..config import to_container
+from ..config import hydra_output_dir, to_container
 from ..devices import resolve_runtime
 from ..data import SegmentationDataset, build_dataset
 from .cache import FeatureCache
@@ -67,13 +67,8 @@ def _resolve_run_dir(cfg: DictConfig, run_dir: Optional[os.PathLike]) -> Path:
         return Path(run_dir)
     if cfg.get("run_dir"):
         return Path(str(cfg.run_dir))
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            return Path(HydraConfig.get().runtime.output_dir)
-    except Exception:
-        pass
+    if hydra_output_dir():
+        return Path(hydra_output_dir())
     raise ValueError("no run directory: pass run_dir=... (results and the resumable state are written there)")
 
 

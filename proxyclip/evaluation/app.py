@@ -33,6 +33,7 @@ def run_cli(cfg: DictConfig, kind: str) -> float:
     from hydra.types import RunMode
 
     from ..backbones import WeightsUnavailable
+    from ..config import hydra_output_dir
     from ..data import BadLabelError, DatasetNotFoundError
     from ..devices import resolve_runtime
     from .api import evaluate, sweep
@@ -44,7 +45,7 @@ def run_cli(cfg: DictConfig, kind: str) -> float:
     resolve_runtime(cfg)  # device/precision "auto" -> this machine's values, before anything uses them
     info = init_distributed(str(cfg.device))
     try:
-        out = Path(cfg.run_dir) if cfg.get("run_dir") else Path(hc.runtime.output_dir)
+        out = Path(cfg.run_dir) if cfg.get("run_dir") else Path(hydra_output_dir())
         if info.enabled:  # every process must write into rank 0's run directory
             shared = Path(broadcast_object(str(out), info))
             if shared != out and not cfg.get("run_dir"):
