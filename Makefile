@@ -34,6 +34,7 @@ bench: setup
 bench-all: bench
 	$(TEST_ENV) $(PY) bench/bench_sweep_dataset.py
 	$(TEST_ENV) $(PY) bench/bench_widgets.py
+	$(TEST_ENV) $(PY) bench/bench_text_cache.py
 
 # Debian's Chromium for the browser test (tests/ marked `browser`); needs root.
 browser-deps:
