@@ -22,8 +22,11 @@ setup: $(VENV)/.installed
 demo: setup
 	HF_HUB_DOWNLOAD_TIMEOUT=20 MPLBACKEND=Agg $(VENV)/bin/proxyclip-segment weights.fallback_to_random=true $(ARGS)
 
+# As root, installs Chromium for the browser test first; otherwise that test skips with its reason
+# ("chromium not found: make browser-deps"), except under CI=true, where a missing browser fails it.
 test: setup
-	$(TEST_ENV) $(PY) -m pytest -q $(PYTEST_ARGS)
+	@if [ "$$(id -u)" = "0" ]; then $(MAKE) --no-print-directory browser-deps || echo "browser-deps failed: the browser test will skip"; fi
+	$(TEST_ENV) $(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 bench: setup
 	$(TEST_ENV) $(PY) bench/bench_core.py
@@ -31,6 +34,7 @@ bench: setup
 bench-all: bench
 	$(TEST_ENV) $(PY) bench/bench_sweep_dataset.py
 	$(TEST_ENV) $(PY) bench/bench_widgets.py
+	$(TEST_ENV) $(PY) bench/bench_text_cache.py
 
 # Debian's Chromium for the browser test (tests/ marked `browser`); needs root.
 browser-deps:

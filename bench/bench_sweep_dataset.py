@@ -32,8 +32,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from proxyclip import Segmenter  # noqa: E402
-from proxyclip.evaluation import compose_eval_config, evaluate, sweep  # noqa: E402
+from proxyclip import Segmenter, compose_config  # noqa: E402
+from proxyclip.evaluation import evaluate, sweep  # noqa: E402
 
 
 def make_voc_fixture(root: Path, n: int, h: int = 375, w: int = 500) -> None:
@@ -66,9 +66,9 @@ def main() -> None:
         make_voc_fixture(tmp, args.images)
         common = ["dataset=voc21", f"data_root={tmp}", "weights=random", "progress=false", *models]
         grid = ["sweep.beta=[1.0,1.2,1.4]", "sweep.gamma=[2,3,4,5]"]
-        cfg_eval = compose_eval_config(common)
-        cfg_sweep = compose_eval_config(common + grid, "sweep")
-        cfg_cached = compose_eval_config(common + grid + [f"cache_dir={tmp / 'cache'}"], "sweep")
+        cfg_eval = compose_config("eval", common)
+        cfg_sweep = compose_config("sweep", common + grid)
+        cfg_cached = compose_config("sweep", common + grid + [f"cache_dir={tmp / 'cache'}"])
         seg = Segmenter.from_config(cfg_eval)
         from proxyclip.data import build_dataset
 

@@ -45,9 +45,9 @@ from pathlib import Path
 import numpy as np
 from _workbench import core_overrides, labeled_set_root, smoke_mode, wandb_overrides
 
-from proxyclip import Segmenter, viz
+from proxyclip import Segmenter, compose_config, viz
 from proxyclip.data import build_dataset
-from proxyclip.evaluation import compose_eval_config, sweep
+from proxyclip.evaluation import sweep
 
 SMOKE = smoke_mode(SMOKE)
 if SMOKE:
@@ -63,7 +63,7 @@ print("data:", root, "| classes:", (root / "classes.txt").read_text().split("\n"
 overrides = core_overrides(SMOKE) + ["dataset=custom", f"dataset.root={root}", f"sweep.beta={BETAS}",
                                      f"sweep.gamma={GAMMAS}", "progress=false", "log_images=2"]
 overrides += wandb_overrides(SMOKE, WANDB_MODE, group=GROUP)
-cfg = compose_eval_config(overrides, config_name="sweep")
+cfg = compose_config("sweep", overrides)
 print("\n".join(overrides))
 
 # %%

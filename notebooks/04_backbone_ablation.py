@@ -49,9 +49,9 @@ from pathlib import Path
 import numpy as np
 from _workbench import core_overrides, labeled_set_root, smoke_mode, wandb_overrides
 
-from proxyclip import viz
+from proxyclip import compose_config, viz
 from proxyclip.config import to_container
-from proxyclip.evaluation import compose_eval_config, evaluate
+from proxyclip.evaluation import evaluate
 from proxyclip.loggers import build_logger
 
 SMOKE = smoke_mode(SMOKE)
@@ -78,7 +78,7 @@ for clip in CLIPS:
             f"logger.tags=[{clip},{vfm}]", *logger_overrides]
         if LIMIT:
             overrides.append(f"limit={LIMIT}")
-        cfg = compose_eval_config(overrides)
+        cfg = compose_config("eval", overrides)
         t = time.perf_counter()
         m = evaluate(cfg, run_dir=out_dir / f"{clip}+{vfm}")
         results[clip, vfm] = dict(mIoU=m["mIoU"], aAcc=m["aAcc"], mAcc=m["mAcc"], seconds=time.perf_counter() - t,
@@ -195,7 +195,7 @@ W.VBox([W.HBox([vfm_choice, layer_choice]), feature_choice, view])
 # One more run in the same group with the whole grid as a W&B table and the heatmap.
 
 # %%
-summary_cfg = compose_eval_config(core_overrides(SMOKE) + ["dataset=custom", f"dataset.root={root}", *logger_overrides])
+summary_cfg = compose_config("eval", core_overrides(SMOKE) + ["dataset=custom", f"dataset.root={root}", *logger_overrides])
 with build_logger(summary_cfg.logger, {"clips": CLIPS, "vfms": VFMS, "dataset": to_container(summary_cfg.dataset)},
                   name=f"{GROUP}-summary", job_type="summary") as log:
     log.log_table("ablation", columns, rows)

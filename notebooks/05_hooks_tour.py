@@ -42,12 +42,11 @@ from _workbench import core_overrides, labeled_set_root, smoke_mode
 
 from proxyclip import Segmenter, compose_config, viz
 from proxyclip.data import build_dataset
-from proxyclip.evaluation import compose_eval_config
 from proxyclip.metrics import confusion_matrix, metrics_from_confusion
 
 SMOKE = smoke_mode(SMOKE)
 root = labeled_set_root(SMOKE, DATA_ROOT)
-cfg = compose_eval_config(core_overrides(SMOKE) + ["dataset=custom", f"dataset.root={root}"])
+cfg = compose_config("eval", core_overrides(SMOKE) + ["dataset=custom", f"dataset.root={root}"])
 dataset = build_dataset(cfg.dataset)
 classes = dataset.class_names
 seg = Segmenter.from_config(compose_config(overrides=core_overrides(SMOKE)))

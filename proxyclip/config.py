@@ -13,6 +13,9 @@ Config groups (one folder each in ``conf/``):
     postprocess/  score-map refinement               (none, pamr, pamr_naclip, pamr_talk2dino)
     dataset/  evaluation protocol and data root      (voc21, ..., custom)
     logger/   experiment logging                     (none, wandb)
+
+Top-level configs: ``config`` (:class:`Config`), ``segment`` (:class:`SegmentConfig`), ``eval``
+(:class:`EvalConfig`) and ``sweep`` (:class:`SweepConfig`); all schemas are registered on import.
 """
 
 from __future__ import annotations
@@ -132,12 +135,12 @@ class DatasetConfig:
     recursive: bool = False  # list sub-folders too (Cityscapes' city folders)
     classnames: str = MISSING  # a shipped name (proxyclip/data/classnames/<name>.txt) or a path
     background: Optional[List[str]] = None  # words replacing class 0's line (background-word ablations)
+    background_class: bool = False  # class 0 is the background: shown as "background" in metrics and figures
     num_classes: Optional[int] = None  # K, checked against the class file; null = its number of lines
     reduce_zero_label: bool = False  # label 0 -> ignore, k -> k-1 (VOC20, Context59, ADE20K)
     ignore_index: int = 255  # 65535 for the 16-bit Context-459 / ADE-847 maps
     bad_labels: str = "error"  # error | skip: label map of the wrong size or with out-of-range values
     prepare: str = ""  # how to obtain and lay out the data (shown when the root is missing)
-    extra: Any = field(default_factory=dict)  # free-form reader-specific fields
 
 
 @dataclass
@@ -162,9 +165,10 @@ class Config:
     weights: WeightsConfig = MISSING
     method: MethodConfig = MISSING
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
-    device: str = "cpu"  # cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | fp16 | bf16 (backbones; the proxy attention runs in fp32)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (auto: cuda when available)
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16 (backbones; auto: fp16 on CUDA, fp32 on CPU)
     batch_size: int = 4  # windows of one image per backbone forward
+    text_cache: Optional[str] = "auto"  # text-embedding disk cache folder; auto = the user's cache folder; null = off
 
 
 @dataclass
@@ -176,10 +180,47 @@ class SegmentConfig(Config):
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
+
+@dataclass
+class EvalConfig(Config):
+    """``proxyclip-eval``: one dataset, the method's hyperparameters, one confusion matrix."""
+
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    data_root: str = "data"  # the folder holding the usual dataset folders (VOCdevkit, ade, ...)
+    limit: Optional[int] = None  # evaluate a reproducible random subset of this many images
+    limit_seed: int = 0  # which subset
+    cache_dir: Optional[str] = None  # on-disk feature cache of encode outputs; null = none
+    checkpoint_seconds: float = 10.0  # save the resumable state at most this often (0 = after every image)
+    log_images: int = 4  # first N images logged as segmentation masks (when a logger is on)
+    progress: bool = True  # tqdm progress bar (images/s, ETA)
+    run_dir: Optional[str] = None  # null = Hydra's run directory
+    experiment_name: Optional[str] = None  # set by a conf/experiment preset; recorded in metrics.json
+
+
+@dataclass
+class SweepGrid:
+    """Values to sweep; an empty list means the method's value (a single point)."""
+
+    beta: List[float] = field(default_factory=list)
+    gamma: List[float] = field(default_factory=list)
+    logit_scale: List[float] = field(default_factory=list)
+    prob_thd: List[float] = field(default_factory=list)
+
+
+@dataclass
+class SweepConfig(EvalConfig):
+    """``proxyclip-sweep``: the whole grid from one encode per image."""
+
+    sweep: SweepGrid = field(default_factory=SweepGrid)
+
+
 def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(name="segment_schema", node=SegmentConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="sweep_schema", node=SweepConfig)
     cs.store(group="clip", name="clip_schema", node=ClipConfig)
     cs.store(group="vfm", name="vfm_schema", node=VfmConfig)
     cs.store(group="weights", name="weights_schema", node=WeightsConfig)
@@ -195,9 +236,10 @@ register_schemas()
 
 
 def compose_config(config_name: str = "config", overrides: Optional[List[str]] = None) -> DictConfig:
-    """Compose a config from ``conf/`` without running a Hydra app (for Python and notebooks).
+    """Compose ``conf/<config_name>.yaml`` (config, segment, eval, sweep) without running a Hydra app.
 
     >>> cfg = compose_config(overrides=["clip=vit_b16", "vfm=dino_vitb8", "weights=random"])
+    >>> cfg = compose_config("eval", ["dataset=voc21", "data_root=/datasets", "limit=50"])
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -207,8 +249,6 @@ def compose_config(config_name: str = "config", overrides: Optional[List[str]] =
             f"config folder {CONF_DIR} not found: install the package in editable mode "
             "(pip install -e .) from a checkout, or set PROXYCLIP_CONF_DIR"
         )
-    if config_name in ("eval", "sweep"):
-        import proxyclip.evaluation.config  # noqa: F401  (registers eval_schema / sweep_schema)
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
@@ -229,6 +269,16 @@ def group_choice(group: str, name: str) -> DictConfig:
     node = cfg[group]
     OmegaConf.set_readonly(node, True)
     return node
+def hydra_output_dir() -> Optional[str]:
+    """The current Hydra job's output folder (its run directory), or None outside a Hydra app."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return str(HydraConfig.get().runtime.output_dir)
+    except Exception:  # a partial HydraConfig (compose API)
+        pass
+    return None
 
 
 def config_get(cfg: Any, key: str, default: Any = None) -> Any:

@@ -22,7 +22,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .config import config_get
+from .config import config_get, hydra_output_dir
+from .text import display_name
 
 __all__ = ["Logger", "NoOpLogger", "WandbLogger", "build_logger", "hydra_output_dir", "hydra_run_identity",
            "image_to_uint8"]
@@ -168,7 +169,7 @@ class WandbLogger(Logger):
         pred = _labels_to_numpy(pred_labels).astype(np.int64)
         if pred.shape != pixels.shape[:2]:
             raise ValueError(f"pred_labels {pred.shape} does not match the image {pixels.shape[:2]}")
-        class_labels = {i: _first_name(n) for i, n in enumerate(class_names)}
+        class_labels = {i: display_name(n) for i, n in enumerate(class_names)}
         masks = {"prediction": {"mask_data": pred, "class_labels": dict(class_labels)}}
         if gt_labels is not None:
             gt = _labels_to_numpy(gt_labels).astype(np.int64)
@@ -197,25 +198,11 @@ class WandbLogger(Logger):
             self.run.finish()
 
 
-def _first_name(line: str) -> str:
-    """The display name of a class line ("person; people" -> "person")."""
-    return str(line).split(";")[0].strip()
-
-
 def _plain(v: Any) -> Any:
     """numpy / torch scalars -> Python numbers (W&B tables want plain values)."""
     if hasattr(v, "item") and getattr(v, "ndim", 0) == 0:
         return v.item()
     return v
-
-
-def _figure_to_uint8(fig: Any) -> np.ndarray:
-    """Render a matplotlib Figure with the Agg canvas into ``(H, W, 3) uint8``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = FigureCanvasAgg(fig)  # re-homes the figure on an Agg canvas (any backend)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def hydra_run_identity() -> tuple[Optional[str], Optional[str]]:
@@ -235,18 +222,6 @@ def hydra_run_identity() -> tuple[Optional[str], Optional[str]]:
         return _swept_overrides(hc) or hc.job.override_dirname or f"job{hc.job.num}", group
     except Exception:  # no Hydra, or a partial HydraConfig (compose API): no defaults
         return None, None
-
-
-def hydra_output_dir() -> Optional[str]:
-    """The current Hydra job's output folder (where its files go), or None outside a Hydra app."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            return str(HydraConfig.get().runtime.output_dir)
-    except Exception:
-        pass
-    return None
 
 
 def _swept_overrides(hc: Any) -> Optional[str]:
@@ -306,3 +281,14 @@ def build_logger(
         tags=list(config_get(logger_cfg, "tags", []) or []),
         dir=config_get(logger_cfg, "dir") or hydra_output_dir(),
     )
+
+
+def _figure_to_uint8(fig: Any) -> np.ndarray:
+    """A matplotlib Figure as ``(H, W, 3) uint8`` pixels (rendered by :func:`proxyclip.viz.figure_to_png`)."""
+    import io
+
+    from PIL import Image
+
+    from .viz import figure_to_png
+
+    return np.asarray(Image.open(io.BytesIO(figure_to_png(fig))).convert("RGB"))

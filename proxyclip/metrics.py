@@ -1,4 +1,4 @@
-"""Segmentation metrics from one confusion matrix per dataset (REFERENCE.md section 5).
+"""Segmentation metrics from one confusion matrix per dataset (docs/protocol.md, Per-dataset protocol).
 
 Definitions (the ones mmsegmentation reports):
     intersect_k = C[k, k]               (C[gt, pred], pixels with gt == ignore_index left out)
@@ -15,12 +15,11 @@ All reported numbers are percentages (0-100), as in the paper's tables.
 
 from __future__ import annotations
 
-import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
-__all__ = ["confusion_matrix", "metrics_from_confusion", "format_metrics"]
+__all__ = ["confusion_matrix", "metrics_from_confusion"]
 
 
 def confusion_matrix(
@@ -95,20 +94,3 @@ def metrics_from_confusion(cm: torch.Tensor, class_names: Optional[Sequence[str]
 def _nanmean(x: torch.Tensor) -> float:
     valid = ~torch.isnan(x)
     return float(x[valid].mean()) if bool(valid.any()) else float("nan")
-
-
-def format_metrics(m: Dict, digits: int = 2) -> str:
-    """One line: ``mIoU 61.30  aAcc 88.10  mAcc 72.00``."""
-    return "  ".join(f"{k} {m[k]:.{digits}f}" for k in ("mIoU", "aAcc", "mAcc"))
-
-
-def nan_to_none(x: float) -> Optional[float]:
-    """For JSON: NaN becomes null."""
-    return None if isinstance(x, float) and math.isnan(x) else x
-
-
-def per_class_rows(m: Dict) -> List[List]:
-    """Rows ``[index, class, IoU, Acc, gt_pixels, pred_pixels]`` for CSVs and tables."""
-    return [
-        [i, r["class"], r["IoU"], r["Acc"], r["gt_pixels"], r["pred_pixels"]] for i, r in enumerate(m["per_class"])
-    ]

@@ -28,7 +28,8 @@ from .images import ImageLike, load_image
 from .last_block import BlockInputs, dense_from_block_output, run_last_block
 from .methods import Method, get_method
 from .postprocess import get_postprocess
-from .text import ClassList, TextEncoder, parse_classes
+from .devices import resolve_runtime
+from .text import ClassList, TextEncoder, parse_classes, text_cache_options
 from .windows import (Box, merge_windows, padding_multiple, resize_image, resized_size, slide_windows,
                       symmetric_padding)
 
@@ -123,7 +124,7 @@ class Segmenter:
         self.vfm = vfm
         self.random_weights = random_weights
         self.device = torch.device(cfg.device)
-        self.text = TextEncoder(clip.model, clip.tokenizer, self.device)
+        self.text = TextEncoder(clip.model, clip.tokenizer, self.device, **text_cache_options(cfg, random_weights))
         self.hooks = HookSet()
         m = cfg.method
         _check_geometry(m)
@@ -142,11 +143,7 @@ class Segmenter:
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "Segmenter":
         """Build the backbones as ``cfg`` says (see conf/); no VFM when the method needs none."""
-        device = torch.device(cfg.device)
-        if cfg.precision not in _DTYPES:
-            raise ValueError(f"precision must be one of {list(_DTYPES)}, got {cfg.precision!r}")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={cfg.device} but CUDA is not available on this machine; use device=cpu")
+        device, _ = resolve_runtime(cfg)  # device/precision "auto" -> this machine's values, written into cfg
         if int(cfg.batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
         _check_geometry(cfg.method)

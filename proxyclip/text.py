@@ -1,16 +1,28 @@
-"""Text side: class lines with synonyms, 80-template prompt ensembles, cached embeddings."""
+"""Text side: class lines with synonyms, 80-template prompt ensembles, cached embeddings.
+
+Embeddings are cached in memory per name and, by default, on disk (one file per name in the
+user's cache folder), keyed by the CLIP model's identity, the template set and the name, so a
+second run of a large class list (ADE-847) costs no text encoding.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
 
 import open_clip
 import torch
 import torch.nn.functional as F
 
 TEMPLATES = open_clip.OPENAI_IMAGENET_TEMPLATES  # OpenAI's 80 ImageNet prompt templates
-SYNONYM_SEPARATOR = ";"
+# Synonyms are separated by "; " (a ";" followed by white space or the end of the line), as in the
+# published protocol: commas never split, so "building, edifice" is one name (one query).
+SYNONYM_SEPARATOR = re.compile(r";(?=\s|$)")
+BACKGROUND = "background"  # the display name of class 0 when its line is a list of background words
 
 
 @dataclass(frozen=True)
@@ -37,7 +49,7 @@ def parse_classes(classes: Sequence[str] | str) -> ClassList:
     class_names, queries, owner = [], [], []
     seen: Dict[str, int] = {}
     for k, line in enumerate(lines):
-        names = [n.strip() for n in line.split(SYNONYM_SEPARATOR)]
+        names = [n.strip() for n in SYNONYM_SEPARATOR.split(line)]
         names = [n for n in names if n]
         if not names:
             raise ValueError(f"class {k} ({line!r}) holds no name: only separators or white space")
@@ -53,18 +65,40 @@ def parse_classes(classes: Sequence[str] | str) -> ClassList:
     return ClassList(class_names, queries, owner)
 
 
+def display_name(line: str) -> str:
+    """The short name of a class line: its first synonym ("person; people" -> "person")."""
+    return SYNONYM_SEPARATOR.split(str(line))[0].strip()
+
+
+def display_names(class_lines: Sequence[str], background_class: bool = False) -> List[str]:
+    """One short name per class line (for metrics, CSVs, W&B keys, legends and tables).
+
+    ``background_class``: class 0's line is a list of background words (VOC21, Context60,
+    COCO-Object): it is shown as ``"background"``, not as its first word.
+    """
+    names = [display_name(line) for line in class_lines]
+    if background_class and names:
+        names[0] = BACKGROUND
+    return names
+
+
 class TextEncoder:
     """Prompt-ensembled CLIP text embeddings, cached per name for one CLIP model.
 
     For each name: encode all templates, L2-normalize each, average, L2-normalize again.
+
+    ``cache_dir``: a folder for the on-disk cache (None = memory only); ``model_id``: a string
+    that identifies the CLIP model's weights (see :func:`text_cache_options`).
     """
 
-    def __init__(self, clip_model: torch.nn.Module, tokenizer, device: torch.device, batch_size: int = 320):
+    def __init__(self, clip_model: torch.nn.Module, tokenizer, device: torch.device, batch_size: int = 320,
+                 cache_dir: Optional[os.PathLike] = None, model_id: str = ""):
         self.model = clip_model
         self.tokenizer = tokenizer
         self.device = device
         self.batch_size = batch_size
         self._cache: Dict[str, torch.Tensor] = {}
+        self.disk = TextDiskCache(cache_dir, model_id) if cache_dir is not None else None
 
     def _can_trim(self) -> bool:
         m = self.model
@@ -98,11 +132,100 @@ class TextEncoder:
         return torch.cat(out)
 
     def embed(self, names: Sequence[str]) -> torch.Tensor:
-        """(Q, E) float32 embeddings of ``names``; names seen before come from the cache."""
+        """(Q, E) float32 embeddings of ``names``; names seen before come from the cache (memory, then disk)."""
         missing = [n for n in dict.fromkeys(names) if n not in self._cache]
+        if self.disk is not None:
+            for name in list(missing):
+                emb = self.disk.get(name)
+                if emb is not None:
+                    self._cache[name] = emb.to(self.device)
+                    missing.remove(name)
         if missing:
             prompts = [t(n) for n in missing for t in TEMPLATES]
             per_prompt = self._encode_prompts(prompts).view(len(missing), len(TEMPLATES), -1)
             for name, emb in zip(missing, F.normalize(per_prompt.mean(dim=1), dim=-1)):
                 self._cache[name] = emb
+                if self.disk is not None:
+                    self.disk.put(name, emb)
         return torch.stack([self._cache[n] for n in names])
+
+
+TEMPLATES_DIGEST = hashlib.sha256("\n".join(t("{}") for t in TEMPLATES).encode()).hexdigest()[:16]
+
+
+class TextDiskCache:
+    """One file per name: ``<folder>/<sha256(model_id, templates, name)>.pt``, written atomically
+    (concurrent processes, e.g. torchrun ranks, never leave a half-written entry). An unreadable
+    or inconsistent entry is reported in one line and recomputed."""
+
+    def __init__(self, folder: os.PathLike, model_id: str):
+        self.folder = Path(folder)
+        self.model_id = model_id
+        self.hits = self.misses = 0
+
+    def path(self, name: str) -> Path:
+        key = hashlib.sha256(f"{self.model_id}\0{TEMPLATES_DIGEST}\0{name}".encode()).hexdigest()
+        return self.folder / f"{key}.pt"
+
+    def get(self, name: str) -> Optional[torch.Tensor]:
+        p = self.path(name)
+        if not p.is_file():
+            self.misses += 1
+            return None
+        try:
+            d = torch.load(p, map_location="cpu", weights_only=True)
+            emb = d["embedding"]
+            if d["name"] != name or d["model_id"] != self.model_id or emb.ndim != 1 or not torch.isfinite(emb).all():
+                raise ValueError("entry does not match its key")
+        except Exception as e:  # truncated, corrupt, or foreign file
+            reason = (str(e).strip().splitlines() or [""])[0][:120]
+            print(f"[proxyclip] text cache: {p} is unreadable ({type(e).__name__}: {reason}); recomputing {name!r}")
+            self.misses += 1
+            return None
+        self.hits += 1
+        return emb.float()
+
+    def put(self, name: str, emb: torch.Tensor) -> None:
+        from .files import atomic_write
+
+        entry = {"name": name, "model_id": self.model_id, "embedding": emb.detach().float().cpu().clone()}
+        try:
+            atomic_write(self.path(name), lambda f: torch.save(entry, f))
+        except OSError as e:  # a read-only or full disk must not stop a run
+            print(f"[proxyclip] text cache: cannot write {self.folder} ({e}); continuing without it")
+
+
+def default_text_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/proxyclip/text``, else ``~/.cache/proxyclip/text``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "proxyclip" / "text"
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def text_cache_options(cfg: Any, random_weights: bool) -> Dict[str, Any]:
+    """``cache_dir`` and ``model_id`` for :class:`TextEncoder` from a core config.
+
+    ``cfg.text_cache``: ``auto`` (the user's cache folder), a folder, or null (no disk cache).
+    The model identity: architecture, quick_gelu and precision, plus the weights: the seed for
+    random weights, the checkpoint file's hash for local ones, else the pretrained tag.
+    """
+    where = cfg.get("text_cache", "auto") if hasattr(cfg, "get") else getattr(cfg, "text_cache", "auto")
+    if where in (None, "", "null", "none"):
+        return {}
+    c, w = cfg.clip, cfg.weights
+    if random_weights:
+        weights = f"random:{w.seed}"
+    elif w.source == "local" and c.checkpoint:
+        weights = f"file:{_file_digest(str(c.checkpoint))}"
+    else:
+        weights = f"pretrained:{c.pretrained}"
+    model_id = f"{c.name}|qg{int(bool(c.quick_gelu))}|{cfg.precision}|{weights}"
+    folder = default_text_cache_dir() if where == "auto" else Path(os.path.expanduser(str(where)))
+    return {"cache_dir": folder, "model_id": model_id}

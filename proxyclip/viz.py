@@ -24,6 +24,8 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
+from .text import display_name
+
 
 def label_palette(n: int) -> np.ndarray:
     """(n, 3) uint8 colours, distinct for neighbouring indices (the PASCAL VOC bit-interleaving scheme)."""
@@ -39,15 +41,24 @@ def label_palette(n: int) -> np.ndarray:
     return pal
 
 
-def _to_hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().float().permute(1, 2, 0).numpy()
-    return np.clip(np.asarray(image, dtype=np.float32), 0, 1)
+def figure_to_png(fig, dpi: Optional[float] = None) -> bytes:
+    """Render a matplotlib Figure to PNG bytes with the Agg canvas (at ``dpi``, which becomes the
+    figure's own, so its transforms map data to the PNG's pixels afterwards)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    if dpi is not None:
+        fig.set_dpi(dpi)
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
 
 
 def plot_overlay(image: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], alpha: float = 0.5) -> Figure:
     """The image with its label map blended over it, and a legend of the classes present."""
-    img = _to_hwc(image)
+    img = image_to_float_hwc(image)
     lab = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     pal = label_palette(max(len(class_names), int(lab.max()) + 1)).astype(np.float32) / 255
     blended = (1 - alpha) * img + alpha * pal[lab]
@@ -57,7 +68,7 @@ def plot_overlay(image: torch.Tensor, labels: torch.Tensor, class_names: Sequenc
     ax.imshow(blended)
     ax.set_axis_off()
     present = [int(k) for k in np.unique(lab)]
-    handles = [Patch(color=pal[k], label=class_names[k] if k < len(class_names) else str(k)) for k in present]
+    handles = [Patch(color=pal[k], label=display_name(class_names[k]) if k < len(class_names) else str(k)) for k in present]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
     fig.tight_layout()
     return fig
@@ -95,11 +106,6 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def _display_name(line: str) -> str:
-    """First name of a class line: "person; people" -> "person"."""
-    return str(line).split(";")[0].strip()
-
-
 def colorize_labels(labels, n_classes: int, ignore_index: int = 255) -> np.ndarray:
     """``(H, W)`` label map -> ``(H, W, 3)`` uint8 colours from :func:`label_palette`;
     ``ignore_index`` (and any label outside [0, n_classes)) is black."""
@@ -114,7 +120,7 @@ def colorize_labels(labels, n_classes: int, ignore_index: int = 255) -> np.ndarr
 def _legend(fig: Figure, present: Sequence[int], class_names: Sequence[str], n_classes: int) -> None:
     palette = label_palette(max(n_classes, 1))
     handles = [Patch(facecolor=palette[k] / 255.0, edgecolor="black", linewidth=0.5,
-                     label=_display_name(class_names[k])) for k in present]
+                     label=display_name(class_names[k])) for k in present]
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), frameon=False,
                    fontsize="small")

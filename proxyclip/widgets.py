@@ -30,6 +30,7 @@ from .config import CONF_DIR, compose_config
 from .images import load_image
 from .pipeline import Encoded, Prediction, Segmenter
 from .text import parse_classes
+from .viz import figure_to_png
 
 __all__ = ["ExplorerController", "Explorer", "available_backbones", "sample_images", "DEFAULT_CLASSES",
            "figure_to_png", "pixel_to_data"]
@@ -48,19 +49,6 @@ def available_backbones(group: str) -> List[str]:
 def sample_images() -> Dict[str, Path]:
     """Bundled sample images (``proxyclip/assets``), by file name."""
     return {p.name: p for p in sorted(ASSETS.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
-
-
-def figure_to_png(fig, dpi: Optional[float] = None) -> bytes:
-    """Render a matplotlib Figure to PNG bytes with the Agg canvas (at ``dpi``, which becomes the
-    figure's own, so its transforms map data to the PNG's pixels afterwards)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    if dpi is not None:
-        fig.set_dpi(dpi)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return buf.getvalue()
 
 
 def pixel_to_data(fig, px: float, py: float) -> Optional[Tuple[float, float]]:
@@ -340,61 +328,77 @@ class Explorer:
 
     def __init__(self, clip_options: Optional[Sequence[str]] = None, vfm_options: Optional[Sequence[str]] = None,
                  dpi: float = 72, **controller_kwargs):
-        import ipywidgets as W
-
         self.dpi = dpi
         self._busy = False
         self.n_renders = 0
         self.last_update_seconds = float("nan")
+        self._seg_figure = None
+        self._build_status()
+        controller_kwargs.setdefault("progress", self._on_progress)
+        self.controller = ExplorerController(compute=False, **controller_kwargs)
+        self._build_controls(clip_options, vfm_options)
+        self._enable_click_events()
+        self.widget = self._layout()
+        self._full_update()  # first encode + decode (shows progress)
+        self._wire_callbacks()
+
+    # ------------------------------------------------------------------ construction
+    def _build_status(self) -> None:
+        import ipywidgets as W
+
         self.progress = W.FloatProgress(value=0.0, min=0.0, max=1.0, description="idle",
                                         layout=W.Layout(width="420px"), style={"description_width": "initial"})
         self.status = W.HTML(value="")
-        controller_kwargs.setdefault("progress", self._on_progress)
-        self.controller = c = ExplorerController(compute=False, **controller_kwargs)
+
+    def _build_controls(self, clip_options: Optional[Sequence[str]], vfm_options: Optional[Sequence[str]]) -> None:
+        """Every input widget (image, backbones, classes, sliders) and the two figure images."""
+        import ipywidgets as W
+
+        c = self.controller
         clip_options = list(clip_options or available_backbones("clip"))
         vfm_options = list(vfm_options or available_backbones("vfm"))
         for opts, cur in ((clip_options, c.clip_name), (vfm_options, c.vfm_name)):
             if cur not in opts:
                 opts.insert(0, cur)
-
-        slider = dict(continuous_update=False, readout_format=".2f", style={"description_width": "110px"},
-                      layout=W.Layout(width="420px"))
+        label = {"description_width": "110px"}
+        wide = dict(style=label, layout=W.Layout(width="420px"))
+        slider = dict(continuous_update=False, readout_format=".2f", **wide)
         self.samples = sample_images()
-        self.image_picker = W.Dropdown(options=list(self.samples), description="sample image",
-                                       style={"description_width": "110px"})
-        self.path = W.Text(placeholder="/path/to/image.jpg", description="or a path", style={"description_width": "110px"})
+        self.image_picker = W.Dropdown(options=list(self.samples), description="sample image", style=label)
+        self.path = W.Text(placeholder="/path/to/image.jpg", description="or a path", style=label)
         self.load_path = W.Button(description="load", layout=W.Layout(width="70px"))
         self.upload = W.FileUpload(accept="image/*", multiple=False, description="upload")
         self.classes = W.Textarea(value="\n".join(c.classes), description="classes (one a line; synonyms with ';')",
                                   layout=W.Layout(width="420px", height="110px"), continuous_update=False,
                                   style={"description_width": "initial"})
-        self.clip = W.Dropdown(options=clip_options, value=c.clip_name, description="CLIP",
-                               style={"description_width": "110px"})
-        self.vfm = W.Dropdown(options=vfm_options, value=c.vfm_name, description="VFM",
-                              style={"description_width": "110px"})
+        self.clip = W.Dropdown(options=clip_options, value=c.clip_name, description="CLIP", style=label)
+        self.vfm = W.Dropdown(options=vfm_options, value=c.vfm_name, description="VFM", style=label)
         self.gamma = W.FloatSlider(min=0.5, max=10.0, step=0.1, description="gamma (scale)", **slider)
         self.beta = W.FloatSlider(min=0.0, max=2.5, step=0.05, description="beta (shift)", **slider)
         self.temperature = W.FloatSlider(min=0.005, max=0.2, step=0.005, description="logit temp. 1/s",
                                          **{**slider, "readout_format": ".3f"})
         self.prob_thd = W.FloatSlider(min=0.0, max=1.0, step=0.01, description="prob_thd", **slider)
-        self.patch_x = W.IntSlider(min=0, max=1, description="patch x", continuous_update=False,
-                                   style={"description_width": "110px"}, layout=W.Layout(width="420px"))
-        self.patch_y = W.IntSlider(min=0, max=1, description="patch y", continuous_update=False,
-                                   style={"description_width": "110px"}, layout=W.Layout(width="420px"))
+        self.patch_x = W.IntSlider(min=0, max=1, description="patch x", continuous_update=False, **wide)
+        self.patch_y = W.IntSlider(min=0, max=1, description="patch y", continuous_update=False, **wide)
         self.show_affinity = W.Checkbox(value=False, description="affinity stages (S, S', mask)")
         self.hint = W.HTML("<small>the patch sliders choose the pixel whose attention is shown</small>")
         self.seg_image = W.Image(format="png")
         self.attn_image = W.Image(format="png")
-        self._seg_figure = None
-        self.click_events = None
-        try:  # optional: click on the segmentation to choose the patch (pip install ipyevents)
-            from ipyevents import Event
 
-            self.click_events = Event(source=self.seg_image, watched_events=["click"])
-            self.click_events.on_dom_event(self._on_click)
-            self.hint.value = "<small>click the segmentation (or use the patch sliders) to choose the patch</small>"
+    def _enable_click_events(self) -> None:
+        """Optional: click on the segmentation to choose the patch (pip install ipyevents)."""
+        self.click_events = None
+        try:
+            from ipyevents import Event
         except ImportError:
-            pass
+            return
+        self.click_events = Event(source=self.seg_image, watched_events=["click"])
+        self.click_events.on_dom_event(self._on_click)
+        self.hint.value = "<small>click the segmentation (or use the patch sliders) to choose the patch</small>"
+
+    def _layout(self):
+        """Controls on the left, the segmentation and attention figures on the right."""
+        import ipywidgets as W
 
         controls = W.VBox([
             W.HTML("<b>ProxyCLIP explorer</b>"),
@@ -403,11 +407,11 @@ class Explorer:
             self.gamma, self.beta, self.temperature, self.prob_thd,
             self.patch_x, self.patch_y, self.hint, self.show_affinity, self.progress, self.status,
         ], layout=W.Layout(min_width="440px"))
-        self.widget = W.HBox([controls, W.VBox([self.seg_image, self.attn_image])])
-        self.widget.add_class("proxyclip-explorer")
+        widget = W.HBox([controls, W.VBox([self.seg_image, self.attn_image])])
+        widget.add_class("proxyclip-explorer")
+        return widget
 
-        self._full_update()  # first encode + decode (shows progress)
-
+    def _wire_callbacks(self) -> None:
         for w in (self.gamma, self.beta, self.temperature, self.prob_thd):
             w.observe(self._on_params, names="value")
         for w in (self.patch_x, self.patch_y):

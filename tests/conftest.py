@@ -12,15 +12,16 @@ os.environ["WANDB_DISABLE_GIT"] = "true"
 os.environ["WANDB_ERROR_REPORTING"] = "false"
 os.environ["MPLBACKEND"] = "Agg"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# the text-embedding disk cache (text_cache: auto) goes to a throwaway folder, never the user's ~/.cache
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="proxyclip-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from proxyclip import Segmenter, compose_config  # noqa: E402
 
-# Tiny random models and a small window: fast, but every stage runs for real.
-TINY = ["clip=test_tiny", "vfm=test_tiny", "weights=random", "method.short_side=64", "method.crop=64",
-        "method.stride=32", "batch_size=2"]
+# Tiny random models and a small window (conf/experiment/tiny.yaml): fast, but every stage runs for real.
+TINY = ["experiment=tiny"]
 
 
 def tiny_config(*overrides: str):
@@ -35,6 +36,14 @@ def tiny_segmenter() -> Segmenter:
 @pytest.fixture(scope="session")
 def tiny_segmenter_novfm() -> Segmenter:
     return Segmenter.from_config(tiny_config("method=maskclip", "method.residual=false", "method.ffn=false"))
+
+
+@pytest.fixture(scope="session")
+def eval_segmenter() -> Segmenter:
+    """The evaluation tests' Segmenter (built from the eval config, once per session)."""
+    from fixtures_eval import eval_cfg
+
+    return Segmenter.from_config(eval_cfg("voc21", "/nonexistent"))
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Shared pieces of the evaluation tests: tiny-model overrides and a session Segmenter."""
+"""Shared pieces of the evaluation tests: tiny-model overrides, configs, an independent mIoU (fixtures: conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -16,22 +15,14 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
-# tiny random models, a 64-px protocol; overrides the dataset's short side / crop / stride
-TINY_EVAL = ["clip=test_tiny", "vfm=test_tiny", "weights=random", "method.short_side=64", "method.crop=64",
-             "method.stride=32", "batch_size=2", "progress=false", "checkpoint_seconds=0"]
+# tiny random models, a 64-px protocol (conf/experiment/tiny.yaml overrides the dataset's window)
+TINY_EVAL = ["experiment=tiny", "progress=false", "checkpoint_seconds=0"]
 
 
 def eval_cfg(name: str, data_root, *extra: str, config_name: str = "eval"):
-    from proxyclip.evaluation import compose_eval_config
+    from proxyclip import compose_config
 
-    return compose_eval_config([f"dataset={name}", f"data_root={data_root}", *TINY_EVAL, *extra], config_name)
-
-
-@pytest.fixture(scope="session")
-def eval_segmenter():
-    from proxyclip import Segmenter
-
-    return Segmenter.from_config(eval_cfg("voc21", "/nonexistent"))
+    return compose_config(config_name, [f"dataset={name}", f"data_root={data_root}", *TINY_EVAL, *extra])
 
 
 def miou_by_hand(cm: np.ndarray) -> float:

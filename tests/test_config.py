@@ -60,3 +60,40 @@ def test_typos_and_wrong_types_are_errors():
         compose_config(overrides=["method.beta=abc"])
     with pytest.raises(ConfigCompositionException, match="clip/vit_z99"):
         compose_config(overrides=["clip=vit_z99"])
+
+
+def test_device_and_precision_auto_resolve_for_this_machine(monkeypatch):
+    import torch
+
+    from proxyclip.devices import resolve_device, resolve_precision, resolve_runtime
+
+    cfg = compose_config("config", ["experiment=tiny"])
+    assert (cfg.device, cfg.precision) == ("auto", "auto")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_runtime(cfg) == (torch.device(expected), "fp16" if expected == "cuda" else "fp32")
+    assert (cfg.device, cfg.precision) == (expected, "fp16" if expected == "cuda" else "fp32")  # written back
+    # as on a GPU machine, and as on a CPU-only one
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_precision("auto", torch.device("cuda")) == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_precision("auto", torch.device("cpu")) == "fp32"
+    # explicit values are kept; impossible ones are one clear error
+    explicit = compose_config("config", ["experiment=tiny", "device=cpu", "precision=bf16"])
+    assert resolve_runtime(explicit) == (torch.device("cpu"), "bf16")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda:0")
+    with pytest.raises(ValueError, match="precision must be auto or one of"):
+        resolve_precision("fp64", torch.device("cpu"))
+    with pytest.raises(ValueError, match="device must be auto, cpu"):
+        resolve_device("gpu")
+
+
+def test_segmenter_saves_the_resolved_device_and_precision(tiny_segmenter):
+    from proxyclip import Segmenter
+
+    seg = tiny_segmenter
+    assert seg.cfg.device in ("cpu", "cuda") and seg.cfg.precision in ("fp32", "fp16")
+    # the same key (feature caches, resumable state) as a config that names those values explicitly
+    explicit = compose_config("config", ["experiment=tiny", f"device={seg.cfg.device}",
+                                         f"precision={seg.cfg.precision}"])
+    assert Segmenter(explicit, seg.clip, seg.vfm, seg.random_weights).key == seg.key

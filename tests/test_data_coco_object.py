@@ -7,7 +7,7 @@ from fixtures_datasets import make_coco_stuff
 from proxyclip.cli.convert_coco_object import main as convert_main
 from proxyclip.data import build_dataset
 from proxyclip.data.coco import COCO_THING_IDS, raw_to_object_lut, raw_to_stuff_trainids_lut
-from proxyclip.evaluation import compose_eval_config
+from proxyclip import compose_config
 
 
 def test_thing_ids_are_cocos_80_categories():
@@ -31,7 +31,7 @@ def test_converter_on_train_id_maps_and_reader(tmp_path, capsys):
     ann = tmp_path / "coco_stuff164k/annotations/val2017"
     assert convert_main([str(ann), str(ann), "--no-progress"]) == 0
     assert "wrote 3" in capsys.readouterr().out
-    ds = build_dataset(compose_eval_config(["dataset=coco_object", f"data_root={tmp_path}"]).dataset)
+    ds = build_dataset(compose_config("eval", ["dataset=coco_object", f"data_root={tmp_path}"]).dataset)
     assert len(ds) == 3 and ds.num_classes == 81
     for i, s in enumerate(ds.samples):
         raw = expected[s.id][1].astype(np.int64)

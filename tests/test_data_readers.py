@@ -7,11 +7,11 @@ from PIL import Image
 
 from fixtures_datasets import BUILDERS, make_coco_stuff, make_custom, make_voc
 from proxyclip.data import BadLabelError, DatasetNotFoundError, build_dataset, read_class_lines
-from proxyclip.evaluation import compose_eval_config
+from proxyclip import compose_config
 
 
 def _cfg(name, data_root, *extra):
-    return compose_eval_config([f"dataset={name}", f"data_root={data_root}", *extra])
+    return compose_config("eval", [f"dataset={name}", f"data_root={data_root}", *extra])
 
 
 def _reduce(raw, ignore=255):
@@ -146,7 +146,7 @@ def test_shipped_class_files_have_the_protocol_sizes():
     assert "; " in read_class_lines("voc21")[0] and "; " in read_class_lines("coco_object")[0]
 
 
-# REFERENCE.md section 5, typed out: classes, short side, crop, stride, prob_thd, reduce_zero_label
+# docs/protocol.md's per-dataset protocol, typed out: classes, short side, crop, stride, prob_thd, reduce_zero_label
 PROTOCOL = {
     "voc21": (21, 336, 336, 112, 0.20, False), "context60": (60, 336, 336, 112, 0.15, False),
     "coco_object": (81, 336, 336, 112, 0.25, False), "voc20": (20, 336, 336, 112, 0.0, True),
@@ -157,10 +157,38 @@ PROTOCOL = {
 
 @pytest.mark.parametrize("name", sorted(PROTOCOL))
 def test_dataset_config_carries_the_reference_protocol(name):
-    cfg = compose_eval_config([f"dataset={name}"])
+    cfg = compose_config("eval", [f"dataset={name}"])
     k, short, crop, stride, thd, rzl = PROTOCOL[name]
     assert (cfg.dataset.num_classes, cfg.method.short_side, cfg.method.crop, cfg.method.stride) == (k, short, crop, stride)
     assert cfg.method.prob_thd == pytest.approx(thd) and cfg.dataset.reduce_zero_label is rzl
     assert cfg.dataset.ignore_index == 255 and cfg.method.beta == 1.2 and cfg.method.logit_scale == 40.0
     # a command-line override still wins over the dataset's protocol
-    assert compose_eval_config([f"dataset={name}", "method.crop=224"]).method.crop == 224
+    assert compose_config("eval", [f"dataset={name}", "method.crop=224"]).method.crop == 224
+
+
+def test_shipped_class_files_split_on_semicolon_space_only():
+    """The published protocol: a line splits on "; " only; commas stay inside one name (one query)."""
+    from proxyclip.data import read_class_lines
+    from proxyclip.text import parse_classes
+
+    ade = read_class_lines("ade847")
+    assert len(ade) == 847 and ade[1] == "building, edifice"
+    assert parse_classes(ade).queries == ade  # 847 lines, 847 queries: no synonyms
+    voc = parse_classes(read_class_lines("voc21"))
+    assert voc.queries[:3] == ["sky", "wall", "tree"] and voc.query_to_class.count(0) == 26
+    obj = read_class_lines("coco_object")
+    assert len(obj) == 81 and len(obj[0].split("; ")) == 17 and all("; " not in ln for ln in obj[1:])
+    for name in ("ade20k", "cityscapes", "coco_stuff", "context459", "context59", "context60", "voc20"):
+        lines = read_class_lines(name)
+        assert parse_classes(lines).queries == lines, name  # one query a line
+
+
+@pytest.mark.parametrize("name,first", [("voc21", "background"), ("context60", "background"),
+                                        ("coco_object", "background"), ("voc20", "aeroplane"), ("ade847", "wall")])
+def test_display_names_call_background_class_background(tmp_path, name, first):
+    from proxyclip.text import display_names
+
+    cfg = compose_config("eval", [f"dataset={name}"]).dataset
+    lines = read_class_lines(str(cfg.classnames))
+    names = display_names(lines, cfg.background_class)
+    assert names[0] == first and names[1:] == [ln.split("; ")[0] for ln in lines[1:]]

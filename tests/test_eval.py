@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from fixtures_datasets import make_voc
+from fixtures_eval import eval_cfg, miou_by_hand
 from PIL import Image
 from sklearn.metrics import confusion_matrix as sk_confusion
 
-from fixtures_datasets import make_voc
-from fixtures_eval import eval_cfg, eval_segmenter, miou_by_hand  # noqa: F401  (fixture)
 from proxyclip.data import BadLabelError, build_dataset
 from proxyclip.evaluation import evaluate, select_indices
 

@@ -3,8 +3,8 @@
 import json
 import subprocess
 
+import pytest
 import torch
-
 from fixtures_datasets import make_voc
 from fixtures_eval import PYTHON, REPO, TINY_EVAL, subprocess_env
 
@@ -14,6 +14,7 @@ def _run(args, timeout=240, **env):
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_missing_dataset_root_exits_2_naming_the_path(tmp_path):
     r = _run(["-m", "proxyclip.cli.evaluate", "dataset=cityscapes", f"data_root={tmp_path}", *TINY_EVAL,
               f"hydra.run.dir={tmp_path / 'run'}"])
@@ -22,6 +23,7 @@ def test_missing_dataset_root_exits_2_naming_the_path(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_multirun_over_datasets_then_summary(tmp_path):
     make_voc(tmp_path, n=2)
     mr = tmp_path / "mr"
@@ -41,6 +43,7 @@ def test_multirun_over_datasets_then_summary(tmp_path):
     assert (mr / "summary.md").read_text().splitlines()[:4] == lines[:4]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     make_voc(tmp_path, n=5)
     base = ["-m", "proxyclip.cli.evaluate", "dataset=voc20", f"data_root={tmp_path}", *TINY_EVAL]
@@ -49,7 +52,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
 
     run_dir = tmp_path / "killed"
     # SIGKILL after 2 images are saved, in the middle of the third (decoded, not yet saved)
-    killed = _run(base + [f"hydra.run.dir={run_dir}"], PROXYCLIP_EVAL_KILL_AFTER="2")
+    killed = _run([str(REPO / "tests" / "kill_after.py"), "2", *base[2:], f"hydra.run.dir={run_dir}"])
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert not (run_dir / "metrics.json").exists()
     state = torch.load(run_dir / "state" / "rank0-of-1.pt", weights_only=False)
@@ -70,6 +73,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert sorted(final["done"]) == sorted(set(final["done"])) and len(final["done"]) == 5
 
 
+@pytest.mark.slow
 def test_sweep_command_writes_the_tidy_table(tmp_path):
     make_voc(tmp_path, n=2)
     r = _run(["-m", "proxyclip.cli.sweep", "dataset=voc20", f"data_root={tmp_path}", *TINY_EVAL,

@@ -5,12 +5,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
-
 from fixtures_datasets import make_voc
-from fixtures_eval import PYTHON, REPO, TINY_EVAL, eval_segmenter, subprocess_env  # noqa: F401 (fixture)
+from fixtures_eval import PYTHON, REPO, TINY_EVAL, subprocess_env
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equals_single_process(tmp_path):
     make_voc(tmp_path, n=5)
     args = ["dataset=voc20", f"data_root={tmp_path}", *TINY_EVAL]
@@ -52,8 +53,10 @@ def test_stray_rank_run_dir_is_removed_only_when_empty_of_results(tmp_path):
     assert (kept / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_killed_torchrun_resumes_on_one_process(tmp_path, eval_segmenter):
     from fixtures_eval import eval_cfg
+
     from proxyclip.evaluation import evaluate
 
     make_voc(tmp_path, n=5)
@@ -61,10 +64,9 @@ def test_killed_torchrun_resumes_on_one_process(tmp_path, eval_segmenter):
     torchrun = shutil.which("torchrun", path=str(Path(PYTHON).parent)) or "torchrun"
     run_dir = tmp_path / "dist"
     # each rank SIGKILLs itself in the middle of its second image
-    dist = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "proxyclip.cli.evaluate",
+    dist = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(REPO / "tests" / "kill_after.py"), "1",
                            "dataset=voc20", f"data_root={tmp_path}", *TINY_EVAL, f"hydra.run.dir={run_dir}"],
-                          cwd=REPO, env=subprocess_env(PROXYCLIP_EVAL_KILL_AFTER="1"), capture_output=True,
-                          text=True, timeout=300)
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert dist.returncode != 0 and not (run_dir / "metrics.json").exists()
     done = [torch.load(p, weights_only=False)["done"] for p in sorted((run_dir / "state").glob("rank*-of-2.pt"))]
     assert 1 <= sum(map(len, done)) <= 2  # at most one image per rank got saved

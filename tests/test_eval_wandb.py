@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from fixtures_datasets import make_voc
-from fixtures_eval import eval_cfg, eval_segmenter  # noqa: F401  (fixture)
+from fixtures_eval import eval_cfg
+
 from proxyclip.evaluation import evaluate, sweep
 
 WANDB = str(Path(sys.executable).with_name("wandb"))
@@ -53,6 +53,11 @@ def test_eval_metrics_logged_to_offline_wandb(offline, eval_segmenter):
     summary = _summary(offline / "w1")
     assert _find(summary, "mIoU") == pytest.approx(out["mIoU"])
     assert _find(summary, "aAcc") == pytest.approx(out["aAcc"])
+    # class 0 (26 background words) is "background" in the metrics, the W&B keys and the CSV
+    iou_keys = sorted(k for k in summary["summary"] if k.startswith("IoU/"))
+    assert "IoU/background" in iou_keys and "IoU/sky" not in iou_keys and len(iou_keys) == 21, " ".join(iou_keys)
+    assert out["per_class"][0]["class"] == "background"
+    assert (offline / "run" / "per_class.csv").read_text().splitlines()[1].startswith("0,background,")
 
 
 def test_sweep_best_point_logged(offline, eval_segmenter):

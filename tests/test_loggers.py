@@ -172,6 +172,7 @@ def test_image_to_uint8_layouts():
     assert gray.shape == (4, 4, 3) and (gray == 128).all()
 
 
+@pytest.mark.slow
 def test_hydra_multirun_jobs_are_grouped_by_sweep(offline_wandb, tmp_path):
     """Each Hydra multirun job builds its own run; the group is the sweep folder's name."""
     app = tmp_path / "app.py"

@@ -10,15 +10,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
+from conftest import TINY
 from PIL import Image
 
-from proxyclip.evaluation import compose_eval_config
+from proxyclip import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 WANDB = str(Path(sys.executable).with_name("wandb"))
-TINY = ["clip=test_tiny", "vfm=test_tiny", "weights=random", "method.short_side=64", "method.crop=64",
-        "method.stride=32"]
 
 
 def make_custom(root: Path, n: int = 2) -> Path:
@@ -41,6 +41,7 @@ def leet(*args: str) -> str:
     return out.stdout
 
 
+@pytest.mark.slow
 def test_hydra_multirun_of_eval_logs_one_wandb_run_per_point_grouped(tmp_path):
     data = make_custom(tmp_path / "data")
     sweep_dir = tmp_path / "multirun" / "beta-sweep"
@@ -88,7 +89,7 @@ def test_wandb_sweep_yaml_drives_the_eval_entry_point():
         for gamma in params["method.gamma"]["values"]:
             fixed = {k: v["value"] for k, v in params.items() if "value" in v}
             args = [f"{k}={v}" for k, v in fixed.items()] + [f"method.beta={beta}", f"method.gamma={gamma}"]
-            cfg = compose_eval_config(args)
+            cfg = compose_config("eval", args)
             assert cfg.method.beta == beta and cfg.method.gamma == gamma
             assert cfg.logger.name == "wandb" and cfg.logger.mode == "online"
             assert cfg.dataset.name == fixed["dataset"]

@@ -74,6 +74,7 @@ def leet_records(run_dir: Path) -> list:
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_quickstart(tmp_path):
     nb = execute("01_quickstart", tmp_path)
     assert "smoke mode" in text_of(nb)
@@ -83,6 +84,7 @@ def test_quickstart(tmp_path):
     assert nb.cells[-1].outputs[-1]["data"]["application/vnd.jupyter.widget-view+json"]["model_id"]
 
 
+@pytest.mark.slow
 def test_attention_maps(tmp_path):
     nb = execute("02_attention_maps", tmp_path)
     assert len(outputs(nb, "image/png")) == 4  # VFMs, gamma x beta, stages, baseline comparison
@@ -93,6 +95,7 @@ def test_attention_maps(tmp_path):
     assert set(s["segmentation/proxyclip"]["masks"]) == {"prediction"}
 
 
+@pytest.mark.slow
 def test_sweeps_logs_the_grid_to_wandb(tmp_path):
     nb = execute("03_sweeps", tmp_path)
     assert len(outputs(nb, "image/png")) == 2  # heatmap, best-point segmentation
@@ -110,6 +113,7 @@ def test_sweeps_logs_the_grid_to_wandb(tmp_path):
     assert run_rec["run_group"] == "gamma-beta-grid"
 
 
+@pytest.mark.slow
 def test_backbone_ablation_one_run_per_pair_grouped(tmp_path):
     nb = execute("04_backbone_ablation", tmp_path)
     assert len(outputs(nb, "image/png")) == 2  # CLIP x VFM, VFM (feature) x layer
@@ -137,6 +141,7 @@ def test_backbone_ablation_one_run_per_pair_grouped(tmp_path):
     assert by_setting["tokens", -2] != pytest.approx(by_setting["tokens", -1])
 
 
+@pytest.mark.slow
 def test_hooks_tour(tmp_path):
     nb = execute("05_hooks_tour", tmp_path)
     text = text_of(nb)

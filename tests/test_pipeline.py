@@ -147,7 +147,16 @@ def test_text_embeddings_are_the_normalized_template_mean(tiny_segmenter):
     expected = F.normalize(per_prompt.mean(0), dim=-1)
     assert len(TEMPLATES) == 80
     torch.testing.assert_close(seg.text_embeddings(["horse"])[0], expected, atol=1e-5, rtol=1e-5)
-    assert seg.text_embeddings(["horse"]).data_ptr() != 0 and "horse" in seg.text._cache
+    # a second call encodes only the names it has not seen: "horse" comes from the cache
+    encoded = []
+    encode = seg.text._encode_prompts
+    seg.text._encode_prompts = lambda prompts: encoded.append(list(prompts)) or encode(prompts)
+    try:
+        again = seg.text_embeddings(["horse", "a zebra never seen before"])
+    finally:
+        del seg.text._encode_prompts
+    assert encoded == [[t("a zebra never seen before") for t in TEMPLATES]]
+    assert torch.equal(again[0], seg.text_embeddings(["horse"])[0])
 
 
 def test_window_scores_are_cosines_of_dense_and_text(tiny_segmenter, rand_image):

@@ -9,7 +9,7 @@ from proxyclip import proxy
 
 
 def naive_proxy_attention(features: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
-    """One image (C, H, W), one row at a time, in float64, straight from REFERENCE.md section 2.6."""
+    """One image (C, H, W), one row at a time, in float64, straight from docs/protocol.md (The method, step 6)."""
     c = features.shape[0]
     tokens = features.reshape(c, -1).T.double()
     n = tokens.shape[0]

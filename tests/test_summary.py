@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 import yaml
-from fixtures_eval import PYTHON, REPO, TINY_EVAL, subprocess_env
+from fixtures_eval import PYTHON, REPO, subprocess_env
 from omegaconf import OmegaConf
 
 from proxyclip.evaluation.published import (
@@ -263,6 +263,9 @@ PRESETS = {  # preset: (its axes and values, independently written down)
     "paper_methods": {"method": ["clip", "maskclip", "sclip", "clearclip", "naclip", "proxyclip"],
                       "dataset": DATASETS8},
 }
+# experiment=tiny spelled out: one experiment preset at a time, and this test runs paper_norm_mask
+TINY_MODELS = ["clip=test_tiny", "vfm=test_tiny", "weights=random", "method.short_side=64", "method.crop=64",
+               "method.stride=32", "batch_size=2", "progress=false", "checkpoint_seconds=0"]
 GRID_SIZES = {"paper_main": 24, "paper_vfm": 120, "paper_beta_gamma": 128, "paper_norm_mask": 32, "paper_methods": 48}
 
 
@@ -270,9 +273,7 @@ def compose_eval(overrides):
     from hydra import compose, initialize_config_dir
 
     from proxyclip.config import CONF_DIR
-    from proxyclip.evaluation.config import register_eval_schemas
 
-    register_eval_schemas()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         return compose("eval", overrides=overrides, return_hydra_config=True)
 
@@ -326,7 +327,7 @@ def test_norm_mask_preset_runs_on_fixture_data_then_summary_prints_the_2x2(tmp_p
     mr = tmp_path / "mr"
     env = subprocess_env()
     r = subprocess.run([PYTHON, "-m", "proxyclip.cli.evaluate", "-m", "experiment=paper_norm_mask", "dataset=voc21",
-                        f"data_root={tmp_path}", *TINY_EVAL, f"hydra.sweep.dir={mr}"],
+                        f"data_root={tmp_path}", *TINY_MODELS, f"hydra.sweep.dir={mr}"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = sorted(mr.rglob("metrics.json"))

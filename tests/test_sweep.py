@@ -4,9 +4,9 @@ import csv
 
 import pytest
 import torch
-
 from fixtures_datasets import make_voc
-from fixtures_eval import eval_cfg, eval_segmenter  # noqa: F401  (fixture)
+from fixtures_eval import eval_cfg
+
 from proxyclip.data import build_dataset
 from proxyclip.evaluation import FeatureCache, evaluate, sweep
 

@@ -64,7 +64,10 @@ def test_first_view_encodes_once_and_renders(explorer, factory, tiny_segmenter, 
     assert (explorer.gamma.value, explorer.beta.value, explorer.prob_thd.value) == (m.gamma, m.beta, m.prob_thd)
     assert explorer.temperature.value == pytest.approx(1 / m.logit_scale)
     assert (explorer.patch_y.max, explorer.patch_x.max) == (rand_image.shape[1] - 1, rand_image.shape[2] - 1)
-    assert png_size(explorer.seg_image.value)[0] > 100 and png_size(explorer.attn_image.value)[0] > 100
+    # each PNG is its figure at the explorer's dpi, pixel for pixel
+    for png, fig in ((explorer.seg_image.value, explorer._seg_figure), (explorer.attn_image.value, c.attention_figure())):
+        w, h = fig.get_size_inches() * explorer.dpi
+        assert np.abs(np.subtract(png_size(png), (w, h))).max() < 1 and w > 100  # Agg truncates to whole pixels
     expected = tiny_segmenter.predict(rand_image, CLASSES)
     torch.testing.assert_close(c.prediction.labels, expected.labels)
     assert explorer.progress.value == 1.0 and "encodes 1, decodes 1" in explorer.status.value

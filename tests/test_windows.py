@@ -38,7 +38,7 @@ def test_non_square_and_smaller_than_crop():
 
 def test_cityscapes_window_count():
     boxes = slide_windows(448, 896, 224, 112)
-    assert len(boxes) == 3 * 7  # REFERENCE.md: 21 windows
+    assert len(boxes) == 3 * 7  # docs/protocol.md: 21 windows
     assert all(b[1] - b[0] == 224 and b[3] - b[2] == 224 for b in boxes)
 
 

@@ -63,7 +63,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     from ..viz import plot_overlay
 
     image = cfg.image or str(SAMPLE_IMAGE)
-    seg = Segmenter.from_config(cfg)
+    seg = Segmenter.from_config(cfg)  # resolves device/precision "auto" into cfg (saved in config.yaml)
+    print(f"[proxyclip] device {cfg.device}, precision {cfg.precision}")
     pred = seg.predict(image, list(cfg.classes))
     record = write_outputs(pred, out_dir, cfg, image)
     with build_logger(cfg.logger, to_container(cfg), job_type="segment") as logger:
@@ -79,13 +80,12 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="segment")
 def _main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
     from ..backbones import WeightsUnavailable
+    from ..config import hydra_output_dir
     from ..images import ImageError
 
     try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        run(cfg, Path(hydra_output_dir()))
     except (ValueError, TypeError, FileNotFoundError, WeightsUnavailable, ImageError) as e:
         # a problem with the input or the config: say what it is, without a stack trace
         print(f"proxyclip-segment: error: {e}", file=sys.stderr)

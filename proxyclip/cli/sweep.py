@@ -15,16 +15,13 @@ import hydra
 from omegaconf import DictConfig
 
 from ..config import CONF_DIR
-from ..evaluation.config import register_eval_schemas
-
-register_eval_schemas()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sweep")
-def _main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> float:
     from ..evaluation.app import run_cli
 
-    run_cli(cfg, "sweep")
+    return run_cli(cfg, "sweep")  # the best point's mIoU: what a Hydra sweeper (Optuna) optimizes
 
 
 def main() -> None:

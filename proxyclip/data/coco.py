@@ -1,4 +1,4 @@
-"""COCO-Object (81 classes) from COCO-Stuff 164k label maps (REFERENCE.md section 5).
+"""COCO-Object (81 classes) from COCO-Stuff 164k label maps (docs/protocol.md, Per-dataset protocol).
 
 COCO-Object keeps COCO's 80 thing classes as 1..80 and makes every stuff pixel and every
 unlabeled pixel background 0. Two inputs are understood, per file:
@@ -15,13 +15,13 @@ expects. The same module maps original stuffthingmaps to COCO-Stuff's 171 train 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
+
+from ..files import atomic_write
 
 __all__ = [
     "COCO_THING_IDS",
@@ -60,16 +60,8 @@ def raw_to_object_lut() -> np.ndarray:
     return trainids_to_object_lut()[raw_to_stuff_trainids_lut()]
 
 
-def _atomic_save(arr: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        Image.fromarray(arr, mode="L").save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _save_index_png(arr: np.ndarray, path: Path) -> None:
+    atomic_write(path, lambda f: Image.fromarray(arr, mode="L").save(f, format="PNG"))
 
 
 def _read_index_png(path: Path) -> np.ndarray:
@@ -120,8 +112,8 @@ def convert_coco_object(
         if out.exists() and not overwrite and not (raw and stuff_dst is not None):
             continue
         arr = _read_index_png(f)
-        _atomic_save((r2o if raw else t2o)[arr], out)
+        _save_index_png((r2o if raw else t2o)[arr], out)
         written.append(out)
         if raw and stuff_dst is not None:
-            _atomic_save(r2t[arr], Path(stuff_dst) / f"{stem}_labelTrainIds.png")
+            _save_index_png(r2t[arr], Path(stuff_dst) / f"{stem}_labelTrainIds.png")
     return written

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from ..config import config_get
+from ..text import display_names
 
 __all__ = [
     "BadLabelError",
@@ -97,7 +98,9 @@ class SegmentationDataset:
     """Samples of one dataset plus its protocol (class lines, ignore index, label reduction).
 
     ``ds[i]`` -> ``(image, label)``: a PIL RGB image and an ``(H, W)`` int64 label tensor,
-    already reduced (``reduce_zero_label``) and checked (:meth:`load_label`).
+    already reduced (``reduce_zero_label``) and checked (:meth:`load_label`). ``class_names`` are
+    the class lines (the text queries); ``display_names`` one short name each (class 0 is
+    ``"background"`` when ``background_class``).
     """
 
     def __init__(
@@ -110,6 +113,7 @@ class SegmentationDataset:
         reduce_zero_label: bool = False,
         ignore_index: int = 255,
         bad_labels: str = "error",
+        background_class: bool = False,
     ):
         if bad_labels not in ("error", "skip"):
             raise ValueError(f"dataset.bad_labels must be 'error' or 'skip', got {bad_labels!r}")
@@ -117,6 +121,7 @@ class SegmentationDataset:
         self.root = root
         self.samples = list(samples)
         self.class_names = list(class_names)
+        self.display_names = display_names(self.class_names, background_class)
         self.num_classes = len(self.class_names)
         self.reduce_zero_label = bool(reduce_zero_label)
         self.ignore_index = int(ignore_index)
@@ -193,6 +198,7 @@ class SegmentationDataset:
             ignore_index=self.ignore_index,
             bad_labels=self.bad_labels,
         )
+        out.display_names = list(self.display_names)
         return out
 
 
@@ -325,4 +331,5 @@ def build_dataset(cfg: Any) -> SegmentationDataset:
         reduce_zero_label=bool(config_get(cfg, "reduce_zero_label", False)),
         ignore_index=int(config_get(cfg, "ignore_index", 255)),
         bad_labels=str(config_get(cfg, "bad_labels", "error")),
+        background_class=bool(config_get(cfg, "background_class", False) or config_get(cfg, "background")),
     )

@@ -1,7 +1,8 @@
 """``evaluate(cfg)`` and ``sweep(cfg)``: what ``proxyclip-eval`` / ``proxyclip-sweep`` run, callable from Python.
 
-    from proxyclip.evaluation import compose_eval_config, evaluate
-    cfg = compose_eval_config(["dataset=voc21", "data_root=/datasets", "limit=50"])
+    from proxyclip import compose_config
+    from proxyclip.evaluation import evaluate
+    cfg = compose_config("eval", ["dataset=voc21", "data_root=/datasets", "limit=50"])
     result = evaluate(cfg, run_dir="runs/voc21-50")
     result["mIoU"]
 """
@@ -15,7 +16,8 @@ from typing import Any, Dict, Optional
 
 from omegaconf import DictConfig
 
-from ..config import to_container
+from ..config import hydra_output_dir, to_container
+from ..devices import resolve_runtime
 from ..data import SegmentationDataset, build_dataset
 from .cache import FeatureCache
 from .distributed import DistInfo, cleanup, init_distributed
@@ -65,19 +67,15 @@ def _resolve_run_dir(cfg: DictConfig, run_dir: Optional[os.PathLike]) -> Path:
         return Path(run_dir)
     if cfg.get("run_dir"):
         return Path(str(cfg.run_dir))
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            return Path(HydraConfig.get().runtime.output_dir)
-    except Exception:
-        pass
+    if hydra_output_dir():
+        return Path(hydra_output_dir())
     raise ValueError("no run directory: pass run_dir=... (results and the resumable state are written there)")
 
 
 def _run(cfg: DictConfig, grid: Any, run_dir: Optional[os.PathLike], seg, dataset, job_type: str,
          info: Optional[DistInfo] = None) -> tuple:
     own_group = info is None
+    resolve_runtime(cfg)  # device/precision "auto" -> this machine's values (saved with the run's config)
     info = info or init_distributed(str(cfg.device))
     say = _say(info)
     try:
@@ -86,7 +84,8 @@ def _run(cfg: DictConfig, grid: Any, run_dir: Optional[os.PathLike], seg, datase
         out_dir.mkdir(parents=True, exist_ok=True)
         points = grid_points(seg, grid, cfg.method)
         say(f"{job_type}: {dataset.name}, {len(dataset)} images, {dataset.num_classes} classes, "
-            f"{len(points)} hyperparameter point(s), {info.world_size} process(es) -> {out_dir}")
+            f"{len(points)} hyperparameter point(s), {info.world_size} process(es), device {cfg.device}, "
+            f"precision {cfg.precision} -> {out_dir}")
         if getattr(seg, "random_weights", False):
             say("note: random weights; numbers are not comparable to the paper's")
         cache = None
@@ -132,7 +131,7 @@ def _log_results(logger: Any, job_type: str, result: GridResult, written: Dict[s
     if job_type == "eval":
         m = result.metrics[0]
         metrics = {"mIoU": m["mIoU"], "aAcc": m["aAcc"], "mAcc": m["mAcc"], "num_images": result.num_images}
-        metrics.update({f"IoU/{r['class'].split(';')[0].strip()}": r["IoU"] for r in m["per_class"]})
+        metrics.update({f"IoU/{r['class']}": r["IoU"] for r in m["per_class"]})
         logger.log_metrics(metrics)
         logger.log_table("per_class", ["class", "IoU", "Acc", "gt_pixels", "pred_pixels"],
                          [[r["class"], r["IoU"], r["Acc"], r["gt_pixels"], r["pred_pixels"]] for r in m["per_class"]])

@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .state import atomic_torch_save
+from ..files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,8 @@ class FeatureCache:
                 continue
             p = self.path_for(key, digest)
             p.parent.mkdir(parents=True, exist_ok=True)
-            atomic_torch_save({**common, **{k: d[k] for k in fields}, "part_key": key}, p)
+            entry = {**common, **{k: d[k] for k in fields}, "part_key": key}
+            atomic_write(p, lambda f, entry=entry: torch.save(entry, f))
             size += p.stat().st_size
             self.writes += 1
         self.bytes_written += size

@@ -30,6 +30,7 @@ import torch
 
 from ..data import BadLabelError, SegmentationDataset
 from ..metrics import confusion_matrix, metrics_from_confusion
+from ..files import atomic_write
 from .cache import FeatureCache
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, shard
 from .state import RunState, digest
@@ -74,7 +75,7 @@ def grid_points(seg, grid: Optional[Any] = None, method: Optional[Any] = None) -
 class GridResult:
     points: List[Dict[str, float]]
     cm: torch.Tensor  # (G, K, K) summed over processes
-    class_names: List[str]
+    class_names: List[str]  # display names (class 0 "background" where it is the background)
     num_images: int  # images counted (all processes)
     skipped: List[Dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
@@ -102,15 +103,35 @@ def run_grid(
     logger: Any = None,
     log_images: int = 0,
     print_fn: Callable[[str], None] = print,
+    before_count: Optional[Callable[[int], None]] = None,
 ) -> GridResult:
     """Evaluate every point of ``points`` on ``dataset`` (already subset), resumably and sharded.
 
+    ``before_count(n)``: called after each image is decoded and before it is counted, with the
+    number of images this process counted so far (tests inject faults there).
     Returns the matrices summed over all processes (every process gets the same result).
     """
     t0 = time.time()
     points = [dict(p) for p in points]
     k = dataset.num_classes
-    fingerprint = {
+    state = RunState(Path(run_dir), info.rank, info.world_size, _fingerprint(seg, dataset, points),
+                     (len(points), k, k))
+    if state.load():
+        print_fn(f"resuming {state.path}: {len(state.done)} images already counted"
+                 + (f", plus {len(state.foreign_done)} by an earlier attempt with another number of processes"
+                    if state.foreign_done else ""))
+    mine = shard(range(len(dataset)), info)
+    todo = [i for i in mine if not state.is_done(dataset.samples[i].id)]
+    loop = _Loop(seg, dataset, points, state, cache=cache, checkpoint_seconds=checkpoint_seconds, logger=logger,
+                 log_images=log_images if info.is_main else 0, print_fn=print_fn, before_count=before_count)
+    bar = _progress_bar(dataset, info, total=len(mine), initial=len(mine) - len(todo)) if progress else None
+    loop.run(todo, bar)
+    return _gather(state, dataset, points, info, seconds=time.time() - t0)
+
+
+def _fingerprint(seg, dataset: SegmentationDataset, points: List[Dict[str, float]]) -> Dict[str, Any]:
+    """What a saved state must match to be resumed: same images, classes, protocol, model and points."""
+    return {
         "dataset": dataset.name,
         "num_samples": len(dataset),
         "samples": digest([s.id for s in dataset.samples]),
@@ -120,83 +141,98 @@ def run_grid(
         "model": seg.key,
         "points": digest(points),
     }
-    state = RunState(Path(run_dir), info.rank, info.world_size, fingerprint, (len(points), k, k))
-    if state.load():
-        print_fn(f"resuming {state.path}: {len(state.done)} images already counted"
-                 + (f", plus {len(state.foreign_done)} by an earlier attempt with another number of processes"
-                    if state.foreign_done else ""))
-    mine = shard(range(len(dataset)), info)
-    todo = [i for i in mine if not state.is_done(dataset.samples[i].id)]
-    kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
 
-    bar = None
-    if progress and info.is_main:
-        from tqdm import tqdm
 
-        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="img", dynamic_ncols=True,
-                   desc=f"{dataset.name}" + (f" [rank 0/{info.world_size}]" if info.enabled else ""))
+def _progress_bar(dataset: SegmentationDataset, info: DistInfo, total: int, initial: int):
+    if not info.is_main:
+        return None
+    from tqdm import tqdm
 
-    def on_term(signum, frame):  # SLURM preemption / kill: save what is counted, then stop
-        raise _Stop()
+    return tqdm(total=total, initial=initial, unit="img", dynamic_ncols=True,
+                desc=f"{dataset.name}" + (f" [rank 0/{info.world_size}]" if info.enabled else ""))
 
-    old_term = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
-    logged = 0
-    counted_now = 0
-    last_save = time.time()
-    dirty = False
-    try:
-        for n_left, i in zip(range(len(todo), 0, -1), todo):
-            sample = dataset.samples[i]
-            image = dataset.load_image(i)
-            try:
-                label = dataset.load_label(i, expected_size=image.size)
-            except BadLabelError as e:
-                if dataset.bad_labels != "skip":
-                    raise
-                print_fn(f"skipping {sample.id}: {e}")
-                state.add(sample.id, skipped=str(e))
-                dirty = True
+
+class _Loop:
+    """This process's images: encode once, decode per point, count, save the state now and then."""
+
+    def __init__(self, seg, dataset: SegmentationDataset, points: List[Dict[str, float]], state: RunState, *,
+                 cache: Optional[FeatureCache], checkpoint_seconds: float, logger: Any, log_images: int,
+                 print_fn: Callable[[str], None], before_count: Optional[Callable[[int], None]]):
+        self.seg, self.dataset, self.points, self.state = seg, dataset, points, state
+        self.cache, self.checkpoint_seconds = cache, checkpoint_seconds
+        self.logger, self.log_images, self.print_fn = logger, log_images, print_fn
+        self.before_count = before_count
+        self.logged = self.counted = 0
+        self.last_save = time.time()
+        self.dirty = False
+
+    def run(self, todo: Sequence[int], bar) -> None:
+        def on_term(signum, frame):  # SLURM preemption / kill: save what is counted, then stop
+            raise _Stop()
+
+        old_term = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+        try:
+            for n_left, i in zip(range(len(todo), 0, -1), todo):
+                self.image(i, n_left)
                 if bar is not None:
                     bar.update(1)
-                continue
-            if cache is not None:
-                enc = cache.get_or_encode(sample.image, lambda reuse: seg.encode(image, reuse=reuse), remaining=n_left)
-            else:
-                enc = seg.encode(image)
-            cm_img = torch.zeros((len(points), k, k), dtype=torch.int64)
-            for g, p in enumerate(points):
-                pred = seg.decode(enc, dataset.class_names, **p)
-                cm_img[g] = confusion_matrix(pred.labels.cpu(), label, k, dataset.ignore_index)
-                if g == 0 and logger is not None and info.is_main and logged < log_images:
-                    logger.log_segmentation(f"{dataset.name}/{sample.id}", image, pred.labels.cpu(), label,
-                                            dataset.class_names, ignore_index=dataset.ignore_index)
-                    logged += 1
-            if kill_after and counted_now >= kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-            state.add(sample.id, cm_img)
-            counted_now += 1
-            dirty = True
-            if checkpoint_seconds <= 0 or time.time() - last_save >= checkpoint_seconds:
-                state.save()
-                last_save, dirty = time.time(), False
+                    bar.set_postfix_str(f"mIoU {metrics_from_confusion(self.state.cm[0])['mIoU']:.2f}")
+        except (KeyboardInterrupt, _Stop):
+            self.save_if_dirty()
+            self.print_fn(f"interrupted: {len(self.state.done)} images counted and saved in {self.state.path}; "
+                          f"run the same command with the same run directory to continue")
+            raise KeyboardInterrupt
+        finally:
             if bar is not None:
-                bar.update(1)
-                m = metrics_from_confusion(state.cm[0], dataset.class_names)
-                bar.set_postfix_str(f"mIoU {m['mIoU']:.2f}")
-    except (KeyboardInterrupt, _Stop):
-        if dirty:
-            state.save()
-        print_fn(f"interrupted: {len(state.done)} images counted and saved in {state.path}; "
-                 f"run the same command with the same run directory to continue")
-        raise KeyboardInterrupt
-    finally:
-        if bar is not None:
-            bar.close()
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
-    if dirty:
-        state.save()
+                bar.close()
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
+        self.save_if_dirty()
 
+    def image(self, i: int, n_left: int) -> None:
+        ds, sample = self.dataset, self.dataset.samples[i]
+        image = ds.load_image(i)
+        try:
+            label = ds.load_label(i, expected_size=image.size)
+        except BadLabelError as e:
+            if ds.bad_labels != "skip":
+                raise
+            self.print_fn(f"skipping {sample.id}: {e}")
+            self.state.add(sample.id, skipped=str(e))
+            self.dirty = True
+            return
+        if self.cache is not None:
+            enc = self.cache.get_or_encode(sample.image, lambda reuse: self.seg.encode(image, reuse=reuse),
+                                             remaining=n_left)
+        else:
+            enc = self.seg.encode(image)
+        k = ds.num_classes
+        cm_img = torch.zeros((len(self.points), k, k), dtype=torch.int64)
+        for g, p in enumerate(self.points):
+            pred = self.seg.decode(enc, ds.class_names, **p)
+            cm_img[g] = confusion_matrix(pred.labels.cpu(), label, k, ds.ignore_index)
+            if g == 0 and self.logger is not None and self.logged < self.log_images:
+                self.logger.log_segmentation(f"{ds.name}/{sample.id}", image, pred.labels.cpu(), label,
+                                             ds.display_names, ignore_index=ds.ignore_index)
+                self.logged += 1
+        if self.before_count is not None:
+            self.before_count(self.counted)
+        self.state.add(sample.id, cm_img)
+        self.counted += 1
+        self.dirty = True
+        if self.checkpoint_seconds <= 0 or time.time() - self.last_save >= self.checkpoint_seconds:
+            self.state.save()
+            self.last_save, self.dirty = time.time(), False
+
+    def save_if_dirty(self) -> None:
+        if self.dirty:
+            self.state.save()
+            self.dirty = False
+
+
+def _gather(state: RunState, dataset: SegmentationDataset, points: List[Dict[str, float]], info: DistInfo,
+            seconds: float) -> GridResult:
+    """Sum the matrices over processes; check that every selected image was counted or skipped once."""
     barrier(info)
     # every process read the same earlier-attempt files: add them once, after the sum
     cm = all_reduce_sum(state.cm, info) + state.foreign_cm
@@ -205,8 +241,8 @@ def run_grid(
     skipped = [s for _, sk in gathered for s in sk] + state.foreign_skipped
     if counted != len(dataset):
         raise RuntimeError(f"{counted} images accounted for, but the dataset selection has {len(dataset)}")
-    return GridResult(points=points, cm=cm, class_names=list(dataset.class_names), num_images=counted - len(skipped),
-                      skipped=skipped, seconds=time.time() - t0)
+    return GridResult(points=points, cm=cm, class_names=list(dataset.display_names),
+                      num_images=counted - len(skipped), skipped=skipped, seconds=seconds)
 
 
 def _main_thread() -> bool:
@@ -227,12 +263,6 @@ def _json_safe(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_json_safe(v) for v in x]
     return x
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -262,6 +292,8 @@ def describe_run(cfg: Any, seg: Any, dataset: SegmentationDataset) -> Dict[str, 
         "weights": str(cfg.weights.source) + ("" if str(cfg.weights.source) != "random" else f"(seed {cfg.weights.seed})"),
         "random_weights": bool(getattr(seg, "random_weights", False)),
         "model_key": seg.key,
+        "device": str(cfg.device),
+        "precision": str(cfg.precision),
         "protocol": {k: _plain(m[k]) for k in ("short_side", "max_long_side", "crop", "stride")},
         "limit": cfg.get("limit"),
         "limit_seed": cfg.get("limit_seed"),
@@ -281,9 +313,9 @@ def write_eval_outputs(run_dir: Path, result: GridResult, meta: Dict[str, Any]) 
                skipped=result.skipped, seconds=round(result.seconds, 2), mIoU=m["mIoU"], aAcc=m["aAcc"],
                mAcc=m["mAcc"], num_pixels=m["num_pixels"], per_class=m["per_class"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(run_dir / "metrics.json", json.dumps(_json_safe(out), indent=2))
+    atomic_write(run_dir / "metrics.json", json.dumps(_json_safe(out), indent=2))
     rows = [[i, r["class"], r["IoU"], r["Acc"], r["gt_pixels"], r["pred_pixels"]] for i, r in enumerate(m["per_class"])]
-    _write_atomic(run_dir / "per_class.csv", _csv_text(["index", "class", "IoU", "Acc", "gt_pixels", "pred_pixels"], rows))
+    atomic_write(run_dir / "per_class.csv", _csv_text(["index", "class", "IoU", "Acc", "gt_pixels", "pred_pixels"], rows))
     return out
 
 
@@ -295,12 +327,12 @@ def write_sweep_outputs(run_dir: Path, result: GridResult, meta: Dict[str, Any])
     """``sweep.csv`` (one row a point), ``sweep_per_class.csv`` (one row a point and class), ``sweep.json``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     header = list(PARAMS) + ["mIoU", "aAcc", "mAcc"]
-    _write_atomic(run_dir / "sweep.csv", _csv_text(header, sweep_rows(result)))
+    atomic_write(run_dir / "sweep.csv", _csv_text(header, sweep_rows(result)))
     long_rows = []
     for p, m in zip(result.points, result.metrics):
         for i, r in enumerate(m["per_class"]):
-            long_rows.append([p.get(k) for k in PARAMS] + [i, r["class"], r["IoU"], r["Acc"]])
-    _write_atomic(run_dir / "sweep_per_class.csv", _csv_text(list(PARAMS) + ["index", "class", "IoU", "Acc"], long_rows))
+            long_rows.append([p[k] for k in PARAMS] + [i, r["class"], r["IoU"], r["Acc"]])
+    atomic_write(run_dir / "sweep_per_class.csv", _csv_text(list(PARAMS) + ["index", "class", "IoU", "Acc"], long_rows))
     best = max(range(len(result.points)), key=lambda g: -1.0 if math.isnan(result.metrics[g]["mIoU"])
                else result.metrics[g]["mIoU"])
     out = dict(meta)
@@ -309,5 +341,5 @@ def write_sweep_outputs(run_dir: Path, result: GridResult, meta: Dict[str, Any])
                points=[{**p, "mIoU": m["mIoU"], "aAcc": m["aAcc"], "mAcc": m["mAcc"],
                         "IoU": {r["class"]: r["IoU"] for r in m["per_class"]}}
                        for p, m in zip(result.points, result.metrics)])
-    _write_atomic(run_dir / "sweep.json", json.dumps(_json_safe(out), indent=2))
+    atomic_write(run_dir / "sweep.json", json.dumps(_json_safe(out), indent=2))
     return out

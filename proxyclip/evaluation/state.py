@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+
+from ..files import atomic_write
 
 STATE_VERSION = 1
 
@@ -65,6 +65,9 @@ class RunState:
                 f"{path} belongs to a run with other settings ({detail}); use a new run directory "
                 f"(hydra.run.dir=...) or delete {self.dir} to start over"
             )
+        if d.get("version") != STATE_VERSION:
+            raise RuntimeError(f"{path}: state format version {d.get('version')!r}, this code reads version "
+                               f"{STATE_VERSION}; use a new run directory (hydra.run.dir=...) or delete {self.dir}")
         if tuple(d["cm"].shape) != tuple(self.cm.shape):
             raise RuntimeError(f"{path}: confusion matrix shape {tuple(d['cm'].shape)} != {tuple(self.cm.shape)}")
         return d
@@ -112,18 +115,5 @@ class RunState:
         cm, done, skipped = self._data
         payload = dict(version=STATE_VERSION, fingerprint=self.fingerprint, cm=cm, done=list(done),
                        skipped=list(skipped), rank=self.rank, world_size=self.world_size)
-        atomic_torch_save(payload, self.path)
+        atomic_write(self.path, lambda f: torch.save(payload, f))
 
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename: never half-written."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
