@@ -105,7 +105,7 @@ viz.plot_segmentation(pred_sharp.image, pred_sharp.labels, pred_sharp.class_name
 # dropdowns are built on demand with the same weights setting and overrides.
 if SMOKE:
     explorer = Explorer(clip="test_tiny", vfm="test_tiny", weights="random", overrides=overrides[3:], image=image,
-                        classes=CLASSES, segmenter=seg, clip_options=["test_tiny"], vfm_options=["test_tiny", "none"])
+                        classes=CLASSES, segmenter=seg, clip_options=["test_tiny"], vfm_options=["test_tiny", "test_tiny_mae"])
 else:
     explorer = Explorer(clip="vit_b16", vfm="dino_vitb8", weights="pretrained", segmenter=seg,
                         overrides=["weights.fallback_to_random=true"], image=image, classes=CLASSES)

@@ -326,7 +326,8 @@ class Segmenter:
             presets = sorted(p.stem for p in (CONF_DIR / "postprocess").glob("*.yaml"))
             if postprocess not in presets:
                 raise ValueError(f"unknown postprocess {postprocess!r}; the presets in conf/postprocess: {', '.join(presets)}")
-            spec = dict(OmegaConf.to_container(group_choice("postprocess", postprocess)))
+            preset = OmegaConf.to_container(group_choice("postprocess", postprocess))
+            spec = {k: v for k, v in preset.items() if k == "name" or k in get_postprocess(preset["name"]).settings}
         elif isinstance(postprocess, Mapping):
             spec = dict(postprocess)
         else:

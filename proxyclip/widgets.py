@@ -5,13 +5,13 @@
 
 The controller keeps the expensive half (``Encoded``) cached per (backbones, image):
 
-- a slider (gamma, beta, logit temperature, prob_thd) or the class list -> one ``decode``
-  on the cached ``Encoded`` (no encode);
-- the patch sliders -> no computation at all: the attention rows come from the proxy
-  attention recorded by the last decode and CLIP's own last-block attention recorded at
-  encode time;
-- a backbone dropdown or a new image -> ``encode`` (with a progress bar), unless that
-  (backbones, image) pair was encoded before.
+- a slider (gamma, beta, logit temperature, prob_thd), the method dropdown, the PAMR toggle or
+  the class list -> one ``decode`` on the cached ``Encoded`` (no encode);
+- the patch sliders -> no computation at all: the attention rows come from the attention the
+  method ran (``attention.pattern``) recorded by the last decode and CLIP's own last-block
+  attention computed once per encode;
+- a new VFM -> only the VFM is encoded (CLIP's part of the image is reused); a new CLIP or a new
+  image -> ``encode`` (with a progress bar), unless that (backbones, image) pair was encoded before.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 
 from .config import CONF_DIR, compose_config
 from .images import load_image
+from .methods import METHODS
 from .pipeline import Encoded, Prediction, Segmenter
 from .text import parse_classes
 from .viz import figure_to_png
@@ -42,8 +43,9 @@ STAGE_NAMES = ("proxy.affinity", "proxy.affinity_normalized", "proxy.mask")  # r
 
 
 def available_backbones(group: str) -> List[str]:
-    """Option names of a config group (``clip`` or ``vfm``): the yaml files in ``conf/<group>/``."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    """Option names of a config group (``clip`` or ``vfm``): the yaml files in ``conf/<group>/``
+    (``vfm=none`` left out: the methods without a VFM are chosen with the method dropdown)."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if p.stem != "none")
 
 
 def sample_images() -> Dict[str, Path]:
@@ -72,9 +74,9 @@ class AttentionView:
 
     window: int  # window index
     window_image: torch.Tensor  # (3, h, w) pixels of that window (resized image)
-    proxy_row: Optional[torch.Tensor]  # (N,) proxy attention of the chosen VFM token (None without a VFM)
-    proxy_grid: Optional[Tuple[int, int]]
-    proxy_patch: Optional[Tuple[int, int]]  # (row, col) on the VFM grid
+    proxy_row: Optional[torch.Tensor]  # (N,) the method's attention of the chosen token (heads averaged)
+    proxy_grid: Optional[Tuple[int, int]]  # its grid (the VFM's for proxyclip, else CLIP's)
+    proxy_patch: Optional[Tuple[int, int]]  # (row, col) on that grid
     clip_row: Optional[torch.Tensor]  # (T,) CLIP's own last-block attention of the chosen CLIP token
     clip_grid: Tuple[int, int]
     clip_patch: Tuple[int, int]
@@ -112,6 +114,8 @@ class ExplorerController:
         self.image: torch.Tensor = load_image(image if image is not None else ASSETS / "sample.jpg")
         self.image_name = str(image) if isinstance(image, (str, Path)) else ("sample.jpg" if image is None else "image")
         self.params: Dict[str, float] = {}
+        self.method: Optional[str] = None  # None until a segmenter is there: then its configured method
+        self.pamr = False  # refine the scores with PAMR (conf/postprocess/pamr.yaml) before the decision
         self.point: Tuple[float, float] = (self.image.shape[1] / 2, self.image.shape[2] / 2)  # (y, x) original pixels
         self.encoded: Optional[Encoded] = None
         self.clip_attention: Optional[torch.Tensor] = None  # (n_win, T, T)
@@ -125,6 +129,9 @@ class ExplorerController:
 
     # ------------------------------------------------------------------ building blocks
     def _default_factory(self, clip: str, vfm: str) -> Segmenter:
+        for (c, _), seg in reversed(self._segmenters.items()):  # same CLIP: build only the VFM, share the rest
+            if c == clip and seg.vfm is not None:
+                return seg.with_vfm(vfm)
         cfg = compose_config(overrides=[f"clip={clip}", f"vfm={vfm}", f"weights={self.weights}", *self.overrides])
         return Segmenter.from_config(cfg)
 
@@ -139,11 +146,19 @@ class ExplorerController:
                 self._segmenters.popitem(last=False)
         self._segmenters.move_to_end(key)
         seg = self._segmenters[key]
+        if self.method is None:
+            self.method = seg.method
         if not self.params:
-            m = seg.cfg.method
-            self.params = dict(beta=float(m.beta), gamma=float(m.gamma), logit_scale=float(m.logit_scale),
-                               prob_thd=float(m.prob_thd))
+            p = seg.resolve_params("proxyclip") if seg.vfm is not None else seg.resolve_params()
+            self.params = {k: float(p[k]) for k in ("beta", "gamma", "logit_scale", "prob_thd") if k in p}
         return seg
+
+    def decode_params(self) -> Dict[str, Any]:
+        """The keyword arguments of the next decode: the method, PAMR, and the sliders it has."""
+        seg = self.segmenter
+        knobs = seg.resolve_params(self.method)
+        params = {k: v for k, v in self.params.items() if k in knobs}
+        return dict(method=self.method, postprocess="pamr" if self.pamr else "none", **params)
 
     @property
     def logit_temperature(self) -> float:
@@ -189,6 +204,23 @@ class ExplorerController:
                 self.params[k] = float(v)
                 self._stale_decode = True
 
+    def set_method(self, name: str) -> None:
+        """Another last-block method (``proxyclip.methods``): a decode on the same Encoded."""
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+        seg = self.segmenter
+        if METHODS[name].needs_vfm and seg.vfm is None:
+            raise ValueError(f"method {name} needs a VFM; this pipeline has none")
+        if name != self.method:
+            self.method = name
+            self._stale_decode = True
+
+    def set_pamr(self, on: bool) -> None:
+        """PAMR on the merged scores (a decode; no encode)."""
+        if bool(on) != self.pamr:
+            self.pamr = bool(on)
+            self._stale_decode = True
+
     def set_record_stages(self, on: bool) -> None:
         """Keep the affinity stages (S, S', mask) of the next decodes; turning it on decodes once more
         if they are missing. Off by default: for SAM (64x64 tokens) each is 67 MB a window."""
@@ -216,26 +248,31 @@ class ExplorerController:
 
     def _encode(self) -> None:
         seg = self.segmenter
-        key = (seg.key, _image_id(self.image))
+        image_id = _image_id(self.image)
+        key = (seg.key, image_id)
         if key in self._encoded:
             self.encoded, self.clip_attention = self._encoded[key]
             self._encoded.move_to_end(key)
         else:
             from .viz import clip_last_block_attention
 
+            # an earlier encode of this image with the same CLIP: only the VFM runs
+            reuse = next((e for (k, i), (e, _) in reversed(self._encoded.items())
+                          if i == image_id and e.clip_key == seg.clip_key), None)
             n_win = len(_window_boxes(seg, self.image))
-            self.progress(f"encoding {n_win} window(s) with {self.clip_name} + {self.vfm_name}", 0.1)
-            raw: Dict[str, List[torch.Tensor]] = {}
+            what = f"{self.vfm_name} (CLIP reused)" if reuse is not None else f"{self.clip_name} + {self.vfm_name}"
+            self.progress(f"encoding {n_win} window(s) with {what}", 0.1)
             t0 = time.perf_counter()
-            with seg.hooks.active(cache=raw, cache_names=["clip.last_block_input"]):
-                enc = seg.encode(self.image)
+            enc = seg.encode(self.image, reuse=reuse)
             self.last_encode_seconds = time.perf_counter() - t0
             self.n_encodes += 1
-            self.progress("CLIP's own attention", 0.9)
-            tokens = torch.cat(raw["clip.last_block_input"])
-            with torch.no_grad():
-                clip_attn = clip_last_block_attention(seg.clip_model.visual.transformer.resblocks[-1], tokens)
-            self.encoded, self.clip_attention = enc, clip_attn.float().cpu()
+            if reuse is not None and enc.clip_tokens is reuse.clip_tokens:
+                clip_attn = self._encoded[next(k for k, (e, _) in self._encoded.items() if e is reuse)][1]
+            else:
+                self.progress("CLIP's own attention", 0.9)
+                with torch.no_grad():
+                    clip_attn = clip_last_block_attention(seg.clip.last_block, enc.clip_tokens).float().cpu()
+            self.encoded, self.clip_attention = enc, clip_attn
             self._encoded[key] = (enc, self.clip_attention)
             while len(self._encoded) > self.max_encoded:
                 self._encoded.popitem(last=False)
@@ -245,9 +282,10 @@ class ExplorerController:
 
     def _decode(self) -> None:
         seg = self.segmenter
-        names = () if seg.vfm is None else ("proxy.attention",) + (STAGE_NAMES if self.record_stages else ())
+        stages = STAGE_NAMES if self.record_stages and self.method == "proxyclip" else ()
         t0 = time.perf_counter()
-        pred, cache = seg.run_with_cache(self.encoded, self.classes, names=names, **self.params)
+        pred, cache = seg.run_with_cache(self.encoded, self.classes, names=("attention.pattern",) + stages,
+                                         **self.decode_params())
         self.last_decode_seconds = time.perf_counter() - t0
         self.prediction, self.cache = pred, cache
         self.n_decodes += 1
@@ -256,27 +294,24 @@ class ExplorerController:
     # ------------------------------------------------------------------ what is shown
     def attention_view(self) -> AttentionView:
         """The attention rows of the chosen pixel (from caches: no computation)."""
-        from .viz import locate_patch, window_pixels
+        from .viz import locate_patch, pattern_row, window_pixels
 
         enc = self.encoded
         y, x = self.point
         seg = self.segmenter
-        clip_grid = tuple(enc.clip_values.shape[-2:])
-        top, bottom, left, right = enc.pad
+        clip_grid = enc.clip_grid
         win, crow, ccol = locate_patch(y, x, enc.image_size, enc.resized_size, enc.windows, clip_grid, pad=enc.pad)
         view = AttentionView(window=win, window_image=window_pixels(enc.image, enc.resized_size, enc.windows[win]),
                              proxy_row=None, proxy_grid=None, proxy_patch=None,
                              clip_row=None, clip_grid=clip_grid, clip_patch=(crow, ccol))
         if self.clip_attention is not None:
             view.clip_row = self.clip_attention[win, crow * clip_grid[1] + ccol]
-        if enc.vfm_features is not None and "proxy.attention" in self.cache:
-            grid = tuple(enc.vfm_features.shape[-2:])
-            pad = (0, 0, 0, 0) if seg.vfm.resizes_input else enc.pad
-            _, row, col = locate_patch(y, x, enc.image_size, enc.resized_size, enc.windows, grid, pad=pad)
-            k = row * grid[1] + col
-            view.proxy_grid, view.proxy_patch = grid, (row, col)
-            view.proxy_row = self.cache["proxy.attention"][win, k]
+        if "attention.pattern" in self.cache:
+            resizes = seg.vfm is not None and seg.vfm.resizes_input
+            row, grid, patch, _ = pattern_row(self.cache["attention.pattern"], enc, y, x, vfm_resizes_input=resizes)
+            view.proxy_row, view.proxy_grid, view.proxy_patch = row, grid, patch
             if "proxy.affinity" in self.cache:
+                k = patch[0] * grid[1] + patch[1]
                 view.affinity_row = self.cache["proxy.affinity"][win, k]
                 view.normalized_row = self.cache["proxy.affinity_normalized"][win, k]
                 view.mask_row = self.cache["proxy.mask"][win, k]
@@ -287,7 +322,9 @@ class ExplorerController:
 
         pred = self.prediction
         p = pred.params
-        title = (f"{self.clip_name} + {self.vfm_name}   beta={p['beta']:.2f} gamma={p['gamma']:.2f} "
+        knobs = f"beta={p['beta']:.2f} gamma={p['gamma']:.2f} " if "beta" in p else ""
+        backbones = f"{self.clip_name} + {self.vfm_name}" if "beta" in p else self.clip_name
+        title = (f"{p['method']}{' + PAMR' if self.pamr else ''}: {backbones}   {knobs}"
                  f"T={1 / p['logit_scale']:.3f} thd={p['prob_thd']:.2f}")
         fig = plot_segmentation(pred.image, pred.labels, pred.class_names, title=title, panel_size=3.2)
         y, x = self.point
@@ -304,7 +341,8 @@ class ExplorerController:
                                         v.proxy_patch, attention_row=v.proxy_row, panel_size=2.6)
         maps = []
         if v.proxy_row is not None:
-            maps.append((f"proxy attention ({self.vfm_name})", v.proxy_row, v.proxy_grid, v.proxy_patch))
+            name = f"proxy attention ({self.vfm_name})" if self.method == "proxyclip" else f"{self.method} attention"
+            maps.append((name, v.proxy_row, v.proxy_grid, v.proxy_patch))
         if v.clip_row is not None:
             maps.append((f"CLIP's own attention ({self.clip_name})", v.clip_row, v.clip_grid, v.clip_patch))
         return plot_attention_grid(v.window_image, maps, ncols=2, panel_size=3.0)
@@ -373,6 +411,8 @@ class Explorer:
                                   style={"description_width": "initial"})
         self.clip = W.Dropdown(options=clip_options, value=c.clip_name, description="CLIP", style=label)
         self.vfm = W.Dropdown(options=vfm_options, value=c.vfm_name, description="VFM", style=label)
+        self.method = W.Dropdown(options=list(METHODS), value=None, description="method", style=label)
+        self.pamr = W.Checkbox(value=False, description="PAMR (refine the scores)")
         self.gamma = W.FloatSlider(min=0.5, max=10.0, step=0.1, description="gamma (scale)", **slider)
         self.beta = W.FloatSlider(min=0.0, max=2.5, step=0.05, description="beta (shift)", **slider)
         self.temperature = W.FloatSlider(min=0.005, max=0.2, step=0.005, description="logit temp. 1/s",
@@ -403,7 +443,7 @@ class Explorer:
         controls = W.VBox([
             W.HTML("<b>ProxyCLIP explorer</b>"),
             self.image_picker, W.HBox([self.path, self.load_path]), self.upload,
-            self.clip, self.vfm, self.classes,
+            self.clip, self.vfm, W.HBox([self.method, self.pamr]), self.classes,
             self.gamma, self.beta, self.temperature, self.prob_thd,
             self.patch_x, self.patch_y, self.hint, self.show_affinity, self.progress, self.status,
         ], layout=W.Layout(min_width="440px"))
@@ -417,6 +457,8 @@ class Explorer:
         for w in (self.patch_x, self.patch_y):
             w.observe(self._on_patch, names="value")
         self.show_affinity.observe(self._on_view, names="value")
+        self.method.observe(self._on_method, names="value")
+        self.pamr.observe(self._on_method, names="value")
         self.classes.observe(self._on_classes, names="value")
         self.clip.observe(self._on_backbone, names="value")
         self.vfm.observe(self._on_backbone, names="value")
@@ -440,8 +482,11 @@ class Explorer:
         c = self.controller
         self._busy = True
         try:
-            self.gamma.value = c.params["gamma"]
-            self.beta.value = c.params["beta"]
+            self.method.value = c.method
+            self.pamr.value = c.pamr
+            if "gamma" in c.params:
+                self.gamma.value = c.params["gamma"]
+                self.beta.value = c.params["beta"]
             self.temperature.value = min(max(c.logit_temperature, self.temperature.min), self.temperature.max)
             self.prob_thd.value = c.params["prob_thd"]
             h, w = c.image.shape[1:]
@@ -451,9 +496,12 @@ class Explorer:
             self._busy = False
 
     def _set_enabled(self, enabled: bool) -> None:
-        for w in (self.clip, self.vfm, self.image_picker, self.load_path, self.upload, self.classes,
-                  self.gamma, self.beta, self.temperature, self.prob_thd):
+        for w in (self.clip, self.vfm, self.method, self.pamr, self.image_picker, self.load_path, self.upload,
+                  self.classes, self.temperature, self.prob_thd):
             w.disabled = not enabled
+        proxy = self.controller.method == "proxyclip"  # beta, gamma and the affinity stages are ProxyCLIP's
+        for w in (self.gamma, self.beta, self.show_affinity):
+            w.disabled = not (enabled and proxy)
 
     def _full_update(self) -> None:
         self._set_enabled(False)
@@ -488,7 +536,7 @@ class Explorer:
             return
         t0 = time.perf_counter()
         c = self.controller
-        before = (c.params["beta"], c.params["gamma"])
+        before = (c.params.get("beta"), c.params.get("gamma"))
         c.set_params(gamma=self.gamma.value, beta=self.beta.value, logit_temperature=self.temperature.value,
                      prob_thd=self.prob_thd.value)
         try:
@@ -497,8 +545,23 @@ class Explorer:
             self.status.value = f"<span style='color:#b00'>{e}</span>"
             return
         # the attention maps depend on beta and gamma only: the temperature and threshold redraw the labels
-        self._render(attention=(c.params["beta"], c.params["gamma"]) != before)
+        self._render(attention=(c.params.get("beta"), c.params.get("gamma")) != before)
         self.last_update_seconds = time.perf_counter() - t0
+
+    def _on_method(self, change=None) -> None:
+        """The method dropdown or the PAMR toggle: one decode on the cached Encoded."""
+        if self._busy:
+            return
+        c = self.controller
+        try:
+            c.set_method(self.method.value)
+            c.set_pamr(self.pamr.value)
+            c.refresh()
+        except ValueError as e:
+            self.status.value = f"<span style='color:#b00'>{e}</span>"
+            return
+        self._set_enabled(True)
+        self._render()
 
     def _on_patch(self, change=None) -> None:
         if self._busy:

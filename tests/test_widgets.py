@@ -19,13 +19,14 @@ CLASSES = ["sky", "person; people", "horse"]
 
 
 @pytest.fixture
-def factory(tiny_segmenter, tiny_segmenter_novfm):
-    """Reuse the session's tiny segmenters (same configs the explorer would compose)."""
+def factory(tiny_segmenter):
+    """Reuse the session's tiny segmenter (the config the explorer would compose); another VFM shares its CLIP."""
     built = []
+    other = tiny_segmenter.with_vfm("test_tiny_mae")
 
     def make(clip, vfm):
         built.append((clip, vfm))
-        return {"test_tiny": tiny_segmenter, "none": tiny_segmenter_novfm}[vfm]
+        return {"test_tiny": tiny_segmenter, "test_tiny_mae": other}[vfm]
 
     make.built = built
     return make
@@ -35,7 +36,7 @@ def factory(tiny_segmenter, tiny_segmenter_novfm):
 def explorer(factory, rand_image):
     return Explorer(clip="test_tiny", vfm="test_tiny", weights="random", overrides=SMALL, image=rand_image,
                     classes=CLASSES, segmenter_factory=factory, clip_options=["test_tiny"],
-                    vfm_options=["test_tiny", "none"])
+                    vfm_options=["test_tiny", "test_tiny_mae"])
 
 
 def png_size(data: bytes):
@@ -89,7 +90,8 @@ def test_sliders_rerun_only_decode_with_the_slider_values(explorer, tiny_segment
     explorer.temperature.value = 0.05  # logit_scale 20
     assert (c.n_encodes, c.n_decodes) == (1, 4)
     pred = c.prediction
-    assert pred.params == {"beta": 0.8, "gamma": 5.0, "logit_scale": pytest.approx(20.0), "prob_thd": 0.0}
+    assert {k: pred.params[k] for k in ("method", "beta", "gamma", "logit_scale", "prob_thd")} == {
+        "method": "proxyclip", "beta": 0.8, "gamma": 5.0, "logit_scale": pytest.approx(20.0), "prob_thd": 0.0}
     q = torch.softmax(20.0 * pred.scores, dim=0)  # queries: sky, person, people, horse
     torch.testing.assert_close(pred.probs[1], torch.maximum(q[1], q[2]))
     torch.testing.assert_close(pred.probs[0], q[0])
@@ -147,20 +149,47 @@ def test_backbone_change_reencodes_with_progress_and_caches(explorer, factory):
     explorer.progress.observe(lambda ch: messages.append(ch.new), names="description")
     explorer.gamma.observe(lambda ch: disabled.append(ch.new), names="disabled")
 
-    explorer.vfm.value = "none"
+    first = c.encoded
+    explorer.vfm.value = "test_tiny_mae"
     assert (c.n_encodes, c.n_decodes) == (2, 2)
-    assert factory.built[-1] == ("test_tiny", "none")
-    assert any(m.startswith("encoding 2 window(s) with test_tiny + none") for m in messages)
+    assert factory.built[-1] == ("test_tiny", "test_tiny_mae")
+    assert any(m.startswith("encoding 2 window(s) with test_tiny_mae (CLIP reused)") for m in messages)
     assert messages[-1] == "encoded" and explorer.progress.value == 1.0
     assert disabled == [True, False]  # controls locked during the encode, then released
-    assert c.encoded.vfm_features is None
-    v = c.attention_view()
-    assert v.proxy_row is None and v.clip_row is not None
-    assert [ax.get_title() for ax in c.attention_figure().axes if ax.images] == ["CLIP's own attention (test_tiny)"]
+    assert c.encoded.clip_tokens is first.clip_tokens  # only the VFM ran
+    assert not torch.equal(c.encoded.vfm_features, first.vfm_features)
+    expected = factory("test_tiny", "test_tiny_mae").predict(c.image, CLASSES)
+    torch.testing.assert_close(c.prediction.scores, expected.scores)
+    assert [ax.get_title() for ax in c.attention_figure().axes if ax.images] == [
+        "proxy attention (test_tiny_mae)", "CLIP's own attention (test_tiny)"]
 
     explorer.vfm.value = "test_tiny"  # encoded before: taken from the cache, decoded again
     assert (c.n_encodes, c.n_decodes) == (2, 3)
-    assert c.attention_view().proxy_row is not None
+    assert c.encoded is first
+
+
+def test_method_dropdown_and_pamr_decode_only(explorer, tiny_segmenter, rand_image):
+    c = explorer.controller
+    enc = c.encoded
+    assert explorer.method.value == "proxyclip" and not explorer.gamma.disabled
+    explorer.method.value = "sclip"
+    assert (c.n_encodes, c.n_decodes) == (1, 2) and c.encoded is enc
+    torch.testing.assert_close(c.prediction.scores, tiny_segmenter.decode(enc, CLASSES, method="sclip").scores)
+    assert explorer.gamma.disabled and explorer.beta.disabled  # ProxyCLIP's knobs
+    v = c.attention_view()  # SCLIP's attention of the chosen token, heads averaged, on CLIP's grid
+    _, cache = tiny_segmenter.run_with_cache(enc, CLASSES, names=["attention.pattern"], method="sclip")
+    t = 1 + v.proxy_grid[0] * v.proxy_grid[1]
+    row = cache["attention.pattern"][v.window].mean(0)[1 + v.proxy_patch[0] * v.proxy_grid[1] + v.proxy_patch[1]]
+    torch.testing.assert_close(v.proxy_row, row[1:] / row[1:].sum())
+    assert cache["attention.pattern"].shape[-1] == t and v.proxy_grid == enc.clip_grid
+    assert [ax.get_title() for ax in c.attention_figure().axes if ax.images][0] == "sclip attention"
+    explorer.pamr.value = True
+    assert (c.n_encodes, c.n_decodes) == (1, 3)
+    expected = tiny_segmenter.decode(enc, CLASSES, method="sclip", postprocess="pamr")
+    torch.testing.assert_close(c.prediction.scores, expected.scores)
+    assert c.segmentation_figure()._suptitle.get_text().startswith("sclip + PAMR: test_tiny")
+    explorer.method.value = "proxyclip"
+    assert not explorer.gamma.disabled and c.prediction.params["postprocess"]["name"] == "pamr"
 
 
 def test_classes_text_decodes_only_and_bad_input_is_reported(explorer):
@@ -278,16 +307,16 @@ def test_clicking_the_segmentation_chooses_the_patch(explorer, rand_image):
 
 def test_a_backbone_that_fails_to_load_is_reported_and_undone(tiny_segmenter, rand_image):
     def factory(clip, vfm):
-        if vfm == "none":
+        if vfm == "test_tiny_mae":
             raise RuntimeError("weights unavailable (simulated)")
         return tiny_segmenter
 
     ex = Explorer(clip="test_tiny", vfm="test_tiny", image=rand_image, classes=CLASSES, segmenter_factory=factory,
-                  clip_options=["test_tiny"], vfm_options=["test_tiny", "none"])
+                  clip_options=["test_tiny"], vfm_options=["test_tiny", "test_tiny_mae"])
     c = ex.controller
     labels = c.prediction.labels.clone()
-    ex.vfm.value = "none"
-    assert "could not switch to none" in ex.status.value and "simulated" in ex.status.value
+    ex.vfm.value = "test_tiny_mae"
+    assert "could not switch to test_tiny_mae" in ex.status.value and "simulated" in ex.status.value
     assert ex.vfm.value == "test_tiny" and (c.clip_name, c.vfm_name) == ("test_tiny", "test_tiny")
     assert c.n_encodes == 1 and torch.equal(c.prediction.labels, labels)
     assert not ex.gamma.disabled  # controls released
