@@ -35,6 +35,8 @@ bench-all: bench
 	$(TEST_ENV) $(PY) bench/bench_sweep_dataset.py
 	$(TEST_ENV) $(PY) bench/bench_widgets.py
 	$(TEST_ENV) $(PY) bench/bench_text_cache.py
+	$(TEST_ENV) $(PY) bench/bench_methods.py
+	$(TEST_ENV) $(PY) bench/bench_vfms.py
 
 # Debian's Chromium for the browser test (tests/ marked `browser`); needs root.
 browser-deps:
