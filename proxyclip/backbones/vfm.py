@@ -1,4 +1,4 @@
-"""Vision foundation models through timm's feature interface; ``vfm=none`` for the no-VFM baseline.
+"""Vision foundation models through timm's feature interface; ``vfm=none`` for none.
 
 Any timm backbone with ``forward_intermediates`` and ``feature_info`` works (docs/vfm.md): DINO,
 DINOv2, DINOv3, SAM, SAM2 Hiera, MAE, RADIO, ... A VFM returns one feature map (B, C, Hv, Wv)
