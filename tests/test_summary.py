@@ -297,17 +297,17 @@ def test_preset_declares_the_papers_grid(preset):
     assert cfg.hydra.sweep.dir.startswith(f"multirun/{preset}/")
 
 
-@pytest.mark.parametrize("preset", ["paper_main", "paper_vfm", "paper_beta_gamma", "paper_norm_mask"])
+@pytest.mark.parametrize("preset", ["paper_main", "paper_vfm", "paper_beta_gamma", "paper_norm_mask", "paper_methods"])
 def test_preset_composes_at_every_value_of_each_axis(preset):
     """One grid point per axis value (the other axes at their first value): every group option exists
-    and every value lands in the config. paper_methods' method configs are checked by its own branch."""
+    and every value lands in the config."""
     axes = PRESETS[preset]
     first = {k: v[0] for k, v in axes.items()}
     for key, values in axes.items():
         for value in values:
             point = dict(first, **{key: value})
             cfg = compose_eval([f"experiment={preset}"] + [f"{k}={v}" for k, v in point.items()])
-            assert cfg.method.name == "proxyclip" and cfg.experiment_name == preset
+            assert cfg.method.name == point.get("method", "proxyclip") and cfg.experiment_name == preset
             assert cfg.dataset.name == point["dataset"]
             if key.startswith("method."):
                 assert cfg.method[key.split(".")[1]] == yaml.safe_load(value)
