@@ -14,27 +14,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _timing import timed  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from proxyclip import Segmenter, compose_config  # noqa: E402
 from proxyclip.backbones import CLIP_MEAN, CLIP_STD  # noqa: E402
 
 CLASSES = ["sky", "person; people", "horse", "grass", "tree"]
-
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def norm(x, mean, std):

@@ -13,26 +13,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _timing import timed  # noqa: E402
 
 from proxyclip import Segmenter, compose_config  # noqa: E402
 
 CLASSES = ["sky", "person; people", "horse", "grass", "tree"]
 VFMS = ["dino_vits16", "dino_vitb8", "dinov2_vitb14_reg"]
-
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
