@@ -38,9 +38,6 @@ from .state import RunState, digest
 log = logging.getLogger(__name__)
 
 PARAMS = ("beta", "gamma", "logit_scale", "prob_thd")  # the sweepable ones (beta, gamma: proxyclip's)
-# Fault injection for the resumability test: SIGKILL this process once N images are counted,
-# in the middle of the next one (after its decode, before its state is saved).
-KILL_ENV = "PROXYCLIP_EVAL_KILL_AFTER"
 
 
 def select_indices(n: int, limit: Optional[int], seed: int = 0) -> List[int]:
