@@ -39,7 +39,12 @@ class ClassList:
 
 
 def parse_classes(classes: Sequence[str] | str) -> ClassList:
-    """Split class lines such as ``"person; people"`` into queries; reject empty or duplicate input."""
+    """Split class lines such as ``"person; people"`` into queries; reject empty or duplicate input.
+
+    The one exception: a word of class 0's background word list may also be a later class
+    (COCO-Object's published file has "bed" in both); each keeps it as a query, as the
+    published code does, and a tie goes to class 0 (the argmax takes the first).
+    """
     if isinstance(classes, str):
         raise TypeError(f"classes must be a list of class lines, not one string ({classes!r}); "
                         "wrap it in a list, e.g. ['sky', 'person; people']")
@@ -55,7 +60,10 @@ def parse_classes(classes: Sequence[str] | str) -> ClassList:
             raise ValueError(f"class {k} ({line!r}) holds no name: only separators or white space")
         for name in names:
             key = name.lower()
-            if key in seen:
+            # a background word list (class 0 with several names, as the published VOC21 / COCO-Object
+            # files have) may share a word with a later class: both keep it, a tie goes to class 0
+            shared_background_word = seen.get(key) == 0 and k > 0 and len(SYNONYM_SEPARATOR.split(lines[0])) > 1
+            if key in seen and not shared_background_word:
                 where = "twice in that class" if seen[key] == k else f"also in class {seen[key]} ({lines[seen[key]]!r})"
                 raise ValueError(f"duplicate class name {name!r} in class {k} ({line!r}): {where}")
             seen[key] = k

@@ -333,3 +333,19 @@ def test_another_vfm_on_the_same_clip_encodes_clip_once(tiny_segmenter, rand_ima
         seg.decode(both, CLASSES)  # its VFM part is not this Segmenter's
     with pytest.raises(ValueError, match="no field 'layr'"):
         seg.with_vfm("test_tiny", layr=1)
+
+
+def test_a_background_word_may_also_be_a_class_as_published():
+    from proxyclip.data import read_class_lines
+    from proxyclip.pipeline import decide
+
+    cl = parse_classes(read_class_lines("coco_object"))  # "bed" is a background word and class 60
+    beds = [i for i, q in enumerate(cl.queries) if q == "bed"]
+    assert [cl.query_to_class[i] for i in beds] == [0, 60]
+    scores = torch.zeros(len(cl.queries), 1, 1)
+    scores[beds] = 1.0
+    probs, labels = decide(scores, cl, 40.0, 0.0)
+    assert probs[0, 0, 0] == probs[60, 0, 0] and labels.item() == 0  # a tie goes to class 0, as argmax does
+    for bad in (["sky; bed", "bed", "bed"], ["sky", "bed; sky"], ["sky; bed; bed", "cat"]):
+        with pytest.raises(ValueError, match="duplicate"):
+            parse_classes(bad)
