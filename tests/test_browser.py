@@ -127,7 +127,7 @@ def test_quickstart_runs_in_jupyterlab_and_the_explorer_renders(chromium, jupyte
             labels = page.locator(".proxyclip-explorer .widget-label").all_inner_texts()
             for name in ("gamma (scale)", "beta (shift)", "logit temp. 1/s", "prob_thd", "patch x", "patch y"):
                 assert name in labels
-            assert page.locator(".proxyclip-explorer .widget-dropdown select").count() == 3  # sample, CLIP, VFM
+            assert page.locator(".proxyclip-explorer .widget-dropdown select").count() == 4  # sample, CLIP, VFM, method
             status = page.locator(".proxyclip-explorer .widget-html").last
             assert "encodes 1, decodes 1" in status.inner_text()
 
@@ -155,6 +155,12 @@ def test_quickstart_runs_in_jupyterlab_and_the_explorer_renders(chromium, jupyte
             page.wait_for_function(  # the figure is redrawn with the marker at the new point
                 "(before) => document.querySelector('.proxyclip-explorer img').getAttribute('src') !== before",
                 arg=src_before, timeout=30_000)
+
+            # another method from the method dropdown: a decode on the same encode
+            page.locator(".proxyclip-explorer .widget-dropdown select").nth(3).select_option("sclip")
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.proxyclip-explorer .widget-html')]"
+                ".some(e => e.innerText.includes('encodes 1, decodes 3'))", timeout=60_000)
 
             # no cell raised
             assert page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']").count() == 0
