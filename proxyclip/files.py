@@ -1,7 +1,8 @@
-"""Files written whole or not at all: the one atomic-write helper of the package."""
+"""File helpers of the package: atomic writes, content digests."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -32,3 +33,12 @@ def atomic_write(path: os.PathLike, content: Content) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def file_digest(path: os.PathLike, algorithm: str = "sha1") -> str:
+    """Hex digest of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -18,6 +18,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from .files import atomic_write, file_digest
+
 TEMPLATES = open_clip.OPENAI_IMAGENET_TEMPLATES  # OpenAI's 80 ImageNet prompt templates
 # Synonyms are separated by "; " (a ";" followed by white space or the end of the line), as in the
 # published protocol: commas never split, so "building, edifice" is one name (one query).
@@ -194,8 +196,6 @@ class TextDiskCache:
         return emb.float()
 
     def put(self, name: str, emb: torch.Tensor) -> None:
-        from .files import atomic_write
-
         entry = {"name": name, "model_id": self.model_id, "embedding": emb.detach().float().cpu().clone()}
         try:
             atomic_write(self.path(name), lambda f: torch.save(entry, f))
@@ -207,14 +207,6 @@ def default_text_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/proxyclip/text``, else ``~/.cache/proxyclip/text``."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "proxyclip" / "text"
-
-
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def text_cache_options(cfg: Any, random_weights: bool) -> Dict[str, Any]:
@@ -231,7 +223,7 @@ def text_cache_options(cfg: Any, random_weights: bool) -> Dict[str, Any]:
     if random_weights:
         weights = f"random:{w.seed}"
     elif w.source == "local" and c.checkpoint:
-        weights = f"file:{_file_digest(str(c.checkpoint))}"
+        weights = f"file:{file_digest(str(c.checkpoint), 'sha256')[:16]}"
     else:
         weights = f"pretrained:{c.pretrained}"
     model_id = f"{c.name}|qg{int(bool(c.quick_gelu))}|{cfg.precision}|{weights}"

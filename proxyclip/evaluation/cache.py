@@ -16,7 +16,6 @@ float32, so a cached decode is bit-identical to an uncached one.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 from pathlib import Path
@@ -24,19 +23,11 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ..files import atomic_write
+from ..files import atomic_write, file_digest
 
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
-
-
-def file_digest(path: PathLike) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fmt_bytes(n: float) -> str:
