@@ -30,28 +30,12 @@ __all__ = ["Logger", "NoOpLogger", "WandbLogger", "build_logger", "hydra_output_
 
 
 def image_to_uint8(image: Any) -> np.ndarray:
-    """An image as ``(H, W, 3) uint8``.
+    """An image as ``(H, W, 3) uint8``: :func:`proxyclip.viz.image_to_float_hwc` (which accepts a PIL
+    image, an ``(H, W, 3)`` array, uint8 or float in [0, 1], or a ``(3, H, W)`` float tensor/array
+    in [0, 1]), scaled to 0..255 and rounded."""
+    from .viz import image_to_float_hwc
 
-    Accepts a PIL image, an ``(H, W, 3)`` array (uint8, or float in [0, 1]) or a ``(3, H, W)``
-    float tensor/array in [0, 1] (the layout of ``Prediction.image``).
-    """
-    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    if hasattr(image, "detach"):  # torch tensor
-        image = image.detach().cpu().float().numpy()
-    arr = np.asarray(image)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
-        arr = np.transpose(arr, (1, 2, 0))
-    elif arr.ndim == 3 and arr.shape[0] == 3 and arr.shape[-1] == 3 and arr.dtype != np.uint8:
-        # ambiguous 3x?x3: a float image from the pipeline is channel-first
-        arr = np.transpose(arr, (1, 2, 0))
-    if arr.ndim == 2:
-        arr = np.stack([arr] * 3, axis=-1)
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    if arr.dtype != np.uint8:
-        arr = np.clip(np.rint(arr.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
-    return arr
+    return np.clip(np.rint(image_to_float_hwc(image).astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
 
 
 def _labels_to_numpy(labels: Any) -> np.ndarray:
