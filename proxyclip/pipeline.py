@@ -10,6 +10,7 @@ passes through a named hook point (see ``proxyclip.hooks``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass, field, replace
@@ -56,7 +57,7 @@ class Encoded:
     clip_tokens: torch.Tensor  # (n_windows, 1 + gh*gw, D) float32, CLS first (None only in a cache's partial entry)
     clip_grid: Tuple[int, int]  # (gh, gw)
     vfm_features: Optional[torch.Tensor]  # (n_windows, C, Hv, Wv) float32, None without a VFM
-    clip_key: str  # identity of (CLIP, weights, resolution, crop, stride, padding)
+    clip_key: str  # identity of (CLIP, weights, resolution, crop, stride); the padding is checked on decode
     vfm_key: Optional[str]  # identity of (VFM, weights, resolution, crop, stride); None without a VFM
     memo: Dict[Any, Any] = field(default_factory=dict, repr=False)  # decode-side reuse, not saved
 
@@ -323,7 +324,7 @@ class Segmenter:
         if postprocess is None:
             spec: Dict[str, Any] = {"name": self.cfg.postprocess.name}
         elif isinstance(postprocess, str):
-            presets = sorted(p.stem for p in (CONF_DIR / "postprocess").glob("*.yaml"))
+            presets = _postprocess_presets()
             if postprocess not in presets:
                 raise ValueError(f"unknown postprocess {postprocess!r}; the presets in conf/postprocess: {', '.join(presets)}")
             preset = OmegaConf.to_container(group_choice("postprocess", postprocess))
@@ -378,9 +379,10 @@ class Segmenter:
             raise TypeError(f"decode takes the Encoded returned by encode(), got {type(enc).__name__}")
         if enc.clip_key != self.clip_key:
             raise ValueError(f"this Encoded was made by another CLIP configuration ({enc.clip_key}), not {self.clip_key}")
-        if self._layout(enc.image)[2] != enc.pad:
+        pad = self._layout(enc.image)[2]
+        if pad != enc.pad:
             raise ValueError(f"this Encoded's windows are padded {enc.pad}, not as this configuration pads them "
-                             f"({self._layout(enc.image)[2]}): encode again with this Segmenter")
+                             f"({pad}): encode again with this Segmenter")
         if meth.needs_vfm:
             if enc.vfm_features is None:
                 raise ValueError(f"method {meth.name} needs VFM features, but this Encoded has none (it was encoded "
@@ -497,6 +499,12 @@ def decide(scores: torch.Tensor, classes: ClassList, logit_scale: float, prob_th
     if prob_thd > 0:
         labels[best < prob_thd] = 0
     return probs, labels.long()
+
+
+@functools.lru_cache(maxsize=None)
+def _postprocess_presets() -> Tuple[str, ...]:
+    """The preset names of conf/postprocess (read once, not on every decode)."""
+    return tuple(sorted(p.stem for p in (CONF_DIR / "postprocess").glob("*.yaml")))
 
 
 def _no_vfm_message(method: str, vfm: str) -> str:

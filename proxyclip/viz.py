@@ -365,7 +365,9 @@ def clip_last_block_attention(block, tokens):
     b, t, _ = q.shape
     q = q.reshape(b, t, heads, d // heads).transpose(1, 2)
     k = k.reshape(b, t, heads, d // heads).transpose(1, 2)
-    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // heads), dim=-1).mean(dim=1)  # (B, 1+T, 1+T)
+    from .methods import softmax_attention
+
+    weights = softmax_attention(q, k, 1 / math.sqrt(d // heads)).mean(dim=1)  # (B, 1+T, 1+T): method "clip"
     patches = weights[:, 1:, 1:]
     return patches / patches.sum(dim=-1, keepdim=True)
 

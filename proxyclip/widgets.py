@@ -257,8 +257,8 @@ class ExplorerController:
             from .viz import clip_last_block_attention
 
             # an earlier encode of this image with the same CLIP: only the VFM runs
-            reuse = next((e for (k, i), (e, _) in reversed(self._encoded.items())
-                          if i == image_id and e.clip_key == seg.clip_key), None)
+            reuse, reused_attn = next(((e, a) for (_, i), (e, a) in reversed(self._encoded.items())
+                                       if i == image_id and e.clip_key == seg.clip_key), (None, None))
             n_win = len(_window_boxes(seg, self.image))
             what = f"{self.vfm_name} (CLIP reused)" if reuse is not None else f"{self.clip_name} + {self.vfm_name}"
             self.progress(f"encoding {n_win} window(s) with {what}", 0.1)
@@ -267,7 +267,7 @@ class ExplorerController:
             self.last_encode_seconds = time.perf_counter() - t0
             self.n_encodes += 1
             if reuse is not None and enc.clip_tokens is reuse.clip_tokens:
-                clip_attn = self._encoded[next(k for k, (e, _) in self._encoded.items() if e is reuse)][1]
+                clip_attn = reused_attn  # CLIP's part is the same: so is its own attention
             else:
                 self.progress("CLIP's own attention", 0.9)
                 with torch.no_grad():
