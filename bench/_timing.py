@@ -15,3 +15,20 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def bench_setup(default_overrides=("clip=vit_b16", "vfm=dino_vitb8", "weights=random"), repeats: int = 3):
+    """The common command line (``--repeats``, ``--overrides``) and the Segmenter it builds, seeded.
+    -> (args, segmenter)."""
+    import argparse
+
+    import torch
+
+    from proxyclip import Segmenter, compose_config
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--overrides", nargs="*", default=list(default_overrides))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    return args, Segmenter.from_config(compose_config(overrides=args.overrides))

@@ -12,16 +12,14 @@ every image after the first reuses them.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from _timing import timed  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _timing import bench_setup, timed  # noqa: E402
 
-from proxyclip import Segmenter, compose_config  # noqa: E402
 from proxyclip.backbones import CLIP_MEAN, CLIP_STD  # noqa: E402
 
 CLASSES = ["sky", "person; people", "horse", "grass", "tree"]
@@ -32,12 +30,7 @@ def norm(x, mean, std):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--overrides", nargs="*", default=["clip=vit_b16", "vfm=dino_vitb8", "weights=random"])
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    seg = Segmenter.from_config(compose_config(overrides=args.overrides))
+    args, seg = bench_setup()
     seg.text_embeddings([q.strip() for c in CLASSES for q in c.split(";")])  # warm the text cache
     print(f"threads={torch.get_num_threads()}  backbones: {args.overrides}")
 

@@ -14,13 +14,12 @@ embeddings are warmed once, as every image after the first finds them cached.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from _timing import timed  # noqa: E402
+from _timing import bench_setup, timed  # noqa: E402
 
 from proxyclip import Segmenter, compose_config  # noqa: E402
 from proxyclip.methods import METHODS  # noqa: E402
@@ -35,12 +34,7 @@ def fresh(enc):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--overrides", nargs="*", default=["clip=vit_b16", "vfm=dino_vitb8", "weights=random"])
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    seg = Segmenter.from_config(compose_config(overrides=args.overrides))
+    args, seg = bench_setup()
     seg.text_embeddings(VOC21)
     methods = list(METHODS)
     print(f"threads={torch.get_num_threads()}  backbones: {args.overrides}  methods: {methods}")
