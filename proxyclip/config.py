@@ -45,7 +45,7 @@ class ClipConfig:
 
 @dataclass
 class VfmConfig:
-    """A vision foundation model built with timm (``timm_name: null`` = no VFM, the baseline); docs/vfm.md."""
+    """A vision foundation model built with timm (``timm_name: null`` = no VFM); docs/vfm.md."""
 
     name: str = MISSING  # short key, e.g. "dino_vitb8"
     timm_name: Optional[str] = None  # timm name and pretrained tag, e.g. "vit_base_patch8_224.dino"
@@ -74,7 +74,7 @@ class MethodConfig:
 
     Each method's YAML names its schema (below) and its own published switches; the geometry and
     the class decision are the dataset's protocol (``conf/method/_protocol.yaml``, then
-    ``conf/dataset/*.yaml``). The methods themselves: ``proxyclip/methods/`` and docs/methods.md.
+    ``conf/dataset/*.yaml``). The methods themselves: ``proxyclip/methods.py`` and docs/methods.md.
     """
 
     name: str = MISSING  # clip | maskclip | sclip | clearclip | naclip | proxyclip (proxyclip.methods.METHODS)
