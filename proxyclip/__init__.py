@@ -6,11 +6,14 @@
 """
 
 from .config import compose_config
-from .hooks import HOOK_NAMES
+from .hooks import hook_names
 from .images import ImageError, load_image
 from .pipeline import Encoded, Prediction, Segmenter
+from .specs import DecodeSpec, EncodeSpec
 from .text import parse_classes
 
+HOOK_NAMES = hook_names()  # every declared hook point (proxyclip/hooks.py), once the pipeline is imported
+
 __all__ = ["Segmenter", "Encoded", "Prediction", "compose_config", "load_image", "parse_classes", "ImageError",
-           "HOOK_NAMES"]
+           "HOOK_NAMES", "hook_names", "EncodeSpec", "DecodeSpec"]
 __version__ = "0.1.0"

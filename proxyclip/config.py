@@ -1,17 +1,19 @@
 """Structured (dataclass) schemas for the Hydra configs in ``conf/`` and ``compose_config``.
 
 The schemas give every field its type, so a typo in an override (``method.gama=2``) or a
-wrong type (``method.beta=abc``) is an error. Default *values* of the method's
-hyperparameters live in ``conf/`` only (one home for each fact); fields below that are
-``MISSING`` must be set by a config file.
+wrong type (``method.beta=abc``) is an error. A method's and a post-process's knobs are declared
+once, where they are registered (``proxyclip.knobs``); their schemas are generated from those
+declarations. Default *values* live in ``conf/`` only (one home for each fact); fields below
+that are ``MISSING`` must be set by a config file.
 
 Config groups (one folder each in ``conf/``):
     clip/     which open_clip model and tag          (vit_b16, vit_l14, vit_h14)
     vfm/      which vision foundation model (timm)   (dino_vitb8, dinov2_vitb14_reg, sam_vitb, mae_vitb16, none, ...)
     weights/  where weights come from                (pretrained, local, random)
     method/   the last-block method and its knobs    (proxyclip, clip, maskclip, sclip, clearclip, naclip)
+    protocol/ geometry and prob_thd                  (proxyclip; each dataset sets its own values)
     postprocess/  score-map refinement               (none, pamr, pamr_naclip, pamr_talk2dino)
-    dataset/  evaluation protocol and data root      (voc21, ..., custom)
+    dataset/  the data, its classes and its protocol (voc21, ..., custom)
     logger/   experiment logging                     (none, wandb)
 
 Top-level configs: ``config`` (:class:`Config`), ``segment`` (:class:`SegmentConfig`), ``eval``
@@ -23,7 +25,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -70,48 +72,37 @@ class WeightsConfig:
 
 @dataclass
 class MethodConfig:
-    """The last-block method and inference settings every method shares (values in conf/method/*.yaml).
+    """The last-block method: its name, the switches every method has, its logit scale; each
+    registered method's own knobs are added by a schema generated from its declarations
+    (``method/<name>_schema``, :func:`register_schemas`). Values: conf/method/<name>.yaml.
+    The methods themselves: ``proxyclip/methods.py`` and docs/methods.md."""
 
-    Each method's YAML names its schema (below) and its own published switches; the geometry and
-    the class decision are the dataset's protocol (``conf/method/_protocol.yaml``, then
-    ``conf/dataset/*.yaml``). The methods themselves: ``proxyclip/methods.py`` and docs/methods.md.
-    """
-
-    name: str = MISSING  # clip | maskclip | sclip | clearclip | naclip | proxyclip (proxyclip.methods.METHODS)
+    name: str = MISSING  # a registered method (proxyclip.methods.METHODS)
     residual: bool = MISSING  # last block: Y = X + attention output (else Y = attention output)
     ffn: bool = MISSING  # last block: Z = Y + mlp(ln_2(Y)) (else Z = Y)
     logit_scale: float = MISSING  # class decision: softmax(logit_scale * scores)
-    prob_thd: float = MISSING  # best probability below this -> background (class 0); 0 disables
+
+
+@dataclass
+class ProtocolConfig:
+    """The evaluation protocol: geometry and the class decision's threshold (docs/protocol.md).
+
+    ``conf/protocol/proxyclip.yaml`` holds ProxyCLIP's values; each dataset's YAML sets its own.
+    """
+
     short_side: int = MISSING  # resize so the short side is this long
     max_long_side: int = MISSING  # ... but the long side is at most this long
     crop: int = MISSING  # sliding-window size
     stride: int = MISSING  # sliding-window stride
-
-
-@dataclass
-class ProxyClipMethodConfig(MethodConfig):
-    """ProxyCLIP: attention from the VFM's patch affinities (proxyclip/proxy.py)."""
-
-    beta: float = MISSING  # affinity shift: S' = (S - beta * mean(S)) * gamma
-    gamma: float = MISSING  # affinity scale (inverse softmax temperature)
-    shift: bool = True  # subtract beta * mean(S) (the adaptive normalization); false: S' = gamma * S
-    mask: bool = True  # exclude entries with S' < 0; false: softmax over every entry
-
-
-@dataclass
-class NaclipMethodConfig(MethodConfig):
-    """NACLIP: key-key attention plus a Gaussian neighbourhood prior."""
-
-    gaussian_std: float = MISSING  # sigma of the prior, in patches
+    prob_thd: float = MISSING  # best probability below this -> background (class 0); 0 disables
 
 
 @dataclass
 class PostprocessConfig:
-    """Refinement of the merged score maps before the class decision (conf/postprocess/*.yaml)."""
+    """Refinement of the merged score maps before the class decision (conf/postprocess/*.yaml);
+    each registered post-process's settings come from a schema generated from its declarations."""
 
-    name: str = "none"  # none | pamr (proxyclip.postprocess.POSTPROCESSES)
-    steps: int = 0  # PAMR iterations
-    dilations: List[int] = field(default_factory=list)  # PAMR neighbourhood dilations (pixels)
+    name: str = "none"  # a registered post-process (proxyclip.postprocess.POSTPROCESSES)
 
 
 @dataclass
@@ -120,8 +111,8 @@ class DatasetConfig:
 
     Files: ``root/img_dir/<id><img_suffix>`` and ``root/ann_dir/<id><seg_suffix>``; ids from
     ``split_file`` (relative to root) or from listing ``img_dir`` / ``ann_dir`` (``list_from``).
-    The method's protocol values (short side, crop, stride, prob_thd) are set in the dataset's
-    YAML under ``method.*`` (``# @package _global_``), not here.
+    The protocol values (short side, crop, stride, prob_thd) are set in the dataset's YAML
+    under ``protocol.*`` (``# @package _global_``), not here.
     """
 
     name: str = MISSING  # short key used in outputs and tables: voc21, context60, ..., custom
@@ -164,6 +155,7 @@ class Config:
     vfm: VfmConfig = MISSING
     weights: WeightsConfig = MISSING
     method: MethodConfig = MISSING
+    protocol: ProtocolConfig = MISSING
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (auto: cuda when available)
     precision: str = "auto"  # auto | fp32 | fp16 | bf16 (backbones; auto: fp16 on CUDA, fp32 on CPU)
@@ -196,38 +188,68 @@ class EvalConfig(Config):
     progress: bool = True  # tqdm progress bar (images/s, ETA)
     run_dir: Optional[str] = None  # null = Hydra's run directory
     experiment_name: Optional[str] = None  # set by a conf/experiment preset; recorded in metrics.json
-
-
-@dataclass
-class SweepGrid:
-    """Values to sweep; an empty list means the method's value (a single point)."""
-
-    beta: List[float] = field(default_factory=list)
-    gamma: List[float] = field(default_factory=list)
-    logit_scale: List[float] = field(default_factory=list)
-    prob_thd: List[float] = field(default_factory=list)
+    resume: bool = True  # continue a run directory's saved state (false: discard it and start fresh)
 
 
 @dataclass
 class SweepConfig(EvalConfig):
-    """``proxyclip-sweep``: the whole grid from one encode per image."""
+    """``proxyclip-sweep``: the whole grid from one encode per image.
 
-    sweep: SweepGrid = field(default_factory=SweepGrid)
+    ``sweep``: ``{knob: [values]}`` for any knob of the configured method (its switches too),
+    ``logit_scale``, ``prob_thd`` and the post-process's settings (``sweep.postprocess.steps``);
+    an empty list means the configured value.
+    """
+
+    sweep: Any = MISSING  # a SweepGrid generated from every registered knob (register_schemas)
+
+
+_KIND_TYPES = {"float": float, "int": int, "bool": bool, "choice": str, "ints": List[int]}
+
+
+def _knob_schema(base: type, name: str, knobs) -> type:
+    """A dataclass schema ``base`` + one MISSING field per declared knob (values: the YAML)."""
+    cols = [(k.name, _KIND_TYPES[k.kind], field(default=MISSING)) for k in knobs]
+    return make_dataclass(f"{name.title().replace('_', '')}{base.__name__}", cols, bases=(base,))
+
+
+def sweep_grid_schema() -> type:
+    """``SweepGrid``: a list field (default empty) for every knob any registered method or
+    post-process declares, plus the switches and the decision's, and ``postprocess`` with every
+    post-process setting; which of them a run may sweep is checked against its method."""
+    from .knobs import DECISION, SWITCHES
+    from .methods import METHODS
+    from .postprocess import POSTPROCESSES
+
+    def lists(names) -> list:
+        return [(n, List[Any], field(default_factory=list)) for n in dict.fromkeys(names)]
+
+    post = make_dataclass("PostprocessSweepGrid", lists(k.name for p in POSTPROCESSES.values() for k in p.knobs))
+    names = [k.name for k in SWITCHES] + [k.name for m in METHODS.values() for k in m.knobs] + [k.name for k in DECISION]
+    return make_dataclass("SweepGrid", lists(names) + [("postprocess", post, field(default_factory=post))])
 
 
 def register_schemas() -> None:
+    """The fixed schemas, plus one per registered method (``method/<name>_schema``) and
+    post-process (``postprocess/<name>_schema``) generated from their knob declarations, and the
+    sweep grid's (:func:`sweep_grid_schema`)."""
+    from .methods import METHODS
+    from .postprocess import POSTPROCESSES
+
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(name="segment_schema", node=SegmentConfig)
     cs.store(name="eval_schema", node=EvalConfig)
-    cs.store(name="sweep_schema", node=SweepConfig)
+    grid = sweep_grid_schema()
+    cs.store(name="sweep_schema", node=make_dataclass("SweepConfig", [("sweep", grid, field(default_factory=grid))],
+                                                      bases=(SweepConfig,)))
     cs.store(group="clip", name="clip_schema", node=ClipConfig)
     cs.store(group="vfm", name="vfm_schema", node=VfmConfig)
     cs.store(group="weights", name="weights_schema", node=WeightsConfig)
-    cs.store(group="method", name="method_schema", node=MethodConfig)
-    cs.store(group="method", name="proxyclip_schema", node=ProxyClipMethodConfig)
-    cs.store(group="method", name="naclip_schema", node=NaclipMethodConfig)
-    cs.store(group="postprocess", name="postprocess_schema", node=PostprocessConfig)
+    cs.store(group="protocol", name="protocol_schema", node=ProtocolConfig)
+    for m in METHODS.values():
+        cs.store(group="method", name=f"{m.name}_schema", node=_knob_schema(MethodConfig, m.name, m.knobs))
+    for p in POSTPROCESSES.values():
+        cs.store(group="postprocess", name=f"{p.name}_schema", node=_knob_schema(PostprocessConfig, p.name, p.knobs))
     cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
 

@@ -1,60 +1,87 @@
-"""Named hook points, TransformerLens-style.
+"""Named hook points, TransformerLens-style, each declared where it fires.
 
 Every interesting tensor of the pipeline passes through ``hooks.point(name, tensor)``.
 Outside a hook context this is the identity. Inside ``HookSet.active(...)`` a hook
 function ``fn(tensor, hook) -> tensor | None`` may read the tensor, or return a
 replacement of the same shape; a cache may record it.
 
-The names, and what they carry (B = windows in one backbone batch; window-level entries
-of a cache are concatenated over all windows of an image, in window order):
+A module declares the points it fires with :func:`declare_hook` (name, level, shape in words,
+a one-line doc, and for encode-time points the ``Encoded`` field a stored encode replays).
+The list of names (:func:`hook_names`), the per-window set, the replay of stored encodes and
+the README's table (:func:`markdown_table`) all come from the declarations. Adding a hook
+point: one ``declare_hook`` next to its ``point(...)`` call, and a test.
 
-    vfm.features              (B, C, Hv, Wv)  VFM patch features, prefix tokens dropped (methods with a VFM)
-    clip.last_block_input     (B, 1+gh*gw, D) tokens entering CLIP's last block (what Encoded stores)
-    clip.values               (B, D, gh, gw)  value projection of the last block, CLS dropped
-    proxy.affinity            (B, N, N)       cosine affinity of VFM tokens, N = Hv*Wv       (proxyclip)
-    proxy.affinity_normalized (B, N, N)       (S - beta * mean(S)) * gamma                     (proxyclip)
-    proxy.mask                (B, N, N) bool  True where kept (S' >= 0, or the diagonal of an empty row)
-    proxy.attention           (B, N, N)       softmax over kept entries, rows sum to 1         (proxyclip)
-    attention.pattern         (B, h, T, T)    the attention the method runs: h heads, or 1 when shared;
-                                              T = 1 + gh*gw (CLS first), or N for proxyclip
-    clip.last_block_output    (B, T, D)       after residual and FFN, before ln_post
-    clip.dense                (B, E, h, w)    L2-normalized dense embeddings (CLIP grid; VFM grid for proxyclip)
-    text.embeddings           (Q, E)          one row per query name
-    scores.window             (B, Q, h, w)    cosine scores of each window at its own size
-    scores.image              (Q, H, W)       windows merged, at the original image size
-    scores.refined            (Q, H, W)       after the post-process (= scores.image with postprocess=none)
-
-The ``proxy.*`` points fire only for proxyclip. When a stored ``Encoded`` is decoded with hooks,
-``vfm.features`` and ``clip.last_block_input`` are replayed from it.
+Window-level entries of a cache are concatenated over all windows of an image, in window order.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 
-HOOK_NAMES: tuple[str, ...] = (
-    "vfm.features",
-    "clip.last_block_input",
-    "clip.values",
-    "proxy.affinity",
-    "proxy.affinity_normalized",
-    "proxy.mask",
-    "proxy.attention",
-    "attention.pattern",
-    "clip.last_block_output",
-    "clip.dense",
-    "text.embeddings",
-    "scores.window",
-    "scores.image",
-    "scores.refined",
-)
+# the stages, in pipeline order (the README's table follows it)
+STAGES = ("encode", "last block", "method", "block output", "text", "scores")
 
-# Hooks whose tensors are per window (their cache entries are concatenated over windows).
-WINDOW_HOOKS = frozenset(HOOK_NAMES) - {"text.embeddings", "scores.image", "scores.refined"}
+
+@dataclass(frozen=True)
+class HookDecl:
+    """A declared hook point."""
+
+    name: str
+    level: str  # "window": one tensor per batch of windows (n = windows); "image": one per image
+    shape: str  # in words, e.g. "(n, C, Hv, Wv)"
+    doc: str
+    stage: str  # one of STAGES
+    replay: Optional[str] = None  # the Encoded field a stored encode replays through this point
+
+
+HOOKS: Dict[str, HookDecl] = {}
+
+
+def declare_hook(name: str, level: str, shape: str, doc: str, stage: str, replay: Optional[str] = None) -> str:
+    """Declare a hook point (at import time, next to where it fires); returns ``name``."""
+    if level not in ("window", "image"):
+        raise ValueError(f"hook {name}: level must be 'window' or 'image', got {level!r}")
+    if stage not in STAGES:
+        raise ValueError(f"hook {name}: stage must be one of {STAGES}, got {stage!r}")
+    decl = HookDecl(name, level, shape, doc, stage, replay)
+    if name in HOOKS and HOOKS[name] != decl:
+        raise ValueError(f"hook {name} declared twice, differently")
+    HOOKS[name] = decl
+    return name
+
+
+def declarations() -> List[HookDecl]:
+    """Every declared hook point, in pipeline order (stage, then declaration order)."""
+    order = {name: i for i, name in enumerate(HOOKS)}
+    return sorted(HOOKS.values(), key=lambda d: (STAGES.index(d.stage), order[d.name]))
+
+
+def hook_names() -> Tuple[str, ...]:
+    return tuple(d.name for d in declarations())
+
+
+def window_hooks() -> frozenset:
+    return frozenset(d.name for d in HOOKS.values() if d.level == "window")
+
+
+def replayed_hooks() -> List[HookDecl]:
+    """The encode-time points a stored Encoded replays (its field: ``decl.replay``)."""
+    return [d for d in declarations() if d.replay]
+
+
+def markdown_table() -> str:
+    """The README's hook table, from the declarations."""
+    rows = ["| name | level | shape | what |", "|---|---|---|---|"]
+    rows += [f"| `{d.name}` | {d.level} | {d.shape} | {d.doc} |" for d in declarations()]
+    return "\n".join(rows) + "\n"
+
+
+NameFilter = Union[None, Iterable[str], Callable[[str], bool]]
+
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], Optional[torch.Tensor]]
 
@@ -69,10 +96,22 @@ class HookPoint:
 
 def _check_names(names: Iterable[str]) -> List[str]:
     names = list(names)
-    unknown = [n for n in names if n not in HOOK_NAMES]
+    unknown = [n for n in names if n not in HOOKS]
     if unknown:
-        raise KeyError(f"unknown hook name(s) {unknown}; the hook points are: {', '.join(HOOK_NAMES)}")
+        raise KeyError(f"unknown hook name(s) {unknown}; the hook points are: {', '.join(hook_names())}")
     return names
+
+
+def select_names(names: NameFilter) -> List[str]:
+    """All hook names (None), the given ones (checked), or those a callable ``names(name) -> bool``
+    accepts (TransformerLens' ``names_filter``)."""
+    if names is None:
+        return list(hook_names())
+    if callable(names):
+        return [n for n in hook_names() if names(n)]
+    if isinstance(names, str):
+        names = [names]
+    return _check_names(names)
 
 
 class HookSet:
@@ -84,8 +123,9 @@ class HookSet:
 
     @contextmanager
     def active(self, hooks: Optional[Dict[str, HookFn]] = None, cache: Optional[Dict[str, List[torch.Tensor]]] = None,
-               cache_names: Optional[Iterable[str]] = None) -> Iterator[None]:
-        """Activate ``hooks`` ({name: fn}) and/or record ``cache_names`` into ``cache`` lists."""
+               cache_names: NameFilter = None) -> Iterator[None]:
+        """Activate ``hooks`` ({name: fn}) and/or record ``cache_names`` (names, or a filter
+        ``fn(name) -> bool``; None = all) into ``cache`` lists."""
         hooks = dict(hooks or {})
         _check_names(hooks)
         added = []
@@ -96,7 +136,7 @@ class HookSet:
             added.append((name, fn))
         entry = None
         if cache is not None:
-            names = frozenset(_check_names(HOOK_NAMES if cache_names is None else cache_names))
+            names = frozenset(select_names(cache_names))
             entry = (cache, names)
             self._caches.append(entry)
         try:
@@ -109,6 +149,8 @@ class HookSet:
 
     def point(self, name: str, tensor: torch.Tensor, window_start: int = 0) -> torch.Tensor:
         """Pass ``tensor`` through the hook point ``name``: hooks may replace it, caches record it."""
+        if name not in HOOKS:
+            raise KeyError(f"hook point {name!r} fires but was never declared (hooks.declare_hook)")
         fns = self._fns.get(name)
         if fns:
             hook = HookPoint(name, window_start)
@@ -130,6 +172,6 @@ class HookSet:
 def finish_cache(raw: Dict[str, List[torch.Tensor]]) -> Dict[str, torch.Tensor]:
     """Window-level entries: concatenate over batches. Image-level: the last value."""
     return {
-        name: torch.cat(parts, dim=0) if name in WINDOW_HOOKS else parts[-1]
+        name: torch.cat(parts, dim=0) if name in window_hooks() else parts[-1]
         for name, parts in raw.items()
     }

@@ -23,7 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import ClipBackbone
+from .hooks import declare_hook
 from .proxy import resize_values
+
+VALUES = declare_hook("clip.values", "window", "(n, D, gh, gw)", "value projection of the last block, CLS dropped",
+                      "last block")
 
 Grid = Tuple[int, int]
 
@@ -73,7 +77,7 @@ class BlockInputs:
     def patch_values(self) -> torch.Tensor:
         """(B, D, gh, gw) values of the patch tokens, through the ``clip.values`` hook point."""
         v = self.memoized("clip.values", lambda: self.clip.last_block_values(self.tokens, self.grid).float())
-        return self.point("clip.values", v)
+        return self.point(VALUES, v)
 
     def cls_value(self) -> torch.Tensor:
         """(B, 1, D) value of the CLS token."""

@@ -5,30 +5,54 @@ queries, keys or VFM features of one batch of windows and says which attention r
 last one. Everything around it (values, out_proj, residual, FFN, head) is shared; whether the
 residual and the FFN are kept is a switch of every method (``method.residual``, ``method.ffn``).
 
-Adding a method: write its function, ``register_method(Method(...))`` below, add
-``conf/method/<name>.yaml`` (its schema, published switches and knobs) and a test. The equations
+Adding a method: write its function, ``register_method(Method(...))`` below with its knobs
+declared (``proxyclip.knobs.Knob``: name, type, range, doc), add ``conf/method/<name>.yaml`` (its
+published switches and the knobs' defaults) and a test. Sweeps, the explorer, the summary and the
+run identity read the declarations; nothing else needs editing. The equations
 and each method's source are in docs/methods.md.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from . import proxy
+from .knobs import DECISION, SWITCHES, Knob
+from .hooks import declare_hook
 from .last_block import Attention, BlockInputs
+
+for _name, _shape, _doc in (
+        ("proxy.affinity", "(n, N, N)", "raw cosine affinity of the N = Hv·Wv VFM tokens (proxyclip)"),
+        ("proxy.affinity_normalized", "(n, N, N)", "`(S - beta * mean(S)) * gamma`, mean per image (proxyclip)"),
+        ("proxy.mask", "(n, N, N) bool", "kept entries (`S' >= 0`; an empty row keeps its diagonal) (proxyclip)"),
+        ("proxy.attention", "(n, N, N)", "masked softmax, rows sum to 1 (proxyclip)")):
+    declare_hook(_name, "window", _shape, _doc, "method")
 
 
 @dataclass(frozen=True)
 class Method:
+    """A registered method: its attention function and the knobs it takes (proxyclip/knobs.py).
+
+    Every method also has the last block's switches (``knobs.SWITCHES``: residual, ffn) and the
+    class decision's knobs (``knobs.DECISION``); ``all_knobs`` lists the three in decode order.
+    """
+
     name: str
     attention: Callable[..., Attention]  # fn(BlockInputs, **knobs) -> Attention
-    knobs: Tuple[str, ...] = ()  # method-specific config keys passed to ``attention``
+    knobs: Tuple[Knob, ...] = ()  # method-specific settings passed to ``attention`` (defaults: its YAML)
     needs_vfm: bool = False
-    check: Optional[Callable[..., None]] = None  # check(**knobs) raises ValueError on a bad value
+    doc: str = ""
+
+    @property
+    def knob_names(self) -> Tuple[str, ...]:
+        return tuple(k.name for k in self.knobs)
+
+    @property
+    def all_knobs(self) -> Tuple[Knob, ...]:
+        return SWITCHES + self.knobs + DECISION
 
 
 METHODS: Dict[str, Method] = {}
@@ -97,11 +121,6 @@ def naclip_attention(x: BlockInputs, gaussian_std: float) -> Attention:
     return Attention(softmax_attention(k, k, x.scale, bias=omega), x.grid, cls=True)
 
 
-def check_naclip(gaussian_std: float) -> None:
-    _finite("gaussian_std", gaussian_std)
-    if gaussian_std <= 0:
-        raise ValueError(f"gaussian_std (NACLIP's neighbourhood sigma, in patches) must be > 0, got {gaussian_std}")
-
 
 def proxyclip_attention(x: BlockInputs, beta: float, gamma: float, shift: bool = True, mask: bool = True
                         ) -> Attention:
@@ -119,19 +138,19 @@ def proxyclip_attention(x: BlockInputs, beta: float, gamma: float, shift: bool =
     return Attention(attn[:, None], tuple(feats.shape[-2:]), cls=False)
 
 
-def check_proxyclip(beta: float, gamma: float, shift: bool = True, mask: bool = True) -> None:
-    proxy.check_affinity_params(beta, gamma)
-
-
-def _finite(name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-
-
-register_method(Method("clip", vanilla_attention))
-register_method(Method("maskclip", identity_attention))
-register_method(Method("sclip", sclip_attention))
-register_method(Method("clearclip", clearclip_attention))
-register_method(Method("naclip", naclip_attention, knobs=("gaussian_std",), check=check_naclip))
-register_method(Method("proxyclip", proxyclip_attention, knobs=("beta", "gamma", "shift", "mask"), needs_vfm=True,
-                       check=check_proxyclip))
+register_method(Method("clip", vanilla_attention, doc="CLIP's own last block"))
+register_method(Method("maskclip", identity_attention, doc="identity attention (each token keeps its value)"))
+register_method(Method("sclip", sclip_attention, doc="q-q plus k-k attention"))
+register_method(Method("clearclip", clearclip_attention, doc="q-q attention"))
+register_method(Method("naclip", naclip_attention, doc="k-k attention plus a Gaussian neighbourhood prior", knobs=(
+    Knob("gaussian_std", "float", "sigma of NACLIP's neighbourhood prior, in patches", low=0, low_open=True,
+         slider=(0.5, 20.0, 0.5)),
+)))
+register_method(Method("proxyclip", proxyclip_attention, needs_vfm=True, doc="attention from the VFM's patch affinities",
+                       knobs=(
+    Knob("beta", "float", "affinity shift: S' = (S - beta * mean(S)) * gamma", low=0, slider=(0.0, 3.0, 0.05)),
+    Knob("gamma", "float", "affinity scale (inverse softmax temperature)", low=0, low_open=True,
+         slider=(0.5, 10.0, 0.1)),
+    Knob("shift", "bool", "subtract beta * mean(S) (the adaptive normalization); false: S' = gamma * S"),
+    Knob("mask", "bool", "exclude entries with S' < 0; false: softmax over every entry"),
+)))

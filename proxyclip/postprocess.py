@@ -2,7 +2,8 @@
 
 A post-process is ``fn(scores (Q, H, W), guide (C, H, W), **settings) -> (Q, H, W)`` at the
 original image size; ``guide`` is the image normalized with CLIP's mean/std. Adding one: the
-function, a ``register_postprocess`` entry, ``conf/postprocess/<name>.yaml``, a test.
+function, a ``register_postprocess`` entry with its settings declared (``proxyclip.knobs.Knob``),
+``conf/postprocess/<name>.yaml``, a test.
 
 PAMR (pixel-adaptive mask refinement, as NACLIP and Talk2DINO run it; docs/methods.md): for each
 dilation d, pixel i's 8 neighbours at offset d (replicate padding), P = 8 |D| in all.
@@ -19,6 +20,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .knobs import Knob
 
 OFFSETS: Tuple[Tuple[int, int], ...] = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0))
 
@@ -58,22 +61,18 @@ def pamr(scores: torch.Tensor, guide: torch.Tensor, steps: int, dilations: Seque
     return m.to(scores.dtype)
 
 
-def check_pamr(steps: int, dilations: Sequence[int]) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"postprocess.steps (PAMR iterations) must be an integer >= 0, got {steps!r}")
-    if len(dilations) == 0:
-        raise ValueError("postprocess.dilations is empty: PAMR needs at least one dilation, e.g. [8, 16]")
-    bad = [d for d in dilations if isinstance(d, bool) or not isinstance(d, int) or d < 1]
-    if bad:
-        raise ValueError(f"postprocess.dilations must be positive integers (pixels), got {list(dilations)}")
-
-
 @dataclass(frozen=True)
 class Postprocess:
+    """A registered post-process: its function and its declared settings (proxyclip/knobs.py)."""
+
     name: str
     refine: Optional[Callable[..., torch.Tensor]]  # None: the identity
-    settings: Tuple[str, ...] = ()  # config keys passed to ``refine``
-    check: Optional[Callable[..., None]] = None
+    knobs: Tuple[Knob, ...] = ()  # settings passed to ``refine`` (defaults: conf/postprocess/<preset>.yaml)
+    doc: str = ""
+
+    @property
+    def settings(self) -> Tuple[str, ...]:
+        return tuple(k.name for k in self.knobs)
 
 
 POSTPROCESSES: Dict[str, Postprocess] = {}
@@ -91,5 +90,8 @@ def get_postprocess(name: str) -> Postprocess:
     return POSTPROCESSES[name]
 
 
-register_postprocess(Postprocess("none", None))
-register_postprocess(Postprocess("pamr", pamr, settings=("steps", "dilations"), check=check_pamr))
+register_postprocess(Postprocess("none", None, doc="no refinement"))
+register_postprocess(Postprocess("pamr", pamr, doc="pixel-adaptive mask refinement", knobs=(
+    Knob("steps", "int", "PAMR iterations", low=0, slider=(0, 20, 1)),
+    Knob("dilations", "ints", "PAMR neighbourhood dilations (pixels)", low=1),
+)))

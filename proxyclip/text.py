@@ -18,7 +18,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from .files import atomic_write, file_digest
+from .files import atomic_write
 
 TEMPLATES = open_clip.OPENAI_IMAGENET_TEMPLATES  # OpenAI's 80 ImageNet prompt templates
 # Synonyms are separated by "; " (a ";" followed by white space or the end of the line), as in the
@@ -213,19 +213,14 @@ def text_cache_options(cfg: Any, random_weights: bool) -> Dict[str, Any]:
     """``cache_dir`` and ``model_id`` for :class:`TextEncoder` from a core config.
 
     ``cfg.text_cache``: ``auto`` (the user's cache folder), a folder, or null (no disk cache).
-    The model identity: architecture, quick_gelu and precision, plus the weights: the seed for
-    random weights, the checkpoint file's hash for local ones, else the pretrained tag.
+    The model identity is the encode spec's text-tower identity (``EncodeSpec.text_model_id``:
+    architecture, tag, quick_gelu, checkpoint digest, weights source and seed, precision).
     """
+    from .specs import EncodeSpec
+
     where = cfg.get("text_cache", "auto") if hasattr(cfg, "get") else getattr(cfg, "text_cache", "auto")
     if where in (None, "", "null", "none"):
         return {}
-    c, w = cfg.clip, cfg.weights
-    if random_weights:
-        weights = f"random:{w.seed}"
-    elif w.source == "local" and c.checkpoint:
-        weights = f"file:{file_digest(str(c.checkpoint), 'sha256')[:16]}"
-    else:
-        weights = f"pretrained:{c.pretrained}"
-    model_id = f"{c.name}|qg{int(bool(c.quick_gelu))}|{cfg.precision}|{weights}"
+    model_id = EncodeSpec.from_config(cfg, random_weights=random_weights, uses_vfm=False).text_model_id()
     folder = default_text_cache_dir() if where == "auto" else Path(os.path.expanduser(str(where)))
     return {"cache_dir": folder, "model_id": model_id}

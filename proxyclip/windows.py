@@ -78,3 +78,27 @@ def merge_windows(window_scores: Sequence[torch.Tensor] | torch.Tensor, boxes: S
     if (count == 0).any():
         raise ValueError("windows do not cover the whole image")
     return canvas / count
+
+
+def size_with_pad(box: Box, pad: Tuple[int, int, int, int]) -> Tuple[int, int]:
+    """(height, width) of a window after its symmetric padding."""
+    return box[1] - box[0] + pad[0] + pad[1], box[3] - box[2] + pad[2] + pad[3]
+
+
+def check_geometry(p) -> None:
+    """The protocol's geometry (``short_side``, ``max_long_side``, ``crop``, ``stride``) is usable."""
+    for name in ("short_side", "max_long_side", "crop", "stride"):
+        if int(p[name]) <= 0:
+            raise ValueError(f"protocol.{name} must be a positive integer, got {p[name]}")
+    if p["stride"] > p["crop"]:
+        raise ValueError(f"protocol.stride ({p['stride']}) must not exceed protocol.crop ({p['crop']}): "
+                         "windows would leave gaps")
+
+
+def window_layout(height: int, width: int, geometry, pad_multiple: int
+                  ) -> Tuple[Tuple[int, int], List[Box], Tuple[int, int, int, int]]:
+    """(resized size, windows, padding of every window) of an image under ``geometry``."""
+    size = resized_size(height, width, geometry.short_side, geometry.max_long_side)
+    boxes = slide_windows(size[0], size[1], geometry.crop, geometry.stride)
+    y1, y2, x1, x2 = boxes[0]
+    return size, boxes, symmetric_padding(y2 - y1, x2 - x1, pad_multiple)

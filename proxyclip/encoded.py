@@ -1,0 +1,88 @@
+"""What the pipeline hands around: :class:`Encoded` (the expensive half of one image) and
+:class:`Prediction` (a decode's result)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .specs import ENCODED_FORMAT, DecodeSpec
+from .windows import Box
+
+
+@dataclass
+class Encoded:
+    """The expensive half of one image: per window, the CLIP tokens entering the last block and the
+    VFM features, kept as separate parts.
+
+    Depends only on the image and the encode spec (``clip_key`` / ``vfm_key`` are its two parts'
+    identities: ``proxyclip.specs.EncodeSpec``), never on the method, its knobs, classes or thresholds.
+    """
+
+    image: torch.Tensor  # (3, H, W) original image in [0, 1]
+    resized_size: Tuple[int, int]  # (h, w) after the short-side resize
+    windows: List[Box]  # (y1, y2, x1, x2) in the resized image
+    pad: Tuple[int, int, int, int]  # (top, bottom, left, right) padding of every window
+    clip_tokens: torch.Tensor  # (n_windows, 1 + gh*gw, D) float32, CLS first (None only in a cache's partial entry)
+    clip_grid: Tuple[int, int]  # (gh, gw)
+    vfm_features: Optional[torch.Tensor]  # (n_windows, C, Hv, Wv) float32, None without a VFM
+    clip_key: str  # EncodeSpec.clip_key; the padding is checked on decode
+    vfm_key: Optional[str]  # EncodeSpec.vfm_key; None without a VFM
+    memo: Dict[Any, Any] = field(default_factory=dict, repr=False)  # decode-side reuse, not saved
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        return int(self.image.shape[1]), int(self.image.shape[2])
+
+    @property
+    def key(self) -> str:
+        return f"{self.clip_key}+{self.vfm_key or 'novfm'}"
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain dict of CPU tensors and metadata, for ``torch.save``."""
+        return dict(format=ENCODED_FORMAT, image=self.image.cpu(), resized_size=list(self.resized_size),
+                    windows=[list(b) for b in self.windows], pad=list(self.pad), clip_tokens=self.clip_tokens.cpu(),
+                    clip_grid=list(self.clip_grid),
+                    vfm_features=None if self.vfm_features is None else self.vfm_features.cpu(),
+                    clip_key=self.clip_key, vfm_key=self.vfm_key)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Encoded":
+        if d.get("format") != ENCODED_FORMAT:
+            raise ValueError(f"Encoded format {d.get('format', 1)} is not {ENCODED_FORMAT} (saved by an older version: "
+                             "encode again)")
+        return cls(image=d["image"], resized_size=tuple(d["resized_size"]), windows=[tuple(b) for b in d["windows"]],
+                   pad=tuple(d["pad"]), clip_tokens=d["clip_tokens"], clip_grid=tuple(d["clip_grid"]),
+                   vfm_features=d["vfm_features"], clip_key=d["clip_key"], vfm_key=d["vfm_key"])
+
+
+@dataclass
+class Prediction:
+    """Result for one image, at its original size.
+
+    scores  (Q, H, W) cosine scores per query name, windows merged (and post-processed, if on)
+    probs   (K, H, W) softmax(logit_scale * scores) over queries, max over each class's queries
+    labels  (H, W) int64 argmax class; best probability < prob_thd -> 0 (background)
+    spec    the DecodeSpec of the decode (method, every knob, post-process, decision, classes)
+    """
+
+    image: torch.Tensor
+    scores: torch.Tensor
+    probs: torch.Tensor
+    labels: torch.Tensor
+    class_names: List[str]
+    queries: List[str]
+    query_to_class: List[int]
+    spec: Optional[DecodeSpec] = None
+    random_weights: bool = False  # True when the backbones run with random weights
+
+    @property
+    def params(self) -> Dict[str, Any]:
+        """Every setting of the decode: method, its switches and knobs, logit_scale, prob_thd, postprocess."""
+        return {} if self.spec is None else self.spec.params()
+
+    @property
+    def method(self) -> str:
+        return "" if self.spec is None else self.spec.method

@@ -1,0 +1,249 @@
+"""One identity for every run: what an encode depends on (:class:`EncodeSpec`) and what a decode
+depends on (:class:`DecodeSpec`).
+
+Everything that must tell two settings apart reads these two and nothing else: the parts of an
+``Encoded`` (``clip_key`` / ``vfm_key``), the feature cache's folders, the text cache's model
+identity, the resume fingerprint of an evaluation, ``metrics.json`` / ``sweep.json``, the W&B
+config and the summary's rows. A field added to a spec reaches all of them.
+
+Each spec has a stable ``key()`` (a digest of its ``record()``), a plain nested ``record()``
+(JSON-ready) and ``flat()``: the same facts under the names a command line uses
+(``clip.name``, ``vfm.layer``, ``protocol.crop``, ``beta``, ``postprocess.steps``, ...).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+from omegaconf import OmegaConf
+
+ENCODED_FORMAT = 2  # 2: CLIP tokens entering the last block (1: its values)
+GEOMETRY = ("short_side", "max_long_side", "crop", "stride")
+
+
+def digest(obj: Any, n: int = 12) -> str:
+    """Stable short digest of a JSON-able object (keys sorted)."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+@functools.lru_cache(maxsize=64)
+def _checkpoint_digest(path: str, size: int, mtime: float) -> str:
+    from .files import file_digest
+
+    return "sha256:" + file_digest(path, "sha256")[:16]
+
+
+def checkpoint_digest(path: Optional[str]) -> Optional[str]:
+    """The content digest of a local checkpoint file (memoized per path, size and mtime), or None."""
+    if not path:
+        return None
+    p = os.path.expanduser(str(path))
+    if not os.path.isfile(p):
+        return f"missing:{p}"  # the build reports it; the spec stays printable
+    st = os.stat(p)
+    return _checkpoint_digest(p, st.st_size, st.st_mtime)
+
+
+def _plain(v: Any) -> Any:
+    return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+
+
+def flatten(record: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """Nested dict -> ``{"a.b": v}`` (lists stay values)."""
+    out: Dict[str, Any] = {}
+    for k, v in record.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- encode
+@dataclass(frozen=True)
+class ClipSpec:
+    name: str  # open_clip architecture
+    pretrained: str  # open_clip tag
+    quick_gelu: bool
+    checkpoint: Optional[str] = None  # content digest of the local checkpoint (weights=local)
+
+
+@dataclass(frozen=True)
+class VfmSpec:
+    name: str  # the conf/vfm key
+    timm_name: str
+    input_size: Optional[int]
+    timm_kwargs: str  # canonical JSON of the extra timm.create_model arguments
+    checkpoint: Optional[str]  # content digest of the local checkpoint (weights=local)
+    # how the features are read from the model (the same model serves every value of these)
+    layer: int = field(default=-1, metadata={"readout": True})
+    feature: str = field(default="tokens", metadata={"readout": True})
+    norm: bool = field(default=True, metadata={"readout": True})
+
+    def model_record(self) -> Dict[str, Any]:
+        """The fields that decide the model's weights (a model can be shared when these match)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("readout")}
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    source: str  # pretrained | local | random (after any fallback to random)
+    seed: Optional[int] = None  # random weights only
+
+
+@dataclass(frozen=True)
+class GeometrySpec:
+    """The resize and the windows (the dataset's protocol)."""
+
+    short_side: int
+    max_long_side: int
+    crop: int
+    stride: int
+
+
+@dataclass(frozen=True)
+class EncodeSpec:
+    """Everything an ``Encoded`` depends on. CLIP's part depends on clip, weights, geometry,
+    precision; the VFM's part on vfm, weights, geometry, precision; ``parts`` names extra encode
+    parts a method asks for (none yet)."""
+
+    clip: ClipSpec
+    vfm: Optional[VfmSpec]  # None: the method runs no VFM
+    weights: WeightsSpec
+    geometry: GeometrySpec
+    precision: str
+    parts: Tuple[str, ...] = ()
+
+    def record(self) -> Dict[str, Any]:
+        return {"clip": asdict(self.clip), "vfm": None if self.vfm is None else asdict(self.vfm),
+                "weights": asdict(self.weights), "protocol": asdict(self.geometry), "precision": self.precision,
+                "parts": list(self.parts)}
+
+    def flat(self) -> Dict[str, Any]:
+        r = self.record()
+        if r["vfm"] is None:
+            r["vfm"] = "none"
+        return flatten(r)
+
+    def key(self) -> str:
+        return digest(self.record())
+
+    def clip_part(self) -> Dict[str, Any]:
+        return {"clip": asdict(self.clip), "weights": asdict(self.weights), "protocol": asdict(self.geometry),
+                "precision": self.precision, "format": ENCODED_FORMAT}
+
+    def vfm_part(self) -> Optional[Dict[str, Any]]:
+        if self.vfm is None:
+            return None
+        return {"vfm": asdict(self.vfm), "weights": asdict(self.weights), "protocol": asdict(self.geometry),
+                "precision": self.precision, "format": ENCODED_FORMAT}
+
+    @property
+    def clip_key(self) -> str:
+        return f"{self.clip.name}-{digest(self.clip_part())}"
+
+    @property
+    def vfm_key(self) -> Optional[str]:
+        part = self.vfm_part()
+        return None if part is None else f"{self.vfm.name}-{digest(part)}"
+
+    def text_model_id(self) -> str:
+        """The identity of the text tower (the text cache's key): CLIP, its weights, precision."""
+        return digest({"clip": asdict(self.clip), "weights": asdict(self.weights), "precision": self.precision})
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, random_weights: bool, uses_vfm: bool) -> "EncodeSpec":
+        """The spec of what ``cfg`` encodes (``random_weights``: the weights actually used are random,
+        e.g. after a fallback; ``uses_vfm``: the method runs the VFM)."""
+        c, w, p = cfg.clip, cfg.weights, cfg.protocol
+        source = "random" if random_weights else str(w.source)
+        local = source == "local"
+        clip = ClipSpec(str(c.name), str(c.pretrained), bool(c.quick_gelu),
+                        checkpoint_digest(c.checkpoint) if local else None)
+        vfm = None
+        if uses_vfm:
+            v = cfg.vfm
+            kwargs = _plain(v.timm_kwargs) if "timm_kwargs" in v else {}
+            vfm = VfmSpec(name=str(v.name), timm_name=str(v.timm_name),
+                          input_size=None if v.input_size is None else int(v.input_size),
+                          timm_kwargs=json.dumps(kwargs or {}, sort_keys=True),
+                          checkpoint=checkpoint_digest(v.checkpoint) if local else None,
+                          layer=int(v.layer), feature=str(v.feature), norm=bool(v.norm))
+        weights = WeightsSpec(source, int(w.seed) if source == "random" else None)
+        geometry = GeometrySpec(*(int(p[k]) for k in GEOMETRY))
+        return cls(clip, vfm, weights, geometry, str(cfg.precision))
+
+
+# ---------------------------------------------------------------------------------------------- decode
+@dataclass(frozen=True)
+class DecodeSpec:
+    """Everything a decode depends on besides the Encoded: the method and every knob (switches
+    included), the post-process and every setting, the decision's logit scale and threshold, and
+    the class list (by digest)."""
+
+    method: str
+    knobs: Tuple[Tuple[str, Any], ...]  # (name, value): residual, ffn, then the method's knobs
+    postprocess: Tuple[Tuple[str, Any], ...]  # ("name", preset's function), then its settings
+    logit_scale: float
+    prob_thd: float
+    classes: str = ""  # digest of the class lines ("" = not bound to a class list)
+
+    @property
+    def knob_values(self) -> Dict[str, Any]:
+        return dict(self.knobs)
+
+    @property
+    def postprocess_settings(self) -> Dict[str, Any]:
+        return dict(self.postprocess)
+
+    def params(self) -> Dict[str, Any]:
+        """The decode's settings as one dict: method, knobs, logit_scale, prob_thd, postprocess."""
+        return {"method": self.method, **self.knob_values, "logit_scale": self.logit_scale,
+                "prob_thd": self.prob_thd, "postprocess": self.postprocess_settings}
+
+    def record(self) -> Dict[str, Any]:
+        return {"method": self.method, "knobs": self.knob_values, "postprocess": self.postprocess_settings,
+                "logit_scale": self.logit_scale, "prob_thd": self.prob_thd, "classes": self.classes}
+
+    def flat(self) -> Dict[str, Any]:
+        """``method``, each knob by its name, ``postprocess`` (its function's name) and
+        ``postprocess.<setting>``, ``logit_scale``, ``prob_thd``, ``classes``."""
+        post = self.postprocess_settings
+        out: Dict[str, Any] = {"method": self.method, **self.knob_values, "postprocess": post.get("name")}
+        out.update({f"postprocess.{k}": v for k, v in post.items() if k != "name"})
+        out.update(logit_scale=self.logit_scale, prob_thd=self.prob_thd, classes=self.classes)
+        return out
+
+    def key(self) -> str:
+        return digest(self.record())
+
+    def with_values(self, values: Mapping[str, Any]) -> "DecodeSpec":
+        """A copy with some flat values replaced (unchecked: use ``Segmenter.decode_spec`` to check)."""
+        knobs = dict(self.knobs)
+        post = dict(self.postprocess)
+        top: Dict[str, Any] = {}
+        for k, v in values.items():
+            if k.startswith("postprocess."):
+                post[k.split(".", 1)[1]] = v
+            elif k in ("logit_scale", "prob_thd", "classes", "method"):
+                top[k] = v
+            else:
+                knobs[k] = v
+        return replace(self, knobs=tuple(knobs.items()), postprocess=tuple(post.items()), **top)
+
+
+def classes_digest(lines: Sequence[str]) -> str:
+    """The identity of a class list: its lines, in order, as given (synonyms included)."""
+    return digest([str(x) for x in lines], 16)
+
+
+def differing(a: Mapping[str, Any], b: Mapping[str, Any]) -> Dict[str, Tuple[Any, Any]]:
+    """``{field: (a's value, b's value)}`` for the flat fields where ``a`` and ``b`` differ."""
+    fa, fb = flatten(a), flatten(b)
+    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
