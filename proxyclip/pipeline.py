@@ -28,7 +28,7 @@ from .last_block import BlockInputs, dense_from_block_output, run_last_block
 from .methods import Method, get_method
 from .postprocess import get_postprocess
 from .resolve import PostprocessArg
-from .specs import DecodeSpec, EncodeSpec
+from .specs import DecodeSpec, EncodeSpec, classes_digest
 from .text import TextEncoder, parse_classes, text_cache_options
 from .windows import (check_geometry, merge_windows, padding_multiple, resize_image, size_with_pad,
                       window_layout)
@@ -238,6 +238,9 @@ class Segmenter:
             spec = self.decode_spec(method, postprocess, classes, **params)
         elif method is not None or postprocess is not None or any(v is not None for v in params.values()):
             raise ValueError("decode takes either spec= or method/postprocess/knobs, not both")
+        elif spec.classes and spec.classes != classes_digest(classes):
+            raise ValueError("this DecodeSpec was made for another class list (its classes digest differs): "
+                             "make it with decode_spec(classes=...) for these classes")
         self._check_encoded(enc, get_method(spec.method))
         text = self.hooks.point(TEXT, self.text_embeddings(cl.queries))
         top, bottom, left, right = enc.pad

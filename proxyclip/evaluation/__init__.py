@@ -4,17 +4,24 @@
     from proxyclip.evaluation import evaluate, sweep
 """
 
-from .api import evaluate, sweep, sweep_heatmap
+from .api import EvalJob, SweepJob, evaluate, sweep
 from .cache import FeatureCache
-from .runner import GridResult, grid_points, run_grid, select_indices
+from .grid import grid_axes, grid_points, sweepable
+from .outputs import sweep_figure
+from .runner import GridResult, run_grid, select_indices, selection_record
 
 __all__ = [
+    "EvalJob",
     "FeatureCache",
     "GridResult",
+    "SweepJob",
     "evaluate",
+    "grid_axes",
     "grid_points",
     "run_grid",
     "select_indices",
+    "selection_record",
     "sweep",
-    "sweep_heatmap",
+    "sweep_figure",
+    "sweepable",
 ]

@@ -2,8 +2,9 @@
 
 An Encoded has two parts, stored separately: CLIP's tokens entering the last block, and the
 VFM's features. Entry path: ``<cache_dir>/<part key>/<h[:2]>/<h>.pt`` where ``part key`` is
-the Segmenter's ``clip_key`` or ``vfm_key`` (model, weights, short side, long-side cap, crop,
-stride, precision; for the VFM also layer, feature and norm) and ``h`` is the SHA-1 of the
+the encode spec's ``clip_key`` or ``vfm_key`` (a digest of that part's record: model, weights,
+protocol geometry, precision; for the VFM also layer, feature and norm; written beside the
+entries as ``spec.json``) and ``h`` is the SHA-1 of the
 image file's bytes (the image id: the same picture in VOC21 and VOC20 is one entry). So a
 sweep with another VFM (or a method without one) reuses every cached CLIP part, and only the
 missing part is encoded. Every entry is written to a temporary file in the same folder and
@@ -16,6 +17,7 @@ float32, so a cached decode is bit-identical to an uncached one.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -52,10 +54,14 @@ class FeatureCache:
 
     def __init__(self, cache_dir: PathLike, seg, print_fn: Callable[[str], None] = print):
         self.root = Path(cache_dir)
-        self.parts = {"clip": seg.clip_key, "vfm": seg.vfm_key}  # vfm: None when the method uses no VFM
-        for key in self.parts.values():
-            if key is not None:
+        spec = seg.encode_spec
+        self.parts = {"clip": spec.clip_key, "vfm": spec.vfm_key}  # vfm: None when the method uses no VFM
+        records = {"clip": spec.clip_part(), "vfm": spec.vfm_part()}
+        for name, key in self.parts.items():
+            if key is not None:  # each part folder says what made it (the key is a digest of this record)
                 (self.root / key).mkdir(parents=True, exist_ok=True)
+                if not (self.root / key / "spec.json").is_file():
+                    atomic_write(self.root / key / "spec.json", json.dumps(records[name], indent=2, sort_keys=True))
         self.print = print_fn
         self.hits = 0  # images whose every part came from the cache
         self.misses = 0

@@ -11,20 +11,20 @@ refused rather than mixed in.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 
 from ..files import atomic_write
+from ..specs import differing
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the fingerprint is the run's identity (encode spec, decode specs, selection)
 
 
-def digest(obj: Any) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class RunState:
@@ -57,17 +57,17 @@ class RunState:
 
     def _read(self, path: Path) -> Dict[str, Any]:
         d = torch.load(path, map_location="cpu", weights_only=False)
-        old = d.get("fingerprint", {})
-        if old != self.fingerprint:
-            diff = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
-            detail = "; ".join(f"{k}: {old.get(k)!r} then, {self.fingerprint.get(k)!r} now" for k in diff)
-            raise RuntimeError(
-                f"{path} belongs to a run with other settings ({detail}); use a new run directory "
-                f"(hydra.run.dir=...) or delete {self.dir} to start over"
-            )
         if d.get("version") != STATE_VERSION:
             raise RuntimeError(f"{path}: state format version {d.get('version')!r}, this code reads version "
-                               f"{STATE_VERSION}; use a new run directory (hydra.run.dir=...) or delete {self.dir}")
+                               f"{STATE_VERSION}; start fresh: a new run directory (hydra.run.dir=...) or resume=false")
+        old = d.get("fingerprint", {})
+        if old != self.fingerprint:
+            diff = differing(old, self.fingerprint)
+            detail = "; ".join(f"{k}: {_short(a)} then, {_short(b)} now" for k, (a, b) in diff.items())
+            raise RuntimeError(
+                f"{self.dir.parent} holds a run made with other settings ({detail}); it is not continued. "
+                f"Start fresh: a new run directory (hydra.run.dir=...) or resume=false (discards its saved state)"
+            )
         if tuple(d["cm"].shape) != tuple(self.cm.shape):
             raise RuntimeError(f"{path}: confusion matrix shape {tuple(d['cm'].shape)} != {tuple(self.cm.shape)}")
         return d
