@@ -17,7 +17,7 @@ import functools
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
@@ -158,6 +158,12 @@ class EncodeSpec:
         return digest({"clip": asdict(self.clip), "weights": asdict(self.weights), "precision": self.precision})
 
     @classmethod
+    def from_record(cls, r: Mapping[str, Any]) -> "EncodeSpec":
+        """The spec a :meth:`record` describes (e.g. read back from a metrics.json)."""
+        return cls(ClipSpec(**r["clip"]), None if r["vfm"] is None else VfmSpec(**r["vfm"]), WeightsSpec(**r["weights"]),
+                   GeometrySpec(**r["protocol"]), r["precision"], tuple(r.get("parts", ())))
+
+    @classmethod
     def from_config(cls, cfg: Any, *, random_weights: bool, uses_vfm: bool) -> "EncodeSpec":
         """The spec of what ``cfg`` encodes (``random_weights``: the weights actually used are random,
         e.g. after a fallback; ``uses_vfm``: the method runs the VFM)."""
@@ -223,19 +229,11 @@ class DecodeSpec:
     def key(self) -> str:
         return digest(self.record())
 
-    def with_values(self, values: Mapping[str, Any]) -> "DecodeSpec":
-        """A copy with some flat values replaced (unchecked: use ``Segmenter.decode_spec`` to check)."""
-        knobs = dict(self.knobs)
-        post = dict(self.postprocess)
-        top: Dict[str, Any] = {}
-        for k, v in values.items():
-            if k.startswith("postprocess."):
-                post[k.split(".", 1)[1]] = v
-            elif k in ("logit_scale", "prob_thd", "classes", "method"):
-                top[k] = v
-            else:
-                knobs[k] = v
-        return replace(self, knobs=tuple(knobs.items()), postprocess=tuple(post.items()), **top)
+    @classmethod
+    def from_record(cls, r: Mapping[str, Any]) -> "DecodeSpec":
+        """The spec a :meth:`record` describes (e.g. read back from a metrics.json)."""
+        return cls(r["method"], tuple(r["knobs"].items()), tuple(r["postprocess"].items()), r["logit_scale"],
+                   r["prob_thd"], r.get("classes", ""))
 
 
 def classes_digest(lines: Sequence[str]) -> str:

@@ -159,11 +159,11 @@ PROTOCOL = {
 def test_dataset_config_carries_the_reference_protocol(name):
     cfg = compose_config("eval", [f"dataset={name}"])
     k, short, crop, stride, thd, rzl = PROTOCOL[name]
-    assert (cfg.dataset.num_classes, cfg.method.short_side, cfg.method.crop, cfg.method.stride) == (k, short, crop, stride)
-    assert cfg.method.prob_thd == pytest.approx(thd) and cfg.dataset.reduce_zero_label is rzl
+    assert (cfg.dataset.num_classes, cfg.protocol.short_side, cfg.protocol.crop, cfg.protocol.stride) == (k, short, crop, stride)
+    assert cfg.protocol.prob_thd == pytest.approx(thd) and cfg.dataset.reduce_zero_label is rzl
     assert cfg.dataset.ignore_index == 255 and cfg.method.beta == 1.2 and cfg.method.logit_scale == 40.0
     # a command-line override still wins over the dataset's protocol
-    assert compose_config("eval", [f"dataset={name}", "method.crop=224"]).method.crop == 224
+    assert compose_config("eval", [f"dataset={name}", "protocol.crop=224"]).protocol.crop == 224
 
 
 def test_shipped_class_files_split_on_semicolon_space_only():

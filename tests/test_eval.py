@@ -30,11 +30,11 @@ def _independent_cm(seg, ds, **params):
 def test_evaluate_equals_independent_per_image_count(tmp_path, eval_segmenter):
     make_voc(tmp_path)
     cfg = eval_cfg("voc21", tmp_path)
-    assert cfg.method.prob_thd == 0.2  # the VOC21 protocol's threshold reaches the decode
+    assert cfg.protocol.prob_thd == 0.2  # the VOC21 protocol's threshold reaches the decode
     out = evaluate(cfg, run_dir=tmp_path / "run", seg=eval_segmenter)
     ds = build_dataset(cfg.dataset)
     cm = _independent_cm(eval_segmenter, ds, prob_thd=0.2)
-    assert out["num_images"] == 4 and out["params"]["prob_thd"] == 0.2
+    assert out["num_images"] == 4 and out["decode"]["prob_thd"] == 0.2
     assert out["mIoU"] == pytest.approx(miou_by_hand(cm), abs=1e-9)
     assert out["aAcc"] == pytest.approx(100 * np.trace(cm) / cm.sum(), abs=1e-9)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -50,7 +50,7 @@ def test_reduce_zero_label_dataset_end_to_end(tmp_path, eval_segmenter):
     out = evaluate(cfg, run_dir=tmp_path / "run", seg=eval_segmenter)
     ds = build_dataset(cfg.dataset)
     cm = _independent_cm(eval_segmenter, ds, prob_thd=0.0)
-    assert cm.shape == (20, 20) and out["params"]["prob_thd"] == 0.0
+    assert cm.shape == (20, 20) and out["decode"]["prob_thd"] == 0.0
     # background pixels are ignored, not counted as a class
     raw_nonbg = sum(int(((np.array(Image.open(s.label)) != 0) & (np.array(Image.open(s.label)) != 255)).sum())
                     for s in ds.samples)
@@ -90,14 +90,14 @@ def test_bad_label_is_fatal_by_default_and_skipped_on_request(tmp_path, eval_seg
 def test_resume_with_other_settings_is_refused(tmp_path, eval_segmenter):
     make_voc(tmp_path, n=2)
     evaluate(eval_cfg("voc21", tmp_path), run_dir=tmp_path / "run", seg=eval_segmenter)
-    with pytest.raises(RuntimeError, match="other settings.*points"):
+    with pytest.raises(RuntimeError, match=r"other settings \(decode.knobs.beta: 1.2 then, 1.5 now\).*resume=false"):
         evaluate(eval_cfg("voc21", tmp_path, "method.beta=1.5"), run_dir=tmp_path / "run", seg=eval_segmenter)
 
 
 def test_segmenter_built_for_another_protocol_is_refused(tmp_path, eval_segmenter):
     make_voc(tmp_path, n=1)
-    with pytest.raises(ValueError, match="method.crop=64 but .* says 336"):
-        evaluate(eval_cfg("voc21", tmp_path, "method.crop=336"), run_dir=tmp_path / "r", seg=eval_segmenter)
+    with pytest.raises(ValueError, match="protocol.crop=64 in the Segmenter, 336 in this config"):
+        evaluate(eval_cfg("voc21", tmp_path, "protocol.crop=336"), run_dir=tmp_path / "r", seg=eval_segmenter)
 
 
 def test_ctrl_c_saves_progress_and_resume_matches(tmp_path, eval_segmenter, monkeypatch):

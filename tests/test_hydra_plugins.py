@@ -52,4 +52,4 @@ def test_submitit_slurm_launcher_config_composes(tmp_path):
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node, launcher.timeout_min) == (
         "gpu", 4, 4, 120)
-    assert cfg.dataset.name == "voc21" and cfg.method.crop == 64  # the task's own config is unchanged by it
+    assert cfg.dataset.name == "voc21" and cfg.protocol.crop == 64  # the task's own config is unchanged by it

@@ -9,6 +9,8 @@ from fixtures_eval import eval_cfg
 
 from proxyclip.data import build_dataset
 from proxyclip.evaluation import FeatureCache, evaluate, sweep
+from proxyclip.knobs import SWITCHES
+from proxyclip.methods import METHODS
 
 
 def test_sweep_points_equal_separate_evaluations(tmp_path, eval_segmenter):
@@ -16,18 +18,81 @@ def test_sweep_points_equal_separate_evaluations(tmp_path, eval_segmenter):
     cfg = eval_cfg("voc20", tmp_path, "sweep.beta=[1.0,1.4]", "sweep.gamma=[2.0,3.0]", "sweep.prob_thd=[]",
                    config_name="sweep")
     out = sweep(cfg, run_dir=tmp_path / "sweep", seg=eval_segmenter)
-    assert [(p["beta"], p["gamma"]) for p in out["points"]] == [(1.0, 2.0), (1.0, 3.0), (1.4, 2.0), (1.4, 3.0)]
-    for p in out["points"]:
-        single = evaluate(eval_cfg("voc20", tmp_path, f"method.beta={p['beta']}", f"method.gamma={p['gamma']}"),
-                          run_dir=tmp_path / f"e{p['beta']}_{p['gamma']}", seg=eval_segmenter)
+    assert out["axes"] == ["beta", "gamma"]
+    pairs = [(p["values"]["beta"], p["values"]["gamma"]) for p in out["points"]]
+    assert pairs == [(1.0, 2.0), (1.0, 3.0), (1.4, 2.0), (1.4, 3.0)]
+    for (beta, gamma), p in zip(pairs, out["points"]):
+        single = evaluate(eval_cfg("voc20", tmp_path, f"method.beta={beta}", f"method.gamma={gamma}"),
+                          run_dir=tmp_path / f"e{beta}_{gamma}", seg=eval_segmenter)
         assert p["mIoU"] == pytest.approx(single["mIoU"], abs=1e-9)
+        assert p["decode"] == single["decode"]  # the same identity, field by field
         assert p["IoU"]["aeroplane"] == pytest.approx(single["per_class"][0]["IoU"], nan_ok=True)
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "sweep.csv")))
-    assert [(float(r["beta"]), float(r["gamma"])) for r in rows] == [(1.0, 2.0), (1.0, 3.0), (1.4, 2.0), (1.4, 3.0)]
+    assert list(rows[0]) == ["beta", "gamma", "mIoU", "aAcc", "mAcc"]  # the swept keys, then the metrics
+    assert [(float(r["beta"]), float(r["gamma"])) for r in rows] == pairs
     assert float(rows[2]["mIoU"]) == pytest.approx(out["points"][2]["mIoU"], abs=1e-4)
     long_rows = list(csv.DictReader(open(tmp_path / "sweep" / "sweep_per_class.csv")))
     assert len(long_rows) == 4 * 20 and long_rows[0]["class"] == "aeroplane"
     assert max(p["mIoU"] for p in out["points"]) == out["best"]["mIoU"]
+
+
+def _two_values(knob, default):
+    """The method's value and another valid one of the same knob."""
+    if knob.kind == "bool":
+        return [default, not default]
+    if knob.kind == "int":
+        return [default, default + 1]
+    return [default, default * 1.5 if default else 0.5]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_sweep_of_every_method_equals_separate_evaluations(method, tmp_path, eval_segmenter):
+    """Every registered method, on one of its own knobs (a switch for methods without): the sweep's
+    points equal separate evaluations at those values, point for point."""
+    make_voc(tmp_path, n=2)
+    knob = (METHODS[method].knobs or SWITCHES)[0]
+    base = eval_cfg("voc21", tmp_path, f"method={method}")
+    values = _two_values(knob, base.method[knob.name])
+    literal = "[" + ",".join(str(v).lower() for v in values) + "]"
+    out = sweep(eval_cfg("voc21", tmp_path, f"method={method}", f"sweep.{knob.name}={literal}", config_name="sweep"),
+                run_dir=tmp_path / "sweep", seg=eval_segmenter)
+    assert out["axes"] == [knob.name] and [p["values"][knob.name] for p in out["points"]] == values
+    for v, p in zip(values, out["points"]):
+        single = evaluate(eval_cfg("voc21", tmp_path, f"method={method}", f"method.{knob.name}={str(v).lower()}"),
+                          run_dir=tmp_path / f"e{v}", seg=eval_segmenter)
+        assert p["decode"] == single["decode"] and p["decode"]["knobs"][knob.name] == v
+        assert p["mIoU"] == pytest.approx(single["mIoU"], abs=1e-9)
+        assert p["IoU"] == pytest.approx({r["class"]: r["IoU"] for r in single["per_class"]}, nan_ok=True, abs=1e-12)
+
+
+def test_a_postprocess_setting_sweeps(tmp_path, eval_segmenter):
+    make_voc(tmp_path, n=2)
+    out = sweep(eval_cfg("voc21", tmp_path, "method=naclip", "postprocess=pamr", "sweep.postprocess.steps=[0,2]",
+                         "sweep.postprocess.dilations=[[1],[2,4]]", config_name="sweep"),
+                run_dir=tmp_path / "sweep", seg=eval_segmenter)
+    assert out["axes"] == ["postprocess.steps", "postprocess.dilations"] and len(out["points"]) == 4
+    for p in out["points"]:
+        steps, dil = p["values"]["postprocess.steps"], p["values"]["postprocess.dilations"]
+        single = evaluate(eval_cfg("voc21", tmp_path, "method=naclip", "postprocess=pamr", f"postprocess.steps={steps}",
+                                   f"postprocess.dilations=[{','.join(map(str, dil))}]"),
+                          run_dir=tmp_path / f"e{steps}{dil}", seg=eval_segmenter)
+        assert p["decode"]["postprocess"] == {"name": "pamr", "steps": steps, "dilations": dil}
+        assert p["mIoU"] == pytest.approx(single["mIoU"], abs=1e-9)
+    with_steps = {p["values"]["postprocess.steps"] for p in out["points"]}
+    assert with_steps == {0, 2}
+
+
+@pytest.mark.parametrize("grid, message", [
+    (["method=naclip", "sweep.beta=[1.0]"], r"sweep.beta is not a knob of method naclip.*gaussian_std"),
+    (["method=naclip"], r"nothing to sweep.*naclip: residual, ffn, gaussian_std, logit_scale, prob_thd"),
+    (["sweep.gamma=[0.0]"], r"sweep.gamma must be a number > 0, got 0.0"),
+    (["sweep.postprocess.steps=[2]"], r"sweep.postprocess.steps is not a knob of method proxyclip \(postprocess=none\)"),
+])
+def test_a_bad_sweep_fails_before_any_image(grid, message, tmp_path, eval_segmenter, monkeypatch):
+    make_voc(tmp_path, n=1)
+    monkeypatch.setattr(type(eval_segmenter), "encode", lambda *a, **k: pytest.fail("encoded before the check"))
+    with pytest.raises(ValueError, match=message):
+        sweep(eval_cfg("voc21", tmp_path, *grid, config_name="sweep"), run_dir=tmp_path / "s", seg=eval_segmenter)
 
 
 def test_sweep_encodes_each_image_once(tmp_path, eval_segmenter, monkeypatch):

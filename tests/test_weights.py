@@ -86,10 +86,10 @@ def test_local_checkpoint_mismatch_and_missing(tmp_path):
 
 
 def test_bad_config_values_are_named():
-    with pytest.raises(ValueError, match="method.stride"):
-        Segmenter.from_config(tiny_config("method.stride=100"))
-    with pytest.raises(ValueError, match="method.crop"):
-        Segmenter.from_config(tiny_config("method.crop=0"))
+    with pytest.raises(ValueError, match="protocol.stride"):
+        Segmenter.from_config(tiny_config("protocol.stride=100"))
+    with pytest.raises(ValueError, match="protocol.crop"):
+        Segmenter.from_config(tiny_config("protocol.crop=0"))
     with pytest.raises(ValueError, match="precision"):
         Segmenter.from_config(tiny_config("precision=fp8"))
     with pytest.raises(ValueError, match="weights.source"):

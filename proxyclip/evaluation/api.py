@@ -22,7 +22,7 @@ from ..data import SegmentationDataset, build_dataset
 from ..specs import EncodeSpec, differing
 from .cache import FeatureCache
 from .distributed import DistInfo, cleanup, init_distributed
-from .grid import grid_axes, grid_points
+from .grid import grid_axes, grid_points, sweepable
 from .outputs import (METRICS, best_point, run_record, sweep_axes, sweep_figure, sweep_rows, wandb_config,
                       write_eval_outputs, write_sweep_outputs)
 from .runner import GridResult, run_grid, select_indices, selection_record
@@ -100,7 +100,7 @@ class _Job:
         try:
             seg, dataset = _prepare(cfg, info, seg, dataset)
             axes = self.axes(seg)  # checked against the method's knobs before any image is read
-            points = grid_points(seg, axes, dataset.class_names)
+            points = grid_points(cfg, axes, dataset.class_names)  # this run's config, not the Segmenter's
             out_dir = _resolve_run_dir(cfg, run_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
             say(f"{self.kind}: {dataset.name}, {len(dataset)} images, {dataset.num_classes} classes, "
@@ -168,12 +168,11 @@ class SweepJob(_Job):
     kind = "sweep"
 
     def axes(self, seg):
-        axes = grid_axes(self.cfg.get("sweep"), seg.method, str(self.cfg.postprocess.name))
+        method, post = str(self.cfg.method.name), str(self.cfg.postprocess.name)
+        axes = grid_axes(self.cfg.get("sweep"), method, post)
         if not axes:
-            from .grid import sweepable
-
-            raise ValueError(f"nothing to sweep: give sweep.<knob>=[v1,v2,...] for a knob of method {seg.method}: "
-                             f"{', '.join(sweepable(seg.method, str(self.cfg.postprocess.name)))}")
+            raise ValueError(f"nothing to sweep: give sweep.<knob>=[v1,v2,...] for a knob of method {method}: "
+                             f"{', '.join(sweepable(method, post))}")
         return axes
 
     def write(self, out_dir, result, record, say):

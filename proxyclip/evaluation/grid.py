@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from ..knobs import Knob
 from ..methods import get_method
 from ..postprocess import get_postprocess
+from ..resolve import decode_spec
 from ..specs import DecodeSpec
 
 Point = Tuple[Dict[str, Any], DecodeSpec]  # (the swept values, the decode spec)
@@ -53,15 +54,19 @@ def grid_axes(grid: Any, method: str, postprocess: str) -> Dict[str, List[Any]]:
     return axes
 
 
-def grid_points(seg, axes: Mapping[str, Sequence[Any]], classes: Optional[Sequence[str]] = None) -> List[Point]:
-    """The product of ``axes`` as (values, DecodeSpec) pairs; no axes = the configured point."""
-    post_name = str(seg.cfg.postprocess.name)
+def grid_points(cfg: Any, axes: Mapping[str, Sequence[Any]], classes: Optional[Sequence[str]] = None) -> List[Point]:
+    """The product of ``axes`` as (values, DecodeSpec) pairs; no axes = the configured point.
+
+    ``cfg`` is the run's config (its method, post-process and protocol), not a Segmenter's: a
+    Segmenter built for another dataset has another ``prob_thd``.
+    """
+    post_name = str(cfg.postprocess.name)
     points = []
     for combo in itertools.product(*axes.values()) if axes else [()]:
         values = dict(zip(axes, combo))
         post = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("postprocess.")}
         knobs = {k: v for k, v in values.items() if not k.startswith("postprocess.")}
-        spec = seg.decode_spec(postprocess={"name": post_name, **post} if post else None, classes=classes, **knobs)
+        spec = decode_spec(cfg, classes, None, {"name": post_name, **post} if post else None, **knobs)
         points.append((values, spec))
     return points
 

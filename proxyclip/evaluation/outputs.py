@@ -37,14 +37,13 @@ def run_record(cfg: Any, seg: Any, selection: Dict[str, Any]) -> Dict[str, Any]:
 
 def wandb_config(record: Dict[str, Any], job_type: str, decode: Optional[Dict[str, Any]] = None,
                  axes: Sequence[str] = ()) -> Dict[str, Any]:
-    """The W&B run config: the same identity, flattened so W&B can filter and group on each field."""
-    from ..specs import flatten
-
+    """The W&B run config: the same identity (W&B shows nested fields as ``encode.vfm.norm`` and can
+    filter and group on each)."""
     out = {"job": job_type, "dataset": record["dataset"], "experiment": record.get("experiment"),
-           "random_weights": record.get("random_weights")}
-    out.update(flatten({"encode": record["encode"], "selection": record["selection"]}))
+           "random_weights": record.get("random_weights"), "encode": record["encode"],
+           "selection": record["selection"]}
     if decode is not None:
-        out.update(flatten({"decode": decode}))
+        out["decode"] = decode
     if axes:
         out["sweep_axes"] = list(axes)
     return out

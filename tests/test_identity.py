@@ -1,0 +1,106 @@
+"""One identity: every field of the encode spec, the decode spec and the selection tells runs apart.
+
+Parametrized over the fields of real specs (flattened records), so a field added to a spec is
+covered here by itself: changing that one field changes the key, the W&B config and the feature-cache
+part it belongs to, and makes a resume refuse with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from proxyclip.evaluation.outputs import wandb_config
+from proxyclip.evaluation.runner import fingerprint
+from proxyclip.evaluation.state import RunState
+from proxyclip.resolve import decode_spec
+from proxyclip.specs import DecodeSpec, EncodeSpec, flatten
+
+CFG = tiny_config("postprocess=pamr")
+ENCODE = EncodeSpec.from_config(CFG, random_weights=False, uses_vfm=True)
+DECODE = decode_spec(CFG, classes=["sky", "tree; bush"])
+SELECTION = {"dataset": "voc21", "num_samples": 3, "samples": "abc", "limit": None, "limit_seed": None,
+             "classnames": "voc21", "background": None, "reduce_zero_label": False, "ignore_index": 255}
+RECORD = {"encode": ENCODE.record(), "decode": DECODE.record(), "selection": SELECTION}
+
+
+def _perturbed(value):
+    """Another value of the same field (a type-preserving change)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value + 0.5
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, list):
+        return value + [1]
+    return "x"  # None
+
+
+def _set(record: dict, dotted: str, value) -> dict:
+    out = copy.deepcopy(record)
+    node = out
+    *path, last = dotted.split(".")
+    for p in path:
+        node = node[p]
+    node[last] = value
+    return out
+
+
+FIELDS = sorted(flatten(RECORD))
+
+
+def test_every_spec_field_is_listed():
+    """The parametrization reaches every leaf of the three records (vfm included, not None)."""
+    assert any(f.startswith("encode.vfm.") for f in FIELDS) and "decode.postprocess.dilations" in FIELDS
+    assert {f.split(".")[0] for f in FIELDS} == {"encode", "decode", "selection"}
+    assert len(FIELDS) == len(flatten(ENCODE.record())) + len(flatten(DECODE.record())) + len(SELECTION)
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_changing_one_field_changes_the_identity(field, tmp_path):
+    old = flatten(RECORD)[field]
+    changed = _set(RECORD, field, _perturbed(old))
+    enc, dec = EncodeSpec.from_record(changed["encode"]), DecodeSpec.from_record(changed["decode"])
+    assert enc.record() == changed["encode"] and dec.record() == changed["decode"]  # the records round-trip
+    part, name = field.split(".", 1)
+    if part == "encode":
+        assert enc.key() != ENCODE.key()
+        parts_changed = (enc.clip_key != ENCODE.clip_key, enc.vfm_key != ENCODE.vfm_key)
+        if name == "parts":  # extra parts get keys of their own; they do not change CLIP's or the VFM's part
+            assert parts_changed == (False, False)
+        else:  # the feature cache folder of the part this field belongs to changes
+            assert any(parts_changed), f"{field} reaches no feature-cache key"
+            if name.startswith("vfm."):
+                assert parts_changed == (False, True)  # CLIP's cached part is still reused
+    if part == "decode":
+        assert dec.key() != DECODE.key()
+    # the W&B config of the two runs differs in that field
+    record = {"dataset": "voc21", "encode": enc.record(), "selection": changed["selection"]}
+    base = {"dataset": "voc21", "encode": ENCODE.record(), "selection": SELECTION}
+    assert wandb_config(record, "eval", dec.record()) != wandb_config(base, "eval", DECODE.record())
+    # a saved state of the first run is not continued by the second, and the message names the field
+    seg = types.SimpleNamespace(encode_spec=ENCODE)
+    first = RunState(tmp_path, 0, 1, fingerprint(seg, [DECODE], SELECTION), (1, 2, 2))
+    first.add("img0", torch.ones(1, 2, 2, dtype=torch.int64))
+    first.save()
+    second = RunState(tmp_path, 0, 1, fingerprint(types.SimpleNamespace(encode_spec=enc), [dec], changed["selection"]),
+                      (1, 2, 2))
+    with pytest.raises(RuntimeError, match=rf"\({field}: .* then, .* now\).*not continued.*resume=false"):
+        second.load()
+
+
+def test_the_same_settings_resume(tmp_path):
+    seg = types.SimpleNamespace(encode_spec=ENCODE)
+    first = RunState(tmp_path, 0, 1, fingerprint(seg, [DECODE], SELECTION), (1, 2, 2))
+    first.add("img0", torch.ones(1, 2, 2, dtype=torch.int64))
+    first.save()
+    again = RunState(tmp_path, 0, 1, fingerprint(seg, [decode_spec(CFG, classes=["sky", "tree; bush"])],
+                                                 dict(SELECTION)), (1, 2, 2))
+    assert again.load() and again.done == ["img0"] and int(again.cm.sum()) == 4
