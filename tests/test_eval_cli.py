@@ -80,7 +80,7 @@ def test_sweep_command_writes_the_tidy_table(tmp_path):
               "sweep.beta=[1.0,1.2]", "sweep.gamma=[2,3,4]", f"hydra.run.dir={tmp_path / 'sw'}"])
     assert r.returncode == 0, r.stderr[-3000:]
     rows = (tmp_path / "sw" / "sweep.csv").read_text().splitlines()
-    assert rows[0] == "beta,gamma,logit_scale,prob_thd,mIoU,aAcc,mAcc" and len(rows) == 1 + 6
+    assert rows[0] == "beta,gamma,mIoU,aAcc,mAcc" and len(rows) == 1 + 6
     assert "best mIoU" in r.stdout
     best = json.loads((tmp_path / "sw" / "sweep.json").read_text())["best"]
     assert best["mIoU"] == max(p["mIoU"] for p in json.loads((tmp_path / "sw" / "sweep.json").read_text())["points"])

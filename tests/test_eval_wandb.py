@@ -67,4 +67,5 @@ def test_sweep_best_point_logged(offline, eval_segmenter):
     out = sweep(cfg, run_dir=offline / "run", seg=eval_segmenter)
     summary = _summary(offline / "w2")
     assert _find(summary, "best_mIoU") == pytest.approx(out["best"]["mIoU"])
-    assert _find(summary, "best_beta") == out["best"]["beta"]
+    assert _find(summary, "best_beta") == out["best"]["values"]["beta"]
+    assert _find(summary, "best_gamma") == out["best"]["values"]["gamma"]

@@ -25,14 +25,14 @@ def test_optuna_three_trials_over_beta_gamma_maximize_the_returned_miou(tmp_path
     trials = sorted(p for p in sweep_dir.iterdir() if (p / "metrics.json").is_file())
     assert len(trials) == 3
     metrics = [json.loads((p / "metrics.json").read_text()) for p in trials]
-    points = {(m["params"]["beta"], m["params"]["gamma"]) for m in metrics}
+    points = {(m["decode"]["knobs"]["beta"], m["decode"]["knobs"]["gamma"]) for m in metrics}
     assert len(points) == 3 and all(0.8 <= b <= 1.8 and 1.5 <= g <= 6.0 for b, g in points)
     # the sweeper saw each job's returned mIoU: its best is the best trial's metrics.json
     best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     top = max(metrics, key=lambda m: m["mIoU"])
     assert best["best_value"] == pytest.approx(top["mIoU"])
-    assert best["best_params"]["method.beta"] == pytest.approx(top["params"]["beta"])
-    assert best["best_params"]["method.gamma"] == pytest.approx(top["params"]["gamma"])
+    assert best["best_params"]["method.beta"] == pytest.approx(top["decode"]["knobs"]["beta"])
+    assert best["best_params"]["method.gamma"] == pytest.approx(top["decode"]["knobs"]["gamma"])
 
 
 def test_submitit_slurm_launcher_config_composes(tmp_path):

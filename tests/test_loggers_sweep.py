@@ -63,12 +63,12 @@ def test_hydra_multirun_of_eval_logs_one_wandb_run_per_point_grouped(tmp_path):
         records = [json.loads(x) for x in leet("--json", str(log)).splitlines() if x.strip()]
         rec = next(x for x in records if x["type"] == "run")["run"]
         assert rec["run_group"] == "beta-sweep"  # the sweep folder's name
-        beta = summary["config"]["method"]["beta"]
+        beta = summary["config"]["decode"]["knobs"]["beta"]  # the W&B config is the run identity
         assert summary["name"] == f"method.beta={beta}"  # the job's override
         betas[beta] = summary
         # the run's metrics equal what the job wrote to its own metrics.json
         metrics = json.loads((run.parents[1] / "metrics.json").read_text())  # that job's own results
-        assert metrics["params"]["beta"] == beta
+        assert metrics["decode"] == summary["config"]["decode"] and metrics["encode"] == summary["config"]["encode"]
         assert summary["summary"]["mIoU"] == metrics["mIoU"]
         s = summary["summary"]
         assert s["per_class"]["_type"] == "table-file" and s["per_class"]["nrows"] == 2
