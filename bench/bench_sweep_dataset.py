@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--tiny", action="store_true", help="test-size models and 64-px windows (seconds, not minutes)")
     args = ap.parse_args()
-    models = (["clip=test_tiny", "vfm=test_tiny", "method.short_side=64", "method.crop=64", "method.stride=32"]
+    models = (["clip=test_tiny", "vfm=test_tiny", "protocol.short_side=64", "protocol.crop=64", "protocol.stride=32"]
               if args.tiny else ["clip=vit_b16", "vfm=dino_vitb8"])
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
         tmp = Path(tmp)
@@ -87,7 +87,7 @@ def main() -> None:
         t_sweep, swept = timed(sweep, cfg_sweep, "sweep")
         timed(sweep, cfg_cached, "fill-cache")  # fills the feature cache (not timed for the ratio)
         t_cached, _ = timed(sweep, cfg_cached, "cached")
-        point = next(p for p in swept["points"] if p["beta"] == 1.2 and p["gamma"] == 3.0)
+        point = next(p for p in swept["points"] if p["values"] == {"beta": 1.2, "gamma": 3.0})
         assert abs(point["mIoU"] - single["mIoU"]) < 1e-9, "sweep point (1.2, 3) differs from the evaluation"
 
     model = "tiny test models" if args.tiny else "CLIP ViT-B/16 + DINO ViT-B/8"

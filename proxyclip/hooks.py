@@ -175,3 +175,4 @@ def finish_cache(raw: Dict[str, List[torch.Tensor]]) -> Dict[str, torch.Tensor]:
         name: torch.cat(parts, dim=0) if name in window_hooks() else parts[-1]
         for name, parts in raw.items()
     }
+

@@ -33,7 +33,8 @@ def test_segment_writes_outputs(tmp_path):
     assert list(shares["shares"]) == ["sky", "person; people", "horse"]
     for k, name in enumerate(shares["shares"]):
         assert abs(shares["shares"][name] - float((lab == k).mean())) < 1e-9
-    assert shares["random_weights"] is True and shares["params"]["gamma"] == 2.5
+    assert shares["random_weights"] is True and shares["decode"]["knobs"]["gamma"] == 2.5
+    assert shares["encode"]["vfm"]["name"] == "test_tiny" and shares["encode"]["weights"] == {"source": "random", "seed": 0}
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["method"]["gamma"] == 2.5 and cfg["vfm"]["name"] == "test_tiny"
 
@@ -43,7 +44,7 @@ def test_segment_multirun(tmp_path):
     r = run_cli(tmp_path, "method.gamma=2.0,4.0", "classes=[a,b]", f"hydra.sweep.dir={tmp_path / 'multi'}",
                 multirun=True)
     assert r.returncode == 0, r.stderr
-    gammas = sorted(json.loads((tmp_path / "multi" / str(i) / "shares.json").read_text())["params"]["gamma"]
+    gammas = sorted(json.loads((tmp_path / "multi" / str(i) / "shares.json").read_text())["decode"]["knobs"]["gamma"]
                     for i in range(2))
     assert gammas == [2.0, 4.0]
 

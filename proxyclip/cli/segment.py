@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -23,8 +24,9 @@ from ..config import CONF_DIR
 SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "sample.jpg"
 
 
-def write_outputs(pred, out_dir: Path, cfg: DictConfig, image_path: str) -> dict:
-    """Write labels.png, overlay.png, shares.json and config.yaml; return the shares record."""
+def write_outputs(pred, out_dir: Path, cfg: DictConfig, image_path: str, encode: Optional[dict] = None) -> dict:
+    """Write labels.png, overlay.png, shares.json and config.yaml; return the shares record
+    (with the run identity: ``encode``, the Segmenter's EncodeSpec record, and ``decode``)."""
     import numpy as np
     from PIL import Image
 
@@ -47,7 +49,8 @@ def write_outputs(pred, out_dir: Path, cfg: DictConfig, image_path: str) -> dict
         image=image_path,
         size=list(labels.shape),
         random_weights=pred.random_weights,
-        params=pred.params,
+        encode=encode,
+        decode=None if pred.spec is None else pred.spec.record(),
         shares={name: float(c) / labels.size for name, c in zip(pred.class_names, counts)},
     )
     (out_dir / "shares.json").write_text(json.dumps(record, indent=2))
@@ -58,7 +61,6 @@ def write_outputs(pred, out_dir: Path, cfg: DictConfig, image_path: str) -> dict
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     from ..pipeline import Segmenter
 
-    from ..config import to_container
     from ..loggers import build_logger
     from ..viz import plot_overlay
 
@@ -66,8 +68,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     seg = Segmenter.from_config(cfg)  # resolves device/precision "auto" into cfg (saved in config.yaml)
     print(f"[proxyclip] device {cfg.device}, precision {cfg.precision}")
     pred = seg.predict(image, list(cfg.classes))
-    record = write_outputs(pred, out_dir, cfg, image)
-    with build_logger(cfg.logger, to_container(cfg), job_type="segment") as logger:
+    record = write_outputs(pred, out_dir, cfg, image, encode=seg.encode_spec.record())
+    identity = {"job": "segment", "image": image, "encode": record["encode"], "decode": record["decode"]}
+    with build_logger(cfg.logger, identity, job_type="segment") as logger:
         logger.log_segmentation("segmentation", pred.image, pred.labels, class_names=pred.class_names)
         logger.log_figure("overlay", plot_overlay(pred.image, pred.labels, pred.class_names))
         logger.log_table("shares", ["class", "share"], list(record["shares"].items()))
