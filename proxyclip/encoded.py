@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from .hooks import HookSet, replayed_hooks
 from .specs import ENCODED_FORMAT, DecodeSpec
 from .windows import Box
 
@@ -86,3 +87,40 @@ class Prediction:
     @property
     def method(self) -> str:
         return "" if self.spec is None else self.spec.method
+
+
+def check_decodable(enc: Encoded, meth: Any, clip_key: str, vfm_key: Optional[str],
+                    pad: Tuple[int, int, int, int]) -> None:
+    """``enc`` was made under these part keys and window padding, and has what ``meth`` reads."""
+    if not isinstance(enc, Encoded):
+        raise TypeError(f"decode takes the Encoded returned by encode(), got {type(enc).__name__}")
+    if enc.clip_key != clip_key:
+        raise ValueError(f"this Encoded was made by another CLIP configuration ({enc.clip_key}), not {clip_key}")
+    if pad != enc.pad:
+        raise ValueError(f"this Encoded's windows are padded {enc.pad}, not as this configuration pads them "
+                         f"({pad}): encode again with this Segmenter")
+    if meth.needs_vfm:
+        if enc.vfm_features is None:
+            raise ValueError(f"method {meth.name} needs VFM features, but this Encoded has none (it was encoded "
+                             f"for a method without a VFM); encode with a Segmenter built for {meth.name}")
+        if enc.vfm_key != vfm_key:
+            raise ValueError(f"this Encoded's VFM features come from another configuration ({enc.vfm_key}), "
+                             f"not {vfm_key}")
+
+
+def replay(enc: Encoded, hooks: HookSet, batch_size: int) -> Encoded:
+    """Pass a stored Encoded's tensors through the encode-time hook points (those declared with a
+    ``replay`` field), batch by batch, so hooks can read and replace them; a copy if any changed."""
+    changed: Dict[str, torch.Tensor] = {}
+    for decl in replayed_hooks():
+        stored = getattr(enc, decl.replay)
+        if stored is None:
+            continue
+        parts, replaced = [], False
+        for start in range(0, len(enc.windows), batch_size):
+            t = stored[start:start + batch_size]
+            parts.append(hooks.point(decl.name, t, start))
+            replaced |= parts[-1] is not t
+        if replaced:
+            changed[decl.replay] = torch.cat(parts)
+    return replace(enc, memo={}, **changed) if changed else enc

@@ -21,12 +21,12 @@ from omegaconf import DictConfig
 from . import build, resolve
 from .backbones import CLIP_MEAN, CLIP_STD, ClipBackbone, VfmBackbone
 from .decision import decide
-from .encoded import Encoded, Prediction
-from .hooks import HookFn, HookSet, NameFilter, declare_hook, finish_cache, hook_names, replayed_hooks
+from .encoded import Encoded, Prediction, check_decodable, replay
+from .hooks import HookFn, HookSet, NameFilter, declare_hook, finish_cache, hook_names
 from .images import ImageLike, load_image
 from .last_block import BlockInputs, dense_from_block_output, run_last_block
-from .methods import Method, get_method
-from .postprocess import get_postprocess
+from .methods import get_method
+from .postprocess import apply_postprocess
 from .resolve import PostprocessArg
 from .specs import DecodeSpec, EncodeSpec, classes_digest
 from .text import TextEncoder, parse_classes, text_cache_options
@@ -97,37 +97,15 @@ class Segmenter:
         from ``enc``: comparing VFMs, layers or features on one image runs CLIP once."""
         return build.with_vfm(self, vfm, **settings)
 
-    @property
-    def clip_model(self) -> torch.nn.Module:
-        """The underlying open_clip model."""
-        return self.clip.model
+    clip_model = property(lambda self: self.clip.model, doc="The underlying open_clip model.")
+    vfm_model = property(lambda self: None if self.vfm is None else self.vfm.model,
+                         doc="The underlying timm model (None when the method needs no VFM).")
+    method = property(lambda self: str(self.cfg.method.name), doc="The configured method (every decode's default).")
+    clip_key = property(lambda self: self.encode_spec.clip_key, doc="Identity of the CLIP part an encode makes.")
+    vfm_key = property(lambda self: self.encode_spec.vfm_key, doc="Identity of the VFM part (None without a VFM).")
+    key = property(lambda self: f"{self.clip_key}+{self.vfm_key or 'novfm'}", doc="Identity of both parts.")
 
-    @property
-    def vfm_model(self) -> Optional[torch.nn.Module]:
-        """The underlying timm model (None when the method needs no VFM)."""
-        return None if self.vfm is None else self.vfm.model
-
-    @property
-    def method(self) -> str:
-        """The configured method (the default of every decode)."""
-        return str(self.cfg.method.name)
-
-    @property
-    def clip_key(self) -> str:
-        return self.encode_spec.clip_key
-
-    @property
-    def vfm_key(self) -> Optional[str]:
-        return self.encode_spec.vfm_key
-
-    @property
-    def key(self) -> str:
-        """Identity of what ``encode`` produces (both parts)."""
-        return f"{self.clip_key}+{self.vfm_key or 'novfm'}"
-
-    @property
-    def hook_names(self) -> List[str]:
-        return list(hook_names())
+    hook_names = property(lambda self: list(hook_names()), doc="Every declared hook point.")
 
     def layout(self, img: torch.Tensor) -> Tuple[Tuple[int, int], list, Tuple[int, int, int, int]]:
         """(resized size, windows, padding) of a (3, H, W) image under this configuration."""
@@ -151,26 +129,29 @@ class Segmenter:
         if self.vfm is not None and same and reuse.vfm_key == self.vfm_key:
             vfm_features = reuse.vfm_features
         run_vfm = self.vfm is not None and vfm_features is None
-        resized = resize_image(img.to(self.device), size) if run_vfm or clip_tokens is None else None
+        if run_vfm or clip_tokens is None:
+            tokens, feats = self._run_backbones(resize_image(img.to(self.device), size), boxes, pad,
+                                                clip=clip_tokens is None, vfm=run_vfm)
+        grid = self.clip.grid_of(*size_with_pad(boxes[0], pad))
+        return Encoded(image=img, resized_size=size, windows=boxes, pad=pad,
+                       clip_tokens=tokens if clip_tokens is None else clip_tokens, clip_grid=grid,
+                       vfm_features=feats if run_vfm else vfm_features, clip_key=self.clip_key, vfm_key=self.vfm_key)
+
+    def _run_backbones(self, resized: torch.Tensor, boxes, pad, clip: bool, vfm: bool):
+        """CLIP's tokens entering the last block and/or the VFM's features of every window, batched."""
         tokens, feats = [], []
         bs = int(self.cfg.batch_size)
-        for start in range(0, len(boxes) if resized is not None else 0, bs):
+        for start in range(0, len(boxes), bs):
             crops = torch.stack([resized[:, a:b, c:d] for (a, b, c, d) in boxes[start:start + bs]])
-            if run_vfm:
+            if vfm:
                 vfm_in = _normalize(crops, *self._vfm_norm)
                 if not self.vfm.resizes_input:
                     vfm_in = F.pad(vfm_in, (pad[2], pad[3], pad[0], pad[1]))
-                f = self.vfm.features(vfm_in).float()
-                feats.append(self.hooks.point(VFM_FEATURES, f, start))
-            if clip_tokens is None:
+                feats.append(self.hooks.point(VFM_FEATURES, self.vfm.features(vfm_in).float(), start))
+            if clip:
                 clip_in = F.pad(_normalize(crops, *self._clip_norm), (pad[2], pad[3], pad[0], pad[1]))
-                t = self.clip.tokens_before_last_block(clip_in).float()
-                tokens.append(self.hooks.point(BLOCK_INPUT, t, start))
-        grid = self.clip.grid_of(*size_with_pad(boxes[0], pad))
-        return Encoded(image=img, resized_size=size, windows=boxes, pad=pad,
-                       clip_tokens=torch.cat(tokens) if clip_tokens is None else clip_tokens, clip_grid=grid,
-                       vfm_features=torch.cat(feats) if run_vfm else vfm_features,
-                       clip_key=self.clip_key, vfm_key=self.vfm_key)
+                tokens.append(self.hooks.point(BLOCK_INPUT, self.clip.tokens_before_last_block(clip_in).float(), start))
+        return (torch.cat(tokens) if clip else None), (torch.cat(feats) if vfm else None)
 
     # ------------------------------------------------------------------ decode
     def decode_spec(self, method: Optional[str] = None, postprocess: PostprocessArg = None,
@@ -206,23 +187,6 @@ class Segmenter:
         z = point(BLOCK_OUTPUT, run_last_block(x, att, knobs["residual"], knobs["ffn"], shortcut=not replaced))
         return point(DENSE, dense_from_block_output(self.clip, z, att))
 
-    def _check_encoded(self, enc: Encoded, meth: Method) -> None:
-        if not isinstance(enc, Encoded):
-            raise TypeError(f"decode takes the Encoded returned by encode(), got {type(enc).__name__}")
-        if enc.clip_key != self.clip_key:
-            raise ValueError(f"this Encoded was made by another CLIP configuration ({enc.clip_key}), not {self.clip_key}")
-        pad = self.layout(enc.image)[2]
-        if pad != enc.pad:
-            raise ValueError(f"this Encoded's windows are padded {enc.pad}, not as this configuration pads them "
-                             f"({pad}): encode again with this Segmenter")
-        if meth.needs_vfm:
-            if enc.vfm_features is None:
-                raise ValueError(f"method {meth.name} needs VFM features, but this Encoded has none (it was encoded "
-                                 f"for a method without a VFM); encode with a Segmenter built for {meth.name}")
-            if enc.vfm_key != self.vfm_key:
-                raise ValueError(f"this Encoded's VFM features come from another configuration ({enc.vfm_key}), "
-                                 f"not {self.vfm_key}")
-
     @torch.no_grad()
     def decode(self, enc: Encoded, classes: Sequence[str], method: Optional[str] = None,
                postprocess: PostprocessArg = None, spec: Optional[DecodeSpec] = None, **params: Any) -> Prediction:
@@ -241,7 +205,7 @@ class Segmenter:
         elif spec.classes and spec.classes != classes_digest(classes):
             raise ValueError("this DecodeSpec was made for another class list (its classes digest differs): "
                              "make it with decode_spec(classes=...) for these classes")
-        self._check_encoded(enc, get_method(spec.method))
+        check_decodable(enc, get_method(spec.method), self.clip_key, self.vfm_key, self.layout(enc.image)[2])
         text = self.hooks.point(TEXT, self.text_embeddings(cl.queries))
         top, bottom, left, right = enc.pad
         wh, ww = enc.windows[0][1] - enc.windows[0][0], enc.windows[0][3] - enc.windows[0][2]
@@ -259,46 +223,22 @@ class Segmenter:
         if tuple(merged.shape[-2:]) != enc.image_size:
             merged = F.interpolate(merged[None], size=enc.image_size, mode="bilinear", align_corners=False)[0]
         scores = self.hooks.point(IMAGE_SCORES, merged)
-        scores = self.hooks.point(REFINED, self._postprocess(scores, enc.image, spec.postprocess_settings))
+        mean, std = (t[0].cpu() for t in self._clip_norm)
+        refined = apply_postprocess(spec.postprocess_settings, scores, (enc.image.cpu().float() - mean) / std)
+        scores = self.hooks.point(REFINED, refined)
         probs, labels = decide(scores, cl, spec.logit_scale, spec.prob_thd)
         return Prediction(image=enc.image, scores=scores, probs=probs, labels=labels, class_names=cl.class_names,
                           queries=cl.queries, query_to_class=cl.query_to_class, spec=spec,
                           random_weights=self.random_weights)
 
-    def _postprocess(self, scores: torch.Tensor, image: torch.Tensor, post: Dict[str, Any]) -> torch.Tensor:
-        refine = get_postprocess(post["name"]).refine
-        if refine is None:
-            return scores
-        mean, std = (t[0].cpu() for t in self._clip_norm)
-        guide = (image.cpu().float() - mean) / std
-        return refine(scores, guide, **{k: v for k, v in post.items() if k != "name"})
-
     def predict(self, image: ImageLike, classes: Sequence[str], method: Optional[str] = None,
                 postprocess: PostprocessArg = None, **params: Any) -> Prediction:
-        """``decode(encode(image), classes, method, postprocess, **params)``."""
-        return self.decode(self.encode(image), classes, method, postprocess, **params)
+        return self.decode(self.encode(image), classes, method, postprocess, **params)  # decode(encode(image))
 
     # ------------------------------------------------------------------ hooks
     def _encoded(self, image: ImageLike | Encoded) -> Encoded:
-        """Encode an image; or replay a stored Encoded's tensors through the encode-time hook points
-        (the declared ones with a ``replay`` field), so hooks can read and replace them."""
-        if not isinstance(image, Encoded):
-            return self.encode(image)
-        enc, bs = image, int(self.cfg.batch_size)
-        changed: Dict[str, torch.Tensor] = {}
-        for decl in replayed_hooks():
-            stored = getattr(enc, decl.replay)
-            if stored is None:
-                continue
-            parts = []
-            for start in range(0, len(enc.windows), bs):
-                t = stored[start:start + bs]
-                parts.append(self.hooks.point(decl.name, t, start))
-                if parts[-1] is not t:
-                    changed[decl.replay] = None
-            if decl.replay in changed:
-                changed[decl.replay] = torch.cat(parts)
-        return replace(enc, memo={}, **changed) if changed else enc
+        """Encode an image; or replay a stored Encoded through the encode-time hook points."""
+        return replay(image, self.hooks, int(self.cfg.batch_size)) if isinstance(image, Encoded) else self.encode(image)
 
     def run_with_cache(self, image: ImageLike | Encoded, classes: Sequence[str], names: NameFilter = None,
                        method: Optional[str] = None, postprocess: PostprocessArg = None,

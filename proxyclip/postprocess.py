@@ -95,3 +95,11 @@ register_postprocess(Postprocess("pamr", pamr, doc="pixel-adaptive mask refineme
     Knob("steps", "int", "PAMR iterations", low=0, slider=(0, 20, 1)),
     Knob("dilations", "ints", "PAMR neighbourhood dilations (pixels)", low=1),
 )))
+
+
+def apply_postprocess(settings: Dict, scores: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+    """Run the post-process ``settings`` names (``{"name": ..., **settings}``) on (Q, H, W) scores."""
+    refine = get_postprocess(settings["name"]).refine
+    if refine is None:
+        return scores
+    return refine(scores, guide, **{k: v for k, v in settings.items() if k != "name"})
