@@ -198,3 +198,43 @@ def test_another_vfm_reuses_every_cached_clip_part(tmp_path, eval_segmenter):
         assert torch.equal(other.decode(enc, ["sky", "cat"]).scores, other.decode(fresh, ["sky", "cat"]).scores)
     again = FeatureCache(tmp_path / "c", other, print_fn=lambda s: None)
     assert all(again.get(p) is not None for p in images)
+
+
+def _result(values, mious):
+    from proxyclip.evaluation import GridResult
+    from proxyclip.resolve import decode_spec
+    from conftest import tiny_config
+
+    spec = decode_spec(tiny_config())
+    k = 2
+    res = GridResult(points=[spec] * len(values), cm=torch.zeros(len(values), k, k, dtype=torch.int64),
+                     class_names=["a", "b"], num_images=1, values=values)
+    for m, v in zip(res.metrics, mious):
+        m["mIoU"] = v
+    return res
+
+
+def test_sweep_figure_is_a_heatmap_of_the_first_two_axes_max_over_the_rest():
+    from proxyclip.evaluation import sweep_figure
+
+    values, mious = [], []
+    for a in (True, False):
+        for b in (3.0, 5.0, 7.0):
+            for c in (0, 10):
+                values.append({"residual": a, "gaussian_std": b, "postprocess.steps": c})
+                mious.append(100 * int(a) + b + c)  # the max over steps is at c = 10
+    fig = sweep_figure(_result(values, mious))
+    grid = fig.axes[0].images[0].get_array()
+    expected = [[100 * int(a) + b + 10 for b in (3.0, 5.0, 7.0)] for a in (False, True)]  # rows sorted: False, True
+    assert grid.tolist() == expected
+    assert fig.axes[0].get_ylabel() == "residual" and fig.axes[0].get_xlabel() == "gaussian_std"
+
+
+def test_sweep_figure_of_one_axis_is_a_line():
+    from proxyclip.evaluation import sweep_figure
+
+    fig = sweep_figure(_result([{"prob_thd": 0.0}, {"prob_thd": 0.2}, {"prob_thd": 0.1}], [5.0, 7.0, 6.0]))
+    (line,) = fig.axes[0].get_lines()
+    assert list(line.get_ydata()) == [5.0, 6.0, 7.0]  # in axis order 0.0, 0.1, 0.2
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["0.0", "0.1", "0.2"]
+    assert sweep_figure(_result([{}], [1.0])) is None
