@@ -164,6 +164,34 @@ def dense(model, x, grid, feats, method, knobs) -> torch.Tensor:
     return e.T.reshape(e.shape[1], *agrid)
 
 
+def open_clip_dense(seg, crop, method):
+    """(E, 14, 14) dense map of a (3, 224, 224) crop from open_clip's own modules: clip = the model's
+    visual forward with output tokens; maskclip = the tokens entering its last block (captured from
+    that forward), then v = ln_1(x) W_v^T + b_v, out_proj, + x, + mlp(ln_2(.)); both through proj."""
+    assert method in ("clip", "maskclip")
+    visual = copy.deepcopy(seg.clip_model.visual)
+    visual.output_tokens = True
+    x = (crop - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    block = visual.transformer.resblocks[-1]
+    captured = {}
+    handle = block.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
+    try:
+        with torch.no_grad():
+            _, tokens = visual(x[None])
+    finally:
+        handle.remove()
+    if method == "maskclip":
+        t = captured["x"][0]
+        d = t.shape[-1]
+        with torch.no_grad():
+            v = block.ln_1(t) @ block.attn.in_proj_weight[2 * d:].T + block.attn.in_proj_bias[2 * d:]
+            y = t + block.attn.out_proj(v)
+            z = y + block.mlp(block.ln_2(y))
+            tokens = visual.ln_post(z[1:])[None]
+    e = F.normalize((tokens @ visual.proj)[0].double(), dim=-1)
+    return e.T.reshape(-1, 14, 14)
+
+
 # ---------------------------------------------------------------------------------------------- text, scores
 _TEXT: Dict[tuple, torch.Tensor] = {}
 

@@ -1,4 +1,4 @@
-"""Images of every kind: converted when usable, a clear error when not."""
+"""Inputs: images of every kind and class lists, converted when usable, a clear error when not."""
 
 import numpy as np
 import pytest
@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from proxyclip import ImageError, load_image
+from proxyclip.text import parse_classes
 
 CLASSES = ["sky", "grass"]
 
@@ -127,3 +128,34 @@ def test_tiny_and_huge_images(tiny_segmenter):
     merged = naive.merge_by_hand(cache["scores.window"], enc.windows, (64, 85)).float()
     up = torch.nn.functional.interpolate(merged[None], size=(3000, 4000), mode="bilinear", align_corners=False)[0]
     torch.testing.assert_close(pred.scores[:, ::7, ::9], up[:, ::7, ::9], atol=1e-5, rtol=1e-5)
+
+
+def test_parse_classes():
+    cl = parse_classes(["sky", " person; people ;", "horse"])
+    assert cl.class_names == ["sky", "person; people ;", "horse"]
+    assert cl.queries == ["sky", "person", "people", "horse"] and cl.query_to_class == [0, 1, 1, 2]
+
+
+@pytest.mark.parametrize("classes,match", [
+    ([], "empty"), (["sky", "sky"], "duplicate"), (["sky", "cat; Sky"], "duplicate"),
+    (["sky", " ; ;"], "only separators"), ("sky", "list"),
+])
+def test_bad_class_lists(tiny_segmenter, classes, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        tiny_segmenter.predict(torch.rand(3, 8, 8), classes)
+
+
+def test_a_background_word_may_also_be_a_class_as_published():
+    from proxyclip.data import read_class_lines
+    from proxyclip.pipeline import decide
+
+    cl = parse_classes(read_class_lines("coco_object"))  # "bed" is a background word and class 60
+    beds = [i for i, q in enumerate(cl.queries) if q == "bed"]
+    assert [cl.query_to_class[i] for i in beds] == [0, 60]
+    scores = torch.zeros(len(cl.queries), 1, 1)
+    scores[beds] = 1.0
+    probs, labels = decide(scores, cl, 40.0, 0.0)
+    assert probs[0, 0, 0] == probs[60, 0, 0] and labels.item() == 0  # a tie goes to class 0, as argmax does
+    for bad in (["sky; bed", "bed", "bed"], ["sky", "bed; sky"], ["sky; bed; bed", "cat"]):
+        with pytest.raises(ValueError, match="duplicate"):
+            parse_classes(bad)

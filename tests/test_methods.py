@@ -14,7 +14,6 @@ import naive
 from conftest import tiny_config
 from proxyclip import Segmenter
 from proxyclip.backbones import CLIP_MEAN, CLIP_STD
-from proxyclip.knobs import SWITCHES
 from proxyclip.last_block import BlockInputs, run_last_block
 from proxyclip.methods import METHODS, gaussian_neighbourhood, get_method
 

@@ -1,6 +1,5 @@
 """The Segmenter end to end on tiny random models: hooks, encode/decode, the method's steps."""
 
-import copy
 import math
 
 import pytest
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 import naive
 from conftest import tiny_config
 from proxyclip import HOOK_NAMES, Encoded, Segmenter
-from proxyclip.text import TEMPLATES, parse_classes
+from proxyclip.text import TEMPLATES
 
 CLASSES = ["sky", "person; people", "horse"]
 
@@ -107,33 +106,6 @@ def clip224():
                                              "protocol.stride=224"))
 
 
-def open_clip_dense(seg, crop, method):
-    """(E, 14, 14) dense map of a (3, 224, 224) crop from open_clip's own modules: clip = the model's
-    visual forward with output tokens; maskclip = the tokens entering its last block (captured from
-    that forward), then v = ln_1(x) W_v^T + b_v, out_proj, + x, + mlp(ln_2(.)); both through proj."""
-    visual = copy.deepcopy(seg.clip_model.visual)
-    visual.output_tokens = True
-    x = (crop - torch.tensor(naive.CLIP_MEAN)[:, None, None]) / torch.tensor(naive.CLIP_STD)[:, None, None]
-    block = visual.transformer.resblocks[-1]
-    captured = {}
-    handle = block.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
-    try:
-        with torch.no_grad():
-            _, tokens = visual(x[None])
-    finally:
-        handle.remove()
-    if method == "maskclip":
-        t = captured["x"][0]
-        d = t.shape[-1]
-        with torch.no_grad():
-            v = block.ln_1(t) @ block.attn.in_proj_weight[2 * d:].T + block.attn.in_proj_bias[2 * d:]
-            y = t + block.attn.out_proj(v)
-            z = y + block.mlp(block.ln_2(y))
-            tokens = visual.ln_post(z[1:])[None]
-    e = F.normalize((tokens @ visual.proj)[0].double(), dim=-1)
-    return e.T.reshape(-1, 14, 14)
-
-
 @pytest.mark.parametrize("method", ["clip", "maskclip"])
 def test_encode_then_decode_equals_predict(clip224, method):
     """predict = decode(encode) = open_clip's own forward on each window, cosines with the template
@@ -148,7 +120,7 @@ def test_encode_then_decode_equals_predict(clip224, method):
     text = naive.text_embeddings(seg.clip_model, seg.clip.tokenizer, ["sky", "person", "people", "horse"])
     per = []
     for (y1, y2, x1, x2) in enc.windows:
-        cos = torch.einsum("ehw,qe->qhw", open_clip_dense(seg, img[:, y1:y2, x1:x2], method), text)
+        cos = torch.einsum("ehw,qe->qhw", naive.open_clip_dense(seg, img[:, y1:y2, x1:x2], method), text)
         per.append(F.interpolate(cos[None], size=(224, 224), mode="bilinear", align_corners=False)[0])
     expected = torch.zeros(4, 224, 300, dtype=torch.float64)
     expected[:, :, :76] = per[0][:, :, :76]
@@ -332,21 +304,6 @@ def test_decode_rejects_foreign_encoded(tiny_segmenter, tiny_segmenter_novfm, ra
         other.decode(tiny_segmenter.encode(rand_image), CLASSES)
 
 
-def test_parse_classes():
-    cl = parse_classes(["sky", " person; people ;", "horse"])
-    assert cl.class_names == ["sky", "person; people ;", "horse"]
-    assert cl.queries == ["sky", "person", "people", "horse"] and cl.query_to_class == [0, 1, 1, 2]
-
-
-@pytest.mark.parametrize("classes,match", [
-    ([], "empty"), (["sky", "sky"], "duplicate"), (["sky", "cat; Sky"], "duplicate"),
-    (["sky", " ; ;"], "only separators"), ("sky", "list"),
-])
-def test_bad_class_lists(tiny_segmenter, rand_image, classes, match):
-    with pytest.raises((ValueError, TypeError), match=match):
-        tiny_segmenter.predict(rand_image, classes)
-
-
 @pytest.mark.parametrize("kwargs,field", [(dict(gamma=float("nan")), "gamma"), (dict(beta=float("inf")), "beta"),
                                           (dict(logit_scale=-1.0), "logit_scale")])
 def test_bad_hyperparameters_in_decode(tiny_segmenter, rand_image, kwargs, field):
@@ -423,19 +380,3 @@ def test_another_vfm_on_the_same_clip_encodes_clip_once(tiny_segmenter, rand_ima
         seg.decode(both, CLASSES)  # its VFM part is not this Segmenter's
     with pytest.raises(ValueError, match="no field 'layr'"):
         seg.with_vfm("test_tiny", layr=1)
-
-
-def test_a_background_word_may_also_be_a_class_as_published():
-    from proxyclip.data import read_class_lines
-    from proxyclip.pipeline import decide
-
-    cl = parse_classes(read_class_lines("coco_object"))  # "bed" is a background word and class 60
-    beds = [i for i, q in enumerate(cl.queries) if q == "bed"]
-    assert [cl.query_to_class[i] for i in beds] == [0, 60]
-    scores = torch.zeros(len(cl.queries), 1, 1)
-    scores[beds] = 1.0
-    probs, labels = decide(scores, cl, 40.0, 0.0)
-    assert probs[0, 0, 0] == probs[60, 0, 0] and labels.item() == 0  # a tie goes to class 0, as argmax does
-    for bad in (["sky; bed", "bed", "bed"], ["sky", "bed; sky"], ["sky; bed; bed", "cat"]):
-        with pytest.raises(ValueError, match="duplicate"):
-            parse_classes(bad)
