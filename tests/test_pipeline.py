@@ -254,30 +254,33 @@ def test_any_image_size_works(tiny_segmenter, size):
     torch.testing.assert_close(pred.scores.double(), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_odd_windows_are_padded_and_cut(rand_image):
-    # short side 69 and a crop larger than the image: one 69x97 window, padded to 80x112 (multiple of 16),
-    # one pixel more at the bottom and the right than at the top and the left
-    seg = Segmenter.from_config(tiny_config("protocol.short_side=69", "protocol.crop=128", "protocol.stride=64"))
+@pytest.mark.parametrize("short,size,pad", [(70, (70, 98), (5, 5, 7, 7)), (69, (69, 97), (5, 6, 7, 8))])
+def test_odd_windows_are_padded_and_cut(rand_image, short, size, pad):
+    # a crop larger than the image: one window of the resized image, padded to 80x112 (multiple of 16);
+    # at short side 69 one pixel more at the bottom and the right than at the top and the left
+    seg = Segmenter.from_config(tiny_config(f"protocol.short_side={short}", "protocol.crop=128",
+                                            "protocol.stride=64"))
     enc = seg.encode(rand_image)
-    assert enc.windows == [(0, 69, 0, 97)] and enc.pad == (5, 6, 7, 8)
+    assert enc.windows == [(0, size[0], 0, size[1])] and enc.pad == pad
     assert enc.clip_grid == (5, 7) and enc.clip_tokens.shape[1] == 1 + 5 * 7
     pred, cache = seg.run_with_cache(enc, CLASSES, names=["scores.window", "clip.dense", "text.embeddings"])
-    assert cache["scores.window"].shape == (1, 4, 69, 97)
-    # by hand: the padded window's cosines upsampled to 80x112, rows 5..73 and columns 7..103 cut out
+    assert cache["scores.window"].shape == (1, 4, *size)
+    # by hand: the padded window's cosines upsampled to 80x112, the padding's rows and columns cut off
     cos = torch.einsum("nehw,qe->nqhw", cache["clip.dense"], cache["text.embeddings"])
     assert cos.shape[-2:] == (5, 7)  # the VFM grid of the padded 80x112 window
     padded = F.interpolate(cos, size=(80, 112), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(cache["scores.window"], padded[:, :, 5:74, 7:104], atol=1e-6, rtol=1e-6)
-    # one window: the merge is that window; then back from 69x97 to the image's 80x112
-    back = F.interpolate(padded[:, :, 5:74, 7:104], size=(80, 112), mode="bilinear", align_corners=False)[0]
+    cut = padded[:, :, pad[0]:80 - pad[1], pad[2]:112 - pad[3]]
+    torch.testing.assert_close(cache["scores.window"], cut, atol=1e-6, rtol=1e-6)
+    # one window: the merge is that window; then back from the resized size to the image's 80x112
+    back = F.interpolate(cut, size=(80, 112), mode="bilinear", align_corners=False)[0]
     torch.testing.assert_close(pred.scores, back, atol=1e-6, rtol=1e-6)
     # and the whole decode against the float64 reference (which pads and cuts the same way)
     expected = naive.scores(seg, enc, ["sky", "person", "people", "horse"], "proxyclip", naive.knobs_of("proxyclip"))
     torch.testing.assert_close(pred.scores.double(), expected, atol=1e-5, rtol=1e-5)
     # the padding is the mean colour: the resized image framed by CLIP's mean colour, then normalized
-    resized = F.interpolate(rand_image[None], size=(69, 97), mode="bilinear", align_corners=False).clamp(0, 1)
+    resized = F.interpolate(rand_image[None], size=size, mode="bilinear", align_corners=False).clamp(0, 1)
     framed = torch.tensor(naive.CLIP_MEAN)[None, :, None, None].expand(1, 3, 80, 112).clone()
-    framed[:, :, 5:74, 7:104] = resized
+    framed[:, :, pad[0]:80 - pad[1], pad[2]:112 - pad[3]] = resized
     x = (framed - torch.tensor(naive.CLIP_MEAN)[:, None, None]) / torch.tensor(naive.CLIP_STD)[:, None, None]
     with torch.no_grad():
         torch.testing.assert_close(enc.clip_tokens, seg.clip.tokens_before_last_block(x), atol=1e-5, rtol=1e-5)
