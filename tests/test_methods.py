@@ -1,5 +1,6 @@
-"""The last-block methods (docs/methods.md): each against a naive float64 loop written from its
-equations, vanilla CLIP against open_clip's own forward, one Encoded decoded by every method."""
+"""The last-block methods (docs/methods.md): each against a float64 reference written from its
+equations (tests/naive.py), vanilla CLIP against open_clip's own forward, one Encoded decoded by
+every registered method, each switch and knob checked for its value, not only for a change."""
 
 import copy
 import logging
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import naive
 from conftest import tiny_config
 from proxyclip import Segmenter
 from proxyclip.backbones import CLIP_MEAN, CLIP_STD
@@ -16,83 +18,50 @@ from proxyclip.last_block import BlockInputs, run_last_block
 from proxyclip.methods import METHODS, gaussian_neighbourhood, get_method
 
 CLASSES = ["sky", "person; people", "horse"]
-CLIP_METHODS = ["clip", "maskclip", "sclip", "clearclip", "naclip"]
+CLIP_METHODS = [name for name, m in METHODS.items() if not m.needs_vfm]
 
 
-def naive_last_block(block, x, method, residual, ffn, std=5.0, grid=(4, 4)):
-    """Z of the last block for one image, float64, one head and one row at a time."""
-    block = copy.deepcopy(block).double()
-    x = x.double()
-    t, d = x.shape
-    heads = block.attn.num_heads
-    dh = d // heads
-    xn = block.ln_1(x)
-    w, b = block.attn.in_proj_weight, block.attn.in_proj_bias
-    q, k, v = (xn @ w[i * d:(i + 1) * d].T + b[i * d:(i + 1) * d] for i in range(3))
-    tau = dh ** -0.5
-    pos = [None] + [(i // grid[1], i % grid[1]) for i in range(grid[0] * grid[1])]
-    out = torch.zeros(t, d, dtype=torch.float64)
-    for h in range(heads):
-        sl = slice(h * dh, (h + 1) * dh)
-        qh, kh, vh = q[:, sl], k[:, sl], v[:, sl]
-        for i in range(t):
-            def softmax_row(a, bmat, bias=None):
-                logits = torch.tensor([tau * float(a[i] @ bmat[j]) for j in range(t)], dtype=torch.float64)
-                if bias is not None:
-                    logits = logits + bias
-                return torch.softmax(logits, 0)
-
-            if method == "clip":
-                row = softmax_row(qh, kh)
-            elif method == "maskclip":
-                row = torch.zeros(t, dtype=torch.float64)
-                row[i] = 1.0
-            elif method == "sclip":
-                row = softmax_row(qh, qh) + softmax_row(kh, kh)
-            elif method == "clearclip":
-                row = softmax_row(qh, qh)
-            elif method == "naclip":
-                bias = torch.tensor([0.0 if pos[i] is None or pos[j] is None else
-                                     math.exp(-((pos[i][0] - pos[j][0]) ** 2 + (pos[i][1] - pos[j][1]) ** 2)
-                                              / (2 * std ** 2)) for j in range(t)], dtype=torch.float64)
-                row = softmax_row(kh, kh, bias)
-            out[i, sl] = row @ vh
-    o = block.attn.out_proj(out)
-    y = x + o if residual else o
-    return y + block.mlp(block.ln_2(y)) if ffn else y
+def test_every_method_has_a_reference():
+    """tests/naive.py holds a float64 reference of every registered method's attention."""
+    assert set(naive.ATTENTION) == set(METHODS)
 
 
 @pytest.fixture(scope="module")
 def block_inputs(tiny_segmenter):
     g = torch.Generator().manual_seed(7)
     tokens = torch.randn(2, 17, 64, generator=g)
-    return lambda: BlockInputs(tiny_segmenter.clip, tokens, (4, 4), None, {}, (0, 2), lambda n, t: t)
+    feats = torch.randn(2, 8, 3, 5, generator=g) + 0.3  # a VFM grid other than CLIP's 4x4: values resized
+    return tokens, feats, lambda: BlockInputs(tiny_segmenter.clip, tokens, (4, 4), feats, {}, (0, 2), lambda n, t: t)
 
 
 @pytest.mark.parametrize("residual,ffn", [(True, True), (False, False), (True, False)])
-@pytest.mark.parametrize("name", CLIP_METHODS)
+@pytest.mark.parametrize("name", list(METHODS))
 def test_each_method_equals_a_naive_loop(tiny_segmenter, block_inputs, name, residual, ffn):
-    x = block_inputs()
+    tokens, feats, make = block_inputs
+    x = make()
     meth = get_method(name)
-    knobs = {"gaussian_std": 1.5} if name == "naclip" else {}
-    att = meth.attention(x, **knobs)
+    knobs = naive.knobs_of(name, residual=residual, ffn=ffn)
+    if name == "naclip":
+        knobs["gaussian_std"] = 1.5  # a prior that matters on a 4x4 grid
+    att = meth.attention(x, **{k: knobs[k] for k in meth.knob_names})
     z = run_last_block(x, att, residual, ffn)
-    block = tiny_segmenter.clip.last_block
     for i in range(2):
-        ref = naive_last_block(block, x.tokens[i], name, residual, ffn, std=1.5)
+        ref, grid, cls = naive.last_block(tiny_segmenter.clip_model, tokens[i], (4, 4), feats[i], name, knobs)
+        assert (tuple(att.grid), att.cls) == (grid, cls)
         torch.testing.assert_close(z[i].double(), ref, atol=2e-5, rtol=1e-5)
 
 
 def test_attention_patterns(block_inputs):
-    x = block_inputs()
+    x = block_inputs[2]()
     heads = x.heads
     sclip = get_method("sclip").attention(x).pattern
     assert sclip.shape == (2, heads, 17, 17)
     torch.testing.assert_close(sclip.sum(-1), torch.full((2, heads, 17), 2.0))  # not renormalized
-    for name in ("clip", "clearclip", "naclip"):
-        kw = {"gaussian_std": 5.0} if name == "naclip" else {}
-        pattern = get_method(name).attention(x, **kw).pattern
-        torch.testing.assert_close(pattern.sum(-1), torch.ones(2, heads, 17))
+    for name, meth in METHODS.items():  # a method that declares rows summing to 1 has them
+        att = meth.attention(x, **{k: v for k, v in naive.method_defaults(name).items() if k in meth.knob_names})
+        assert torch.isfinite(att.pattern).all() and att.pattern.shape[1] in (1, heads)
+        if att.rows_sum_to_one:
+            torch.testing.assert_close(att.pattern.sum(-1), torch.ones(att.pattern.shape[:-1]))
     identity = get_method("maskclip").attention(x).pattern
     assert identity.shape == (2, 1, 17, 17) and torch.equal(identity[1, 0], torch.eye(17))
 
@@ -110,8 +79,8 @@ def test_naclip_kernel():
 
 def test_vanilla_clip_equals_open_clip_forward():
     """method=clip at the native 224 grid = open_clip's unmodified model, patch tokens through ln_post and proj."""
-    seg = Segmenter.from_config(tiny_config("method=clip", "method.short_side=224", "method.crop=224",
-                                            "method.stride=224"))
+    seg = Segmenter.from_config(tiny_config("method=clip", "protocol.short_side=224", "protocol.crop=224",
+                                            "protocol.stride=224"))
     img = torch.rand(3, 224, 224, generator=torch.Generator().manual_seed(1))
     _, cache = seg.run_with_cache(img, CLASSES, names=["clip.dense"])
     assert cache["clip.dense"].shape[-2:] == (14, 14)
@@ -124,16 +93,24 @@ def test_vanilla_clip_equals_open_clip_forward():
     torch.testing.assert_close(cache["clip.dense"], ref, atol=1e-5, rtol=1e-5)
 
 
+def _reference_dense(seg, enc, name, knobs):
+    """(n, E, h, w) float64 reference dense maps of every window of ``enc`` (tests/naive.py)."""
+    return torch.stack([naive.dense(seg.clip_model, enc.clip_tokens[i], enc.clip_grid,
+                                    None if enc.vfm_features is None else enc.vfm_features[i], name, knobs)
+                        for i in range(len(enc.windows))])
+
+
 def test_one_encode_serves_every_method(tiny_segmenter, rand_image):
     enc = tiny_segmenter.encode(rand_image)
     for name in METHODS:
         pred, cache = tiny_segmenter.run_with_cache(enc, CLASSES, names=["attention.pattern", "clip.dense"],
                                                     method=name)
         assert pred.method == name and torch.isfinite(pred.scores).all()
-        expected_t = 16 if name == "proxyclip" else 17
-        assert cache["attention.pattern"].shape[-2:] == (expected_t, expected_t)
+        # the dense maps of every window = a float64 reference of this method from the block's weights
+        ref = _reference_dense(tiny_segmenter, enc, name, naive.knobs_of(name))
+        torch.testing.assert_close(cache["clip.dense"].double(), ref, atol=2e-5, rtol=1e-5)
         # decoding with another method = a Segmenter configured with that method (same seeded weights)
-        if name != "proxyclip":
+        if not METHODS[name].needs_vfm:
             own = Segmenter.from_config(tiny_config(f"method={name}"))
             assert own.vfm is None
             torch.testing.assert_close(own.predict(rand_image, CLASSES).scores, pred.scores)
@@ -141,15 +118,52 @@ def test_one_encode_serves_every_method(tiny_segmenter, rand_image):
     assert tiny_segmenter.decode(enc, CLASSES, method="clearclip").params["logit_scale"] == 50.0
 
 
-def test_switches_and_knobs_reach_the_block(tiny_segmenter, rand_image):
-    enc = tiny_segmenter.encode(rand_image)
-    a = tiny_segmenter.decode(enc, CLASSES, method="maskclip")
-    b = tiny_segmenter.decode(enc, CLASSES, method="maskclip", residual=False, ffn=False)
-    assert a.params["residual"] and not b.params["residual"]
-    assert not torch.allclose(a.scores, b.scores)
-    n1 = tiny_segmenter.decode(enc, CLASSES, method="naclip", gaussian_std=0.5)
-    n2 = tiny_segmenter.decode(enc, CLASSES, method="naclip", gaussian_std=50.0)
-    assert not torch.allclose(n1.scores, n2.scores)
+def other_value(knob, default):
+    """A valid value of ``knob`` other than ``default``."""
+    if knob.kind == "bool":
+        return not default
+    if knob.kind == "choice":
+        return next(c for c in knob.choices if c != default)
+    if knob.kind == "ints":
+        return [v + 1 for v in default]
+    lo, hi, _ = knob.slider
+    value = lo + 0.3 * (hi - lo)  # e.g. naclip gaussian_std 6.35 (default 5), proxyclip gamma 3.35 (3.0)
+    return int(round(value)) if knob.kind == "int" else value
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_switches_and_knobs_reach_the_block(tiny_segmenter, rand_image, name):
+    """Each switch does exactly what it says to the block output, and each knob of each method gives
+    the reference's value at that setting."""
+    seg = tiny_segmenter
+    enc = seg.encode(rand_image)
+    block = seg.clip.last_block
+    z = {}
+    for residual, ffn in ((False, False), (True, False), (True, True)):
+        pred, cache = seg.run_with_cache(enc, CLASSES, names=["clip.last_block_output", "clip.dense"], method=name,
+                                         residual=residual, ffn=ffn)
+        assert (pred.params["residual"], pred.params["ffn"]) == (residual, ffn)
+        z[residual, ffn] = cache["clip.last_block_output"]
+    grid = tuple(cache["clip.dense"].shape[-2:])
+    x = enc.clip_tokens
+    if z[True, True].shape[1] != x.shape[1]:  # a pattern over another grid, no CLS: X resized bilinear there
+        patches = x[:, 1:].transpose(1, 2).reshape(x.shape[0], x.shape[2], *enc.clip_grid)
+        x = F.interpolate(patches, size=grid, mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+    # residual: Y = X + O, so (residual on) - (residual off) = X
+    torch.testing.assert_close(z[True, False] - z[False, False], x, atol=1e-5, rtol=1e-5)
+    # ffn: Z = Y + mlp(ln_2(Y))
+    with torch.no_grad():
+        y = z[True, False]
+        torch.testing.assert_close(z[True, True], y + block.mlp(block.ln_2(y)), atol=1e-5, rtol=1e-5)
+    # each of the method's own knobs, at a value other than its default: the reference at that value
+    defaults = naive.knobs_of(name)
+    for knob in METHODS[name].knobs:
+        value = other_value(knob, defaults[knob.name])
+        pred, cache = seg.run_with_cache(enc, CLASSES, names=["clip.dense"], method=name, **{knob.name: value})
+        assert pred.params[knob.name] == value
+        ref = _reference_dense(seg, enc, name, {**defaults, knob.name: value})
+        torch.testing.assert_close(cache["clip.dense"].double(), ref, atol=2e-5, rtol=1e-5)
+        assert not torch.allclose(ref, _reference_dense(seg, enc, name, defaults), atol=1e-4)  # it matters here
 
 
 def test_proxyclip_shift_and_mask_off_is_plain_softmax(tiny_segmenter, rand_image):
@@ -161,23 +175,36 @@ def test_proxyclip_shift_and_mask_off_is_plain_softmax(tiny_segmenter, rand_imag
 
 
 def test_proxyclip_scores_unchanged_by_the_refactor(tiny_segmenter, rand_image):
-    """ProxyCLIP computed the way the pipeline did before methods existed: values -> out_proj ->
-    resize -> proxy attention -> ln_post/proj; the method path must give the same bits."""
-    from proxyclip import proxy
-
+    """ProxyCLIP's dense output written out in float64 from the paper's equations and the model's
+    modules: S = cos(VFM tokens); S' = gamma (S - beta mean S) per window; S' < 0 masked (an empty
+    row keeps its diagonal); softmax; applied to CLIP's values v = ln_1(X) W_v^T + b_v resized
+    bilinear to the VFM grid; out_proj; ln_post; proj; L2-normalized (residual, FFN off)."""
     seg = tiny_segmenter
+    beta, gamma = 1.2, 3.0
+    assert (seg.cfg.method.beta, seg.cfg.method.gamma, seg.cfg.method.residual, seg.cfg.method.ffn) == (
+        beta, gamma, False, False)
     enc = seg.encode(rand_image)
     _, cache = seg.run_with_cache(enc, CLASSES, names=["clip.dense"])
-    clip = seg.clip
+    visual = copy.deepcopy(seg.clip_model.visual).double()
+    block = visual.transformer.resblocks[-1]
+    d = enc.clip_tokens.shape[-1]
+    gh, gw = enc.clip_grid
+    expected = []
     with torch.no_grad():
-        values = clip.last_block_values(enc.clip_tokens, enc.clip_grid).float()
-        projected = clip.out_proj_map(values)
-        grid = tuple(enc.vfm_features.shape[-2:])
-        s = proxy.normalize_affinity(proxy.cosine_affinity(enc.vfm_features), 1.2, 3.0)
-        attn = proxy.masked_softmax(s, proxy.affinity_mask(s))
-        dense = F.normalize(clip.head(proxy.aggregate(attn, proxy.resize_values(projected, grid))).float(), dim=-1)
-    dense = dense.transpose(1, 2).reshape(dense.shape[0], dense.shape[2], *grid)
-    assert torch.equal(cache["clip.dense"], dense)
+        for x, feats in zip(enc.clip_tokens.double(), enc.vfm_features.double()):
+            f = F.normalize(feats.flatten(1).T, dim=-1)  # (N, C)
+            s = f @ f.T
+            s = gamma * (s - beta * s.mean())
+            keep = s >= 0
+            keep |= torch.eye(len(s), dtype=torch.bool) & ~keep.any(-1, keepdim=True)
+            attn = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
+            v = block.ln_1(x) @ block.attn.in_proj_weight[2 * d:].T + block.attn.in_proj_bias[2 * d:]
+            v = v[1:].T.reshape(1, d, gh, gw)
+            v = F.interpolate(v, size=feats.shape[-2:], mode="bilinear", align_corners=False)[0].flatten(1).T
+            out = block.attn.out_proj(attn @ v)
+            e = F.normalize(visual.ln_post(out) @ visual.proj, dim=-1)
+            expected.append(e.T.reshape(e.shape[1], *feats.shape[-2:]))
+    torch.testing.assert_close(cache["clip.dense"].double(), torch.stack(expected), atol=1e-5, rtol=1e-5)
 
 
 def test_hooks_replace_the_attention_pattern(tiny_segmenter, rand_image):
@@ -199,7 +226,7 @@ def test_a_method_without_vfm_builds_none(caplog):
     (["method=proxyclip", "vfm=none"], "needs a VFM.*method=maskclip"),
     (["method=naclip", "method.gaussian_std=-1"], "gaussian_std.*> 0"),
     (["postprocess=pamr", "postprocess.steps=-2"], "postprocess.steps"),
-    (["postprocess=pamr", "postprocess.dilations=[]"], "dilations is empty"),
+    (["postprocess=pamr", "postprocess.dilations=[]"], "postprocess.dilations.*empty"),
 ])
 def test_bad_method_config_is_one_clear_error(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -208,7 +235,7 @@ def test_bad_method_config_is_one_clear_error(overrides, match):
 
 def test_bad_decode_arguments(tiny_segmenter, rand_image):
     enc = tiny_segmenter.encode(rand_image)
-    with pytest.raises(ValueError, match="unknown method 'sclp'.*clip, maskclip, sclip"):
+    with pytest.raises(ValueError, match="unknown method 'sclp'.*; known: " + ", ".join(METHODS)):
         tiny_segmenter.decode(enc, CLASSES, method="sclp")
     with pytest.raises(ValueError, match="sclip has no parameter.*beta"):
         tiny_segmenter.decode(enc, CLASSES, method="sclip", beta=1.0)

@@ -88,3 +88,17 @@ def test_pamr_as_a_decode_stage(tiny_segmenter, rand_image):
     assert preset.params["postprocess"] == {"name": "pamr", "steps": 10, "dilations": [1, 2, 4, 8, 12, 24]}
     none = seg.decode(enc, CLASSES, postprocess={"name": "pamr", "steps": 0})
     torch.testing.assert_close(none.scores, plain.scores)
+
+
+def test_every_preset_resolves_to_its_yaml(tiny_segmenter):
+    """decode's post-process settings for each conf/postprocess preset are that file's values."""
+    from omegaconf import OmegaConf
+
+    from proxyclip.config import CONF_DIR
+    from proxyclip.postprocess import POSTPROCESSES
+
+    for path in sorted((CONF_DIR / "postprocess").glob("*.yaml")):
+        yaml = OmegaConf.to_container(OmegaConf.load(path))
+        yaml.pop("defaults", None)
+        spec = tiny_segmenter.decode_spec(postprocess=path.stem)
+        assert spec.postprocess_settings == yaml and set(yaml) == {"name", *POSTPROCESSES[yaml["name"]].settings}

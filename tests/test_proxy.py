@@ -72,15 +72,22 @@ def test_only_empty_rows_fall_back_to_the_diagonal():
     torch.testing.assert_close(attn[0, 2], torch.tensor([0.0, 1.0, 0.0]))
 
 
-def test_aggregate_is_attention_times_values():
+@pytest.mark.parametrize("shared", [True, False])
+def test_mixing_is_attention_times_values(shared):
+    """concat_h(A_h V_h): a pattern shared by all heads (1) or one per head (2), against a loop."""
+    from proxyclip.last_block import mix_heads
+
     g = torch.Generator().manual_seed(3)
-    attn = torch.softmax(torch.randn(2, 6, 6, generator=g), -1)
-    values = torch.randn(2, 5, 2, 3, generator=g)  # (B, D, H, W), N = 6
-    out = proxy.aggregate(attn, values)
+    heads = 1 if shared else 2
+    attn = torch.softmax(torch.randn(2, heads, 6, 6, generator=g), -1)
+    values = torch.randn(2, 6, 4, generator=g)  # (B, T, D), D = 2 heads x 2
+    out = mix_heads(attn, values)
     for b in range(2):
         for i in range(6):
-            expected = sum(attn[b, i, j] * values[b, :, j // 3, j % 3] for j in range(6))
-            torch.testing.assert_close(out[b, i], expected)
+            for c in range(4):
+                h = 0 if shared else c // 2
+                expected = sum(attn[b, h, i, j] * values[b, j, c] for j in range(6))
+                torch.testing.assert_close(out[b, i, c], expected)
 
 
 @pytest.mark.parametrize("kwargs,field", [
@@ -89,7 +96,11 @@ def test_aggregate_is_attention_times_values():
     (dict(beta=-0.5), "beta"), (dict(prob_thd=1.5), "prob_thd"),
 ])
 def test_bad_hyperparameters_are_named(kwargs, field):
-    params = dict(beta=1.2, gamma=3.0, logit_scale=40.0, prob_thd=0.0, **{})
-    params.update(kwargs)
-    with pytest.raises(ValueError, match=field):
-        proxy.check_hyperparameters(**params)
+    from conftest import tiny_config
+    from proxyclip.resolve import decode_spec
+
+    cfg = tiny_config()
+    assert decode_spec(cfg, method="proxyclip", beta=1.2, gamma=3.0, logit_scale=40.0, prob_thd=0.0).params()[
+        "gamma"] == 3.0
+    with pytest.raises(ValueError, match=rf"^{field} must be"):
+        decode_spec(cfg, method="proxyclip", **kwargs)

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from proxyclip.windows import (merge_windows, padding_multiple, resized_size, slide_windows,
-                               symmetric_padding)
+from types import SimpleNamespace
+
+from proxyclip.windows import (check_geometry, merge_windows, padding_multiple, resized_size, size_with_pad,
+                               slide_windows, symmetric_padding, window_layout)
 
 
 def test_resized_size_hand_worked():
@@ -71,3 +73,26 @@ def test_padding():
     assert padding_multiple(14, 8) == 56  # ViT-L/14 + DINO B/8: the original's 56
     assert symmetric_padding(70, 96, 16) == (5, 5, 0, 0)
     assert symmetric_padding(33, 17, 16) == (7, 8, 7, 8)
+
+
+def test_window_layout_hand_worked():
+    voc = SimpleNamespace(short_side=336, max_long_side=2048, crop=336, stride=112)
+    # a VOC image 375x500 -> 336x448, two full windows, no padding for ViT-B/16 + DINO B/8 (multiple 16)
+    assert window_layout(375, 500, voc, 16) == ((336, 448), [(0, 336, 0, 336), (0, 336, 112, 448)], (0, 0, 0, 0))
+    # 50x70 at short side 40 -> 40x56: one window smaller than the crop, padded to 48x64
+    small = SimpleNamespace(short_side=40, max_long_side=2048, crop=64, stride=32)
+    size, boxes, pad = window_layout(50, 70, small, 16)
+    assert (size, boxes, pad) == ((40, 56), [(0, 40, 0, 56)], (4, 4, 4, 4))
+    assert size_with_pad(boxes[0], pad) == (48, 64)
+    assert size_with_pad((0, 33, 5, 22), symmetric_padding(33, 17, 16)) == (48, 32)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("crop", 0, "protocol.crop must be a positive integer"), ("short_side", -1, "protocol.short_side"),
+    ("stride", 400, r"protocol.stride \(400\) must not exceed protocol.crop \(336\)"),
+])
+def test_bad_geometry_is_named(field, value, match):
+    geometry = dict(short_side=336, max_long_side=2048, crop=336, stride=112)
+    check_geometry(geometry)
+    with pytest.raises(ValueError, match=match):
+        check_geometry({**geometry, field: value})

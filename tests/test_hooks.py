@@ -1,0 +1,139 @@
+"""Hook points declared where they fire (proxyclip/hooks.py): the README's table, the names, the
+per-window set and the replay of stored encodes all come from the declarations, and every
+declared point fires in a run that uses it (methods and post-processes from the registries)."""
+
+import pytest
+import torch
+
+from proxyclip import HOOK_NAMES, hooks
+from proxyclip.config import CONF_DIR
+from proxyclip.hooks import HookSet, declarations, declare_hook, hook_names, replayed_hooks, window_hooks
+from proxyclip.methods import METHODS
+from proxyclip.postprocess import POSTPROCESSES
+
+CLASSES = ["sky", "person; people", "horse"]
+HEADER = "| name | level | shape | what |"
+
+
+def readme_hook_table() -> str:
+    """The README's block from the hook table's header to the next blank line."""
+    text = (CONF_DIR.parent / "README.md").read_text()
+    assert HEADER in text, f"README.md has no hook table with the header {HEADER!r}"
+    block = text[text.index(HEADER):].split("\n\n", 1)[0]
+    return block.rstrip("\n") + "\n"
+
+
+def test_readme_hook_table_equals_the_declarations():
+    expected = [HEADER, "|---|---|---|---|"] + [f"| `{d.name}` | {d.level} | {d.shape} | {d.doc} |"
+                                                for d in declarations()]
+    assert hooks.markdown_table() == "\n".join(expected) + "\n"
+    assert readme_hook_table() == hooks.markdown_table()
+
+
+def test_names_and_sets_come_from_the_declarations(tiny_segmenter):
+    decls = declarations()
+    assert len({d.name for d in decls}) == len(decls) > 0
+    assert hook_names() == tuple(d.name for d in decls) == HOOK_NAMES == tuple(tiny_segmenter.hook_names)
+    assert window_hooks() == {d.name for d in decls if d.level == "window"}
+    assert [d.name for d in replayed_hooks()] == [d.name for d in decls if d.replay]
+    stages = [hooks.STAGES.index(d.stage) for d in decls]
+    assert stages == sorted(stages)  # pipeline order
+    for d in decls:  # a window-level tensor's first axis is the windows
+        assert d.shape.startswith("(n,") == (d.level == "window"), d
+
+
+def test_every_declared_hook_fires_in_a_run_that_uses_it(tiny_segmenter, rand_image):
+    """One run per (registered method, registered post-process), every hook recorded."""
+    enc = tiny_segmenter.encode(rand_image)
+    caches = {(method, post): tiny_segmenter.run_with_cache(enc, CLASSES, method=method,
+                                                            postprocess={"name": post})[1]
+              for method in METHODS for post in POSTPROCESSES}
+    _, fresh = tiny_segmenter.run_with_cache(rand_image, CLASSES)  # the encode-time points fire in an encode too
+    assert {d.name for d in declarations() if d.stage == "encode"} <= set(fresh)
+    fired = {name for cache in caches.values() for name in cache}
+    assert fired == set(hook_names())  # each declared point fires in some method / post-process run
+    n = len(enc.windows)
+    for (method, post), cache in caches.items():
+        assert set(cache) <= set(hook_names())
+        for name, t in cache.items():
+            if name in window_hooks():  # window-level: concatenated over the windows, in order
+                assert t.shape[0] == n, (method, post, name, tuple(t.shape))
+    # the points every run passes through fire in every run
+    always = set.intersection(*(set(c) for c in caches.values()))
+    assert {"clip.last_block_input", "attention.pattern", "clip.dense", "scores.window", "scores.image",
+            "scores.refined", "text.embeddings"} <= always
+
+
+def test_a_callable_filter_records_exactly_its_names(tiny_segmenter, rand_image):
+    wanted = [n for n in hook_names() if n.startswith("proxy.")]
+    assert wanted
+    _, cache = tiny_segmenter.run_with_cache(rand_image, CLASSES, names=lambda n: n.startswith("proxy."))
+    assert sorted(cache) == sorted(wanted)
+    _, cache = tiny_segmenter.run_with_cache(rand_image, CLASSES, names=lambda n: False)
+    assert cache == {}
+    _, cache = tiny_segmenter.run_with_cache(rand_image, CLASSES, names="clip.dense")  # one name
+    assert list(cache) == ["clip.dense"]
+
+
+def test_undeclared_names_are_errors(tiny_segmenter, rand_image):
+    hs = HookSet()
+    with pytest.raises(KeyError, match="'no.such' fires but was never declared"):
+        hs.point("no.such", torch.zeros(1))
+    with pytest.raises(KeyError, match=r"unknown hook name\(s\) \['no.such'\]; the hook points are: vfm.features"):
+        tiny_segmenter.run_with_cache(rand_image, CLASSES, names=["no.such"])
+    with pytest.raises(KeyError, match="no.such"):
+        with hs.active(hooks={"no.such": lambda t, h: None}):
+            pass
+    with pytest.raises(TypeError, match="hook for 'clip.dense' must be callable"):
+        with hs.active(hooks={"clip.dense": 3}):
+            pass
+
+
+def test_declaring_twice_differently_raises():
+    name = "test.only_point"
+    try:
+        assert declare_hook(name, "image", "(Q,)", "a test point", "scores") == name
+        assert declare_hook(name, "image", "(Q,)", "a test point", "scores") == name  # the same again: fine
+        with pytest.raises(ValueError, match=f"hook {name} declared twice, differently"):
+            declare_hook(name, "window", "(n, Q)", "a test point", "scores")
+        assert hooks.HOOKS[name].level == "image"
+    finally:
+        hooks.HOOKS.pop(name, None)
+    with pytest.raises(ValueError, match="level must be 'window' or 'image'"):
+        declare_hook(name, "pixel", "()", "bad level", "scores")
+    with pytest.raises(ValueError, match="stage must be one of"):
+        declare_hook(name, "image", "()", "bad stage", "nowhere")
+    assert name not in hooks.HOOKS
+
+
+def test_replay_of_a_stored_encoded_goes_through_every_replay_point(tiny_segmenter, rand_image):
+    seg = tiny_segmenter
+    enc = seg.encode(rand_image)
+    replayed = replayed_hooks()
+    assert replayed and all(hasattr(enc, d.replay) for d in replayed)
+    seen = {}
+
+    def spy(t, hook):
+        seen.setdefault(hook.name, []).append(hook.window_start)
+
+    with seg.hooks.active(hooks={d.name: spy for d in replayed}):
+        pred, cache = seg.run_with_cache(enc, CLASSES, names=[d.name for d in replayed])
+    starts = list(range(0, len(enc.windows), int(seg.cfg.batch_size)))
+    for d in replayed:  # each stored tensor passes its point again, batch by batch, unchanged
+        assert seen[d.name] == starts
+        assert torch.equal(cache[d.name], getattr(enc, d.replay))
+    # replacing a replayed tensor through its point changes the decode; the Encoded is untouched
+    for d in replayed:
+        stored = getattr(enc, d.replay).clone()
+        changed = seg.run_with_hooks(enc, CLASSES, hooks={d.name: lambda t, hook: t.flip(-1)})
+        assert not torch.allclose(changed.scores, pred.scores), d.name
+        assert torch.equal(getattr(enc, d.replay), stored)
+
+
+def test_window_start_tells_the_batch(tiny_segmenter, rand_image):
+    starts = []
+    tiny_segmenter.run_with_hooks(rand_image, CLASSES, hooks={"clip.dense": lambda t, h: starts.append(
+        (h.name, h.window_start, t.shape[0])) or None})
+    bs = int(tiny_segmenter.cfg.batch_size)
+    n = len(tiny_segmenter.encode(rand_image).windows)
+    assert starts == [("clip.dense", s, min(bs, n - s)) for s in range(0, n, bs)]
