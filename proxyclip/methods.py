@@ -26,7 +26,8 @@ from .last_block import Attention, BlockInputs
 
 for _name, _shape, _doc in (
         ("proxy.affinity", "(n, N, N)", "raw cosine affinity of the N = Hv·Wv VFM tokens (proxyclip)"),
-        ("proxy.affinity_normalized", "(n, N, N)", "`(S - beta * mean(S)) * gamma`, mean per image (proxyclip)"),
+        ("proxy.affinity_normalized", "(n, N, N)",
+         "`(S - beta * mean(S)) * gamma`, mean per image (proxyclip; `gamma * S` with shift=false)"),
         ("proxy.mask", "(n, N, N) bool", "kept entries (`S' >= 0`; an empty row keeps its diagonal) (proxyclip)"),
         ("proxy.attention", "(n, N, N)", "masked softmax, rows sum to 1 (proxyclip)")):
     declare_hook(_name, "window", _shape, _doc, "method")
