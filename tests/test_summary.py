@@ -205,11 +205,9 @@ def test_published_values_agree_with_the_papers_own_average(row):
 
 @pytest.mark.parametrize("row", PAPER_MAIN + METHODS_B16, ids=lambda r: f"{r.label} [{r.source[:6]}]")
 def test_a_run_of_a_published_rows_overrides_gets_its_numbers_in_fp16_too(tmp_path, row):
-    records = collect([write(tmp_path, [rec("voc21", 1.0, *row.overrides), rec("ade20k", 1.0, *row.overrides,
-                                                                               encode__precision="fp16")])])
-    assert find_published(records, (row,)) is row
-    cfg = compose_config("eval", ["dataset=voc21", *row.overrides])
-    assert fields_of(records[0])["method"] == row.method == cfg.method.name
+    records = collect([write(tmp_path, [rec("voc21", 1.0, *row.overrides),
+                                        rec("voc21", 1.0, *row.overrides, encode__precision="fp16")])])
+    assert find_published(records, (row,)) is row and fields_of(records[0])["method"] == row.method
 
 
 MISMATCHES = {  # what makes a run not the published configuration
@@ -385,6 +383,11 @@ def test_pivot_columns_carry_the_fields_that_follow_them(tmp_path):
     assert fields_of(collect([write(tmp_path, records[1:], "h")])[0])["clip.pretrained"] != "openai"
     rows = md_rows(to_markdown(tables(tmp_path, records, rows="vfm.name", cols="clip.name")))
     assert rows == [["vfm.name", "clip.name=ViT-B-16", "clip.name=ViT-H-14"], ["dino_vitb8", "1.0", "2.0"]]
+    # a method without a VFM: its row reads vfm none, and what else differs is its setting
+    rows = md_rows(to_markdown(tables(tmp_path / "s", records + [rec("voc21", 3.0, "method=sclip")], rows="vfm",
+                                      cols="clip")))
+    assert rows == [["vfm.name", "setting", "clip.name=ViT-B-16", "clip.name=ViT-H-14"],
+                    ["dino_vitb8", "", "1.0", "2.0"], ["none", "method=sclip", "3.0", "-"]]
 
 
 def test_unknown_pivot_field_is_one_error_listing_the_fields(tmp_path):

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
-from .records import config_fields, fields_of
+from .records import PER_DATASET, config_fields, fields_of
 
 # dataset keys in the order of the paper's columns
 PAPER_DATASETS: Tuple[str, ...] = ("voc21", "context60", "coco_object", "voc20", "context59", "coco_stuff",
@@ -122,10 +122,19 @@ def find_published(records: Sequence[Mapping[str, Any]],
     there is none (or no record is on a published dataset)."""
     for row in rows:
         mine = [r for r in records if r["dataset"] in row.by_dataset]
-        if mine and all(fields_of(r).get("method") == row.method for r in mine) and \
+        if mine and all(_may_match(row, fields_of(r)) for r in mine) and \
                 not any(mismatch(row, fields_of(r), r["dataset"]) for r in mine):
             return row
     return None
+
+
+def _may_match(row: PublishedRow, fields: Mapping[str, Any]) -> bool:
+    """A quick test on the fields no dataset changes (one composition a published row)."""
+    if fields.get("method") != row.method:
+        return False
+    want = row_fields(row, PAPER_DATASETS[0])
+    names = (set(want) | set(fields)) - set(NOT_COMPARED) - set(PER_DATASET)
+    return all(fields.get(k) == want.get(k) for k in names)
 
 
 def published_average(row: PublishedRow, datasets: Sequence[str]) -> Optional[float]:

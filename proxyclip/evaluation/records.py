@@ -129,11 +129,18 @@ def field_names(records: Sequence[dict]) -> List[str]:
     return list(dict.fromkeys(k for r in records for k in fields_of(r)))
 
 
+def axis_value(fields: Mapping[str, Any], name: str) -> Any:
+    """A record's value of a pivot axis (``vfm.name`` of a run without a VFM: ``none``)."""
+    if name not in fields and name.endswith(".name") and name[:-5] in fields:
+        return fields[name[:-5]]
+    return fields.get(name, ABSENT)
+
+
 def resolve_field(name: str, records: Sequence[dict]) -> str:
     """A field by its flat name or an alias (``method.beta`` -> ``beta``, ``vfm`` -> ``vfm.name``,
     ``postprocess.name`` -> ``postprocess``); unknown -> one error listing the fields present."""
     names = field_names(records) + [COLUMN_FIELD]
-    candidates = [name, f"{name}.name", name.split(".", 1)[-1] if name.startswith("method.") else name,
+    candidates = [f"{name}.name", name, name.split(".", 1)[-1] if name.startswith("method.") else name,
                   name[:-len(".name")] if name.endswith(".name") else name]
     for c in candidates:
         if c in names and c != COLUMN_FIELD:
@@ -142,6 +149,14 @@ def resolve_field(name: str, records: Sequence[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- row identity
+def base_overrides(dataset: str, experiment: Optional[str]) -> Tuple[str, ...]:
+    """``dataset=<name>`` and, when conf/experiment has it, ``experiment=<e>``."""
+    from ..config import CONF_DIR
+
+    with_experiment = experiment and (CONF_DIR / "experiment" / f"{experiment}.yaml").is_file()
+    return (f"dataset={dataset}",) + ((f"experiment={experiment}",) if with_experiment else ())
+
+
 @functools.lru_cache(maxsize=None)
 def shipped(dataset: str, experiment: Optional[str] = None) -> Dict[str, Any]:
     """The per-dataset fields of ``eval`` composed with ``dataset=<name>`` (and ``experiment=<e>``
@@ -152,15 +167,17 @@ def shipped(dataset: str, experiment: Optional[str] = None) -> Dict[str, Any]:
 
     if not (CONF_DIR / "dataset" / f"{dataset}.yaml").is_file():
         return {}
-    overrides = [f"dataset={dataset}"]
-    if experiment and (CONF_DIR / "experiment" / f"{experiment}.yaml").is_file():
-        overrides.append(f"experiment={experiment}")
-    cfg = compose_config("eval", overrides)
+    try:
+        full = config_fields(base_overrides(dataset, experiment))
+        return {k: v for k, v in full.items() if k in PER_DATASET}
+    except Exception:  # e.g. a class file that depends on the dataset's root (custom): what can be read
+        pass
+    cfg = compose_config("eval", list(base_overrides(dataset, experiment)))
     out: Dict[str, Any] = {f"protocol.{k}": int(cfg.protocol[k]) for k in GEOMETRY}
     d = cfg.dataset
     out.update(prob_thd=float(cfg.protocol.prob_thd), reduce_zero_label=bool(d.reduce_zero_label),
                ignore_index=int(d.ignore_index))
-    try:  # a dataset whose class file depends on its root (custom): compared raw
+    try:
         lines = read_class_lines(str(d.classnames), d.background)
         out.update(classnames=str(d.classnames), classes=classes_digest(lines))
     except Exception:
@@ -194,17 +211,19 @@ def defaults(r: dict) -> Dict[str, Any]:
     """The fields a run of ``r``'s dataset and preset gets by default (``eval`` composed with them;
     a method's knobs and logit scale: with its own method too; {} if that does not compose). A
     label leaves out a value equal to its default."""
-    base = (f"dataset={r['dataset']}",) + ((f"experiment={r['experiment']}",) if r.get("experiment") else ())
+    base = base_overrides(r["dataset"], r.get("experiment"))
     try:
         out = dict(config_fields(base))
-    except Exception:  # a dataset or preset without a YAML
+    except Exception:  # a dataset without a YAML
         return {}
-    try:
-        own = config_fields(base + (f"method={fields_of(r).get('method')}",))
-    except Exception:  # an unregistered method
-        return out
-    knobs = set(r["decode"]["knobs"]) | {"logit_scale"}
-    out.update({k: v for k, v in own.items() if k in knobs})
+    method = fields_of(r).get("method")
+    if method != out.get("method"):
+        try:
+            own = config_fields(base + (f"method={method}",))
+        except Exception:  # an unregistered method
+            return out
+        knobs = set(r["decode"]["knobs"]) | {"logit_scale"}
+        out.update({k: v for k, v in own.items() if k in knobs})
     return out
 
 

@@ -32,8 +32,10 @@ from .published import (
 from .records import (
     ABSENT,
     DEFAULT,
+    axis_value,
     PER_DATASET,
     collect,
+    base_overrides,
     config_fields,
     defaults,
     field_names,
@@ -187,8 +189,8 @@ def pivot_tables(records: Sequence[dict], rows: str, cols: str, kind: Optional[s
     for r, ident in zip(records, idents):  # oldest first: a rerun replaces an older result
         raw = fields_of(r)
         rest = {k: v for k, v in ident.items() if k not in (rf, cf) and k not in along_cols}
-        rkey = (raw.get(rf, ABSENT), row_key(rest))
-        ckey = (raw.get(cf, ABSENT),) + tuple(ident.get(k, ABSENT) for k in along_cols)
+        rkey = (axis_value(raw, rf), row_key(rest))
+        ckey = (axis_value(raw, cf),) + tuple(ident.get(k, ABSENT) for k in along_cols)
         row_ident.setdefault(rkey, {rf: rkey[0], **rest})
         some.setdefault(rkey, r)
         some.setdefault(ckey, r)
@@ -228,10 +230,8 @@ def _shared_note(records: Sequence[dict], rows: Sequence[Dict[str, Any]], named:
     """``All runs: weights.source=random ...``: what every row shares and the shipped config (``eval``
     with the runs' dataset and preset) does not (a per-dataset field at its default, a value resolved at
     run time such as ``precision: auto``, and the fields named elsewhere are left out)."""
-    r0 = records[0]
-    overrides = (f"dataset={r0['dataset']}",) + ((f"experiment={r0['experiment']}",) if r0.get("experiment") else ())
     try:
-        config = config_fields(overrides)
+        config = config_fields(base_overrides(records[0]["dataset"], records[0].get("experiment")))
     except Exception:  # a dataset or preset without a YAML: nothing to compare with
         return []
     shared = {k: v for k, v in rows[0].items() if all(r.get(k, ABSENT) == v for r in rows[1:])}
