@@ -172,7 +172,8 @@ def test_rows_split_by_settings_not_by_each_datasets_protocol(tmp_path):
 
 @pytest.mark.parametrize("a, b, shown", [
     (("vfm.norm=true",), ("vfm.norm=false",), "vfm.norm=off"),
-    (("postprocess=pamr_naclip",), ("postprocess=pamr_talk2dino",), "postprocess=pamr postprocess.dilations=[1,2,4,8,12,24]"),
+    (("postprocess=pamr_naclip",), ("postprocess=pamr_talk2dino",),
+     "postprocess=pamr postprocess.dilations=[1,2,4,8,12,24]"),
     ((), ("protocol.crop=224",), "protocol.crop=224"),
     ((), ("protocol.stride=56",), "protocol.stride=56"),
     ((), ("limit=50",), "limit=50"),
@@ -248,7 +249,8 @@ def test_main_table_cells_published_diffs_averages_and_notes(tmp_path):
     # L/14 has no ADE: its average is over VOC21 only, marked, against the published VOC21 alone
     assert rows[2][4:] == ["60.0 (60.6, -0.6)", "-", "60.0* (60.6, -0.6)"]
     assert rows[3][4:] == ["50.0", "-", "50.0*"]  # no published row for this method
-    assert "Published ProxyCLIP B/16 + DINO B/8, ProxyCLIP L/14 + DINO B/8: ProxyCLIP paper (Lan et al., ECCV 2024)" in md
+    assert ("Published ProxyCLIP B/16 + DINO B/8, ProxyCLIP L/14 + DINO B/8: ProxyCLIP paper (Lan et al., ECCV 2024)"
+            in md)
     assert "fp16" in md and "own protocol" not in md
 
     lines = list(csv.reader(io.StringIO(to_csv([table]))))

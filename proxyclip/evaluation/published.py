@@ -1,7 +1,11 @@
 """Published mIoU numbers (no post-processing) that ``proxyclip-summary`` prints beside measured ones.
 
 Papers evaluate with different protocols (short side, crop, ``prob_thd``, background words), so
-every row carries the paper it comes from; the summary prints that source under the table.
+every row carries the paper it comes from; the summary prints that source under the table, and
+for a row measured under its own paper's protocol (``own_protocol``) says that ours ran under
+ProxyCLIP's. Each row names the config overrides that reproduce it; a measured row gets its
+numbers only if its specs equal that configuration's in every field (:func:`find_published`;
+``precision`` aside: the published code ran fp16 on GPUs).
 Columns follow :data:`PAPER_DATASETS` (the order of the ProxyCLIP paper's main table); see
 ``docs/tables.md``.
 

@@ -172,7 +172,10 @@ def shipped(dataset: str, experiment: Optional[str] = None) -> Dict[str, Any]:
         return {k: v for k, v in full.items() if k in PER_DATASET}
     except Exception:  # e.g. a class file that depends on the dataset's root (custom): what can be read
         pass
-    cfg = compose_config("eval", list(base_overrides(dataset, experiment)))
+    try:
+        cfg = compose_config("eval", list(base_overrides(dataset, experiment)))
+    except Exception:  # a YAML that does not compose: compared by the raw values
+        return {}
     out: Dict[str, Any] = {f"protocol.{k}": int(cfg.protocol[k]) for k in GEOMETRY}
     d = cfg.dataset
     out.update(prob_thd=float(cfg.protocol.prob_thd), reduce_zero_label=bool(d.reduce_zero_label),
