@@ -24,7 +24,7 @@ from proxyclip.evaluation.published import METHODS_B16, PAPER_DATASETS, PAPER_MA
 from proxyclip.evaluation.records import collect, fields_of
 from proxyclip.evaluation.report import Cell, cell_text, to_csv, to_markdown
 from proxyclip.evaluation.summary import PIVOTS, build_tables, default_kind, summarize
-from proxyclip.methods import get_method
+from proxyclip.methods import METHODS, get_method
 from proxyclip.resolve import decode_spec
 from proxyclip.specs import EncodeSpec, differing, digest, flatten
 
@@ -154,6 +154,16 @@ def test_changing_any_one_field_of_the_run_identity_gives_a_distinct_labelled_ro
         assert f"{changed}=" in labels["20.0"][3]
 
 
+@pytest.mark.parametrize("method, knob", [(m.name, k.name) for m in METHODS.values() for k in m.knobs])
+def test_every_knob_of_every_registered_method_tells_rows_apart(tmp_path, method, knob):
+    base = rec("voc21", 10.0, f"method={method}")
+    other = copy.deepcopy(base)
+    other["decode"]["knobs"][knob] = _perturb(other["decode"]["knobs"][knob])
+    other["mIoU"] = 20.0
+    rows = body(tmp_path, [base, other], "main")
+    assert len(rows) == 2 and f"{knob}=" in {r[4].split(" ")[0]: r[3] for r in rows}["20.0"]
+
+
 def test_rows_split_by_settings_not_by_each_datasets_protocol(tmp_path):
     assert compose_config("eval", ["dataset=voc21"]).protocol.prob_thd != \
         compose_config("eval", ["dataset=context60"]).protocol.prob_thd  # the per-dataset fields differ ...
@@ -185,6 +195,26 @@ def test_the_issues_examples_are_distinct_rows_named_by_their_difference(tmp_pat
     by_value = {r[4].split(" ")[0]: r for r in rows}
     assert by_value["2.0"][3] == shown and by_value["2.0"][5] == "3.0"  # both datasets in one row
     assert by_value["2.0"][3] != by_value["1.0"][3]
+
+
+def test_the_per_dataset_reference_is_the_dataset_with_the_records_preset(tmp_path):
+    """experiment=tiny sets the window: a tiny run recorded with its preset is at its default
+    protocol; the same specs recorded without it differ from voc21's shipped 336-px window."""
+    tiny = rec("voc21", 1.0, "experiment=tiny", experiment="tiny")
+    bare = rec("voc21", 2.0, "experiment=tiny", experiment=None)
+    assert tiny["encode"]["protocol"]["crop"] == 64 != compose_config("eval", ["dataset=voc21"]).protocol.crop
+    rows = body(tmp_path, [tiny, bare], "main")
+    assert {r[4]: r[3] for r in rows} == {"1.0": "", "2.0": "protocol.short_side=64 protocol.crop=64 protocol.stride=32"}
+
+
+def test_a_dataset_without_a_yaml_is_compared_by_its_raw_values(tmp_path):
+    def mine(miou, *overrides):
+        r = rec("voc21", miou, *PAPER, *overrides)
+        r["dataset"] = r["selection"]["dataset"] = "mydata"
+        return r
+
+    rows = body(tmp_path, [mine(1.0), mine(2.0, "protocol.crop=224"), mine(3.0, "protocol.crop=224")], "main")
+    assert [(r[3], r[4]) for r in rows] == [("protocol.crop=224", "3.0"), ("protocol.crop=336", "1.0")]
 
 
 def test_a_rerun_replaces_the_older_result(tmp_path):
