@@ -205,6 +205,10 @@ def test_the_per_dataset_reference_is_the_dataset_with_the_records_preset(tmp_pa
     assert tiny["encode"]["protocol"]["crop"] == 64 != compose_config("eval", ["dataset=voc21"]).protocol.crop
     rows = body(tmp_path, [tiny, bare], "main")
     assert {r[4]: r[3] for r in rows} == {"1.0": "", "2.0": "protocol.short_side=64 protocol.crop=64 protocol.stride=32"}
+    # one row: what it shares with no other row, but differs from the shipped config, is said under the table
+    md = to_markdown(tables(tmp_path / "one", [bare]))
+    assert md_rows(md)[1][3] == "" and "- All runs: weights.source=random protocol.short_side=64 protocol.crop=64 " \
+        "protocol.stride=32." in md
 
 
 def test_a_dataset_without_a_yaml_is_compared_by_its_raw_values(tmp_path):

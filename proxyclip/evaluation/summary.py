@@ -144,7 +144,8 @@ def benchmark_table(records: Sequence[dict], kind: str = "main", datasets: Optio
     table = Table(kind, f"{kind}: mIoU (%)", ["method", "CLIP", "VFM", "setting"],
                   [HEADERS.get(d, d) for d in columns] + ["avg"], with_published=True)
     table.rows = [row for _, row in sorted(entries, key=lambda e: e[0])]
-    table.notes = _benchmark_notes(table, sorted(used, key=COLLECTIONS[kind].index))
+    table.notes = _shared_note(records, [g["ident"] for g in groups.values()], setting + list(LABEL_FIELDS)) + \
+        _benchmark_notes(table, sorted(used, key=COLLECTIONS[kind].index))
     return table
 
 
