@@ -139,6 +139,8 @@ def axis_value(fields: Mapping[str, Any], name: str) -> Any:
 def resolve_field(name: str, records: Sequence[dict]) -> str:
     """A field by its flat name or an alias (``method.beta`` -> ``beta``, ``vfm`` -> ``vfm.name``,
     ``postprocess.name`` -> ``postprocess``); unknown -> one error listing the fields present."""
+    if name == COLUMN_FIELD:
+        raise ValueError("the dataset is not a pivot field: every pivot is one grid a dataset, plus their mean")
     names = field_names(records) + [COLUMN_FIELD]
     candidates = [f"{name}.name", name, name.split(".", 1)[-1] if name.startswith("method.") else name,
                   name[:-len(".name")] if name.endswith(".name") else name]

@@ -179,32 +179,33 @@ def pivot_tables(records: Sequence[dict], rows: str, cols: str, kind: Optional[s
     if rf == cf:
         raise ValueError(f"--rows and --cols are the same field {rf!r}")
     kind = kind or f"{rf} x {cf}"
-    idents = identities(records)
+    idents = [dict(i, **{f: axis_value(fields_of(r), f) for f in (rf, cf)})  # the axes: raw values
+              for r, i in zip(records, identities(records))]
     knobs = knob_names(records)
     varying = [k for k in field_names(records) if k not in (rf, cf) and len({i.get(k, ABSENT) for i in idents}) > 1]
     along_cols = [k for k in varying if follows(k, cf, idents)]  # travel with the column value
     grid: Dict[tuple, Dict[tuple, Dict[str, float]]] = {}
     row_ident: Dict[tuple, Dict[str, Any]] = {}
     col_ident: Dict[tuple, Dict[str, Any]] = {}
-    some: Dict[tuple, dict] = {}  # a record of each row and column (for its defaults)
+    row_rec: Dict[tuple, dict] = {}  # a record of each row and column (for its defaults)
+    col_rec: Dict[tuple, dict] = {}
     for r, ident in zip(records, idents):  # oldest first: a rerun replaces an older result
-        raw = fields_of(r)
         rest = {k: v for k, v in ident.items() if k not in (rf, cf) and k not in along_cols}
-        rkey = (axis_value(raw, rf), row_key(rest))
-        ckey = (axis_value(raw, cf),) + tuple(ident.get(k, ABSENT) for k in along_cols)
+        rkey = (ident[rf], row_key(rest))
+        ckey = (ident[cf],) + tuple(ident.get(k, ABSENT) for k in along_cols)
         row_ident.setdefault(rkey, {rf: rkey[0], **rest})
-        some.setdefault(rkey, r)
-        some.setdefault(ckey, r)
+        row_rec.setdefault(rkey, r)
+        col_rec.setdefault(ckey, r)
         col_ident.setdefault(ckey, {cf: ckey[0], **{k: ident[k] for k in along_cols if k in ident}})
         grid.setdefault(rkey, {}).setdefault(ckey, {})[r["dataset"]] = r["mIoU"]
     order = field_names(records)
     setting = telling_fields(list(row_ident.values()), (rf,), order, knobs)
     col_extra = telling_fields(list(col_ident.values()), (cf,), order, knobs)
-    row_label = {k: label(v, setting, defaults(some[k])) for k, v in row_ident.items()}
-    col_label = {k: label(v, col_extra, defaults(some[k])) for k, v in col_ident.items()}
+    row_label = {k: label(v, setting, defaults(row_rec[k])) for k, v in row_ident.items()}
+    col_label = {k: label(v, col_extra, defaults(col_rec[k])) for k, v in col_ident.items()}
     row_keys = sorted(grid, key=lambda k: (order_key(k[0], PREFERRED.get(rf, ())), row_label[k]))
     col_keys = sorted(col_ident, key=lambda k: (order_key(k[0], PREFERRED.get(cf, ())), col_label[k]))
-    with_setting = bool(setting)
+    with_setting = any(row_label.values())
     notes = _shared_note(records, list(row_ident.values()), setting + [rf, cf] + along_cols) + [NO_PUBLISHED_NOTE]
     datasets = _datasets(records)
     tables = []
