@@ -3,10 +3,11 @@
     proxyclip-eval -m experiment=paper_main data_root=DATA device=cuda
     proxyclip-summary multirun/paper_main/2026-11-24_10-00-00          # the table kind the preset names
     proxyclip-summary multirun/eval/2026-11-24_10-00-00 --table vfm --wandb
+    proxyclip-summary multirun/eval/2026-11-24_10-00-00 --rows vfm.layer --cols protocol.crop
 
 Prints the tables (markdown) and writes summary.md and summary.csv (into the first folder, or
 --out); with --wandb also a W&B run holding them (mode, project, ... from conf/logger/wandb.yaml).
-Table kinds and presets: docs/tables.md.
+Table kinds, presets, how rows are told apart and published numbers matched: docs/tables.md.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ def main(argv=None) -> int:
     ap.add_argument("paths", nargs="+", type=Path, help="run or multirun folders (searched recursively) or metrics.json files")
     ap.add_argument("--table", choices=KINDS, default=None,
                     help="table kind (default: the one of the preset the runs recorded, else main)")
+    ap.add_argument("--rows", default=None, metavar="FIELD",
+                    help="pivot: rows = this flat field of the runs' specs (beta, vfm.layer, protocol.crop, clip.name, "
+                         "method, postprocess.steps, ...; method.beta = beta); needs --cols")
+    ap.add_argument("--cols", default=None, metavar="FIELD", help="pivot: columns = this field (see --rows)")
     ap.add_argument("--out", type=Path, default=None, help="where to write summary.md / summary.csv (default: first folder)")
     ap.add_argument("--paper", action="store_true",
                     help="main/methods: all eight benchmark columns, plus the published rows no run matches")
@@ -54,7 +59,8 @@ def main(argv=None) -> int:
     datasets = args.datasets.split(",") if args.datasets else None
     logger_cfg = wandb_logger_config(args.wandb_mode, out) if args.wandb else None
     try:
-        md = summarize(args.paths, out, paper=args.paper, datasets=datasets, kind=args.table, logger_cfg=logger_cfg)
+        md = summarize(args.paths, out, paper=args.paper, datasets=datasets, kind=args.table, logger_cfg=logger_cfg,
+                       rows=args.rows, cols=args.cols)
     except (FileNotFoundError, ValueError) as e:
         print(f"proxyclip-summary: error: {e}", file=sys.stderr)
         return 2

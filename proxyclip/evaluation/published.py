@@ -1,7 +1,11 @@
 """Published mIoU numbers (no post-processing) that ``proxyclip-summary`` prints beside measured ones.
 
 Papers evaluate with different protocols (short side, crop, ``prob_thd``, background words), so
-every row carries the paper it comes from; the summary prints that source under the table.
+every row carries the paper it comes from; the summary prints that source under the table, and
+for a row measured under its own paper's protocol (``own_protocol``) says that ours ran under
+ProxyCLIP's. Each row names the config overrides that reproduce it; a measured row gets its
+numbers only if its specs equal that configuration's in every field (:func:`find_published`;
+``precision`` aside: the published code ran fp16 on GPUs).
 Columns follow :data:`PAPER_DATASETS` (the order of the ProxyCLIP paper's main table); see
 ``docs/tables.md``.
 
@@ -16,7 +20,9 @@ Two collections:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+
+from .records import PER_DATASET, config_fields, fields_of
 
 # dataset keys in the order of the paper's columns
 PAPER_DATASETS: Tuple[str, ...] = ("voc21", "context60", "coco_object", "voc20", "context59", "coco_stuff",
@@ -30,57 +36,61 @@ NACLIP_PAPER = "NACLIP paper (Hajimiri et al., WACV 2025), without PAMR"
 
 @dataclass(frozen=True)
 class PublishedRow:
-    """One published row: which configuration it is, its numbers, and where they come from.
-
-    ``vfm=None`` means the method uses no VFM, so a measured row matches whatever VFM it records.
-    """
+    """One published row: the config overrides that reproduce its configuration, its numbers, and
+    where they come from. Its specs (:func:`expected_fields`) are ``eval`` composed with the
+    overrides, ``dataset=<d>`` and ``weights=pretrained``; a measured row gets its numbers only
+    if its specs equal those in every field (:data:`NOT_COMPARED` aside) and it ran on all images."""
 
     label: str  # as the paper names the row, e.g. "ProxyCLIP B/16 + DINO B/8"
-    method: str  # our method key: clip | maskclip | sclip | clearclip | naclip | proxyclip
-    clip: str  # our CLIP id "<open_clip name>/<tag>", as metrics.json records it
-    vfm: Optional[str]  # our VFM key, or None for methods without a VFM
+    overrides: Tuple[str, ...]  # e.g. ("method=proxyclip", "clip=vit_b16", "vfm=dino_vitb8")
     miou: Tuple[float, ...]  # one value per PAPER_DATASETS entry
     avg: float  # the paper's own average column (a test checks it against the values)
     source: str
+    own_protocol: bool = False  # measured under its paper's own protocol, not ProxyCLIP's
 
     @property
     def by_dataset(self) -> Dict[str, float]:
         return dict(zip(PAPER_DATASETS, self.miou))
 
+    @property
+    def method(self) -> str:
+        return dict(o.split("=", 1) for o in self.overrides)["method"]
 
-B16, L14, H14 = "ViT-B-16/openai", "ViT-L-14/openai", "ViT-H-14/laion2b_s32b_b79k"
+
+B16, L14, H14 = "clip=vit_b16", "clip=vit_l14", "clip=vit_h14"
+DINO_B8 = "vfm=dino_vitb8"
 # rows both collections quote (the ProxyCLIP paper copies SCLIP's and NACLIP's own numbers)
 SCLIP_B16 = (59.1, 30.4, 30.5, 80.4, 34.2, 22.4, 32.2, 16.1)
 NACLIP_B16 = (58.9, 32.2, 33.2, 79.7, 35.2, 23.3, 35.5, 17.4)
 PROXYCLIP_B16_DINO_B8 = (61.3, 35.3, 37.5, 80.3, 39.1, 26.5, 38.1, 20.2)
 
 PAPER_MAIN: Tuple[PublishedRow, ...] = (
-    PublishedRow("CLIP ViT-B/16 (vanilla)", "clip", B16, None,
+    PublishedRow("CLIP ViT-B/16 (vanilla)", ("method=clip", B16),
                  (16.4, 8.4, 5.6, 41.9, 9.2, 4.4, 5.0, 2.9), 11.7, PROXYCLIP_PAPER),
-    PublishedRow("SCLIP B/16", "sclip", B16, None,
-                 SCLIP_B16, 38.2, PROXYCLIP_PAPER),
-    PublishedRow("NACLIP B/16", "naclip", B16, None,
-                 NACLIP_B16, 39.4, PROXYCLIP_PAPER),
-    PublishedRow("ProxyCLIP B/16 + DINO B/8", "proxyclip", B16, "dino_vitb8",
+    PublishedRow("SCLIP B/16", ("method=sclip", B16),
+                 SCLIP_B16, 38.2, PROXYCLIP_PAPER, own_protocol=True),
+    PublishedRow("NACLIP B/16", ("method=naclip", B16),
+                 NACLIP_B16, 39.4, PROXYCLIP_PAPER, own_protocol=True),
+    PublishedRow("ProxyCLIP B/16 + DINO B/8", ("method=proxyclip", B16, DINO_B8),
                  PROXYCLIP_B16_DINO_B8, 42.3, PROXYCLIP_PAPER),
-    PublishedRow("ProxyCLIP L/14 + DINO B/8", "proxyclip", L14, "dino_vitb8",
+    PublishedRow("ProxyCLIP L/14 + DINO B/8", ("method=proxyclip", L14, DINO_B8),
                  (60.6, 34.5, 39.2, 83.2, 37.7, 25.6, 40.1, 22.6), 43.0, PROXYCLIP_PAPER),
-    PublishedRow("ProxyCLIP H/14 (LAION) + DINO B/8", "proxyclip", H14, "dino_vitb8",
+    PublishedRow("ProxyCLIP H/14 (LAION) + DINO B/8", ("method=proxyclip", H14, DINO_B8),
                  (65.0, 35.4, 38.6, 83.3, 39.6, 26.8, 42.0, 24.2), 44.4, PROXYCLIP_PAPER),
 )
 
 METHODS_B16: Tuple[PublishedRow, ...] = (
-    PublishedRow("CLIP ViT-B/16", "clip", B16, None,
-                 (18.8, 9.9, 8.1, 49.4, 11.1, 5.7, 6.5, 3.1), 14.1, SCLIP_PAPER),
-    PublishedRow("MaskCLIP ViT-B/16", "maskclip", B16, None,
-                 (43.4, 23.2, 20.6, 74.9, 26.4, 16.7, 24.9, 11.9), 30.3, SCLIP_PAPER),
-    PublishedRow("SCLIP ViT-B/16", "sclip", B16, None,
-                 SCLIP_B16, 38.2, SCLIP_PAPER),
-    PublishedRow("ClearCLIP ViT-B/16", "clearclip", B16, None,
-                 (51.8, 32.6, 33.0, 80.9, 35.9, 23.9, 30.0, 16.7), 38.1, CLEARCLIP_PAPER),
-    PublishedRow("NACLIP ViT-B/16", "naclip", B16, None,
-                 NACLIP_B16, 39.4, NACLIP_PAPER),
-    PublishedRow("ProxyCLIP ViT-B/16 + DINO B/8", "proxyclip", B16, "dino_vitb8",
+    PublishedRow("CLIP ViT-B/16", ("method=clip", B16),
+                 (18.8, 9.9, 8.1, 49.4, 11.1, 5.7, 6.5, 3.1), 14.1, SCLIP_PAPER, own_protocol=True),
+    PublishedRow("MaskCLIP ViT-B/16", ("method=maskclip", B16),
+                 (43.4, 23.2, 20.6, 74.9, 26.4, 16.7, 24.9, 11.9), 30.3, SCLIP_PAPER, own_protocol=True),
+    PublishedRow("SCLIP ViT-B/16", ("method=sclip", B16),
+                 SCLIP_B16, 38.2, SCLIP_PAPER, own_protocol=True),
+    PublishedRow("ClearCLIP ViT-B/16", ("method=clearclip", B16),
+                 (51.8, 32.6, 33.0, 80.9, 35.9, 23.9, 30.0, 16.7), 38.1, CLEARCLIP_PAPER, own_protocol=True),
+    PublishedRow("NACLIP ViT-B/16", ("method=naclip", B16),
+                 NACLIP_B16, 39.4, NACLIP_PAPER, own_protocol=True),
+    PublishedRow("ProxyCLIP ViT-B/16 + DINO B/8", ("method=proxyclip", B16, DINO_B8),
                  PROXYCLIP_B16_DINO_B8, 42.3, PROXYCLIP_PAPER),
 )
 
@@ -90,16 +100,45 @@ REFERENCE_ROWS: Dict[str, Tuple[PublishedRow, ...]] = {"main": PAPER_MAIN, "meth
 COLLECTIONS: Dict[str, Tuple[PublishedRow, ...]] = {"main": PAPER_MAIN + METHODS_B16, "methods": METHODS_B16 + PAPER_MAIN}
 
 
-def find_published(method: str, clip: str, vfm: str,
-                   rows: Iterable[PublishedRow] = COLLECTIONS["main"]) -> Optional[PublishedRow]:
-    """The first published row for this (method, CLIP, VFM), or None.
+# fields a published configuration is not compared on: the published code ran fp16 on GPUs, and
+# no config states the sample list (``limit`` must be null: every image)
+NOT_COMPARED = ("precision", "samples", "num_samples")
 
-    A row without a VFM (``vfm=None``) matches any recorded VFM (the method does not use one).
-    """
+
+def row_fields(row: PublishedRow, dataset: str) -> Dict[str, Any]:
+    """The flat fields of ``row``'s configuration on ``dataset``."""
+    return config_fields(tuple(row.overrides) + (f"dataset={dataset}", "weights=pretrained"))
+
+
+def mismatch(row: PublishedRow, fields: Mapping[str, Any], dataset: str) -> Dict[str, Tuple[Any, Any]]:
+    """``{field: (measured, published config's)}`` where a record's ``fields`` on ``dataset`` differ
+    from ``row``'s configuration (:data:`NOT_COMPARED` left out)."""
+    want = row_fields(row, dataset)
+    names = (set(want) | set(fields)) - set(NOT_COMPARED)
+    return {k: (fields.get(k), want.get(k)) for k in sorted(names) if fields.get(k) != want.get(k)}
+
+
+def find_published(records: Sequence[Mapping[str, Any]],
+                   rows: Iterable[PublishedRow] = COLLECTIONS["main"]) -> Optional[PublishedRow]:
+    """The first published row whose configuration equals, in every field, each of ``records``
+    (one measured row: a record a dataset, with ``"_fields"`` as
+    :func:`proxyclip.evaluation.records.fields_of` gives) on a dataset it has numbers for; None if
+    there is none (or no record is on a published dataset)."""
     for row in rows:
-        if row.method == method and row.clip == clip and row.vfm in (None, vfm):
+        mine = [r for r in records if r["dataset"] in row.by_dataset]
+        if mine and all(_may_match(row, fields_of(r)) for r in mine) and \
+                not any(mismatch(row, fields_of(r), r["dataset"]) for r in mine):
             return row
     return None
+
+
+def _may_match(row: PublishedRow, fields: Mapping[str, Any]) -> bool:
+    """A quick test on the fields no dataset changes (one composition a published row)."""
+    if fields.get("method") != row.method:
+        return False
+    want = row_fields(row, PAPER_DATASETS[0])
+    names = (set(want) | set(fields)) - set(NOT_COMPARED) - set(PER_DATASET)
+    return all(fields.get(k) == want.get(k) for k in names)
 
 
 def published_average(row: PublishedRow, datasets: Sequence[str]) -> Optional[float]:

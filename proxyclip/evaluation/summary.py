@@ -1,31 +1,24 @@
 """Paper-layout tables from ``proxyclip-eval`` results (``proxyclip-summary``; see ``docs/tables.md``).
 
-Reads every ``metrics.json`` below the given folders and builds one kind of table:
+Reads every ``metrics.json`` below the given folders (:mod:`.records`) and builds one kind of table:
 
-- ``main``: one row per (method, CLIP, VFM, setting), one column per benchmark in the paper's
-  order, plus the average; a published number (:mod:`.published`) is shown beside each measured
-  one with the difference (measured - published).
+- ``main``: one row per run identity (method, CLIP, VFM, setting), one column per benchmark in
+  the paper's order, plus the average; a published number (:mod:`.published`) is shown beside a
+  measured one only where the row's specs equal that published configuration in every field.
 - ``methods``: the same layout, rows in the order clip, maskclip, sclip, clearclip, naclip,
   proxyclip, published ViT-B/16 rows of each method's own paper beside them.
-- ``vfm``: rows = VFM, columns = CLIP, cell = mean mIoU over the datasets (and one table a dataset).
-- ``beta_gamma``: rows = beta, columns = gamma; ``norm_mask``: rows = shift, columns = mask
-  (one grid a dataset, plus their average).
+- a pivot (:func:`pivot_tables`) on any two flat fields, ``--rows KNOB --cols KNOB``: one grid
+  a dataset plus their mean. ``vfm`` (rows ``vfm.name``, columns ``clip.name``), ``beta_gamma``
+  and ``norm_mask`` (rows ``shift``, columns ``mask``) are named instances (:data:`PIVOTS`).
 
-A "setting" column names whatever else tells rows apart: hyperparameters that differ between
-runs of the same dataset and model, non-pretrained weights, a VFM layer or feature other than
-the default, post-processing, an image subset.
+Rows whose specs differ are distinct rows; a "setting" column names the fields that differ
+among the rows shown (:func:`.records.telling_fields`).
 """
 
 from __future__ import annotations
 
-import csv
-import functools
-import io
-import json
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .published import (
     COLLECTIONS,
@@ -34,50 +27,44 @@ from .published import (
     PublishedRow,
     find_published,
     published_average,
+    row_fields,
 )
+from .records import (
+    ABSENT,
+    DEFAULT,
+    axis_value,
+    PER_DATASET,
+    collect,
+    base_overrides,
+    config_fields,
+    defaults,
+    field_names,
+    fields_of,
+    fmt,
+    follows,
+    identities,
+    knob_names,
+    label,
+    order_key,
+    resolve_field,
+    row_key,
+    telling_fields,
+)
+from .report import Cell, Table, cell_text, log_tables, to_csv, to_markdown  # noqa: F401 (re-exported)
 
 HEADERS = {"voc21": "VOC21", "context60": "PC60", "coco_object": "Object", "voc20": "VOC20", "context59": "PC59",
            "coco_stuff": "Stuff", "cityscapes": "City", "ade20k": "ADE", "context459": "PC459", "ade847": "ADE847"}
-KINDS = ("main", "methods", "vfm", "beta_gamma", "norm_mask")
-PRESET_KINDS = {"paper_main": "main", "paper_methods": "methods", "paper_vfm": "vfm",
-                "paper_beta_gamma": "beta_gamma", "paper_norm_mask": "norm_mask"}
-METHOD_ORDER = ("clip", "maskclip", "sclip", "clearclip", "naclip", "proxyclip")
-CLIP_ORDER = ("ViT-B-16/openai", "ViT-L-14/openai", "ViT-H-14/laion2b_s32b_b79k")
-VFM_ORDER = ("dino_vitb8", "dino_vitb16", "dinov2_vitb14_reg", "sam_vitb", "mae_vitb16")
-# fields that always identify a row, with the value a record without them gets
-BASE_FIELDS: Dict[str, Any] = {"method": "?", "clip": "?", "vfm": "none", "weights": "pretrained", "vfm_layer": -1,
-                               "vfm_feature": "tokens", "postprocess": "none", "limit": None, "limit_seed": 0}
-# the value of a base field that needs no mention in the "setting" column
-UNREMARKABLE: Dict[str, Any] = {"weights": "pretrained", "vfm_layer": -1, "vfm_feature": "tokens",
-                                "postprocess": "none", "limit": None}
+PIVOTS: Dict[str, Tuple[str, str]] = {"vfm": ("vfm.name", "clip.name"), "beta_gamma": ("beta", "gamma"),
+                                      "norm_mask": ("shift", "mask")}
+KINDS = ("main", "methods") + tuple(PIVOTS)
+PRESET_KINDS = {f"paper_{k}": k for k in KINDS}  # conf/experiment/paper_<kind>.yaml
+PREFERRED = {"method": ("clip", "maskclip", "sclip", "clearclip", "naclip", "proxyclip"),
+             "clip.name": ("ViT-B-16", "ViT-L-14", "ViT-H-14"),
+             "vfm.name": ("dino_vitb8", "dino_vitb16", "dinov2_vitb14_reg", "sam_vitb", "mae_vitb16")}
+LABEL_FIELDS = ("method", "clip.name", "clip.pretrained", "vfm.name", "vfm")  # main/methods: own columns
 NO_PUBLISHED_NOTE = "No published numbers for this table in our docs: measured mIoU only."
-
-
-# ----------------------------------------------------------------------------------------------
-# records
-
-
-def collect(paths: Iterable[Path]) -> List[dict]:
-    """Every ``metrics.json`` below ``paths`` (files or folders), oldest first."""
-    files: List[Path] = []
-    for p in map(Path, paths):
-        if p.is_file():
-            files.append(p)
-        elif p.is_dir():
-            files.extend(p.rglob("metrics.json"))
-        else:
-            raise FileNotFoundError(f"{p}: no such file or folder (give proxyclip-eval run or multirun folders)")
-    records = []
-    for f in sorted(set(files), key=lambda q: q.stat().st_mtime):
-        try:
-            r = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{f}: not a metrics.json written by proxyclip-eval ({e})") from e
-        if not isinstance(r, dict) or "dataset" not in r or "mIoU" not in r:
-            raise ValueError(f"{f}: missing 'dataset' or 'mIoU'; not a metrics.json written by proxyclip-eval")
-        r["_path"] = str(f)
-        records.append(r)
-    return records
+PRECISION_NOTE = ("Published numbers ran in fp16 on GPUs: a run's precision is not compared; every other field "
+                  "of its specs is, and it must cover every image (limit null).")
 
 
 def default_kind(records: Sequence[dict]) -> str:
@@ -86,115 +73,13 @@ def default_kind(records: Sequence[dict]) -> str:
     return PRESET_KINDS.get(names.pop(), "main") if len(names) == 1 else "main"
 
 
-def _params(r: dict) -> dict:
-    return r.get("params") or {}
-
-
-def param_value(r: dict, key: str) -> Any:
-    """``params[key]`` of a record; if absent, ``method.<key>`` of the run's resolved Hydra config
-    (``.hydra/config.yaml`` beside its metrics.json), else None."""
-    if key in _params(r):
-        return _params(r)[key]
-    return _hydra_method(str(Path(r.get("_path", "")).parent)).get(key)
-
-
-@functools.lru_cache(maxsize=None)
-def _hydra_method(run_dir: str) -> dict:
-    path = Path(run_dir) / ".hydra" / "config.yaml"
-    if not run_dir or not path.is_file():
-        return {}
-    from omegaconf import OmegaConf
-
-    method = OmegaConf.to_container(OmegaConf.load(path)).get("method") or {}
-    return method if isinstance(method, dict) else {}
-
-
-def row_params(records: Sequence[dict], exclude: Sequence[str] = ()) -> List[str]:
-    """Hyperparameters that tell rows apart: those differing between two records of the same
-    dataset and base fields (a dataset's own protocol, e.g. its prob_thd, is not one)."""
-    seen: Dict[tuple, Dict[str, set]] = {}
-    for r in records:
-        group = seen.setdefault((r["dataset"],) + tuple(_base(r, exclude)), {})
-        for k, v in _params(r).items():
-            group.setdefault(k, set()).add(_hashable(v))
-    keys = {k for group in seen.values() for k, vals in group.items() if len(vals) > 1}
-    return sorted(keys - set(exclude))
-
-
-def _base(r: dict, exclude: Sequence[str] = ()) -> List[Any]:
-    return [r.get(f, d) for f, d in BASE_FIELDS.items() if f not in exclude]
-
-
-def _hashable(v: Any) -> Any:
-    return json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v
-
-
-def setting_label(r: dict, params: Sequence[str], fields: Sequence[str] = ()) -> str:
-    """What else identifies ``r``'s row: ``fields`` (base fields named always), non-default base
-    fields, and the row-telling ``params``."""
-    parts = [f"{k}={fmt(r.get(k, BASE_FIELDS[k]))}" for k in fields]
-    parts += [f"{k}={fmt(r.get(k, BASE_FIELDS[k]))}" for k, plain in UNREMARKABLE.items()
-              if r.get(k, BASE_FIELDS[k]) != plain]
-    if r.get("limit"):
-        parts.append(f"limit_seed={r.get('limit_seed', 0)}")
-    parts += [f"{k}={fmt(_params(r).get(k))}" for k in params]
-    return " ".join(parts)
-
-
-def fmt(v: Any) -> str:
-    if isinstance(v, bool):
-        return "on" if v else "off"
-    if isinstance(v, float):
-        return f"{v:.1f}" if v.is_integer() else f"{v:g}"
-    return "-" if v is None else str(v)
-
-
-def order_key(value: Any, preferred: Sequence[Any] = ()) -> tuple:
-    """Preferred values first (in their order), then numbers ascending, then the rest by name."""
-    if value in preferred:
-        return (0, preferred.index(value), 0, "")
-    if isinstance(value, (int, float)):
-        return (1, 0, value, "")
-    return (2, 0, 0, str(value))
-
-
-# ----------------------------------------------------------------------------------------------
-# tables
-
-
-@dataclass
-class Cell:
-    """A measured mIoU (or mean of several) and the published one it is compared with."""
-
-    value: Optional[float] = None
-    published: Optional[float] = None
-    partial: bool = False  # a mean over fewer datasets than the table's columns
-
-    @property
-    def diff(self) -> Optional[float]:
-        if self.value is None or self.published is None or math.isnan(self.value):
-            return None
-        return self.value - self.published
-
-
-@dataclass
-class Table:
-    name: str  # "main", "methods", "average", or a dataset key
-    title: str
-    label_columns: List[str]
-    value_columns: List[str]
-    rows: List[Tuple[List[str], List[Cell]]] = field(default_factory=list)
-    notes: List[str] = field(default_factory=list)
-    with_published: bool = False
-
-
 def _mean(values: Sequence[Optional[float]]) -> Tuple[Optional[float], bool]:
     """(mean of the present, non-NaN values or None, whether some were missing)."""
-    got = [v for v in values if v is not None and not math.isnan(v)]
+    got = [v for v in values if v is not None and v == v]
     return (sum(got) / len(got) if got else None), len(got) < len(values)
 
 
-def _columns(records: Sequence[dict], datasets: Optional[Sequence[str]], paper: bool) -> List[str]:
+def _datasets(records: Sequence[dict], datasets: Optional[Sequence[str]] = None, paper: bool = False) -> List[str]:
     if datasets:
         return list(datasets)
     present = {r["dataset"] for r in records}
@@ -202,12 +87,21 @@ def _columns(records: Sequence[dict], datasets: Optional[Sequence[str]], paper: 
     return ordered + sorted(present - set(PAPER_DATASETS))
 
 
-def _paper_config(r: dict) -> bool:
-    """Published numbers are for the default VFM layer and feature, without post-processing."""
-    return all(r.get(k, BASE_FIELDS[k]) == UNREMARKABLE[k] for k in ("vfm_layer", "vfm_feature", "postprocess"))
+# ---------------------------------------------------------------------------------------------- main / methods
+def _clip_label(f: Dict[str, Any]) -> str:
+    return f"{f.get('clip.name', '?')}/{f.get('clip.pretrained', '?')}"
 
 
-def _benchmark_row(label: List[str], by_dataset: Dict[str, float], columns: Sequence[str],
+def _vfm_label(f: Dict[str, Any]) -> str:
+    return str(f.get("vfm.name", f.get("vfm", "none")))
+
+
+def _row_order(f: Dict[str, Any], setting: str) -> tuple:
+    return tuple(order_key(f.get(k, ABSENT), PREFERRED.get(k, ())) for k in ("method", "clip.name")) + (
+        order_key(f.get("clip.pretrained")), order_key(_vfm_label(f), PREFERRED["vfm.name"]), setting)
+
+
+def _benchmark_row(label_: List[str], by_dataset: Dict[str, float], columns: Sequence[str],
                    pub: Optional[PublishedRow]) -> Tuple[List[str], List[Cell]]:
     """A cell per dataset column, then the average. A measured row (``by_dataset`` not empty) gets
     published numbers beside its measured cells only; a reference row (empty) the published ones."""
@@ -216,50 +110,48 @@ def _benchmark_row(label: List[str], by_dataset: Dict[str, float], columns: Sequ
     cells = [Cell(by_dataset.get(d), published.get(d) if d in compared else None) for d in columns]
     mean, partial = _mean([by_dataset.get(d) for d in columns]) if by_dataset else (None, False)
     cells.append(Cell(mean, published_average(pub, compared) if pub and compared else None, partial))
-    return label, cells
+    return label_, cells
 
 
 def benchmark_table(records: Sequence[dict], kind: str = "main", datasets: Optional[Sequence[str]] = None,
                     paper: bool = False) -> Table:
-    """The ``main`` / ``methods`` table: rows = (method, CLIP, VFM, setting), columns = datasets + avg.
+    """The ``main`` / ``methods`` table: a row per run identity, columns = datasets + avg.
 
     ``paper=True``: all eight benchmark columns, and the published rows no measured row matches
     (as reference rows, published numbers only).
     """
-    columns = _columns(records, datasets, paper)
-    params = row_params(records)
+    columns = _datasets(records, datasets, paper)
     groups: Dict[tuple, Dict[str, Any]] = {}
-    for r in records:  # oldest first: a rerun replaces an older result
-        g = groups.setdefault(tuple(_base(r)) + tuple(_hashable(_params(r).get(k)) for k in params),
-                              {"record": r, "cells": {}})
+    for r, ident in zip(records, identities(records)):  # oldest first: a rerun replaces an older result
+        g = groups.setdefault(row_key(ident), {"ident": ident, "cells": {}, "records": {}})
         g["cells"][r["dataset"]] = r["mIoU"]
+        g["records"][r["dataset"]] = r
+    setting = telling_fields([g["ident"] for g in groups.values()], LABEL_FIELDS, field_names(records),
+                             knob_names(records))
     entries, used = [], []
     for g in groups.values():
-        r = g["record"]
-        pub = find_published(r.get("method", "?"), r.get("clip", "?"), r.get("vfm", "none"), COLLECTIONS[kind]) \
-            if _paper_config(r) else None
+        f = g["ident"]
+        pub = find_published(list(g["records"].values()), COLLECTIONS[kind])
         used += [pub] if pub and pub not in used else []
-        label = [str(r.get("method", "?")), str(r.get("clip", "?")), str(r.get("vfm", "none")), setting_label(r, params)]
-        entries.append((_row_order(r.get("method"), r.get("clip"), r.get("vfm"), label[-1]),
-                        _benchmark_row(label, g["cells"], columns, pub)))
+        first = next(iter(g["records"].values()))
+        lab = [str(f.get("method")), _clip_label(f), _vfm_label(f), label(f, setting, defaults(first))]
+        entries.append((_row_order(f, lab[-1]), _benchmark_row(lab, g["cells"], columns, pub)))
     for pub in (p for p in REFERENCE_ROWS[kind] if paper and p not in used):
-        entries.append((_row_order(pub.method, pub.clip, pub.vfm, "~"),
-                        _benchmark_row([pub.label, pub.clip, pub.vfm or "-", "published"], {}, columns, pub)))
+        f = row_fields(pub, PAPER_DATASETS[0])
+        entries.append((_row_order(f, "~"), _benchmark_row([pub.label, _clip_label(f), _vfm_label(f) if
+                                                             "vfm.name" in f else "-", "published"], {}, columns, pub)))
         used.append(pub)
     table = Table(kind, f"{kind}: mIoU (%)", ["method", "CLIP", "VFM", "setting"],
                   [HEADERS.get(d, d) for d in columns] + ["avg"], with_published=True)
     table.rows = [row for _, row in sorted(entries, key=lambda e: e[0])]
-    table.notes = _benchmark_notes(table, used)
+    table.notes = _shared_note(records, [g["ident"] for g in groups.values()], setting + list(LABEL_FIELDS)) + \
+        _benchmark_notes(table, sorted(used, key=COLLECTIONS[kind].index))
     return table
-
-
-def _row_order(method: Any, clip: Any, vfm: Any, setting: str) -> tuple:
-    return (order_key(method, METHOD_ORDER), order_key(clip, CLIP_ORDER), order_key(vfm, VFM_ORDER), setting)
 
 
 def _benchmark_notes(table: Table, used: Sequence[PublishedRow]) -> List[str]:
     notes = ["Cells: measured (published, measured - published)." if used else
-             "No published row matches these runs: measured mIoU only."]
+             "No published row matches these runs (same specs in every field): measured mIoU only."]
     if any(cells[-1].partial for _, cells in table.rows):
         notes.append("\\* average over the datasets this row has (some are missing); "
                      "its published average is over the same datasets.")
@@ -267,63 +159,90 @@ def _benchmark_notes(table: Table, used: Sequence[PublishedRow]) -> List[str]:
     for p in used:
         sources.setdefault(p.source, []).append(p.label)
     notes += [f"Published {', '.join(labels)}: {source}." for source, labels in sources.items()]
+    own = [p.label for p in used if p.own_protocol]
+    if own:
+        notes.append(f"{', '.join(own)}: published under the paper's own protocol; measured under ProxyCLIP's.")
+    if used:
+        notes.append(PRECISION_NOTE)
     return notes
 
 
-@dataclass(frozen=True)
-class Pivot:
-    """A grid table: rows = ``row_of(record)``, columns = ``col_of(record)``."""
+# ---------------------------------------------------------------------------------------------- pivots
+def pivot_tables(records: Sequence[dict], rows: str, cols: str, kind: Optional[str] = None) -> List[Table]:
+    """A grid on two flat fields (``rows`` and ``cols``, aliases allowed: ``method.beta``): one a
+    dataset (mIoU), preceded by their mean when there are several datasets.
 
-    kind: str
-    row_title: str
-    col_title: str
-    row_of: Callable[[dict], Any]
-    col_of: Callable[[dict], Any]
-    axes: Tuple[str, ...]  # the fields the axes read (left out of the "setting" column)
-    row_order: Tuple[Any, ...] = ()
-    col_order: Tuple[Any, ...] = ()
-
-
-PIVOTS = {
-    "vfm": Pivot("vfm", "VFM", "CLIP", lambda r: r.get("vfm", "none"), lambda r: r.get("clip", "?"),
-                 ("vfm", "clip"), VFM_ORDER, CLIP_ORDER),
-    "beta_gamma": Pivot("beta_gamma", "beta", "gamma", lambda r: param_value(r, "beta"),
-                        lambda r: param_value(r, "gamma"), ("beta", "gamma")),
-    "norm_mask": Pivot("norm_mask", "shift", "mask", lambda r: param_value(r, "shift"),
-                       lambda r: param_value(r, "mask"), ("shift", "mask")),
-}
-
-
-def pivot_tables(records: Sequence[dict], pivot: Pivot) -> List[Table]:
-    """One grid per dataset (mIoU), preceded by their mean when there are several datasets."""
-    params = row_params(records, exclude=pivot.axes)
-    varying = [f for f in ("method", "clip", "vfm") if f not in pivot.axes and len({r.get(f) for r in records}) > 1]
-    grid: Dict[Tuple[Any, str], Dict[Any, Dict[str, float]]] = {}
-    for r in records:  # oldest first: a rerun replaces an older result
-        row = (_hashable(pivot.row_of(r)), setting_label(r, params, varying))
-        grid.setdefault(row, {}).setdefault(_hashable(pivot.col_of(r)), {})[r["dataset"]] = r["mIoU"]
-    datasets = [d for d in PAPER_DATASETS if any(r["dataset"] == d for r in records)]
-    datasets += sorted({r["dataset"] for r in records} - set(datasets))
-    rows = sorted(grid, key=lambda k: (order_key(k[0], pivot.row_order), k[1]))
-    cols = sorted({c for cells in grid.values() for c in cells}, key=lambda c: order_key(c, pivot.col_order))
-    settings = {setting for _, setting in rows}
-    with_setting = len(settings) > 1  # one setting shared by all rows is said once, in a note
-    shared = [f"All runs: {settings.pop()}."] if len(settings) == 1 and "" not in settings else []
-    names = (["average"] if len(datasets) > 1 else []) + datasets
+    Fields that follow an axis (``clip.pretrained`` with ``clip.name`` as columns) travel with it;
+    any other field that differs goes to the "setting" column; one shared by every row is said once.
+    """
+    rf, cf = resolve_field(rows, records), resolve_field(cols, records)
+    if rf == cf:
+        raise ValueError(f"--rows and --cols are the same field {rf!r}")
+    kind = kind or f"{rf} x {cf}"
+    idents = [dict(i, **{f: axis_value(fields_of(r), f) for f in (rf, cf)})  # the axes: raw values
+              for r, i in zip(records, identities(records))]
+    knobs = knob_names(records)
+    varying = [k for k in field_names(records) if k not in (rf, cf) and len({i.get(k, ABSENT) for i in idents}) > 1]
+    along_cols = [k for k in varying if follows(k, cf, idents)]  # travel with the column value
+    grid: Dict[tuple, Dict[tuple, Dict[str, float]]] = {}
+    row_ident: Dict[tuple, Dict[str, Any]] = {}
+    col_ident: Dict[tuple, Dict[str, Any]] = {}
+    row_rec: Dict[tuple, dict] = {}  # a record of each row and column (for its defaults)
+    col_rec: Dict[tuple, dict] = {}
+    for r, ident in zip(records, idents):  # oldest first: a rerun replaces an older result
+        rest = {k: v for k, v in ident.items() if k not in (rf, cf) and k not in along_cols}
+        rkey = (ident[rf], row_key(rest))
+        ckey = (ident[cf],) + tuple(ident.get(k, ABSENT) for k in along_cols)
+        row_ident.setdefault(rkey, {rf: rkey[0], **rest})
+        row_rec.setdefault(rkey, r)
+        col_rec.setdefault(ckey, r)
+        col_ident.setdefault(ckey, {cf: ckey[0], **{k: ident[k] for k in along_cols if k in ident}})
+        grid.setdefault(rkey, {}).setdefault(ckey, {})[r["dataset"]] = r["mIoU"]
+    order = field_names(records)
+    setting = telling_fields(list(row_ident.values()), (rf,), order, knobs)
+    col_extra = telling_fields(list(col_ident.values()), (cf,), order, knobs)
+    row_label = {k: label(v, setting, defaults(row_rec[k])) for k, v in row_ident.items()}
+    col_label = {k: label(v, col_extra, defaults(col_rec[k])) for k, v in col_ident.items()}
+    row_keys = sorted(grid, key=lambda k: (order_key(k[0], PREFERRED.get(rf, ())), row_label[k]))
+    col_keys = sorted(col_ident, key=lambda k: (order_key(k[0], PREFERRED.get(cf, ())), col_label[k]))
+    with_setting = any(row_label.values())
+    notes = _shared_note(records, list(row_ident.values()), setting + [rf, cf] + along_cols) + [NO_PUBLISHED_NOTE]
+    datasets = _datasets(records)
     tables = []
-    for name in names:
+    for name in (["average"] if len(datasets) > 1 else []) + datasets:
         subset = datasets if name == "average" else [name]
-        title = (f"{pivot.kind}: mean mIoU (%) over {', '.join(HEADERS.get(d, d) for d in datasets)}"
-                 if name == "average" else f"{pivot.kind}: mIoU (%) on {HEADERS.get(name, name)}")
-        table = Table(name, title, [pivot.row_title] + (["setting"] if with_setting else []),
-                      [f"{pivot.col_title}={fmt(c)}" for c in cols], notes=shared + [NO_PUBLISHED_NOTE])
-        for key in rows:
-            label = [fmt(key[0])] + ([key[1]] if with_setting else [])
-            table.rows.append((label, [_pivot_cell(grid[key].get(c, {}), subset) for c in cols]))
+        title = (f"{kind}: mean mIoU (%) over {', '.join(HEADERS.get(d, d) for d in datasets)}"
+                 if name == "average" else f"{kind}: mIoU (%) on {HEADERS.get(name, name)}")
+        table = Table(name, title, [rf] + (["setting"] if with_setting else []),
+                      [f"{cf}={_axis(k[0])} {col_label[k]}".strip() for k in col_keys], notes=list(notes))
+        for key in row_keys:
+            lab = [_axis(key[0])] + ([row_label[key]] if with_setting else [])
+            table.rows.append((lab, [_pivot_cell(grid[key].get(c, {}), subset) for c in col_keys]))
         if any(c.partial for _, cells in table.rows for c in cells):
             table.notes.insert(0, "\\* mean over the datasets this cell has (some are missing).")
         tables.append(table)
     return tables
+
+
+def _axis(v: Any) -> str:
+    return "-" if v is ABSENT else fmt(v)
+
+
+def _shared_note(records: Sequence[dict], rows: Sequence[Dict[str, Any]], named: Sequence[str]) -> List[str]:
+    """``All runs: weights.source=random ...``: what every row shares and the shipped config (``eval``
+    with the runs' dataset and preset) does not (a per-dataset field at its default, a value resolved at
+    run time such as ``precision: auto``, and the fields named elsewhere are left out)."""
+    try:
+        config = config_fields(base_overrides(records[0]["dataset"], records[0].get("experiment")))
+    except Exception:  # a dataset or preset without a YAML: nothing to compare with
+        return []
+    shared = {k: v for k, v in rows[0].items() if all(r.get(k, ABSENT) == v for r in rows[1:])}
+    named = [k for k in named if k in rows[0]]
+    differ = [k for k, v in shared.items() if k not in named and v is not DEFAULT
+              and config.get(k, ABSENT) not in (v, "auto") and not (k in PER_DATASET and k not in config)]
+    pair = [{k: rows[0][k] for k in differ + named}, {k: config.get(k, ABSENT) for k in differ + named}]
+    text = label(pair[0], telling_fields(pair, named, differ, knob_names(records)))
+    return [f"All runs: {text}."] if text else []
 
 
 def _pivot_cell(by_dataset: Dict[str, float], datasets: Sequence[str]) -> Cell:
@@ -331,98 +250,40 @@ def _pivot_cell(by_dataset: Dict[str, float], datasets: Sequence[str]) -> Cell:
     return Cell(mean, partial=partial and mean is not None)
 
 
+# ---------------------------------------------------------------------------------------------- entry points
 def build_tables(records: Sequence[dict], kind: Optional[str] = None, datasets: Optional[Sequence[str]] = None,
-                 paper: bool = False) -> List[Table]:
-    """The tables of ``kind`` (None: :func:`default_kind`) for ``records`` (limited to ``datasets``)."""
-    kind = kind or default_kind(records)
-    if kind not in KINDS:
-        raise ValueError(f"unknown table {kind!r}: choose one of {', '.join(KINDS)}")
+                 paper: bool = False, rows: Optional[str] = None, cols: Optional[str] = None) -> List[Table]:
+    """The tables of ``kind`` (None: :func:`default_kind`), or the pivot ``rows`` x ``cols``, for
+    ``records`` (limited to ``datasets``)."""
+    if (rows is None) != (cols is None):
+        raise ValueError("a pivot needs both --rows and --cols")
+    if rows is None:
+        kind = kind or default_kind(records)
+        if kind not in KINDS:
+            raise ValueError(f"unknown table {kind!r}: choose one of {', '.join(KINDS)}")
     if datasets:
         records = [r for r in records if r["dataset"] in datasets]
         if not records:
             raise ValueError(f"no results for the datasets {', '.join(datasets)}")
+    if rows is not None:
+        return pivot_tables(records, rows, cols)
     if kind in PIVOTS:
-        return pivot_tables(records, PIVOTS[kind])
+        return pivot_tables(records, *PIVOTS[kind], kind=kind)
     return [benchmark_table(records, kind, datasets, paper)]
-
-
-# ----------------------------------------------------------------------------------------------
-# output
-
-
-def cell_text(c: Cell) -> str:
-    """``61.0 (61.3, -0.3)``: measured (published, difference of the numbers shown); ``-`` if none."""
-    if c.value is None:
-        return "-" if c.published is None else f"({c.published:.1f})"
-    if math.isnan(c.value):
-        return "nan"
-    shown = f"{c.value:.1f}" + ("*" if c.partial else "")
-    if c.published is None:
-        return shown
-    diff = round(round(c.value, 1) - round(c.published, 1), 1) + 0.0  # of the numbers shown; no "-0.0"
-    return f"{shown} ({c.published:.1f}, {diff:+.1f})"
-
-
-def to_markdown(tables: Sequence[Table]) -> str:
-    out: List[str] = []
-    for t in tables:
-        header = t.label_columns + t.value_columns
-        out += [f"**{t.title}**", "", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        out += ["| " + " | ".join(label + [cell_text(c) for c in cells]) + " |" for label, cells in t.rows]
-        out += [""] + [f"- {note}" for note in t.notes] + [""]
-    return "\n".join(out).rstrip("\n") + "\n"
-
-
-def csv_columns(t: Table) -> List[str]:
-    """``table``, the label columns, then per value column: measured[, published, diff]."""
-    cols = ["table"] + t.label_columns
-    for c in t.value_columns:
-        cols += [c, f"{c} published", f"{c} diff"] if t.with_published else [c]
-    return cols
-
-
-def csv_rows(t: Table) -> List[List[Any]]:
-    rows = []
-    for label, cells in t.rows:
-        row: List[Any] = [t.name] + label
-        for c in cells:
-            row += [c.value, c.published, c.diff] if t.with_published else [c.value]
-        rows.append(row)
-    return rows
-
-
-def to_csv(tables: Sequence[Table]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(csv_columns(tables[0]))
-    for t in tables:
-        for row in csv_rows(t):
-            w.writerow(["" if v is None else (f"{v:.4f}" if isinstance(v, float) else v) for v in row])
-    return buf.getvalue()
-
-
-def log_tables(tables: Sequence[Table], logger_cfg: Any, run_config: Dict[str, Any], group: Optional[str]) -> Optional[str]:
-    """Each table as a W&B table ``summary/<name>`` in one run; returns the run's folder (None if disabled)."""
-    from ..loggers import build_logger
-
-    kind = run_config.get("table", "summary")
-    with build_logger(logger_cfg, run_config, name=f"summary-{kind}", group=group, job_type="summary") as log:
-        for t in tables:
-            log.log_table(f"summary/{t.name}", csv_columns(t), csv_rows(t))
-        return getattr(log, "run_dir", None)
 
 
 def summarize(paths: Iterable[Path], out_dir: Optional[Path] = None, paper: bool = False,
               datasets: Optional[Sequence[str]] = None, kind: Optional[str] = None,
-              logger_cfg: Any = None) -> str:
+              logger_cfg: Any = None, rows: Optional[str] = None, cols: Optional[str] = None) -> str:
     """Collect, tabulate, write ``summary.md`` / ``summary.csv`` into ``out_dir`` (if given), log to
     W&B with ``logger_cfg`` (if given); return the markdown."""
     paths = list(paths)
     records = collect(paths)
     if not records:
         raise FileNotFoundError(f"no metrics.json found below {', '.join(str(p) for p in paths)}")
-    kind = kind or default_kind(records)
-    tables = build_tables(records, kind, datasets, paper)
+    if rows is None and cols is None:
+        kind = kind or default_kind(records)
+    tables = build_tables(records, kind, datasets, paper, rows, cols)
     md = to_markdown(tables)
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -431,6 +292,7 @@ def summarize(paths: Iterable[Path], out_dir: Optional[Path] = None, paper: bool
         (out_dir / "summary.csv").write_text(to_csv(tables))
     if logger_cfg is not None:
         experiments = sorted({str(r.get("experiment")) for r in records if r.get("experiment")})
-        log_tables(tables, logger_cfg, {"table": kind, "paths": [str(p) for p in paths], "experiments": experiments},
+        name = kind if rows is None else f"{rows}_x_{cols}"
+        log_tables(tables, logger_cfg, {"table": name, "paths": [str(p) for p in paths], "experiments": experiments},
                    group=experiments[0] if len(experiments) == 1 else None)
     return md
