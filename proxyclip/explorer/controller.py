@@ -151,7 +151,8 @@ class ExplorerController:
         decl = {k.name: k for k in self.knob_declarations()}
         unknown = sorted(set(values) - set(decl))
         if unknown:
-            raise ValueError(f"method {self.method} has no knob(s) {unknown}; its knobs: {listing(tuple(decl.values()))}")
+            raise ValueError(f"method {self.method} has no knob(s) {unknown}; "
+                             f"its knobs: {listing(tuple(decl.values()))}")
         checked = {name: decl[name].check(v, self.method) for name, v in values.items()}
         for name, v in checked.items():
             if self.knobs.get(name) != v:

@@ -97,3 +97,10 @@ def attention_figure(c: "ExplorerController", show_affinity: bool = False):
     if v.clip_row is not None:
         maps.append((f"CLIP's own attention ({c.clip_name})", v.clip_row, v.clip_grid, v.clip_patch))
     return plot_attention_grid(v.window_image, maps, ncols=2, panel_size=3.0)
+
+
+def status_text(c: "ExplorerController") -> str:
+    """The status line: image, windows, timings, and how many encodes and decodes ran."""
+    return (f"{c.image_name} {tuple(c.image.shape[1:])} | {len(c.encoded.windows)} window(s) | "
+            f"encode {c.last_encode_seconds:.2f} s, decode {c.last_decode_seconds * 1000:.0f} ms | "
+            f"encodes {c.n_encodes}, decodes {c.n_decodes}")

@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 from ..methods import METHODS
 from ..resolve import postprocess_presets
 from ..viz import figure_to_png
+from . import figures
 from .controller import ExplorerController
 from .controls import LABEL, WIDTH, KnobPanel
 from .inputs import ImageInputs, PatchPicker
@@ -36,14 +37,14 @@ class Explorer:
         import ipywidgets as W
 
         self.dpi, self._busy, self.n_renders = dpi, False, 0
-        self.last_update_seconds = float("nan")
-        self._seg_figure = None
+        self._seg_figure, self.last_update_seconds = None, float("nan")
         self.progress = W.FloatProgress(value=0.0, min=0.0, max=1.0, description="idle",
                                         layout=W.Layout(width=WIDTH), style={"description_width": "initial"})
         self.status = W.HTML(value="")
         controller_kwargs.setdefault("progress", self._on_progress)
         c = self.controller = ExplorerController(compute=False, **controller_kwargs)
-        clip_options, vfm_options = list(clip_options or available_backbones("clip")), list(vfm_options or available_backbones("vfm"))
+        clip_options = list(clip_options or available_backbones("clip"))
+        vfm_options = list(vfm_options or available_backbones("vfm"))
         for opts, cur in ((clip_options, c.clip_name), (vfm_options, c.vfm_name)):
             if cur not in opts:
                 opts.insert(0, cur)
@@ -58,7 +59,8 @@ class Explorer:
                                       style=LABEL)
         self.knob_panel = KnobPanel(self._on_knob)  # the method's knobs
         self.post_panel = KnobPanel(self._on_setting)  # the post-process's settings
-        self.show_affinity = W.Checkbox(value=False, description="affinity stages (S, S', mask), if the method has them")
+        self.show_affinity = W.Checkbox(value=False, indent=False,
+                                        description="affinity stages (S, S', mask), if the method has them")
         self.seg_image, self.attn_image = W.Image(format="png"), W.Image(format="png")
         self.patch = PatchPicker(self.seg_image, lambda: None if self._busy else self._seg_figure, self._on_point)
         self.patch_x, self.patch_y, self.click_events = self.patch.patch_x, self.patch.patch_y, self.patch.click_events
@@ -126,9 +128,7 @@ class Explorer:
         if attention:
             self.attn_image.value = figure_to_png(c.attention_figure(self.show_affinity.value), dpi=self.dpi)
         self.n_renders += 1
-        self.status.value = (f"{c.image_name} {tuple(c.image.shape[1:])} | {len(c.encoded.windows)} window(s) | "
-                             f"encode {c.last_encode_seconds:.2f} s, decode {c.last_decode_seconds * 1000:.0f} ms | "
-                             f"encodes {c.n_encodes}, decodes {c.n_decodes}")
+        self.status.value = figures.status_text(c)
         self.last_update_seconds = time.perf_counter() - t0
 
     def _apply(self, change_state, attention: bool = True) -> bool:
