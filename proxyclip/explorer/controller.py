@@ -106,12 +106,12 @@ class ExplorerController:
     # ------------------------------------------------------------------ the declarations behind the controls
     def knob_declarations(self) -> Tuple[Knob, ...]:
         """The current method's knobs: switches, its own, the decision's (one control each)."""
-        self.segmenter
+        self.segmenter  # built on first use: its configured method and post-process become the state
         return get_method(self.method).all_knobs
 
     def postprocess_knobs(self) -> Tuple[Knob, ...]:
         """The current post-process's settings (one control each)."""
-        self.segmenter
+        self.segmenter  # built on first use: its configured method and post-process become the state
         return get_postprocess(self.postprocess["name"]).knobs
 
     def changes_attention(self, name: str) -> bool:
