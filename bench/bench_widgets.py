@@ -3,9 +3,10 @@
     python bench/bench_widgets.py [--clip vit_b16] [--vfm dino_vitb8] [--repeats 5] [--size 336]
 
 Builds the ipywidgets explorer (no browser: the widget models run in this process) on a
-size x size crop of the bundled sample image with random weights, then moves each slider
-and times the whole update the user waits for: decode on the cached Encoded + both figures
-rendered to PNG. Prints medians and the ratio to one encode. Not a test.
+size x size crop of the bundled sample image with random weights, then moves each knob control
+(one per declared knob of the method: ``--method``, default the configured one) and times the
+whole update the user waits for: decode on the cached Encoded + the figures redrawn. Prints
+medians and the ratio to one encode. Not a test.
 """
 
 from __future__ import annotations
@@ -27,6 +28,18 @@ from proxyclip import load_image  # noqa: E402
 from proxyclip.widgets import ASSETS, Explorer  # noqa: E402
 
 
+def two_values(knob, control):
+    """Another value for the control: the other switch state or choice, a slider's other end."""
+    if knob.kind == "bool":
+        return not control.value
+    if knob.kind == "choice":
+        return next(v for v in knob.choices if v != control.value)
+    if knob.kind == "ints":
+        return ", ".join(str(int(v) + 1) for v in control.value.split(","))
+    lo, hi = control.min, control.max
+    return hi if control.value - lo < hi - control.value else lo
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clip", default="vit_b16")
@@ -34,6 +47,7 @@ def main() -> None:
     ap.add_argument("--weights", default="random")
     ap.add_argument("--size", type=int, default=336)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--method", default=None, help="a registered method (default: the configured one)")
     args = ap.parse_args()
 
     img = load_image(ASSETS / "sample.jpg")
@@ -59,34 +73,36 @@ def main() -> None:
         encodes.append(time.perf_counter() - t)
     encode_s = min(encodes)
 
-    sliders = [("gamma", ex.gamma, [2.0, 4.0]), ("beta", ex.beta, [1.0, 1.4]),
-               ("logit temperature", ex.temperature, [0.02, 0.03]), ("prob_thd", ex.prob_thd, [0.1, 0.2])]
+    if args.method:
+        ex.method.value = args.method
     results = {}
     n_enc = c.n_encodes
-    for name, slider, values in sliders:
+    for knob in c.knob_declarations():  # two values of each control: its current one and another
+        control = ex.knob_panel.controls[knob.name]
+        values = [control.value, two_values(knob, control)]
         times, decodes = [], []
         for i in range(args.repeats):
             t = time.perf_counter()
-            slider.value = values[i % 2]
+            control.value = values[(i + 1) % 2]
             times.append(time.perf_counter() - t)
             decodes.append(c.last_decode_seconds)
-        results[name] = (statistics.median(times), statistics.median(decodes))
+        results[knob.name] = (statistics.median(times), statistics.median(decodes))
     patch_times = []
     for i in range(args.repeats):
         t = time.perf_counter()
         ex.patch_x.value = 40 + 30 * (i % 2)
         patch_times.append(time.perf_counter() - t)
-    assert c.n_encodes == n_enc, "a slider re-encoded"
+    assert c.n_encodes == n_enc, "a control re-encoded"
 
     print(f"\none encode (warm, best of 2): {encode_s * 1000:.0f} ms")
-    print(f"{'slider':<20}{'update (median)':>18}{'of which decode':>18}{'ratio to encode':>18}")
+    print(f"{'control':<20}{'update (median)':>18}{'of which decode':>18}{'ratio to encode':>18}")
     for name, (upd, dec) in results.items():
         print(f"{name:<20}{upd * 1000:>15.0f} ms{dec * 1000:>15.0f} ms{upd / encode_s:>18.3f}")
     pt = statistics.median(patch_times)
     print(f"{'patch x (no decode)':<20}{pt * 1000:>15.0f} ms{0:>15.0f} ms{pt / encode_s:>18.3f}")
     worst = max(u for u, _ in results.values())
-    print(f"\nslowest slider update {worst * 1000:.0f} ms = {worst / encode_s:.3f} x one encode "
-          f"({'within' if worst <= 1.0 else 'OVER'} the 1 s target); encodes during the sliders: {c.n_encodes - n_enc}")
+    print(f"\nslowest control update {worst * 1000:.0f} ms = {worst / encode_s:.3f} x one encode "
+          f"({'within' if worst <= 1.0 else 'OVER'} the 1 s target); encodes during the controls: {c.n_encodes - n_enc}")
 
 
 if __name__ == "__main__":

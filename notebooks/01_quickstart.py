@@ -78,8 +78,9 @@ viz.plot_class_scores(pred.image, pred.scores, pred.queries, ncols=4)
 # %% [markdown]
 # ## The two halves: encode once, decode many times
 # `encode` runs the backbones (expensive); `decode` runs the proxy attention and the class
-# decision (cheap). Changing gamma, beta, the logit scale, the threshold or the class list only
-# needs a new decode.
+# decision (cheap). Changing any knob of the method (for ProxyCLIP gamma, beta, shift, mask; every
+# method's residual/ffn switches), the logit scale, the threshold, the post-process or the class
+# list only needs a new decode. `seg.decode_spec(...)` shows what a decode will run with.
 
 # %%
 import time
@@ -91,14 +92,17 @@ t = time.perf_counter()
 pred_sharp = seg.decode(enc, CLASSES, gamma=6.0)
 t_dec = time.perf_counter() - t
 print(f"encode {t_enc * 1000:.0f} ms, decode {t_dec * 1000:.0f} ms; {len(enc.windows)} window(s)")
+print("decode spec:", pred_sharp.spec.flat())
 viz.plot_segmentation(pred_sharp.image, pred_sharp.labels, pred_sharp.class_names, title="gamma = 6")
 
 # %% [markdown]
 # ## The explorer
-# Sliders for gamma (proxy temperature), beta (shift), the logit temperature (1 / logit scale)
-# and the probability threshold re-run only the decode; the patch sliders choose the pixel
-# whose proxy attention (and CLIP's own last-block attention, for contrast) is shown. Changing
-# a backbone re-encodes, with a progress bar.
+# Its controls come from the declared knobs of the chosen method (a slider per number, a checkbox
+# per switch: for ProxyCLIP gamma, beta, shift, mask, residual, ffn, the logit scale and the
+# probability threshold; NACLIP gets its `gaussian_std`) and of the chosen post-process (PAMR's
+# steps and dilations). Each re-runs only the decode; the patch sliders choose the pixel whose
+# attention under the method (and CLIP's own last-block attention, for contrast) is shown.
+# Changing a backbone re-encodes, with a progress bar.
 
 # %%
 # `segmenter=seg` reuses the pipeline built above for the initial backbones; other choices in the

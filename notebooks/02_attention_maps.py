@@ -58,15 +58,15 @@ print(f"image {H}x{W}, chosen pixel (y={y:.0f}, x={x:.0f}); VFMs {VFMS}")
 
 # %% [markdown]
 # A helper: for one pipeline, its `Encoded` and one pixel, the row of the proxy attention (read
-# at the `proxy.attention` hook of a decode) and of CLIP's own last-block attention (computed
-# from the tokens entering the last block, which the `Encoded` keeps, with the block's own
-# weights), plus the pixels of the window they live in.
+# at the `proxy.attention` hook of a decode) and of CLIP's own last-block attention (the
+# `attention.pattern` hook of a `method="clip"` decode of the same `Encoded`: CLIP's unmodified
+# last block), plus the pixels of the window they live in.
 
 # %%
 def attention_rows(seg, enc, attention, y, x):
     """-> (window pixels, [(title, row, grid, patch), ...]) for the pixel (y, x) of the original image."""
-    clip_grid = enc.clip_grid
-    win, r, c = viz.locate_patch(y, x, enc.image_size, enc.resized_size, enc.windows, clip_grid, pad=enc.pad)
+    _, clip_cache = seg.run_with_cache(enc, CLASSES, names=["attention.pattern"], method="clip")
+    clip_row, clip_grid, clip_patch, win = viz.pattern_row(clip_cache["attention.pattern"], enc, y, x)
     pixels = viz.window_pixels(enc.image, enc.resized_size, enc.windows[win])
     maps = []
     if attention is not None:
@@ -75,9 +75,7 @@ def attention_rows(seg, enc, attention, y, x):
         _, vr, vc = viz.locate_patch(y, x, enc.image_size, enc.resized_size, enc.windows, grid, pad=pad)
         maps.append((f"proxy: {seg.cfg.vfm.name} {grid[0]}x{grid[1]}", attention[win, vr * grid[1] + vc], grid,
                      (vr, vc)))
-    block = seg.clip_model.visual.transformer.resblocks[-1]
-    clip_attn = viz.clip_last_block_attention(block, enc.clip_tokens[win:win + 1])[0]
-    maps.append((f"CLIP's own ({seg.cfg.clip.name})", clip_attn[r * clip_grid[1] + c], clip_grid, (r, c)))
+    maps.append((f"CLIP's own ({seg.cfg.clip.name})", clip_row, clip_grid, clip_patch))
     return pixels, maps
 
 

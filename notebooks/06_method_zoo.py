@@ -31,7 +31,7 @@
 SMOKE = None
 IMAGE = None  # a path; None = the bundled sample image
 CLASSES = ["person; woman; lady", "flag", "wall", "uniform; jacket", "tie"]
-METHODS = ["clip", "maskclip", "sclip", "clearclip", "naclip", "proxyclip"]
+METHODS = None  # names; None = every registered method (proxyclip.methods.METHODS)
 PIXEL = (0.45, 0.5)  # the chosen pixel, as fractions of the image's (height, width)
 DATA_ROOT = None  # a labeled folder (custom format); None = a synthetic set
 WANDB_MODE = None
@@ -49,9 +49,13 @@ from proxyclip.config import to_container
 from proxyclip.data import build_dataset
 from proxyclip.loggers import build_logger
 from proxyclip.widgets import ASSETS
+from proxyclip.methods import METHODS as REGISTERED
 from proxyclip.metrics import confusion_matrix, metrics_from_confusion
 
 SMOKE = smoke_mode(SMOKE)
+METHODS = list(REGISTERED) if METHODS is None else list(METHODS)
+for name in METHODS:  # each method's declared knobs (proxyclip/methods.py), their defaults in its YAML
+    print(f"{name:10s}", "; ".join(k.describe() for k in REGISTERED[name].knobs) or "(only the switches residual, ffn)")
 cfg = compose_config(overrides=core_overrides(SMOKE))
 seg = Segmenter.from_config(cfg)
 image = load_image(IMAGE or ASSETS / "sample.jpg")

@@ -30,7 +30,7 @@ def core_overrides(smoke: bool, clip: Optional[str] = None, vfm: Optional[str] =
     """Config overrides for ``compose_config``: tiny random models in smoke mode, else the paper's backbones."""
     if smoke:
         return [f"clip={clip or 'test_tiny'}", f"vfm={vfm or 'test_tiny'}", "weights=random",
-                "method.short_side=64", "method.crop=64", "method.stride=32"]
+                "protocol.short_side=64", "protocol.crop=64", "protocol.stride=32"]
     return [f"clip={clip or 'vit_b16'}", f"vfm={vfm or 'dino_vitb8'}", "weights=pretrained",
             "weights.fallback_to_random=true"]
 

@@ -9,6 +9,7 @@ Select or skip with ``-m browser`` / ``-m "not browser"``. The screenshot is sav
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -19,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from proxyclip.methods import METHODS, get_method
+from proxyclip.resolve import postprocess_presets
+
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 CHROMIUM = os.environ.get("PROXYCLIP_CHROMIUM", "/usr/bin/chromium")
 MISSING = f"chromium not found ({CHROMIUM}): make browser-deps"
@@ -27,6 +31,57 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 TOKEN = "proxyclip-browser-test"
 
 pytestmark = pytest.mark.browser
+
+
+def preset_function(preset: str):
+    """The post-process a preset of conf/postprocess runs."""
+    from omegaconf import OmegaConf
+
+    from proxyclip.config import CONF_DIR
+    from proxyclip.postprocess import get_postprocess
+
+    return get_postprocess(OmegaConf.load(CONF_DIR / "postprocess" / f"{preset}.yaml").name)
+
+
+def expected_controls(method: str, preset: str) -> dict:
+    """The controls the explorer must show, from the declarations: a slider per number with a declared
+    slider range, a checkbox per switch, a dropdown per choice (after the sample, CLIP, VFM, method and
+    post-process dropdowns), a text box per list; then the patch sliders and the affinity-stages checkbox."""
+    knobs = get_method(method).all_knobs + preset_function(preset).knobs
+    return {"sliders": [k.name for k in knobs if k.kind in ("float", "int") and k.slider] + ["patch x", "patch y"],
+            "checkboxes": [k.name for k in knobs if k.kind == "bool"] + ["affinity stages"],
+            "dropdowns": ["sample image", "CLIP", "VFM", "method"] + [k.name for k in get_method(method).all_knobs
+                                                                     if k.kind == "choice"]
+            + ["post-process"] + [k.name for k in preset_function(preset).knobs if k.kind == "choice"],
+            "texts": [k.name for k in knobs if k.kind == "ints" or (k.kind in ("float", "int") and not k.slider)]}
+
+
+def shown_controls(page) -> dict:
+    def labels(selector: str, label: str = ".widget-label"):
+        return [e.locator(label).first.inner_text().strip()
+                for e in page.locator(f".proxyclip-explorer {selector}").all()]
+
+    texts = [t for t in labels(".widget-text, .widget-inline-hbox:has(input[type=number])") if t != "or a path"]
+    boxes = [e.inner_text().replace("\u200b", "").strip()
+             for e in page.locator(".proxyclip-explorer .widget-checkbox").all()]
+    return {"sliders": labels(".widget-slider"), "checkboxes": [t.split(" (")[0] for t in boxes],
+            "dropdowns": labels(".widget-dropdown"), "texts": texts}
+
+
+def dropdown(page, label: str):
+    return page.locator(".proxyclip-explorer .widget-dropdown").filter(
+        has=page.locator(".widget-label", has_text=re.compile(f"^{re.escape(label)}$"))).locator("select")
+
+
+def slider(page, label: str):
+    return page.locator(".proxyclip-explorer .widget-slider").filter(
+        has=page.locator(".widget-label", has_text=re.compile(f"^{re.escape(label)}$")))
+
+
+def wait_for_status(page, text: str) -> None:
+    page.wait_for_function(
+        "(t) => [...document.querySelectorAll('.proxyclip-explorer .widget-html')].some(e => e.innerText.includes(t))",
+        arg=text, timeout=60_000)
 
 
 def free_port() -> int:
@@ -122,45 +177,52 @@ def test_quickstart_runs_in_jupyterlab_and_the_explorer_renders(chromium, jupyte
                 "() => { const imgs = document.querySelectorAll('.proxyclip-explorer img');"
                 " return imgs.length === 2 && [...imgs].every(i => i.complete && i.naturalWidth > 100); }",
                 timeout=60_000)
-            sliders = page.locator(".proxyclip-explorer .widget-slider")
-            assert sliders.count() == 6  # gamma, beta, temperature, prob_thd, patch x, patch y
-            labels = page.locator(".proxyclip-explorer .widget-label").all_inner_texts()
-            for name in ("gamma (scale)", "beta (shift)", "logit temp. 1/s", "prob_thd", "patch x", "patch y"):
-                assert name in labels
-            assert page.locator(".proxyclip-explorer .widget-dropdown select").count() == 4  # sample, CLIP, VFM, method
+            # the controls are the declared knobs of the method and post-process shown
+            method = dropdown(page, "method").input_value()
+            preset = dropdown(page, "post-process").input_value()
+            expected = expected_controls(method, preset)
+            assert shown_controls(page) == expected
             status = page.locator(".proxyclip-explorer .widget-html").last
             assert "encodes 1, decodes 1" in status.inner_text()
 
-            # move the gamma slider through its readout: the kernel decodes again, nothing re-encodes
-            readout = page.locator(".proxyclip-explorer .widget-slider").first.locator(".widget-readout")
+            # move the method's first slider through its readout: the kernel decodes again, nothing re-encodes
+            knob = next(k for k in get_method(method).all_knobs if k.slider is not None and k.kind == "float")
+            lo, hi, step = knob.slider
+            value = round(lo + step * round((hi - lo) / 2 / step), 6)
+            readout = slider(page, knob.name).locator(".widget-readout")
             readout.click()
             page.keyboard.press("Control+A")
-            page.keyboard.type("5.0")
+            page.keyboard.type(str(value))
             page.keyboard.press("Enter")
-            page.wait_for_function(
-                "() => [...document.querySelectorAll('.proxyclip-explorer .widget-html')]"
-                ".some(e => e.innerText.includes('encodes 1, decodes 2'))", timeout=60_000)
-            assert readout.inner_text().strip() == "5.00"
+            wait_for_status(page, "encodes 1, decodes 2")
+            assert float(readout.inner_text()) == pytest.approx(value)
 
             # click on the left part of the segmentation figure: the patch moves left of the centre (x = 40)
-            patch_x = page.locator(".proxyclip-explorer .widget-slider").nth(4)
-            assert "patch x" in patch_x.inner_text() and patch_x.locator(".widget-readout").inner_text().strip() == "40"
+            patch_x = slider(page, "patch x").locator(".widget-readout")
+            assert patch_x.inner_text().strip() == "40"
             seg_img = page.locator(".proxyclip-explorer img").first
             box = seg_img.bounding_box()
             src_before = seg_img.get_attribute("src")
             seg_img.click(position={"x": box["width"] * 0.15, "y": box["height"] * 0.4})
-            page.wait_for_function(
-                "() => { const r = document.querySelectorAll('.proxyclip-explorer .widget-slider')[4]"
-                ".querySelector('.widget-readout'); return r && Number(r.innerText) < 30; }", timeout=30_000)
+            page.wait_for_function("(el) => Number(el.innerText) < 30", arg=patch_x.element_handle(), timeout=30_000)
             page.wait_for_function(  # the figure is redrawn with the marker at the new point
                 "(before) => document.querySelector('.proxyclip-explorer img').getAttribute('src') !== before",
                 arg=src_before, timeout=30_000)
 
-            # another method from the method dropdown: a decode on the same encode
-            page.locator(".proxyclip-explorer .widget-dropdown select").nth(3).select_option("sclip")
+            # another method from the method dropdown: a decode on the same encode, its own knobs' controls
+            other = next(m for m in METHODS if m != method and not METHODS[m].needs_vfm)
+            dropdown(page, "method").select_option(other)
+            wait_for_status(page, "encodes 1, decodes 3")
             page.wait_for_function(
-                "() => [...document.querySelectorAll('.proxyclip-explorer .widget-html')]"
-                ".some(e => e.innerText.includes('encodes 1, decodes 3'))", timeout=60_000)
+                "(n) => document.querySelectorAll('.proxyclip-explorer .widget-slider').length === n",
+                arg=len(expected_controls(other, preset)["sliders"]), timeout=30_000)
+            assert shown_controls(page) == expected_controls(other, preset)
+
+            # another post-process preset: its settings' controls appear, one more decode
+            preset = next(p for p in postprocess_presets() if preset_function(p).knobs)
+            dropdown(page, "post-process").select_option(preset)
+            wait_for_status(page, "encodes 1, decodes 4")
+            assert shown_controls(page) == expected_controls(other, preset)
 
             # no cell raised
             assert page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']").count() == 0

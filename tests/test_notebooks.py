@@ -4,6 +4,7 @@ executed top to bottom in smoke mode (PROXYCLIP_SMOKE=1: tiny random models), ch
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,13 +14,25 @@ import jupytext
 import nbformat
 import pytest
 
+from proxyclip.methods import METHODS
+
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ["01_quickstart", "02_attention_maps", "03_sweeps", "04_backbone_ablation", "05_hooks_tour", "06_method_zoo"]
+NAMES = sorted(p.stem for p in NOTEBOOKS.glob("[0-9]*.py"))  # the notebooks, from the folder
 WANDB = str(Path(sys.executable).with_name("wandb"))
+CHECKS = {}  # notebook name -> the check of its smoke run (every notebook needs one)
+FAST = {"06_method_zoo"}  # the one run outside the slow marker (the quick suite's representative)
+
+
+def checks(name):
+    def register(fn):
+        CHECKS[name] = fn
+        return fn
+
+    return register
 
 
 def test_every_notebook_is_paired_and_has_no_outputs():
-    assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == NAMES
+    assert NAMES and sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == NAMES
     for name in NAMES:
         ipynb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
         py = jupytext.read(NOTEBOOKS / f"{name}.py")
@@ -74,9 +87,8 @@ def leet_records(run_dir: Path) -> list:
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
-@pytest.mark.slow
-def test_quickstart(tmp_path):
-    nb = execute("01_quickstart", tmp_path)
+@checks("01_quickstart")
+def check_quickstart(nb, tmp_path):
     assert "smoke mode" in text_of(nb)
     assert len(outputs(nb, "image/png")) >= 3  # segmentation, score maps, gamma=6
     widgets = outputs(nb, "application/vnd.jupyter.widget-view+json")
@@ -84,9 +96,8 @@ def test_quickstart(tmp_path):
     assert nb.cells[-1].outputs[-1]["data"]["application/vnd.jupyter.widget-view+json"]["model_id"]
 
 
-@pytest.mark.slow
-def test_attention_maps(tmp_path):
-    nb = execute("02_attention_maps", tmp_path)
+@checks("02_attention_maps")
+def check_attention_maps(nb, tmp_path):
     assert len(outputs(nb, "image/png")) == 4  # VFMs, gamma x beta, stages, baseline comparison
     (run,) = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
     s = leet_summary(run)["summary"]
@@ -95,27 +106,36 @@ def test_attention_maps(tmp_path):
     assert set(s["segmentation/proxyclip"]["masks"]) == {"prediction"}
 
 
-@pytest.mark.slow
-def test_sweeps_logs_the_grid_to_wandb(tmp_path):
-    nb = execute("03_sweeps", tmp_path)
-    assert len(outputs(nb, "image/png")) == 2  # heatmap, best-point segmentation
-    (run,) = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+@checks("03_sweeps")
+def check_sweeps_logs_the_grid_to_wandb(nb, tmp_path):
+    assert len(outputs(nb, "image/png")) == 3  # heatmap, best-point segmentation, the one-axis line
+    (run,) = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))  # the second sweep is not logged
     summary = leet_summary(run)
-    assert summary["config"]["dataset"]["name"] == "custom"
-    assert summary["config"]["sweep"]["beta"] == [1.0, 1.4] and summary["config"]["sweep"]["gamma"] == [2.0, 4.0]
+    assert summary["config"]["dataset"] == "custom"
+    axes = summary["config"]["sweep_axes"]
+    assert axes == ["beta", "gamma"]  # the notebook's SWEEP
     s = summary["summary"]
-    assert s["sweep"]["_type"] == "table-file" and s["sweep"]["nrows"] == 4
     table = json.loads((run / "files" / s["sweep"]["path"]).read_text())
+    assert table["columns"] == axes + ["mIoU", "aAcc", "mAcc"]  # the swept keys, then the metrics
+    grid = {a: sorted({float(row[i]) for row in table["data"]}) for i, a in enumerate(axes)}
+    assert grid == {"beta": [1.0, 1.4], "gamma": [2.0, 4.0]}  # the smoke grid, every point once
+    assert s["sweep"]["_type"] == "table-file" and s["sweep"]["nrows"] == math.prod(len(v) for v in grid.values())
     best_row = max(table["data"], key=lambda r: r[table["columns"].index("mIoU")])
     assert s["best_mIoU"] == pytest.approx(best_row[table["columns"].index("mIoU")])
-    assert s["mIoU_beta_gamma"]["_type"] == "image-file"
+    assert [s[f"best_{a}"] for a in axes] == pytest.approx(best_row[:len(axes)])
+    assert s["mIoU_" + "_".join(axes)]["_type"] == "image-file"
     run_rec = next(r for r in leet_records(run) if r["type"] == "run")["run"]
     assert run_rec["run_group"] == "gamma-beta-grid"
 
 
-@pytest.mark.slow
-def test_backbone_ablation_one_run_per_pair_grouped(tmp_path):
-    nb = execute("04_backbone_ablation", tmp_path)
+def vfm_of(config: dict) -> str:
+    """The VFM of a run's W&B config (its encode spec; none = no VFM)."""
+    vfm = config["encode"]["vfm"]
+    return "none" if vfm in (None, "none") else vfm["name"]
+
+
+@checks("04_backbone_ablation")
+def check_backbone_ablation_one_run_per_pair_grouped(nb, tmp_path):
     assert len(outputs(nb, "image/png")) == 2  # CLIP x VFM, VFM (feature) x layer
     assert len(outputs(nb, "application/vnd.jupyter.widget-view+json")) == 1  # the layer/feature sliders
     runs = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
@@ -126,13 +146,13 @@ def test_backbone_ablation_one_run_per_pair_grouped(tmp_path):
         assert rec["run_group"] == "clip-x-vfm"
         by_job.setdefault(rec.get("job_type"), []).append((run, leet_summary(run)))
     assert len(by_job["eval"]) == 2 and len(by_job["summary"]) == 1
-    vfms = sorted(s["config"]["vfm"]["name"] for _, s in by_job["eval"])
+    vfms = sorted(vfm_of(s["config"]) for _, s in by_job["eval"])
     assert vfms == ["none", "test_tiny"]
     run, summary = by_job["summary"][0]
     table = json.loads((run / "files" / summary["summary"]["ablation"]["path"]).read_text())
     mious = {row[1]: row[2] for row in table["data"]}
     for _, s in by_job["eval"]:  # the summary table holds the numbers each pair's run logged
-        assert mious[s["config"]["vfm"]["name"]] == pytest.approx(s["summary"]["mIoU"])
+        assert mious[vfm_of(s["config"])] == pytest.approx(s["summary"]["mIoU"])
     layers = json.loads((run / "files" / summary["summary"]["layers"]["path"]).read_text())
     by_setting = {(row[1], row[2]): row[3] for row in layers["data"]}
     assert set(by_setting) == {("tokens", -1), ("tokens", -2), ("k", -1), ("k", -2)}
@@ -141,9 +161,8 @@ def test_backbone_ablation_one_run_per_pair_grouped(tmp_path):
     assert by_setting["tokens", -2] != pytest.approx(by_setting["tokens", -1])
 
 
-@pytest.mark.slow
-def test_hooks_tour(tmp_path):
-    nb = execute("05_hooks_tour", tmp_path)
+@checks("05_hooks_tour")
+def check_hooks_tour(nb, tmp_path):
     text = text_of(nb)
     for name in ["vfm.features", "proxy.attention", "scores.image"]:
         assert name in text
@@ -151,15 +170,22 @@ def test_hooks_tour(tmp_path):
     assert len(outputs(nb, "image/png")) == 3
 
 
-def test_method_zoo(tmp_path):
-    nb = execute("06_method_zoo", tmp_path)
+@checks("06_method_zoo")
+def check_method_zoo(nb, tmp_path):
     assert len(outputs(nb, "image/png")) == 2  # segmentations side by side, attention of one patch
     (run,) = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
     s = leet_summary(run)["summary"]
     table = json.loads((run / "files" / s["methods"]["path"]).read_text())
     methods = [row[0] for row in table["data"]]
-    assert methods == ["clip", "maskclip", "sclip", "clearclip", "naclip", "proxyclip", "naclip+pamr"]
+    assert methods == list(METHODS) + ["naclip+pamr"]  # every registered method, then NACLIP with PAMR
     best = max(table["data"], key=lambda r: r[1])
     assert s["best_method"] == best[0] and s["best_mIoU"] == pytest.approx(best[1])
     for key in ("segmentations", "attention_of_one_patch"):
         assert s[key]["_type"] == "image-file"
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in NAMES])
+def test_notebook_runs_in_smoke_mode(name, tmp_path):
+    """Every notebook of the folder runs top to bottom and passes its check (a new notebook needs one)."""
+    assert name in CHECKS, f"notebooks/{name}.py has no check in tests/test_notebooks.py: add a @checks({name!r}) one"
+    CHECKS[name](execute(name, tmp_path), tmp_path)

@@ -97,31 +97,25 @@ def test_attention_grid_panels_and_titles():
         np.testing.assert_allclose(heat[::10, ::10].ravel(), r.numpy(), rtol=1e-6)
 
 
-def test_clip_last_block_attention_matches_multihead_attention(tiny_segmenter):
-    """Our q/k computation from the block's weights equals torch's own attention weights."""
+def test_clip_attention_row_of_a_clip_decode_is_the_blocks_multihead_attention(tiny_segmenter, rand_image):
+    """CLIP's own attention, read with pattern_row from the ``attention.pattern`` hook of a ``method="clip"``
+    decode, equals torch's own attention weights of the block (CLS column dropped, renormalized)."""
+    enc = tiny_segmenter.encode(rand_image)
+    _, cache = tiny_segmenter.run_with_cache(enc, ["a", "b"], names=["attention.pattern"], method="clip")
     block = tiny_segmenter.clip_model.visual.transformer.resblocks[-1]
     assert isinstance(block.attn, torch.nn.MultiheadAttention)
-    g = torch.Generator().manual_seed(0)
-    d = block.attn.embed_dim
-    tokens = torch.randn(2, 1 + 16, d, generator=g)
     with torch.no_grad():
-        ours = viz.clip_last_block_attention(block, tokens)
-        x = block.ln_1(tokens)
-        _, weights = block.attn(x, x, x, need_weights=True, average_attn_weights=True)  # (B, 17, 17)
-    expected = weights[:, 1:, 1:] / weights[:, 1:, 1:].sum(-1, keepdim=True)
-    assert ours.shape == (2, 16, 16)
-    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(ours.sum(-1), torch.ones(2, 16))
-
-
-def test_clip_attention_from_the_pipeline_hook(tiny_segmenter, rand_image):
-    pred, cache = tiny_segmenter.run_with_cache(rand_image, ["a", "b"], names=["clip.last_block_input", "clip.values"])
-    tokens, values = cache["clip.last_block_input"], cache["clip.values"]
-    gh, gw = values.shape[-2:]
-    attn = viz.clip_last_block_attention(tiny_segmenter.clip_model.visual.transformer.resblocks[-1], tokens)
-    assert attn.shape == (values.shape[0], gh * gw, gh * gw)
-    assert torch.isfinite(attn).all() and (attn >= 0).all()
-    fig = viz.plot_attention_map(rand_image, attn[0, 0], (gh, gw), patch=(0, 0), title="CLIP")
+        x = block.ln_1(enc.clip_tokens)
+        _, weights = block.attn(x, x, x, need_weights=True, average_attn_weights=True)  # (n_win, T, T)
+    gh, gw = enc.clip_grid
+    H, W = enc.image_size
+    for y, x_ in ((0, 0), (H // 2, W - 1), (H - 1, W // 3)):
+        row, grid, (r, c), win = viz.pattern_row(cache["attention.pattern"], enc, y, x_)
+        assert grid == (gh, gw) and (win, r, c) == viz.locate_patch(y, x_, enc.image_size, enc.resized_size,
+                                                                    enc.windows, (gh, gw), pad=enc.pad)
+        expected = weights[win, 1 + r * gw + c, 1:]
+        torch.testing.assert_close(row, expected / expected.sum(), rtol=1e-4, atol=1e-6)
+    fig = viz.plot_attention_map(rand_image, row, grid, patch=(r, c), title="CLIP")
     assert image_axes(fig)[0].get_title() == "CLIP"
 
 
@@ -285,3 +279,21 @@ def test_sweep_heatmap_with_named_axes_and_missing_cells():
     (rect,) = [p for p in ax.patches if isinstance(p, Rectangle)]
     assert rect.get_xy() == (0.5, 0.5)
     assert ax.get_title() == "mIoU: best 41.0 at CLIP=vit_l14, VFM=none"
+
+
+def test_sweep_line_marks_the_best_point():
+    fig = viz.plot_sweep_line([10.0, 14.5, np.nan, 12.0], [0.5, 1.0, 2.0, 4.0], "gaussian_std")
+    (ax,) = fig.axes
+    (line, best) = ax.lines
+    np.testing.assert_array_equal(line.get_xdata(), [0.5, 1.0, 4.0])  # the NaN point left out
+    np.testing.assert_array_equal(line.get_ydata(), [10.0, 14.5, 12.0])
+    assert (best.get_xdata()[0], best.get_ydata()[0]) == (1.0, 14.5)
+    assert sorted(t.get_text() for t in ax.texts) == ["10.0", "12.0", "14.5"]
+    assert ax.get_xlabel() == "gaussian_std" and ax.get_title() == "mIoU: best 14.5 at gaussian_std=1"
+    render(fig)
+    switches = viz.plot_sweep_line([3.0, 5.0], [True, False], "residual", metric="aAcc")
+    ax = switches.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["True", "False"]  # categories, in the given order
+    assert ax.get_title() == "aAcc: best 5.0 at residual=False" and ax.get_ylabel() == "aAcc"
+    with pytest.raises(ValueError, match="do not match the 3 values of beta"):
+        viz.plot_sweep_line([1.0, 2.0], [1, 2, 3], "beta")

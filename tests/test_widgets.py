@@ -1,21 +1,30 @@
-"""proxyclip.widgets: the explorer driven by setting widget values, checked against the pipeline itself."""
+"""proxyclip.widgets / proxyclip.explorer: the explorer driven by setting widget values, checked against
+the pipeline itself and against the knob declarations (proxyclip/knobs.py) its controls are built from."""
 
 from __future__ import annotations
 
 import datetime
 import io
 
+import ipywidgets as W
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from proxyclip import viz
+from proxyclip.config import CONF_DIR
+from proxyclip.explorer.controls import KnobPanel, control_value, knob_control
+from proxyclip.explorer.pipelines import clip_own_attention
+from proxyclip.knobs import Knob
+from proxyclip.methods import METHODS, get_method
+from proxyclip.postprocess import get_postprocess
+from proxyclip.resolve import postprocess_presets
 from proxyclip.widgets import Explorer, ExplorerController
 
-# as tests/conftest.py's TINY, without the backbone choices (the explorer's dropdowns set those)
-SMALL = ["method.short_side=64", "method.crop=64", "method.stride=32", "batch_size=2"]
 CLASSES = ["sky", "person; people", "horse"]
+WIDGET_OF_KIND = {"bool": W.Checkbox, "choice": W.Dropdown, "ints": W.Text}
 
 
 @pytest.fixture
@@ -34,13 +43,44 @@ def factory(tiny_segmenter):
 
 @pytest.fixture
 def explorer(factory, rand_image):
-    return Explorer(clip="test_tiny", vfm="test_tiny", weights="random", overrides=SMALL, image=rand_image,
+    return Explorer(clip="test_tiny", vfm="test_tiny", weights="random", image=rand_image,
                     classes=CLASSES, segmenter_factory=factory, clip_options=["test_tiny"],
                     vfm_options=["test_tiny", "test_tiny_mae"])
 
 
 def png_size(data: bytes):
     return Image.open(io.BytesIO(data)).size
+
+
+def yaml_values(cfg, method: str):
+    """Every knob's default read straight from the YAML files: conf/method/<m>.yaml, prob_thd from the protocol."""
+    node = OmegaConf.load(CONF_DIR / "method" / f"{method}.yaml")
+    return {k.name: cfg.protocol.prob_thd if k.name == "prob_thd" else node[k.name] for k in get_method(method).all_knobs}
+
+
+def expected_widget(knob: Knob):
+    if knob.kind in WIDGET_OF_KIND:
+        return WIDGET_OF_KIND[knob.kind]
+    if knob.slider is not None:
+        return W.IntSlider if knob.kind == "int" else W.FloatSlider
+    return W.BoundedIntText if knob.kind == "int" else W.BoundedFloatText
+
+
+def another_value(knob: Knob, current):
+    """A valid value of ``knob`` other than ``current`` (a slider end for numbers)."""
+    if knob.kind == "bool":
+        return not current
+    if knob.kind == "choice":
+        return next(c for c in knob.choices if c != current)
+    if knob.kind == "ints":
+        return [v + 1 for v in current]
+    lo, hi, _ = knob.slider
+    new = hi if current == lo else lo
+    return int(new) if knob.kind == "int" else float(new)
+
+
+def move(control, knob: Knob, value) -> None:
+    control.value = ", ".join(map(str, value)) if knob.kind == "ints" else value
 
 
 def proxy_attention_numpy(features: torch.Tensor, beta: float, gamma: float) -> np.ndarray:
@@ -56,14 +96,24 @@ def proxy_attention_numpy(features: torch.Tensor, beta: float, gamma: float) -> 
     return e / e.sum(1, keepdims=True)
 
 
-def test_first_view_encodes_once_and_renders(explorer, factory, tiny_segmenter, rand_image):
+def test_first_view_encodes_once_and_shows_the_declared_knobs(explorer, factory, tiny_segmenter, rand_image):
     c = explorer.controller
     assert (c.n_encodes, c.n_decodes) == (1, 1)
     assert factory.built == [("test_tiny", "test_tiny")]
-    # the defaults shown are the config's (conf/method/proxyclip.yaml)
-    m = tiny_segmenter.cfg.method
-    assert (explorer.gamma.value, explorer.beta.value, explorer.prob_thd.value) == (m.gamma, m.beta, m.prob_thd)
-    assert explorer.temperature.value == pytest.approx(1 / m.logit_scale)
+    cfg = tiny_segmenter.cfg
+    meth = get_method(cfg.method.name)
+    # one control per declared knob of the configured method, in order, showing its YAML value
+    assert explorer.method.value == meth.name
+    assert list(explorer.knob_panel.controls) == [k.name for k in meth.all_knobs]
+    assert {n: explorer.knob_panel.value(n) for n in explorer.knob_panel.controls} == yaml_values(cfg, meth.name)
+    for knob in meth.all_knobs:
+        w = explorer.knob_panel.controls[knob.name]
+        assert type(w) is expected_widget(knob) and w.description == knob.name and w.tooltip == knob.doc
+    # the post-process: the preset whose settings are the configured ones, with its declared settings
+    post = get_postprocess(cfg.postprocess.name)
+    assert explorer.postprocess.value in postprocess_presets()
+    assert OmegaConf.load(CONF_DIR / "postprocess" / f"{explorer.postprocess.value}.yaml").name == post.name
+    assert list(explorer.post_panel.controls) == list(post.settings)
     assert (explorer.patch_y.max, explorer.patch_x.max) == (rand_image.shape[1] - 1, rand_image.shape[2] - 1)
     # each PNG is its figure at the explorer's dpi, pixel for pixel
     for png, fig in ((explorer.seg_image.value, explorer._seg_figure), (explorer.attn_image.value, c.attention_figure())):
@@ -74,29 +124,82 @@ def test_first_view_encodes_once_and_renders(explorer, factory, tiny_segmenter, 
     assert explorer.progress.value == 1.0 and "encodes 1, decodes 1" in explorer.status.value
 
 
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_methods_controls_are_its_knobs_and_each_decodes_once(explorer, tiny_segmenter, method):
+    c = explorer.controller
+    enc = c.encoded
+    meth = METHODS[method]
+    if method != c.method:
+        explorer.method.value = method
+        assert (c.n_encodes, c.n_decodes) == (1, 2)
+    panel = explorer.knob_panel
+    assert list(panel.controls) == [k.name for k in meth.all_knobs]
+    assert panel.knobs == meth.all_knobs
+    values = yaml_values(tiny_segmenter.cfg, method)
+    assert {n: panel.value(n) for n in panel.controls} == values  # that method's YAML defaults
+    for knob in meth.all_knobs:
+        assert type(panel.controls[knob.name]) is expected_widget(knob)
+    for knob in meth.all_knobs:  # move each control: one decode, its value in the prediction's spec
+        decodes = c.n_decodes
+        values[knob.name] = new = another_value(knob, values[knob.name])
+        move(panel.controls[knob.name], knob, new)
+        assert (c.n_encodes, c.n_decodes) == (1, decodes + 1), knob.name
+        got = c.prediction.spec.params()[knob.name]
+        assert got == new and type(got) is type(new), knob.name
+        assert c.encoded is enc
+    # everything moved at once equals a decode of the pipeline itself with those values
+    expected = tiny_segmenter.decode(enc, CLASSES, method=method, **values)
+    torch.testing.assert_close(c.prediction.scores, expected.scores)
+    torch.testing.assert_close(c.prediction.labels, expected.labels)
+    assert c.prediction.spec == expected.spec
+
+
+@pytest.mark.parametrize("preset", postprocess_presets())
+def test_every_postprocess_preset_and_its_settings_decode_once(explorer, tiny_segmenter, preset):
+    c = explorer.controller
+    enc = c.encoded
+    node = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "postprocess" / f"{preset}.yaml"))
+    post = get_postprocess(node["name"])
+    if explorer.postprocess.value != preset:
+        explorer.postprocess.value = preset
+        assert (c.n_encodes, c.n_decodes) == (1, 2)
+    assert explorer.post_panel.knobs == post.knobs
+    settings = {k.name: node[k.name] for k in post.knobs}
+    assert {n: explorer.post_panel.value(n) for n in explorer.post_panel.controls} == settings
+    for knob in post.knobs:
+        decodes = c.n_decodes
+        settings[knob.name] = new = another_value(knob, settings[knob.name])
+        move(explorer.post_panel.controls[knob.name], knob, new)
+        assert (c.n_encodes, c.n_decodes) == (1, decodes + 1), knob.name
+        assert c.prediction.spec.postprocess_settings == {"name": post.name, **settings}
+    expected = tiny_segmenter.decode(enc, CLASSES, postprocess={"name": post.name, **settings})
+    torch.testing.assert_close(c.prediction.scores, expected.scores)
+
+
 def test_sliders_rerun_only_decode_with_the_slider_values(explorer, tiny_segmenter, rand_image):
     c = explorer.controller
     enc_before = c.encoded
     seg_png = explorer.seg_image.value
+    controls = explorer.knob_panel.controls
 
-    explorer.gamma.value = 5.0
+    controls["gamma"].value = 5.0
     assert (c.n_encodes, c.n_decodes) == (1, 2)
     assert c.encoded is enc_before
     expected = tiny_segmenter.predict(rand_image, CLASSES, gamma=5.0)
     torch.testing.assert_close(c.prediction.scores, expected.scores)
     assert not torch.equal(c.prediction.scores, tiny_segmenter.predict(rand_image, CLASSES).scores)
 
-    explorer.beta.value = 0.8
-    explorer.temperature.value = 0.05  # logit_scale 20
+    controls["beta"].value = 0.8
+    controls["logit_scale"].value = 20.0
     assert (c.n_encodes, c.n_decodes) == (1, 4)
     pred = c.prediction
     assert {k: pred.params[k] for k in ("method", "beta", "gamma", "logit_scale", "prob_thd")} == {
-        "method": "proxyclip", "beta": 0.8, "gamma": 5.0, "logit_scale": pytest.approx(20.0), "prob_thd": 0.0}
+        "method": "proxyclip", "beta": 0.8, "gamma": 5.0, "logit_scale": 20.0, "prob_thd": 0.0}
     q = torch.softmax(20.0 * pred.scores, dim=0)  # queries: sky, person, people, horse
     torch.testing.assert_close(pred.probs[1], torch.maximum(q[1], q[2]))
     torch.testing.assert_close(pred.probs[0], q[0])
 
-    explorer.prob_thd.value = 0.6
+    controls["prob_thd"].value = 0.6
     assert (c.n_encodes, c.n_decodes) == (1, 5)
     pred = c.prediction
     best, arg = pred.probs.max(0)
@@ -114,14 +217,14 @@ def test_patch_sliders_show_the_chosen_tokens_attention_without_computing(explor
     v = c.attention_view()
     # by hand: (10, 100) -> resized (7.9, 80.3): window 1 (x 26..90), token row 0, column (80.3-26)//16 = 3
     assert v.window == 1 and v.proxy_patch == (0, 3) and v.proxy_grid == (4, 4)
-    expected = proxy_attention_numpy(c.encoded.vfm_features[1], beta=c.params["beta"], gamma=c.params["gamma"])
+    expected = proxy_attention_numpy(c.encoded.vfm_features[1], beta=c.knobs["beta"], gamma=c.knobs["gamma"])
     np.testing.assert_allclose(v.proxy_row.numpy(), expected[3], rtol=1e-4, atol=1e-6)
     # the figure shows that row over window 1's pixels
     fig = c.attention_figure()
     heat = np.asarray(fig.axes[0].images[1].get_array())
     assert heat.shape == tuple(v.window_image.shape[1:]) == (64, 64)
     np.testing.assert_allclose(heat[8::16, 8::16].ravel(), expected[3], rtol=1e-4, atol=1e-6)
-    assert fig.axes[0].get_title().startswith("proxy attention")
+    assert fig.axes[0].get_title() == "proxyclip attention (test_tiny)"
     # CLIP's own attention of the same point: a distribution over CLIP's grid
     assert v.clip_row.shape == (v.clip_grid[0] * v.clip_grid[1],)
     assert float(v.clip_row.sum()) == pytest.approx(1.0, abs=1e-5)
@@ -133,21 +236,34 @@ def test_patch_sliders_show_the_chosen_tokens_attention_without_computing(explor
     f = c.encoded.vfm_features[1].double().flatten(1).T.numpy()
     f = f / np.linalg.norm(f, axis=1, keepdims=True)
     s = f @ f.T
-    s_norm = (s - c.params["beta"] * s.mean()) * c.params["gamma"]
+    s_norm = (s - c.knobs["beta"] * s.mean()) * c.knobs["gamma"]
     np.testing.assert_allclose(v.affinity_row.numpy(), s[3], atol=1e-5)
     np.testing.assert_allclose(v.normalized_row.numpy(), s_norm[3], atol=1e-4)
     np.testing.assert_array_equal(v.mask_row.numpy(), s_norm[3] >= 0)
     titles = [ax.get_title() for ax in c.attention_figure(show_affinity=True).axes if ax.images]
     assert titles[0] == "cosine affinity S" and titles[-1] == "attention softmax(S')"
-    explorer.gamma.value = 4.0  # while shown, every decode keeps them
+    explorer.knob_panel.controls["gamma"].value = 4.0  # while shown, every decode keeps them
     assert "proxy.affinity" in c.cache and c.n_decodes == 3
+
+
+def test_clip_own_attention_is_the_blocks_multihead_attention(tiny_segmenter, rand_image):
+    """The explorer's CLIP attention (vanilla_attention on the backbone's q/k) = torch's own attention weights."""
+    enc = tiny_segmenter.encode(rand_image)
+    ours = clip_own_attention(tiny_segmenter, enc)  # (n_win, 1, T, T)
+    block = tiny_segmenter.clip_model.visual.transformer.resblocks[-1]
+    assert isinstance(block.attn, torch.nn.MultiheadAttention)
+    with torch.no_grad():
+        x = block.ln_1(enc.clip_tokens)
+        _, weights = block.attn(x, x, x, need_weights=True, average_attn_weights=True)  # (n_win, T, T)
+    torch.testing.assert_close(ours[:, 0], weights, rtol=1e-4, atol=1e-6)
 
 
 def test_backbone_change_reencodes_with_progress_and_caches(explorer, factory):
     c = explorer.controller
     messages, disabled = [], []
     explorer.progress.observe(lambda ch: messages.append(ch.new), names="description")
-    explorer.gamma.observe(lambda ch: disabled.append(ch.new), names="disabled")
+    first_knob = next(iter(explorer.knob_panel.controls.values()))
+    first_knob.observe(lambda ch: disabled.append(ch.new), names="disabled")
 
     first = c.encoded
     explorer.vfm.value = "test_tiny_mae"
@@ -161,21 +277,19 @@ def test_backbone_change_reencodes_with_progress_and_caches(explorer, factory):
     expected = factory("test_tiny", "test_tiny_mae").predict(c.image, CLASSES)
     torch.testing.assert_close(c.prediction.scores, expected.scores)
     assert [ax.get_title() for ax in c.attention_figure().axes if ax.images] == [
-        "proxy attention (test_tiny_mae)", "CLIP's own attention (test_tiny)"]
+        "proxyclip attention (test_tiny_mae)", "CLIP's own attention (test_tiny)"]
 
     explorer.vfm.value = "test_tiny"  # encoded before: taken from the cache, decoded again
     assert (c.n_encodes, c.n_decodes) == (2, 3)
     assert c.encoded is first
 
 
-def test_method_dropdown_and_pamr_decode_only(explorer, tiny_segmenter, rand_image):
+def test_method_and_postprocess_dropdowns_decode_only(explorer, tiny_segmenter):
     c = explorer.controller
     enc = c.encoded
-    assert explorer.method.value == "proxyclip" and not explorer.gamma.disabled
     explorer.method.value = "sclip"
     assert (c.n_encodes, c.n_decodes) == (1, 2) and c.encoded is enc
     torch.testing.assert_close(c.prediction.scores, tiny_segmenter.decode(enc, CLASSES, method="sclip").scores)
-    assert explorer.gamma.disabled and explorer.beta.disabled  # ProxyCLIP's knobs
     v = c.attention_view()  # SCLIP's attention of the chosen token, heads averaged, on CLIP's grid
     _, cache = tiny_segmenter.run_with_cache(enc, CLASSES, names=["attention.pattern"], method="sclip")
     t = 1 + v.proxy_grid[0] * v.proxy_grid[1]
@@ -183,13 +297,13 @@ def test_method_dropdown_and_pamr_decode_only(explorer, tiny_segmenter, rand_ima
     torch.testing.assert_close(v.proxy_row, row[1:] / row[1:].sum())
     assert cache["attention.pattern"].shape[-1] == t and v.proxy_grid == enc.clip_grid
     assert [ax.get_title() for ax in c.attention_figure().axes if ax.images][0] == "sclip attention"
-    explorer.pamr.value = True
+    explorer.postprocess.value = "pamr"
     assert (c.n_encodes, c.n_decodes) == (1, 3)
     expected = tiny_segmenter.decode(enc, CLASSES, method="sclip", postprocess="pamr")
     torch.testing.assert_close(c.prediction.scores, expected.scores)
-    assert c.segmentation_figure()._suptitle.get_text().startswith("sclip + PAMR: test_tiny")
-    explorer.method.value = "proxyclip"
-    assert not explorer.gamma.disabled and c.prediction.params["postprocess"]["name"] == "pamr"
+    assert c.segmentation_figure()._suptitle.get_text().startswith("sclip + pamr: test_tiny")
+    explorer.method.value = "proxyclip"  # the post-process stays
+    assert c.prediction.params["postprocess"]["name"] == "pamr" and c.n_decodes == 4
 
 
 def test_classes_text_decodes_only_and_bad_input_is_reported(explorer):
@@ -203,14 +317,30 @@ def test_classes_text_decodes_only_and_bad_input_is_reported(explorer):
     assert c.prediction.class_names == ["cat", "dog; puppy"]
 
 
+def test_a_bad_setting_is_reported_and_the_control_reset(explorer):
+    c = explorer.controller
+    knob = next(k for k in c.postprocess_knobs() if k.kind == "ints") if c.postprocess_knobs() else None
+    if knob is None:
+        explorer.postprocess.value = next(p for p in postprocess_presets()
+                                          if any(k.kind == "ints" for k in get_postprocess(
+                                              OmegaConf.load(CONF_DIR / "postprocess" / f"{p}.yaml").name).knobs))
+        knob = next(k for k in c.postprocess_knobs() if k.kind == "ints")
+    decodes, before = c.n_decodes, list(c.postprocess[knob.name])
+    explorer.post_panel.controls[knob.name].value = "8, x"
+    assert c.n_decodes == decodes and "separated by commas" in explorer.status.value
+    assert explorer.post_panel.value(knob.name) == before == c.postprocess[knob.name]
+    explorer.post_panel.controls[knob.name].value = "0"  # below the declared range
+    assert c.n_decodes == decodes and f"{knob.name} must be" in explorer.status.value
+
+
 def test_new_image_by_upload_and_by_path(explorer, tmp_path):
     c = explorer.controller
     pixels = (np.random.default_rng(0).random((48, 72, 3)) * 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
-    explorer.upload.value = ({"name": "up.png", "type": "image/png", "size": len(buf.getvalue()),
-                              "content": memoryview(buf.getvalue()),
-                              "last_modified": datetime.datetime.now(datetime.timezone.utc)},)
+    explorer.inputs.upload.value = ({"name": "up.png", "type": "image/png", "size": len(buf.getvalue()),
+                                     "content": memoryview(buf.getvalue()),
+                                     "last_modified": datetime.datetime.now(datetime.timezone.utc)},)
     assert c.n_encodes == 2
     torch.testing.assert_close(c.image, torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
     assert (explorer.patch_y.max, explorer.patch_x.max) == (47, 71)
@@ -218,42 +348,91 @@ def test_new_image_by_upload_and_by_path(explorer, tmp_path):
 
     path = tmp_path / "p.png"
     Image.fromarray(pixels[:, ::-1].copy()).save(path)
-    explorer.path.value = str(path)
-    explorer.load_path.click()
+    explorer.inputs.path.value = str(path)
+    explorer.inputs.load.click()
     assert c.n_encodes == 3 and c.image_name == str(path)
-    explorer.path.value = str(tmp_path / "missing.png")
-    explorer.load_path.click()
+    explorer.inputs.path.value = str(tmp_path / "missing.png")
+    explorer.inputs.load.click()
     assert c.n_encodes == 3 and "not found" in explorer.status.value
 
 
-def test_controller_without_widgets(factory, rand_image):
+def test_controller_without_widgets(factory, rand_image, tiny_segmenter):
     c = ExplorerController(clip="test_tiny", vfm="test_tiny", image=rand_image, classes=["a", "b"],
                            segmenter_factory=factory)
     assert (c.n_encodes, c.n_decodes) == (1, 1)
-    c.set_params(gamma=c.params["gamma"])  # unchanged value: nothing to do
+    assert [k.name for k in c.knob_declarations()] == [k.name for k in get_method(c.method).all_knobs]
+    name = c.knob_declarations()[-1].name
+    c.set_knobs(**{name: c.knobs[name]})  # unchanged value: nothing to do
     assert c.refresh() is False
-    c.set_params(logit_temperature=0.1)
-    assert c.refresh() is True and c.prediction.params["logit_scale"] == pytest.approx(10.0)
+    with pytest.raises(ValueError, match=f"method {c.method} has no knob"):
+        c.set_knobs(no_such_knob=1.0)
+    first = c.knob_declarations()[0]  # a switch: a number is refused, nothing changes
+    with pytest.raises(ValueError, match=f"{first.name} must be true or false"):
+        c.set_knobs(**{first.name: 1.5})
+    assert c.refresh() is False
+    c.set_method("naclip")
+    assert c.knobs == {k: v for k, v in tiny_segmenter.decode_spec(method="naclip").params().items()
+                       if k in get_method("naclip").knob_names + ("residual", "ffn", "logit_scale", "prob_thd")}
+    c.set_knobs(gaussian_std=2.0, logit_scale=10.0)
+    assert c.refresh() is True and c.n_decodes == 2
+    assert c.prediction.params["gaussian_std"] == 2.0 and c.prediction.params["logit_scale"] == 10.0
+    c.set_postprocess({"name": "pamr", "steps": 2})  # another function: the rest from its YAML
+    c.refresh()
+    assert c.prediction.spec.postprocess_settings == tiny_segmenter.decode_spec(
+        postprocess={"name": "pamr", "steps": 2}).postprocess_settings
     c.set_point(-5, 10_000)  # clamped into the image
     assert c.point == (0.0, rand_image.shape[2] - 1.0)
     v = c.attention_view()
     win, row, col = viz.locate_patch(*c.point, c.encoded.image_size, c.encoded.resized_size, c.encoded.windows,
                                      v.proxy_grid)
-    assert (v.window, v.proxy_patch) == (win, (row, col)) == (1, (0, 3))
+    assert (v.window, v.proxy_patch) == (win, (row, col))
     assert c.n_encodes == 1
 
 
 def test_only_what_changed_is_redrawn(explorer):
-    """Temperature and threshold change the labels, not the attention: only the segmentation is redrawn."""
-    seg_png, attn_png = explorer.seg_image.value, explorer.attn_image.value
-    explorer.temperature.value = 0.1
-    assert explorer.seg_image.value != seg_png and explorer.attn_image.value == attn_png
-    explorer.beta.value = 0.5  # the attention changes with beta
-    assert explorer.attn_image.value != attn_png
-    seg_png, attn_png = explorer.seg_image.value, explorer.attn_image.value
+    """Only the method's own knobs change its attention: the switches, the decision and the post-process
+    redraw the segmentation only (derived from the declarations)."""
+    c = explorer.controller
+    drawn = []
+    real = c.attention_figure
+    c.attention_figure = lambda *a, **k: drawn.append(1) or real(*a, **k)
+    for knob in c.knob_declarations():
+        seg_png, n_drawn = explorer.seg_image.value, len(drawn)
+        move(explorer.knob_panel.controls[knob.name], knob, another_value(knob, c.knobs[knob.name]))
+        assert explorer.seg_image.value != seg_png, knob.name  # redrawn (its title shows the values)
+        assert len(drawn) - n_drawn == (knob.name in get_method(c.method).knob_names), knob.name
+    n_drawn = len(drawn)
+    explorer.postprocess.value = next(p for p in postprocess_presets() if p != explorer.postprocess.value)
+    assert len(drawn) == n_drawn
+    seg_png, attn_png, decodes = explorer.seg_image.value, explorer.attn_image.value, c.n_decodes
     explorer.show_affinity.value = True  # a view switch: the attention panel only (one decode records the stages)
     assert explorer.attn_image.value != attn_png and explorer.seg_image.value == seg_png
-    assert explorer.controller.n_decodes == 4
+    assert c.n_decodes == decodes + 1
+
+
+def test_knob_controls_of_every_kind():
+    """Each kind of declaration -> its widget, with the value, range and readback it declares."""
+    knobs = [Knob("f", "float", "a float", low=0, high=5), Knob("i", "int", "an int", low=1),
+             Knob("s", "float", "slid", low=0, slider=(0.0, 2.0, 0.25)), Knob("n", "int", "n", slider=(0, 9, 3)),
+             Knob("b", "bool", "a switch"), Knob("c", "choice", "a choice", choices=("x", "y")),
+             Knob("d", "ints", "a list", low=1)]
+    values = dict(f=1.5, i=3, s=4.0, n=6, b=True, c="y", d=[8, 16])
+    for knob in knobs:
+        w = knob_control(knob, values[knob.name])
+        assert type(w) is expected_widget(knob) and control_value(knob, w) == values[knob.name]
+    f, i, s = (knob_control(k, values[k.name]) for k in knobs[:3])
+    assert (f.min, f.max) == (0, 5) and i.min == 1 and i.max > 10 ** 9  # the declared bounds, else open
+    assert (s.min, s.max, s.step, s.readout_format) == (0.0, 4.0, 0.25, ".2f")  # widened to hold 4.0
+    calls = []
+    panel = KnobPanel(calls.append)
+    panel.show(knobs, values)
+    panel.show(knobs, {**values, "s": 1.0, "d": [2]})  # from code: no callback
+    assert calls == [] and panel.value("s") == 1.0 and panel.value("d") == [2]
+    panel.controls["d"].value = "4 5,6"
+    assert calls == ["d"] and panel.value("d") == [4, 5, 6]
+    panel.controls["d"].value = "4, five"
+    with pytest.raises(ValueError, match="d must be a list of integers >= 1, separated by commas"):
+        panel.value("d")
 
 
 def test_a_given_segmenter_is_reused(tiny_segmenter, rand_image):
@@ -297,10 +476,10 @@ def test_clicking_the_segmentation_chooses_the_patch(explorer, rand_image):
     pred_ax = [ax for ax in fig.axes if ax.images][1]
     dx, dy = pred_ax.transData.transform((30, 20))
     decodes = c.n_decodes
-    explorer._on_click({"type": "click", "dataX": dx, "dataY": H_px - dy})
+    explorer.patch.on_click({"type": "click", "dataX": dx, "dataY": H_px - dy})
     assert (explorer.patch_x.value, explorer.patch_y.value) == (30, 20)
     assert c.point == (20.0, 30.0) and c.n_decodes == decodes
-    explorer._on_click({"type": "click", "dataX": 1.0, "dataY": 1.0})  # the corner: no panel, nothing changes
+    explorer.patch.on_click({"type": "click", "dataX": 1.0, "dataY": 1.0})  # the corner: no panel, nothing changes
     assert c.point == (20.0, 30.0)
     assert explorer.click_events is not None  # ipyevents wired to the segmentation image
 
@@ -319,6 +498,7 @@ def test_a_backbone_that_fails_to_load_is_reported_and_undone(tiny_segmenter, ra
     assert "could not switch to test_tiny_mae" in ex.status.value and "simulated" in ex.status.value
     assert ex.vfm.value == "test_tiny" and (c.clip_name, c.vfm_name) == ("test_tiny", "test_tiny")
     assert c.n_encodes == 1 and torch.equal(c.prediction.labels, labels)
-    assert not ex.gamma.disabled  # controls released
-    ex.gamma.value = 4.0  # and the explorer still works
-    assert c.n_decodes == 3 and c.prediction.params["gamma"] == 4.0
+    control = ex.knob_panel.controls[c.knob_declarations()[-1].name]
+    assert not control.disabled  # controls released
+    control.value = 0.5  # and the explorer still works
+    assert c.n_decodes == 3 and c.prediction.spec.params()[c.knob_declarations()[-1].name] == 0.5

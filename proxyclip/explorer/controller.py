@@ -1,0 +1,229 @@
+"""The explorer's state and computation, without widgets: :class:`ExplorerController`.
+
+Its controls are data: the current method's knobs (``methods.get_method(m).all_knobs``: the
+switches, the method's own knobs, the decision's) and the post-process's settings
+(``postprocess.get_postprocess(p).knobs``). Any change to them, to the method, the post-process
+or the classes is one decode on the cached ``Encoded``; a new image or backbone is an encode
+(unless that pair was encoded before).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..config import compose_config
+from ..encoded import Encoded, Prediction
+from ..knobs import Knob, listing
+from ..methods import get_method
+from ..pipeline import Segmenter
+from ..postprocess import get_postprocess
+from ..resolve import postprocess_presets
+from ..specs import DecodeSpec
+from ..text import parse_classes
+from . import figures
+from .pipelines import PipelineCache
+from .sources import ASSETS, DEFAULT_CLASSES, read_image
+
+
+def knob_values(spec: DecodeSpec) -> Dict[str, Any]:
+    """The value of every knob of ``spec``'s method (``all_knobs`` order) in a DecodeSpec."""
+    params = spec.params()
+    return {k.name: params[k.name] for k in get_method(spec.method).all_knobs}
+
+
+class ExplorerController:
+    """State and computation of the explorer; no widgets. Tests drive it directly or through the view.
+
+    Counters ``n_encodes``, ``n_decodes``, ``n_builds`` say what was computed.
+    ``segmenter_factory(clip, vfm) -> Segmenter`` builds a pipeline (default: compose
+    ``conf/`` with ``clip=..., vfm=..., weights=...`` plus ``overrides``).
+    ``progress(message, fraction)`` is told about slow steps (model build, encode).
+    """
+
+    def __init__(self, clip: str = "vit_b16", vfm: str = "dino_vitb8", weights: str = "random",
+                 overrides: Sequence[str] = (), image: Any = None, classes: Sequence[str] = DEFAULT_CLASSES,
+                 segmenter_factory: Optional[Callable[[str, str], Segmenter]] = None,
+                 progress: Optional[Callable[[str, float], None]] = None, max_segmenters: int = 2,
+                 max_encoded: int = 8, compute: bool = True, segmenter: Optional[Segmenter] = None):
+        self.weights = weights
+        self.overrides = list(overrides)
+        self.pipelines = PipelineCache(segmenter_factory or self._default_factory, max_segmenters, max_encoded)
+        self.progress = progress or (lambda message, fraction: None)
+        self.clip_name, self.vfm_name = clip, vfm
+        if segmenter is not None:
+            self.pipelines.add(clip, vfm, segmenter)
+        self.classes: List[str] = list(classes)
+        self.image: torch.Tensor = read_image(image if image is not None else ASSETS / "sample.jpg")
+        self.image_name = str(image) if isinstance(image, (str, Path)) else ("sample.jpg" if image is None else "image")
+        self.method: Optional[str] = None  # None until a segmenter is there: then its configured method
+        self.knobs: Dict[str, Any] = {}  # the value of every knob of the method (Method.all_knobs)
+        self.postprocess: Dict[str, Any] = {}  # {"name": function, **settings}
+        self.postprocess_preset: Optional[str] = None  # the conf/postprocess preset the settings started from
+        self.point: Tuple[float, float] = (self.image.shape[1] / 2, self.image.shape[2] / 2)  # (y, x) original pixels
+        self.encoded: Optional[Encoded] = None
+        self.clip_attention: Optional[torch.Tensor] = None  # (n_win, 1, T, T): CLIP's own, heads averaged
+        self.prediction: Optional[Prediction] = None
+        self.cache: Dict[str, torch.Tensor] = {}
+        self.n_decodes = 0
+        self.last_decode_seconds = float("nan")
+        self.record_stages = False  # also keep the affinity stages (figures.STAGE_NAMES) when the method has them
+        self._stale_encode = self._stale_decode = True
+        if compute:
+            self.refresh()
+
+    # ------------------------------------------------------------------ pipelines
+    def _default_factory(self, clip: str, vfm: str) -> Segmenter:
+        shared = self.pipelines.find(clip)  # same CLIP: build only the VFM, share the rest
+        if shared is not None:
+            return shared.with_vfm(vfm)
+        cfg = compose_config(overrides=[f"clip={clip}", f"vfm={vfm}", f"weights={self.weights}", *self.overrides])
+        return Segmenter.from_config(cfg)
+
+    @property
+    def segmenter(self) -> Segmenter:
+        seg = self.pipelines.segmenter(self.clip_name, self.vfm_name, self.progress, f" ({self.weights} weights)")
+        if self.method is None:  # the configured method, its YAML's knob values, the configured post-process
+            spec = seg.decode_spec()
+            self.method, self.knobs, self.postprocess = spec.method, knob_values(spec), spec.postprocess_settings
+            self.postprocess_preset = self._preset_of(seg, self.postprocess)
+        return seg
+
+    n_encodes = property(lambda self: self.pipelines.n_encodes)
+    n_builds = property(lambda self: self.pipelines.n_builds)
+    last_encode_seconds = property(lambda self: self.pipelines.last_encode_seconds)
+
+    @staticmethod
+    def _preset_of(seg: Segmenter, settings: Mapping[str, Any]) -> Optional[str]:
+        """The first preset of conf/postprocess (one named as the function first) with these settings."""
+        presets = sorted(postprocess_presets(), key=lambda p: p != settings["name"])
+        return next((p for p in presets if seg.decode_spec(postprocess=p).postprocess_settings == dict(settings)),
+                    None)
+
+    # ------------------------------------------------------------------ the declarations behind the controls
+    def knob_declarations(self) -> Tuple[Knob, ...]:
+        """The current method's knobs: switches, its own, the decision's (one control each)."""
+        self.segmenter  # built on first use: its configured method and post-process become the state
+        return get_method(self.method).all_knobs
+
+    def postprocess_knobs(self) -> Tuple[Knob, ...]:
+        """The current post-process's settings (one control each)."""
+        self.segmenter  # built on first use: its configured method and post-process become the state
+        return get_postprocess(self.postprocess["name"]).knobs
+
+    def changes_attention(self, name: str) -> bool:
+        """Whether knob ``name`` reaches the method's attention (its own knobs), not only what follows it."""
+        return name in get_method(self.method).knob_names
+
+    def spec(self) -> DecodeSpec:
+        """The checked DecodeSpec of the next decode."""
+        return self.segmenter.decode_spec(method=self.method, postprocess=dict(self.postprocess),
+                                          classes=self.classes, **self.knobs)
+
+    # ------------------------------------------------------------------ inputs
+    def set_image(self, image: Any, name: Optional[str] = None) -> None:
+        """A path, PIL image, (3, H, W) tensor or encoded image bytes. Re-encodes on refresh."""
+        self.image = read_image(image)
+        self.image_name = name or (str(image) if isinstance(image, (str, Path)) else "image")
+        self.point = (self.image.shape[1] / 2, self.image.shape[2] / 2)
+        self._stale_encode = True
+
+    def set_backbones(self, clip: Optional[str] = None, vfm: Optional[str] = None) -> None:
+        self.clip_name = clip if clip is not None else self.clip_name
+        self.vfm_name = vfm if vfm is not None else self.vfm_name
+        self._stale_encode = True
+
+    def set_classes(self, classes: Union[Sequence[str], str]) -> None:
+        """A list of class lines, or text with one class per line (or comma-separated)."""
+        if isinstance(classes, str):
+            sep = "\n" if "\n" in classes else ","
+            classes = [c.strip() for c in classes.split(sep) if c.strip()]
+        parse_classes(list(classes))  # a bad list raises here and leaves the state as it was
+        self.classes = list(classes)
+        self._stale_decode = True
+
+    def set_knobs(self, **values: Any) -> None:
+        """Knob values of the current method by name (checked by their declarations; a bad value
+        raises and changes nothing). A changed value decodes on refresh."""
+        decl = {k.name: k for k in self.knob_declarations()}
+        unknown = sorted(set(values) - set(decl))
+        if unknown:
+            raise ValueError(f"method {self.method} has no knob(s) {unknown}; "
+                             f"its knobs: {listing(tuple(decl.values()))}")
+        checked = {name: decl[name].check(v, self.method) for name, v in values.items()}
+        for name, v in checked.items():
+            if self.knobs.get(name) != v:
+                self.knobs[name] = v
+                self._stale_decode = True
+
+    def set_method(self, name: str) -> None:
+        """Another method (``proxyclip.methods``), its knobs at its YAML's defaults: a decode on the same Encoded."""
+        meth = get_method(name)
+        seg = self.segmenter
+        if meth.needs_vfm and seg.vfm is None:
+            raise ValueError(f"method {name} needs a VFM; this pipeline has none")
+        if name != self.method:
+            self.method, self.knobs = name, knob_values(seg.decode_spec(method=name))
+            self._stale_decode = True
+
+    def set_postprocess(self, postprocess: Union[str, Mapping[str, Any]]) -> None:
+        """A preset of conf/postprocess by name (its settings), or a mapping of settings to change
+        (with ``name``: another post-process function, the rest from its YAML). A decode, no encode."""
+        seg = self.segmenter
+        if isinstance(postprocess, str):
+            arg, preset = postprocess, postprocess
+        else:
+            same = postprocess.get("name", self.postprocess["name"]) == self.postprocess["name"]
+            arg = {**self.postprocess, **postprocess} if same else dict(postprocess)
+            preset = self.postprocess_preset if same else None
+        settings = seg.decode_spec(postprocess=arg).postprocess_settings
+        self.postprocess_preset = preset
+        if settings != self.postprocess:
+            self.postprocess = settings
+            self._stale_decode = True
+
+    def set_record_stages(self, on: bool) -> None:
+        """Keep the affinity stages of the next decodes; turning it on decodes once more if they are
+        missing. Off by default: for SAM (64x64 tokens) each is 67 MB a window."""
+        self.record_stages = bool(on)
+        if on and self.encoded is not None and figures.STAGE_NAMES[0] not in self.cache:
+            self._stale_decode = True
+
+    def set_point(self, y: float, x: float) -> None:
+        """The chosen pixel (original image coordinates) whose attention is shown. No computation."""
+        h, w = self.image.shape[1:]
+        self.point = (min(max(float(y), 0.0), h - 1.0), min(max(float(x), 0.0), w - 1.0))
+
+    # ------------------------------------------------------------------ computation
+    def refresh(self) -> bool:
+        """Run what the changes since the last refresh need. Returns True if anything ran."""
+        ran = False
+        if self._stale_encode or self.encoded is None:
+            seg = self.segmenter
+            self.encoded, self.clip_attention = self.pipelines.encode(seg, self.image, self.progress,
+                                                                      (self.clip_name, self.vfm_name))
+            self.progress("encoded", 1.0)
+            self._stale_encode, self._stale_decode, ran = False, True, True
+        if self._stale_decode:
+            names = ("attention.pattern",) + (figures.STAGE_NAMES if self.record_stages else ())
+            t0 = time.perf_counter()
+            self.prediction, self.cache = self.segmenter.run_with_cache(self.encoded, self.classes, names=names,
+                                                                        spec=self.spec())
+            self.last_decode_seconds = time.perf_counter() - t0
+            self.n_decodes += 1
+            self._stale_decode, ran = False, True
+        return ran
+
+    # ------------------------------------------------------------------ what is shown
+    def attention_view(self) -> figures.AttentionView:
+        """The attention rows of the chosen pixel (from caches: no computation)."""
+        return figures.attention_view(self)
+
+    def segmentation_figure(self):
+        return figures.segmentation_figure(self)
+
+    def attention_figure(self, show_affinity: bool = False):
+        return figures.attention_figure(self, show_affinity)

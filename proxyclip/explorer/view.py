@@ -1,0 +1,225 @@
+"""The ipywidgets view of an :class:`ExplorerController`: :class:`Explorer`.
+
+Its knob controls are built from the declarations (``controls.KnobPanel``): the current method's
+``all_knobs`` (rebuilt when the method changes) and the post-process's settings (rebuilt when
+the post-process changes). The image and pixel inputs are ``inputs.ImageInputs`` and ``inputs.PatchPicker``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional, Sequence
+
+from ..methods import METHODS
+from ..resolve import postprocess_presets
+from ..viz import figure_to_png
+from . import figures
+from .controller import ExplorerController
+from .controls import LABEL, WIDTH, KnobPanel
+from .inputs import ImageInputs, PatchPicker
+from .sources import available_backbones
+
+
+def error_html(message: str) -> str:
+    return f"<span style='color:#b00'>{message}</span>"
+
+
+class Explorer:
+    """The ipywidgets view of an :class:`ExplorerController`. ``Explorer(...).widget`` is the box to display.
+
+    Keyword arguments go to the controller (``clip``, ``vfm``, ``weights``, ``overrides``,
+    ``image``, ``classes``, ``segmenter`` (reuse a built pipeline), ``segmenter_factory``). ``clip_options`` /
+    ``vfm_options`` restrict the dropdowns (default: every file in ``conf/clip`` and ``conf/vfm``).
+    """
+
+    def __init__(self, clip_options: Optional[Sequence[str]] = None, vfm_options: Optional[Sequence[str]] = None,
+                 dpi: float = 72, **controller_kwargs):
+        import ipywidgets as W
+
+        self.dpi, self._busy, self.n_renders = dpi, False, 0
+        self._seg_figure, self.last_update_seconds = None, float("nan")
+        self.progress = W.FloatProgress(value=0.0, min=0.0, max=1.0, description="idle",
+                                        layout=W.Layout(width=WIDTH), style={"description_width": "initial"})
+        self.status = W.HTML(value="")
+        controller_kwargs.setdefault("progress", self._on_progress)
+        c = self.controller = ExplorerController(compute=False, **controller_kwargs)
+        clip_options = list(clip_options or available_backbones("clip"))
+        vfm_options = list(vfm_options or available_backbones("vfm"))
+        for opts, cur in ((clip_options, c.clip_name), (vfm_options, c.vfm_name)):
+            if cur not in opts:
+                opts.insert(0, cur)
+        self.inputs = ImageInputs(self._on_image)
+        self.classes = W.Textarea(value="\n".join(c.classes), description="classes (one a line; synonyms with ';')",
+                                  layout=W.Layout(width=WIDTH, height="110px"), continuous_update=False,
+                                  style={"description_width": "initial"})
+        self.clip = W.Dropdown(options=clip_options, value=c.clip_name, description="CLIP", style=LABEL)
+        self.vfm = W.Dropdown(options=vfm_options, value=c.vfm_name, description="VFM", style=LABEL)
+        self.method = W.Dropdown(options=list(METHODS), value=None, description="method", style=LABEL)
+        self.postprocess = W.Dropdown(options=list(postprocess_presets()), value=None, description="post-process",
+                                      style=LABEL)
+        self.knob_panel = KnobPanel(self._on_knob)  # the method's knobs
+        self.post_panel = KnobPanel(self._on_setting)  # the post-process's settings
+        self.show_affinity = W.Checkbox(value=False, indent=False,
+                                        description="affinity stages (S, S', mask), if the method has them")
+        self.seg_image, self.attn_image = W.Image(format="png"), W.Image(format="png")
+        self.patch = PatchPicker(self.seg_image, lambda: None if self._busy else self._seg_figure, self._on_point)
+        self.patch_x, self.patch_y, self.click_events = self.patch.patch_x, self.patch.patch_y, self.patch.click_events
+        controls = W.VBox([W.HTML("<b>ProxyCLIP explorer</b>"), self.inputs.box, self.clip, self.vfm, self.method,
+                           self.knob_panel.box, self.postprocess, self.post_panel.box, self.classes,
+                           self.patch.box, self.show_affinity, self.progress, self.status],
+                          layout=W.Layout(min_width="440px"))
+        self.widget = W.HBox([controls, W.VBox([self.seg_image, self.attn_image])])
+        self.widget.add_class("proxyclip-explorer")
+        self._full_update()  # first encode + decode (shows progress)
+        for w, handler in ((self.show_affinity, self._on_view), (self.method, self._on_method),
+                           (self.postprocess, self._on_postprocess), (self.classes, self._on_classes),
+                           (self.clip, self._on_backbone), (self.vfm, self._on_backbone)):
+            w.observe(handler, names="value")
+
+    def _ipython_display_(self):  # display(explorer) shows the widget
+        from IPython.display import display
+
+        display(self.widget)
+
+    # ------------------------------------------------------------------ sync
+    def _on_progress(self, message: str, fraction: float) -> None:
+        self.progress.description = message
+        self.progress.value = fraction
+        self.progress.bar_style = "success" if fraction >= 1.0 else "info"
+
+    def _sync_from_controller(self) -> None:
+        """Every control from the controller: the method, its knobs, the post-process, the patch."""
+        c = self.controller
+        self._busy = True
+        try:
+            self.method.value = c.method
+            self.postprocess.value = c.postprocess_preset
+            self.knob_panel.show(c.knob_declarations(), c.knobs)
+            self.post_panel.show(c.postprocess_knobs(), c.postprocess)
+            self.patch.show(c.image.shape[1:], c.point)
+        finally:
+            self._busy = False
+
+    def _set_enabled(self, enabled: bool) -> None:
+        for w in (self.clip, self.vfm, self.method, self.postprocess, self.classes, self.show_affinity):
+            w.disabled = not enabled
+        self.inputs.set_disabled(not enabled)
+        self.knob_panel.set_disabled(not enabled)
+        self.post_panel.set_disabled(not enabled)
+
+    def _full_update(self) -> None:
+        self._set_enabled(False)
+        try:
+            self.controller.refresh()
+            self._sync_from_controller()
+            self._render()
+        except Exception as e:  # shown in the explorer, not lost in a log
+            self.status.value = error_html(f"error: {type(e).__name__}: {e}")
+            raise
+        finally:
+            self._set_enabled(True)
+
+    def _render(self, segmentation: bool = True, attention: bool = True) -> None:
+        t0 = time.perf_counter()
+        c = self.controller
+        if segmentation:
+            self._seg_figure = c.segmentation_figure()
+            self.seg_image.value = figure_to_png(self._seg_figure, dpi=self.dpi)
+        if attention:
+            self.attn_image.value = figure_to_png(c.attention_figure(self.show_affinity.value), dpi=self.dpi)
+        self.n_renders += 1
+        self.status.value = figures.status_text(c)
+        self.last_update_seconds = time.perf_counter() - t0
+
+    def _apply(self, change_state, attention: bool = True) -> bool:
+        """Run ``change_state()`` then the decode it needs and redraw; a ValueError is shown and the
+        controls go back to the controller's state. Returns whether it worked."""
+        t0 = time.perf_counter()
+        try:
+            change_state()
+            self.controller.refresh()
+        except ValueError as e:
+            self._sync_from_controller()
+            self.status.value = error_html(str(e))
+            return False
+        self._sync_from_controller()
+        self._render(attention=attention)
+        self.last_update_seconds = time.perf_counter() - t0
+        return True
+
+    # ------------------------------------------------------------------ events
+    def _on_knob(self, name: str) -> None:
+        """A knob control: one decode; the attention is redrawn only for the method's own knobs."""
+        if not self._busy:
+            c = self.controller
+            self._apply(lambda: c.set_knobs(**{name: self.knob_panel.value(name)}), c.changes_attention(name))
+
+    def _on_setting(self, name: str) -> None:
+        """A post-process setting: one decode; the attention does not change."""
+        if not self._busy:
+            c = self.controller
+            self._apply(lambda: c.set_postprocess({name: self.post_panel.value(name)}), attention=False)
+
+    def _on_method(self, change=None) -> None:
+        """The method dropdown: its knob controls, one decode on the cached Encoded."""
+        if not self._busy:
+            self._apply(lambda: self.controller.set_method(self.method.value))
+
+    def _on_postprocess(self, change=None) -> None:
+        """The post-process dropdown (a preset of conf/postprocess): its settings' controls, one decode."""
+        if not self._busy and self.postprocess.value is not None:
+            self._apply(lambda: self.controller.set_postprocess(self.postprocess.value), attention=False)
+
+    def _on_classes(self, change=None) -> None:
+        if not self._busy:
+            try:
+                self.controller.set_classes(self.classes.value)
+            except (ValueError, TypeError) as e:
+                self.status.value = error_html(f"classes: {e}")
+                return
+            self._apply(lambda: None)
+
+    def _on_point(self, y: int, x: int) -> None:
+        """The patch sliders or a click: no computation, both figures redrawn (the marker, the attention)."""
+        if not self._busy:
+            t0 = time.perf_counter()
+            self.controller.set_point(y, x)
+            self._render()
+            self.last_update_seconds = time.perf_counter() - t0
+
+    def _on_view(self, change=None) -> None:
+        """The affinity-stages checkbox: record the stages (one decode if missing), redraw the attention panel."""
+        if not self._busy:
+            self.controller.set_record_stages(self.show_affinity.value)
+            self.controller.refresh()
+            self._render(segmentation=False)
+
+    def _on_backbone(self, change=None) -> None:
+        if self._busy:
+            return
+        c = self.controller
+        previous = (c.clip_name, c.vfm_name)
+        c.set_backbones(clip=self.clip.value, vfm=self.vfm.value)
+        try:
+            self._full_update()
+        except Exception as e:  # e.g. weights that cannot be loaded: say so, go back to what worked
+            c.set_backbones(*previous)
+            self._busy = True
+            try:
+                self.clip.value, self.vfm.value = previous
+            finally:
+                self._busy = False
+            c.refresh()  # the previous pipeline and encode are cached: a decode at most
+            self._render()
+            wanted = change.new if change is not None else "the new backbones"
+            self.status.value = error_html(f"could not switch to {wanted}: {type(e).__name__}: {e}")
+            self.progress.description, self.progress.bar_style = "failed", "danger"
+
+    def _on_image(self, image: Any, name: Optional[str]) -> None:
+        """A new image from the inputs (sample, path or upload): encode and redraw."""
+        try:
+            self.controller.set_image(image, name=name)
+        except (OSError, ValueError) as e:
+            self.status.value = error_html(str(e))
+            return
+        self._full_update()
