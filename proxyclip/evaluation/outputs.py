@@ -151,7 +151,7 @@ def sweep_figure(result: GridResult, metric: str = "mIoU"):
         j = cols.index(v[axes[1]]) if len(axes) > 1 else 0
         grid[i, j] = m[metric] if np.isnan(grid[i, j]) else max(grid[i, j], m[metric])
     if len(axes) == 1:
-        return _line_plot(grid[:, 0], rows, axes[0], metric)
+        return viz.plot_sweep_line(grid[:, 0], rows, axes[0], metric=metric)
     return viz.plot_sweep_heatmap(grid, rows, cols, row_name=axes[0], col_name=axes[1], metric=metric)
 
 
@@ -161,18 +161,3 @@ def _order(v: Any) -> tuple:
     if isinstance(v, (int, float)):
         return (1, v, "")
     return (2, 0, json.dumps(v))
-
-
-def _line_plot(values, xs: Sequence[Any], name: str, metric: str):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5, 3.2))
-    ax = fig.add_subplot()
-    labels = [str(x) for x in xs]
-    ax.plot(range(len(xs)), values, marker="o")
-    ax.set_xticks(range(len(xs)), labels)
-    ax.set_xlabel(name)
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} over {name}")
-    fig.tight_layout()
-    return fig
