@@ -254,3 +254,16 @@ def knobs_of(method: str, **changes) -> Dict[str, object]:
     k = method_defaults(method)
     k.update(changes)
     return k
+
+
+def other_value(knob, current):
+    """A valid value of ``knob`` other than ``current`` (for numbers: the slider end it is not at)."""
+    if knob.kind == "bool":
+        return not current
+    if knob.kind == "choice":
+        return next(c for c in knob.choices if c != current)
+    if knob.kind == "ints":
+        return [v + 1 for v in current]
+    lo, hi, _ = knob.slider
+    new = hi if current == lo else lo
+    return int(new) if knob.kind == "int" else float(new)

@@ -118,19 +118,6 @@ def test_one_encode_serves_every_method(tiny_segmenter, rand_image):
     assert tiny_segmenter.decode(enc, CLASSES, method="clearclip").params["logit_scale"] == 50.0
 
 
-def other_value(knob, default):
-    """A valid value of ``knob`` other than ``default``."""
-    if knob.kind == "bool":
-        return not default
-    if knob.kind == "choice":
-        return next(c for c in knob.choices if c != default)
-    if knob.kind == "ints":
-        return [v + 1 for v in default]
-    lo, hi, _ = knob.slider
-    value = lo + 0.3 * (hi - lo)  # e.g. naclip gaussian_std 6.35 (default 5), proxyclip gamma 3.35 (3.0)
-    return int(round(value)) if knob.kind == "int" else value
-
-
 @pytest.mark.parametrize("name", list(METHODS))
 def test_switches_and_knobs_reach_the_block(tiny_segmenter, rand_image, name):
     """Each switch does exactly what it says to the block output, and each knob of each method gives
@@ -158,7 +145,7 @@ def test_switches_and_knobs_reach_the_block(tiny_segmenter, rand_image, name):
     # each of the method's own knobs, at a value other than its default: the reference at that value
     defaults = naive.knobs_of(name)
     for knob in METHODS[name].knobs:
-        value = other_value(knob, defaults[knob.name])
+        value = naive.other_value(knob, defaults[knob.name])
         pred, cache = seg.run_with_cache(enc, CLASSES, names=["clip.dense"], method=name, **{knob.name: value})
         assert pred.params[knob.name] == value
         ref = _reference_dense(seg, enc, name, {**defaults, knob.name: value})

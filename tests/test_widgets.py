@@ -8,6 +8,7 @@ import io
 
 import ipywidgets as W
 import numpy as np
+import naive
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -64,19 +65,6 @@ def expected_widget(knob: Knob):
     if knob.slider is not None:
         return W.IntSlider if knob.kind == "int" else W.FloatSlider
     return W.BoundedIntText if knob.kind == "int" else W.BoundedFloatText
-
-
-def another_value(knob: Knob, current):
-    """A valid value of ``knob`` other than ``current`` (a slider end for numbers)."""
-    if knob.kind == "bool":
-        return not current
-    if knob.kind == "choice":
-        return next(c for c in knob.choices if c != current)
-    if knob.kind == "ints":
-        return [v + 1 for v in current]
-    lo, hi, _ = knob.slider
-    new = hi if current == lo else lo
-    return int(new) if knob.kind == "int" else float(new)
 
 
 def move(control, knob: Knob, value) -> None:
@@ -141,7 +129,7 @@ def test_every_methods_controls_are_its_knobs_and_each_decodes_once(explorer, ti
         assert type(panel.controls[knob.name]) is expected_widget(knob)
     for knob in meth.all_knobs:  # move each control: one decode, its value in the prediction's spec
         decodes = c.n_decodes
-        values[knob.name] = new = another_value(knob, values[knob.name])
+        values[knob.name] = new = naive.other_value(knob, values[knob.name])
         move(panel.controls[knob.name], knob, new)
         assert (c.n_encodes, c.n_decodes) == (1, decodes + 1), knob.name
         got = c.prediction.spec.params()[knob.name]
@@ -168,7 +156,7 @@ def test_every_postprocess_preset_and_its_settings_decode_once(explorer, tiny_se
     assert {n: explorer.post_panel.value(n) for n in explorer.post_panel.controls} == settings
     for knob in post.knobs:
         decodes = c.n_decodes
-        settings[knob.name] = new = another_value(knob, settings[knob.name])
+        settings[knob.name] = new = naive.other_value(knob, settings[knob.name])
         move(explorer.post_panel.controls[knob.name], knob, new)
         assert (c.n_encodes, c.n_decodes) == (1, decodes + 1), knob.name
         assert c.prediction.spec.postprocess_settings == {"name": post.name, **settings}
@@ -398,7 +386,7 @@ def test_only_what_changed_is_redrawn(explorer):
     c.attention_figure = lambda *a, **k: drawn.append(1) or real(*a, **k)
     for knob in c.knob_declarations():
         seg_png, n_drawn = explorer.seg_image.value, len(drawn)
-        move(explorer.knob_panel.controls[knob.name], knob, another_value(knob, c.knobs[knob.name]))
+        move(explorer.knob_panel.controls[knob.name], knob, naive.other_value(knob, c.knobs[knob.name]))
         assert explorer.seg_image.value != seg_png, knob.name  # redrawn (its title shows the values)
         assert len(drawn) - n_drawn == (knob.name in get_method(c.method).knob_names), knob.name
     n_drawn = len(drawn)
