@@ -176,8 +176,8 @@ class JobLedger:
     def summary(self) -> Optional[str]:
         if not self.failed:
             return None
-        names = "; ".join(f"{label} ({msg})" for label, msg in self.failed)
-        return f"{len(self.failed)} of {self.done} jobs failed (each wrote error.txt in its folder): {names}"
+        names = "; ".join(f"{label} ({where})" if where else label for label, where in self.failed)
+        return f"{len(self.failed)} of {self.done} jobs failed: {names}"
 
 
 LEDGER = JobLedger()

@@ -300,7 +300,7 @@ def report_job_error(prog: str, message: str, out_dir: Any = None) -> None:
             pass
     if not in_multirun():
         sys.exit(errors.USAGE)
-    errors.LEDGER.record(False, job_label(), errors.one_line(message))
+    errors.LEDGER.record(False, job_label(), f"{out_dir}/error.txt" if out_dir is not None else "")
 
 
 def report_job_done() -> None:
