@@ -137,3 +137,26 @@ def test_multirun_with_a_failing_job_exits_2_naming_it(tmp_path):
     assert "image file not found" in (tmp_path / "mr" / "0" / "error.txt").read_text()
     shares = json.loads((tmp_path / "mr" / "1" / "shares.json").read_text())  # the other job still ran
     assert shares["image"] == str(tmp_path / "good.png")
+
+
+def _presets_with_sweeps():
+    import yaml
+
+    from proxyclip.config import CONF_DIR
+
+    out = []
+    for p in sorted((CONF_DIR / "experiment").glob("*.yaml")):
+        params = ((yaml.safe_load(p.read_text()) or {}).get("hydra") or {}).get("sweeper", {}).get("params")
+        if params:
+            out.append((p.stem, params))
+    return out
+
+
+@pytest.mark.parametrize("preset,params", _presets_with_sweeps())
+def test_a_presets_sweep_supplies_the_dataset(preset, params):
+    from proxyclip.cli.hydra_app import validate
+
+    assert "dataset" in params  # the presets sweep the datasets: none is given on the command line
+    assert validate("eval", [f"experiment={preset}", "weights=random"], True) is None
+    bad = validate("eval", [f"experiment={preset}", "method.gama=1"], True)  # and each job is still checked
+    assert bad.startswith("method.gama: no such key in method"), bad

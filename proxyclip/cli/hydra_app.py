@@ -180,12 +180,33 @@ def _check_folders(cfg: Any, multirun: bool) -> None:
             raise errors.UsageError(reason)
 
 
+def _preset_sweeps(c: Composer, overrides: Sequence[str]) -> List[str]:
+    """A preset's ``hydra.sweeper.params`` (``dataset: voc21,ade20k``) the command line does not
+    set, as overrides: the sweeper adds them to every job, so a required group may come from them."""
+    from omegaconf import OmegaConf
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    given = {_key(o) for o in overrides}
+    stand_ins = [f"~{g}" for g in c.required_groups() if g not in given]
+    try:  # the presets and Hydra's own choices decide the sweeper's params: compose just those
+        chosen = [o.input_line for o in OverridesParser.create().parse_overrides(list(overrides))
+                  if not o.is_sweep_override() and (c.is_group(o.key_or_group) or o.key_or_group.startswith("hydra"))]
+        cfg = c.compose(chosen + stand_ins + ["hydra.run.dir=.", "hydra.sweep.subdir=."])
+        params = OmegaConf.to_container(OmegaConf.select(cfg, "hydra.sweeper.params") or {})
+    except Exception:  # the command line itself does not compose: validate() reports it
+        return []
+    return [f"{k}={v}" for k, v in params.items() if k not in given]
+
+
 def validate(config_name: str, overrides: Sequence[str], multirun: bool) -> Optional[str]:
     """Compose the command line as Hydra will (each swept value in a multirun); return the one-line
     error, or None when it composes. A required group left out is reported too."""
     with Composer(config_name) as c:
         try:
             _check_overrides(c, overrides)
+            if multirun:
+                overrides = list(overrides) + _preset_sweeps(c, overrides)
             for variant in _variants(overrides, multirun):
                 try:
                     cfg = c.compose(variant)
