@@ -56,7 +56,7 @@ class VfmConfig:
     layer: int = -1  # feature layer (a ViT block, a Hiera stage); negative counts from the end
     feature: str = "tokens"  # tokens | q | k | v (that block's attention projections, heads concatenated)
     norm: bool = True  # tokens: apply the model's final norm (SAM: its neck); ignored for q/k/v
-    channels: Optional[int] = None  # C of the full model's features at these settings (checked by the tests)
+    channels: Optional[int] = None  # C of the model's features at these settings (checked when it is built)
     stride: Optional[int] = None  # the full model's stride at this layer (checked by the tests)
     timm_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
     checkpoint: Optional[str] = None  # local checkpoint file, used with weights=local

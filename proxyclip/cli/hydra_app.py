@@ -242,8 +242,9 @@ def print_help(prog: str, doc: str, config_name: str, overrides: Sequence[str], 
             lines.append(f"# {g}: not chosen ({g}=NAME: {', '.join(c.options(g))})")
             OmegaConf.set_struct(cfg, False)
             cfg[g] = "???"
-        text = OmegaConf.to_yaml(cfg, resolve=resolve) if not resolve else OmegaConf.to_yaml(
-            OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)))
+        if resolve:  # interpolations replaced; a value left to choose stays ???
+            cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
+        text = OmegaConf.to_yaml(cfg)
         print("\n".join(lines) + ("\n" if lines else "") + text, end="")
 
 
