@@ -102,10 +102,17 @@ def test_multirun_sweep_values_are_each_checked(monkeypatch, capsys):
 
 
 def test_segment_image_without_classes_asks_for_them(monkeypatch, capsys, tmp_path):
+    import logging
+
     Image.new("RGB", (8, 8)).save(tmp_path / "my.png")
-    code, err = _in_process(monkeypatch, capsys, HYDRA_APPS["proxyclip-segment"], "experiment=tiny",
-                            f"image={tmp_path / 'my.png'}", f"hydra.run.dir={tmp_path / 'run'}",
-                            "hydra/job_logging=disabled", "hydra/hydra_logging=disabled")
+    levels = {name: logging.getLogger(name).level for name in ("", "proxyclip")}
+    try:  # Hydra runs in this process: leave the logging configuration alone (none), restore the levels
+        code, err = _in_process(monkeypatch, capsys, HYDRA_APPS["proxyclip-segment"], "experiment=tiny",
+                                f"image={tmp_path / 'my.png'}", f"hydra.run.dir={tmp_path / 'run'}",
+                                "hydra/job_logging=none", "hydra/hydra_logging=none")
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
     assert code == 2
     _assert_one_line(err, "proxyclip-segment", "classes=", "my.png")
 
