@@ -7,12 +7,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import open_clip
 import torch
 from omegaconf import OmegaConf
 
-from .backbones import ClipBackbone, VfmBackbone, WeightsUnavailable, build_vfm, create_clip_model
-from .config import group_choice
+from .backbones import ClipBackbone, VfmBackbone, WeightsUnavailable, build_vfm, create_clip_model, create_tokenizer
+from .config import chosen_overrides, group_choice
 from .devices import resolve_runtime
 from .methods import get_method
 from .specs import EncodeSpec
@@ -28,6 +27,12 @@ def no_vfm_message(method: str, vfm: str) -> str:
             "without a VFM use method=maskclip (method.residual=false method.ffn=false for the v-only variant)")
 
 
+def vfm_chosen(cfg: Any) -> bool:
+    """Whether the user chose the VFM (``vfm=...`` / ``vfm.*`` on the command line or in
+    ``compose_config``'s overrides), not a preset or the default."""
+    return any(k == "vfm" or k.startswith("vfm.") for k in chosen_overrides(cfg))
+
+
 def build_segmenter(cls: type, cfg: Any) -> Any:
     """``cls(cfg, clip, vfm, random_weights)`` with the backbones ``cfg`` names (see conf/)."""
     device, _ = resolve_runtime(cfg)  # device/precision "auto" -> this machine's values, written into cfg
@@ -38,7 +43,7 @@ def build_segmenter(cls: type, cfg: Any) -> Any:
     if method.needs_vfm and not cfg.vfm.timm_name:
         raise ValueError(no_vfm_message(cfg.method.name, cfg.vfm.name))
     use_vfm = method.needs_vfm
-    if not use_vfm and cfg.vfm.timm_name:
+    if not use_vfm and cfg.vfm.timm_name and vfm_chosen(cfg):
         log.warning("method=%s uses no VFM: vfm=%s is neither built nor run", cfg.method.name, cfg.vfm.name)
     dtype = DTYPES[cfg.precision]
     if device.type == "cpu" and dtype != torch.float32:
@@ -56,7 +61,7 @@ def build_segmenter(cls: type, cfg: Any) -> Any:
         source = "random"
         clip_model = create_clip_model(cfg.clip.name, cfg.clip.pretrained, cfg.clip.quick_gelu, source, seed=w.seed)
         vfm = build_vfm(cfg.vfm, source, w.seed) if use_vfm else None
-    clip = ClipBackbone(clip_model.to(device=device, dtype=dtype), open_clip.get_tokenizer(cfg.clip.name))
+    clip = ClipBackbone(clip_model.to(device=device, dtype=dtype), create_tokenizer(cfg.clip.name))
     if vfm is not None:
         vfm = vfm.to(device=device, dtype=dtype)
     return cls(cfg, clip, vfm, random_weights=(source == "random"))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ class VfmConfig:
     layer: int = -1  # feature layer (a ViT block, a Hiera stage); negative counts from the end
     feature: str = "tokens"  # tokens | q | k | v (that block's attention projections, heads concatenated)
     norm: bool = True  # tokens: apply the model's final norm (SAM: its neck); ignored for q/k/v
-    channels: Optional[int] = None  # C of the full model's features at these settings (checked by the tests)
+    channels: Optional[int] = None  # C of the model's features at these settings (checked when it is built)
     stride: Optional[int] = None  # the full model's stride at this layer (checked by the tests)
     timm_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
     checkpoint: Optional[str] = None  # local checkpoint file, used with weights=local
@@ -274,7 +275,28 @@ def compose_config(config_name: str = "config", overrides: Optional[List[str]] =
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        return compose(config_name, overrides=list(overrides or []))
+        cfg = compose(config_name, overrides=list(overrides or []))
+    _COMPOSED[id(cfg)] = (weakref.ref(cfg), [o.split("=", 1)[0].lstrip("+~") for o in overrides or []])
+    return cfg
+
+
+_COMPOSED: Dict[int, Any] = {}  # id(cfg) -> (weak reference, override keys) of compose_config's results
+
+
+def chosen_overrides(cfg: Any) -> List[str]:
+    """The keys the user set for ``cfg``: the command line's (``vfm``, ``method.gamma``, ...) in a
+    Hydra app, else ``compose_config``'s overrides; a preset's or the default's choices are not in it."""
+    entry = _COMPOSED.get(id(cfg))
+    if entry is not None and entry[0]() is cfg:
+        return list(entry[1])
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
+    except Exception:
+        pass
+    return []
 
 
 @functools.lru_cache(maxsize=None)

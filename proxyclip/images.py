@@ -1,7 +1,9 @@
-"""Reading images into (3, H, W) float tensors in [0, 1]."""
+"""Reading images into (3, H, W) float tensors in [0, 1]: files, http(s) URLs, PIL, arrays, tensors."""
 
 from __future__ import annotations
 
+import io
+import re
 from pathlib import Path
 from typing import Union
 
@@ -14,6 +16,39 @@ ImageLike = Union[str, Path, Image.Image, torch.Tensor, np.ndarray]
 
 class ImageError(ValueError):
     """An image that cannot be used, with the reason."""
+
+
+URL_TIMEOUT = 30.0  # seconds for an http(s) image download
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _open_url(url: str) -> Image.Image:
+    """Download an http(s) image with urllib; any other scheme is refused with a plain message."""
+    import urllib.error
+    import urllib.request
+
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in ("http", "https"):
+        raise ImageError(f"{url}: {scheme}:// URLs are not supported; download the image and pass its path "
+                         "(http and https URLs are loaded directly)")
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "proxyclip"})
+        with urllib.request.urlopen(request, timeout=URL_TIMEOUT) as response:
+            data = response.read()
+    except urllib.error.HTTPError as e:
+        raise ImageError(f"{url}: download failed (HTTP {e.code} {e.reason})") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise ImageError(f"{url}: download failed ({reason}); check the address and the network, "
+                         "or download the image and pass its path") from None
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img
+    except UnidentifiedImageError:
+        raise ImageError(f"{url}: the download ({len(data)} bytes) is not an image PIL can read") from None
+    except (OSError, SyntaxError) as e:
+        raise ImageError(f"{url}: the downloaded image is corrupt or truncated ({e})") from None
 
 
 def _pil_to_tensor(img: Image.Image, source: str) -> torch.Tensor:
@@ -42,9 +77,11 @@ def _pil_to_tensor(img: Image.Image, source: str) -> torch.Tensor:
 def load_image(image: ImageLike) -> torch.Tensor:
     """Return ``image`` as a (3, H, W) float32 tensor in [0, 1].
 
-    Accepts a path, a PIL image, a (3, H, W) / (1, H, W) / (H, W) float tensor in [0, 1],
+    Accepts a path, an http(s) URL (downloaded), a PIL image, a (3, H, W) / (1, H, W) / (H, W) float tensor in [0, 1],
     or an (H, W, 3) uint8 numpy array.
     """
+    if isinstance(image, str) and _URL.match(image):
+        return _pil_to_tensor(_open_url(image), image)
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.exists():

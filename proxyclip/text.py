@@ -172,6 +172,7 @@ class TextDiskCache:
         self.folder = Path(folder)
         self.model_id = model_id
         self.hits = self.misses = 0
+        self.broken = False  # a write failed: said once, then memory only
 
     def path(self, name: str) -> Path:
         key = hashlib.sha256(f"{self.model_id}\0{TEMPLATES_DIGEST}\0{name}".encode()).hexdigest()
@@ -196,11 +197,15 @@ class TextDiskCache:
         return emb.float()
 
     def put(self, name: str, emb: torch.Tensor) -> None:
+        if self.broken:
+            return
         entry = {"name": name, "model_id": self.model_id, "embedding": emb.detach().float().cpu().clone()}
         try:
             atomic_write(self.path(name), lambda f: torch.save(entry, f))
-        except OSError as e:  # a read-only or full disk must not stop a run
-            print(f"[proxyclip] text cache: cannot write {self.folder} ({e}); continuing without it")
+        except OSError as e:  # a read-only or full disk must not stop a run: say so once
+            self.broken = True
+            print(f"[proxyclip] text cache: cannot write the folder {self.folder} (text_cache; "
+                  f"{type(e).__name__}: {e.strerror or e}); text embeddings are kept in memory only")
 
 
 def default_text_cache_dir() -> Path:

@@ -30,7 +30,8 @@ def test_multirun_over_datasets_then_summary(tmp_path):
     # context60 has no data here: that job reports its error and the others still run
     r = _run(["-m", "proxyclip.cli.evaluate", "-m", "dataset=voc21,context60,voc20", f"data_root={tmp_path}",
               *TINY_EVAL, f"hydra.sweep.dir={mr}"], timeout=400)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 2, r.stderr[-3000:]  # at the end, naming the failed job
+    assert r.stderr.strip().splitlines()[-1].startswith("proxyclip-eval: error: 1 of 3 jobs failed: #1 dataset=context60")
     assert (mr / "0_voc21" / "metrics.json").is_file() and (mr / "2_voc20" / "metrics.json").is_file()
     assert "VOC2010" in (mr / "1_context60" / "error.txt").read_text()
     voc21 = json.loads((mr / "0_voc21" / "metrics.json").read_text())["mIoU"]

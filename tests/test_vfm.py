@@ -104,7 +104,7 @@ def test_default_features_are_unchanged(name, prefix):
 
 
 def test_pipeline_normalizes_with_the_backbones_mean_std():
-    seg = Segmenter.from_config(tiny_config("vfm=radio_vitb16", f"++vfm.timm_kwargs={SMALL}"))
+    seg = Segmenter.from_config(tiny_config("vfm=radio_vitb16", f"++vfm.timm_kwargs={SMALL}", "vfm.channels=null"))
     assert (seg.vfm.mean, seg.vfm.std) == (CLIP_MEAN, CLIP_STD)
     img = rand(3, 64, 64)
     features = seg.run_with_cache(img, ["sky"], names=["vfm.features"])[1]["vfm.features"]
@@ -128,7 +128,7 @@ PIPELINE_VFMS = {
 @pytest.mark.parametrize("name", sorted(PIPELINE_VFMS))
 def test_pipeline_pads_windows_for_the_vfm(name):
     overrides, grid, pad = PIPELINE_VFMS[name]
-    seg = Segmenter.from_config(tiny_config(f"vfm={name}", *overrides))
+    seg = Segmenter.from_config(tiny_config(f"vfm={name}", *overrides, "vfm.channels=null"))  # a shrunk model
     enc = seg.encode(rand(3, 64, 64))
     assert tuple(enc.vfm_features.shape[-2:]) == grid and enc.pad == pad  # SAM: a resized copy, no VFM padding
     assert enc.vfm_features.shape[1] == seg.vfm.channels

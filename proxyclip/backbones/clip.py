@@ -7,8 +7,10 @@ open_clip is used as a library: its modules' weights are read (``conv1``, ``posi
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import open_clip
 import torch
@@ -30,15 +32,49 @@ def create_clip_model(name: str, pretrained: str, quick_gelu: bool, source: str,
     """An open_clip model in eval mode. ``source``: pretrained | local | random."""
     if name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {name!r} (clip.name); known: {', '.join(open_clip.list_models()[:12])}, ...")
+    check_tokenizer_package(name)
     with quiet_library_logs():
         return _create(name, pretrained, quick_gelu, source, seed, checkpoint).eval().requires_grad_(False)
 
 
+@contextlib.contextmanager
+def _dropping_root_records(prefix: str) -> Iterator[None]:
+    """Drop the root logger's records that start with ``prefix`` (open_clip logs on the root logger)."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(prefix)
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def check_tokenizer_package(name: str) -> None:
+    """open_clip models with a Hugging Face tokenizer (SigLIP, ...) need the ``transformers``
+    package: say so in one line before anything is built."""
+    import importlib.util
+
+    text_cfg = (open_clip.get_model_config(name) or {}).get("text_cfg", {})
+    if text_cfg.get("hf_tokenizer_name") and importlib.util.find_spec("transformers") is None:
+        raise ValueError(f"clip.name={name} uses the Hugging Face tokenizer {text_cfg['hf_tokenizer_name']!r}, "
+                         "which needs the Python package 'transformers': pip install transformers")
+
+
+def create_tokenizer(name: str):
+    """``open_clip.get_tokenizer(name)``, its INFO chatter silenced (warnings still show)."""
+    check_tokenizer_package(name)
+    with quiet_library_logs():
+        return open_clip.get_tokenizer(name)
+
+
 def _create(name: str, pretrained: str, quick_gelu: bool, source: str, seed: int, checkpoint: str | None) -> nn.Module:
     kwargs = dict(force_quick_gelu=quick_gelu)
-    if source == "random":
-        model = seeded(seed, f"clip:{name}",
-                       lambda: open_clip.create_model(name, pretrained=None, load_weights=False, **kwargs))
+    if source == "random":  # random on purpose: open_clip's "no pretrained weights loaded" warning is no news
+        with _dropping_root_records("No pretrained weights loaded"):
+            model = seeded(seed, f"clip:{name}",
+                           lambda: open_clip.create_model(name, pretrained=None, load_weights=False, **kwargs))
     elif source == "local":
         path = check_checkpoint_file(checkpoint, "clip.checkpoint")
         try:

@@ -48,14 +48,23 @@ def create_vfm_model(timm_name: str, source: str, seed: int = 0, checkpoint: Opt
         near = timm.list_models(f"*{base.split('_')[0]}*")[:8]
         raise ValueError(f"unknown timm model {timm_name!r} (vfm.timm_name); timm models like it: {near}")
     kwargs = dict(timm_kwargs or {})
-    if fixed_input_size:
-        return _create(timm_name, source, seed, checkpoint, kwargs)
     try:
-        return _create(timm_name, source, seed, checkpoint, dict(kwargs, num_classes=0, dynamic_img_size=True))
+        if fixed_input_size:
+            return _create(timm_name, source, seed, checkpoint, kwargs)
+        try:
+            return _create(timm_name, source, seed, checkpoint, dict(kwargs, num_classes=0, dynamic_img_size=True))
+        except TypeError as e:
+            if "dynamic_img_size" not in str(e):
+                raise
+            return _create(timm_name, source, seed, checkpoint, dict(kwargs, num_classes=0))
     except TypeError as e:
-        if "dynamic_img_size" not in str(e):
+        refused = [k for k in kwargs if f"'{k}'" in str(e)]
+        if not refused:
             raise
-        return _create(timm_name, source, seed, checkpoint, dict(kwargs, num_classes=0))
+        raise ValueError(f"vfm.timm_name={timm_name} does not take the timm argument {refused[0]!r} of "
+                         f"vfm.timm_kwargs={kwargs}: these come with the vfm preset (e.g. experiment=tiny's "
+                         "vfm=test_tiny) and were inherited; clear them with vfm.timm_kwargs={} "
+                         "or give this model's own") from None
 
 
 def _create(timm_name: str, source: str, seed: int, checkpoint: Optional[str], kwargs: dict) -> nn.Module:
@@ -211,5 +220,15 @@ def build_vfm(vfm_cfg: Any, source: str, seed: int) -> Optional[VfmBackbone]:
     kwargs = OmegaConf.to_container(kwargs) if OmegaConf.is_config(kwargs) else dict(kwargs or {})
     model = create_vfm_model(vfm_cfg.timm_name, source, seed=seed, checkpoint=vfm_cfg.checkpoint, timm_kwargs=kwargs,
                              fixed_input_size=vfm_cfg.input_size is not None)
-    return VfmBackbone(model, layer=vfm_cfg.layer, feature=vfm_cfg.feature, norm=vfm_cfg.norm,
-                       input_size=vfm_cfg.input_size, name=vfm_cfg.name)
+    backbone = VfmBackbone(model, layer=vfm_cfg.layer, feature=vfm_cfg.feature, norm=vfm_cfg.norm,
+                           input_size=vfm_cfg.input_size, name=vfm_cfg.name)
+    check_channels(backbone, vfm_cfg.get("channels") if hasattr(vfm_cfg, "get") else getattr(vfm_cfg, "channels", None))
+    return backbone
+
+
+def check_channels(backbone: VfmBackbone, channels: Optional[int]) -> None:
+    """``vfm.channels`` (when set) must be the C the built model gives at these settings."""
+    if channels is not None and int(channels) != backbone.channels:
+        raise ValueError(f"vfm.channels={channels}, but vfm={backbone.name} as built gives {backbone.channels} channels "
+                         f"(layer {backbone.layer}, feature={backbone.feature}, norm={backbone.norm}): "
+                         f"set vfm.channels={backbone.channels} (or vfm.channels=null to skip the check)")

@@ -89,10 +89,11 @@ def mismatch_error(path: Path, what: str, err: Exception) -> CheckpointMismatch:
 
 @contextlib.contextmanager
 def quiet_library_logs() -> Iterator[None]:
-    """Silence open_clip's root-logger chatter while a model is built; failures surface as our errors."""
+    """Silence open_clip's INFO chatter on the root logger (``Parsing tokenizer ...``) while a model
+    or tokenizer is built; its warnings still show, failures surface as our errors."""
     root = logging.getLogger()
     old = root.level
-    root.setLevel(logging.CRITICAL)
+    root.setLevel(max(old, logging.WARNING))
     try:
         yield
     finally:

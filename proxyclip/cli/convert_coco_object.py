@@ -27,8 +27,9 @@ def main(argv=None) -> int:
     try:
         written = convert_coco_object(args.src, args.dst, args.stuff_out, args.overwrite, not args.no_progress)
     except (FileNotFoundError, ValueError) as e:
-        print(f"proxyclip-convert-coco-object: error: {e}", file=sys.stderr)
-        return 2
+        from .errors import fail
+
+        fail("proxyclip-convert-coco-object", e)  # one line, exit 2
     print(f"wrote {len(written)} COCO-Object label maps to {args.dst}")
     return 0
 

@@ -11,15 +11,9 @@ Writes ``metrics.json`` (mIoU, aAcc, mAcc, per-class IoU/Acc, model and protocol
 
 from __future__ import annotations
 
-import os
-
-import hydra
 from omegaconf import DictConfig
 
-from ..config import CONF_DIR
 
-
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def _main(cfg: DictConfig) -> float:
     from ..evaluation.app import run_cli
 
@@ -27,8 +21,9 @@ def _main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _main()
+    from .hydra_app import run_app
+
+    run_app("proxyclip-eval", "eval", _main, __doc__)
 
 
 if __name__ == "__main__":

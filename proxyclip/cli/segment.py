@@ -11,15 +11,10 @@ mask, overlay, shares table, config). Hydra multirun (``-m``) works.
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Optional
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
-
-from ..config import CONF_DIR
 
 SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "sample.jpg"
 
@@ -81,23 +76,30 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     return record
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="segment")
 def _main(cfg: DictConfig) -> None:
-    from ..backbones import WeightsUnavailable
     from ..config import hydra_output_dir
-    from ..images import ImageError
+    from .errors import input_errors
+    from .hydra_app import quiet_root_info, report_job_done, report_job_error, user_overrides
 
+    quiet_root_info()
+    out = Path(hydra_output_dir())
     try:
-        run(cfg, Path(hydra_output_dir()))
-    except (ValueError, TypeError, FileNotFoundError, WeightsUnavailable, ImageError) as e:
+        if cfg.image and "classes" not in user_overrides():
+            # the default class list belongs to the bundled sample photo, not to the user's image
+            raise ValueError(f"image={cfg.image} needs its class names: add 'classes=[sky,\"person; people\",...]' "
+                             "(the default list describes the bundled sample photo only)")
+        run(cfg, out)
+    except input_errors() as e:
         # a problem with the input or the config: say what it is, without a stack trace
-        print(f"proxyclip-segment: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        report_job_error("proxyclip-segment", str(e), out)
+        return
+    report_job_done()
 
 
 def main() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _main()
+    from .hydra_app import run_app
+
+    run_app("proxyclip-segment", "segment", _main, __doc__)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,9 @@ Resumable and distributed like ``proxyclip-eval``.
 
 from __future__ import annotations
 
-import os
-
-import hydra
 from omegaconf import DictConfig
 
-from ..config import CONF_DIR
 
-
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sweep")
 def _main(cfg: DictConfig) -> float:
     from ..evaluation.app import run_cli
 
@@ -25,8 +19,9 @@ def _main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _main()
+    from .hydra_app import run_app
+
+    run_app("proxyclip-sweep", "sweep", _main, __doc__)
 
 
 if __name__ == "__main__":

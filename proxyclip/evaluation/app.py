@@ -28,19 +28,19 @@ def headline_metric(kind: str, written: Optional[Dict[str, Any]]) -> float:
 
 
 def run_cli(cfg: DictConfig, kind: str) -> float:
-    """Run the eval / sweep app; returns :func:`headline_metric` (Hydra hands it to the sweeper)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+    """Run the eval / sweep app; returns :func:`headline_metric` (Hydra hands it to the sweeper).
 
-    from ..backbones import WeightsUnavailable
+    An input error is one ``error:`` line (and ``error.txt`` in the run directory): exit 2 in a
+    single run; in a multirun the job is recorded as failed, the other jobs still run, and the app
+    exits 2 at the end naming the failed jobs (``proxyclip.cli.hydra_app``)."""
+    from ..cli.errors import input_errors
+    from ..cli.hydra_app import quiet_root_info, report_job_done, report_job_error
     from ..config import hydra_output_dir
-    from ..data import BadLabelError, DatasetNotFoundError
     from ..devices import resolve_runtime
     from .api import evaluate, sweep
     from .distributed import broadcast_object, cleanup, init_distributed
 
-    hc = HydraConfig.get()
-    multirun = hc.mode == RunMode.MULTIRUN
+    quiet_root_info()
     prog = f"proxyclip-{kind}"
     resolve_runtime(cfg)  # device/precision "auto" -> this machine's values, before anything uses them
     info = init_distributed(str(cfg.device))
@@ -51,22 +51,18 @@ def run_cli(cfg: DictConfig, kind: str) -> float:
             if shared != out and not cfg.get("run_dir"):
                 _remove_stray_run_dir(out)
             out = shared
+        stale = out / "error.txt"
+        if info.is_main and stale.is_file():  # from an earlier attempt in this run directory
+            stale.unlink()
         try:
-            return headline_metric(kind, (evaluate if kind == "eval" else sweep)(cfg, run_dir=out, info=info))
+            value = headline_metric(kind, (evaluate if kind == "eval" else sweep)(cfg, run_dir=out, info=info))
         except KeyboardInterrupt:
             print(f"{prog}: interrupted; continue with the same command and hydra.run.dir={out}", file=sys.stderr)
             sys.exit(130)
-        except (ValueError, TypeError, FileNotFoundError, DatasetNotFoundError, BadLabelError, WeightsUnavailable,
-                RuntimeError) as e:
-            msg = f"{prog}: error: {e}"
-            print(msg, file=sys.stderr)
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "error.txt").write_text(msg + "\n")
-            except OSError:
-                pass
-            if not multirun:  # in a multirun, the other jobs (datasets) still run
-                sys.exit(2)
+        except input_errors() as e:
+            report_job_error(prog, str(e), out)
             return math.nan
+        report_job_done()
+        return value
     finally:
         cleanup(info)
