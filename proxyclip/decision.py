@@ -1,12 +1,42 @@
-"""The class decision: merged score maps -> class probabilities -> labels."""
+"""The class decision: merged score maps -> class probabilities -> labels.
+
+Two paths give the same labels:
+
+- :func:`decide` (exhaustive): takes the (Q, H, W) full-resolution scores, materializes
+  softmax(logit_scale * scores) over all queries and the (K, H, W) class probabilities. Memory
+  ~3 x Q x H x W floats. Used when the full maps exist anyway (a post-process such as PAMR, or a
+  hook / cache on ``scores.image`` / ``scores.refined``).
+- :func:`decide_chunked`: takes the windows' low-resolution scores (:class:`WindowScores`) and
+  never holds more than a bounded chunk of queries at full resolution. The upsampling and the
+  merge are linear and act on each query's map alone, so a chunk of classes (all their queries)
+  is brought to full resolution with exactly the operations of the exhaustive path (the same
+  per-query values, bit for bit), folded into a running per-pixel max / argmax over classes and a
+  running log-sum-exp over all queries (the softmax denominator), and dropped. Memory: O(pixels)
+  state plus the chunk (``budget_bytes``).
+
+The decision rule (both paths). A class's logit at a pixel is the max over its queries of
+``logit_scale * score``; the label is the class with the largest logit, the **first** (lowest class
+index) among equal logits (``torch.max`` returns the first maximal index; the chunked path keeps
+an earlier chunk's class on a tie, so ties across chunk boundaries go the same way). Softmax is
+monotone, so this is the argmax of the class probabilities. The winner's probability is
+``exp(l_win - logsumexp_q(l_q))``; when it is below ``prob_thd`` the label is 0. Float caveat: the
+exhaustive path rounds inside torch's softmax, which can map two *different* logits to one
+probability (only when they differ by < 2**-22 and |logit| < 4), and its probability differs from
+the chunked one by ~1e-7 relative, so a pixel within ~1e-7 of ``prob_thd`` could go either way.
+"""
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .text import ClassList
+from .windows import Box, merge_windows
+
+DEFAULT_BUDGET = 256 * 2**20  # bytes of full-resolution work per chunk
 
 
 def decide(scores: torch.Tensor, classes: ClassList, logit_scale: float, prob_thd: float
@@ -21,11 +51,153 @@ def decide(scores: torch.Tensor, classes: ClassList, logit_scale: float, prob_th
     if k == len(classes.queries):  # one name per class: queries are the classes, in order
         probs = q_probs
     else:
-        groups: List[List[int]] = [[] for _ in range(k)]
-        for q, owner in enumerate(classes.query_to_class):
-            groups[owner].append(q)
-        probs = torch.stack([q_probs[g[0]] if len(g) == 1 else q_probs[g].amax(dim=0) for g in groups])
+        probs = torch.stack([q_probs[g[0]] if len(g) == 1 else q_probs[g].amax(dim=0) for g in groups(classes)])
     best, labels = probs.max(dim=0)
     if prob_thd > 0:
         labels[best < prob_thd] = 0
     return probs, labels.long()
+
+
+def groups(classes: ClassList) -> List[List[int]]:
+    """The query indices of each class, in class order."""
+    out: List[List[int]] = [[] for _ in classes.class_names]
+    for q, owner in enumerate(classes.query_to_class):
+        out[owner].append(q)
+    return out
+
+
+@dataclass
+class WindowScores:
+    """What a decode keeps: each window's cosine scores at the dense grid's low resolution, and the
+    layout that brings them to the image (upsample to the padded window, cut the padding, merge the
+    windows by sum / count, resize to the original image)."""
+
+    low: torch.Tensor  # (n_windows, Q, h, w)
+    windows: List[Box]  # in the resized image
+    pad: Tuple[int, int, int, int]
+    resized_size: Tuple[int, int]
+    image_size: Tuple[int, int]
+
+    @property
+    def num_queries(self) -> int:
+        return int(self.low.shape[1])
+
+    @property
+    def window_size(self) -> Tuple[int, int]:
+        b = self.windows[0]
+        return b[1] - b[0], b[3] - b[2]
+
+    def window_full(self, low: torch.Tensor) -> torch.Tensor:
+        """(n, C, h, w) -> (n, C, wh, ww): upsampled to the padded window, padding cut."""
+        top, bottom, left, right = self.pad
+        wh, ww = self.window_size
+        s = F.interpolate(low, size=(wh + top + bottom, ww + left + right), mode="bilinear", align_corners=False)
+        return s[:, :, top:top + wh, left:left + ww]
+
+    def merge(self, window_full: torch.Tensor) -> torch.Tensor:
+        """(n, C, wh, ww) window scores -> (C, H, W) at the original image size."""
+        merged = merge_windows(window_full, self.windows, self.resized_size)
+        if tuple(merged.shape[-2:]) != tuple(self.image_size):
+            merged = F.interpolate(merged[None], size=self.image_size, mode="bilinear", align_corners=False)[0]
+        return merged
+
+    def full(self, rows: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """(C, H, W) merged full-resolution scores of queries ``rows`` (all when None)."""
+        low = self.low if rows is None else self.low[:, torch.as_tensor(list(rows), dtype=torch.long,
+                                                                            device=self.low.device)]
+        return self.merge(self.window_full(low))
+
+    def bytes_per_query(self) -> int:
+        """Full-resolution floats one query of a chunk holds at once (window maps, canvas, image maps)."""
+        (top, bottom, left, right), (wh, ww) = self.pad, self.window_size
+        n = len(self.windows)
+        per = n * (wh + top + bottom) * (ww + left + right) + 2 * self.resized_size[0] * self.resized_size[1]
+        return 4 * (per + 5 * self.image_size[0] * self.image_size[1])
+
+
+class _Running:
+    """Per-pixel state of one logit scale: best class logit and index, log-sum-exp over queries."""
+
+    def __init__(self, logit_scale: float, need_prob: bool):
+        self.logit_scale, self.need_prob = logit_scale, need_prob
+        self.best = self.label = self.m = self.s = None
+
+    def add(self, scores: torch.Tensor, local_class: Optional[torch.Tensor], n_classes: int, first_class: int):
+        logits = self.logit_scale * scores  # the exhaustive path's operation, per query
+        if local_class is None:  # one query per class
+            cls = logits
+        else:
+            idx = local_class.view(-1, 1, 1).expand_as(logits)
+            cls = torch.full((n_classes, *logits.shape[1:]), -torch.inf, dtype=logits.dtype, device=logits.device)
+            cls.scatter_reduce_(0, idx, logits, reduce="amax")
+        cb, ci = cls.max(dim=0)  # first maximal index within the chunk
+        ci += first_class
+        if self.best is None:
+            self.best, self.label = cb, ci
+        else:
+            better = cb > self.best  # strict: a tie keeps the earlier chunk's (lower) class
+            self.best = torch.where(better, cb, self.best)
+            self.label = torch.where(better, ci, self.label)
+        if self.need_prob:
+            cm = logits.amax(dim=0)
+            if self.m is None:
+                self.m = cm
+                self.s = torch.exp(logits - cm).sum(dim=0)
+            else:
+                m = torch.maximum(self.m, cm)
+                self.s = self.s * torch.exp(self.m - m) + torch.exp(logits - m).sum(dim=0)
+                self.m = m
+
+    def prob(self) -> Optional[torch.Tensor]:
+        return torch.exp(self.best - self.m) / self.s if self.need_prob else None
+
+
+def class_chunks(classes: ClassList, chunk_queries: int) -> List[Tuple[int, int, List[int]]]:
+    """Consecutive class ranges (k0, k1, their query indices) of about ``chunk_queries`` queries each."""
+    out, k0, rows = [], 0, []
+    for k, g in enumerate(groups(classes)):
+        rows = rows + g
+        if len(rows) >= chunk_queries:
+            out.append((k0, k + 1, rows))
+            k0, rows = k + 1, []
+    if rows or k0 < len(classes.class_names):
+        out.append((k0, len(classes.class_names), rows))
+    return out
+
+
+def decide_chunked(ws: WindowScores, classes: ClassList, decisions: Sequence[Tuple[float, float]],
+                   budget_bytes: int = DEFAULT_BUDGET, keep_prob: bool = True
+                   ) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """Labels (and the winner's probability) of each (logit_scale, prob_thd) in ``decisions``, from
+    one pass over chunks of classes; the rule is the module's. Points sharing a logit scale share
+    their state; the full-resolution chunk is computed once for all points.
+
+    ``keep_prob=False``: the probability is computed only for the logit scales whose points need it
+    (``prob_thd > 0``) and returned as None otherwise. Memory: a few (H, W) maps per distinct logit
+    scale plus one chunk of ``max(1, budget_bytes // ws.bytes_per_query())`` queries.
+    """
+    if ws.num_queries != len(classes.queries):
+        raise ValueError(f"{ws.num_queries} query score maps for {len(classes.queries)} queries")
+    scales = {}
+    for ls, thd in decisions:
+        st = scales.setdefault(float(ls), _Running(float(ls), keep_prob))
+        st.need_prob |= thd > 0
+    chunk = max(1, int(budget_bytes) // ws.bytes_per_query())
+    singles = len(classes.class_names) == len(classes.queries)
+    for k0, k1, rows in class_chunks(classes, chunk):
+        scores = ws.full(rows)
+        local = None
+        if not singles:
+            local = torch.as_tensor([classes.query_to_class[q] - k0 for q in rows], device=scores.device)
+        for st in scales.values():
+            st.add(scores, local, k1 - k0, k0)
+        del scores
+    out = []
+    for ls, thd in decisions:
+        st = scales[float(ls)]
+        prob = st.prob()
+        labels = st.label.long()
+        if thd > 0:
+            labels = torch.where(prob < thd, torch.zeros_like(labels), labels)
+        out.append((labels, prob))
+    return out
