@@ -10,7 +10,7 @@ Two paths give the same labels:
   never holds more than a bounded chunk of queries at full resolution. The upsampling and the
   merge are linear and act on each query's map alone, so a chunk of classes (all their queries)
   is brought to full resolution with exactly the operations of the exhaustive path (the same
-  per-query values, bit for bit), folded into a running per-pixel max / argmax over classes and a
+  per-query values, bit for bit: both upsample one map at a time, see ``_upsample``), folded into a running per-pixel max / argmax over classes and a
   running log-sum-exp over all queries (the softmax denominator), and dropped. Memory: O(pixels)
   state plus the chunk (``budget_bytes``).
 
@@ -91,14 +91,14 @@ class WindowScores:
         """(n, C, h, w) -> (n, C, wh, ww): upsampled to the padded window, padding cut."""
         top, bottom, left, right = self.pad
         wh, ww = self.window_size
-        s = F.interpolate(low, size=(wh + top + bottom, ww + left + right), mode="bilinear", align_corners=False)
+        s = _upsample(low, (wh + top + bottom, ww + left + right))
         return s[:, :, top:top + wh, left:left + ww]
 
     def merge(self, window_full: torch.Tensor) -> torch.Tensor:
         """(n, C, wh, ww) window scores -> (C, H, W) at the original image size."""
         merged = merge_windows(window_full, self.windows, self.resized_size)
         if tuple(merged.shape[-2:]) != tuple(self.image_size):
-            merged = F.interpolate(merged[None], size=self.image_size, mode="bilinear", align_corners=False)[0]
+            merged = _upsample(merged[None], self.image_size)[0]
         return merged
 
     def full(self, rows: Optional[Sequence[int]] = None) -> torch.Tensor:
@@ -113,6 +113,16 @@ class WindowScores:
         n = len(self.windows)
         per = n * (wh + top + bottom) * (ww + left + right) + 2 * self.resized_size[0] * self.resized_size[1]
         return 4 * (per + 5 * self.image_size[0] * self.image_size[1])
+
+
+def _upsample(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """(N, C, h, w) -> (N, C, H, W) bilinear (align_corners=False), one map at a time: torch's CPU
+    kernel rounds a map differently depending on how many channels travel with it (seen for small
+    maps), so every path upsamples maps as (N*C, 1, h, w), which gives each map the same bits
+    whatever chunk of queries it comes in."""
+    n, c, h, w = x.shape
+    out = F.interpolate(x.reshape(n * c, 1, h, w), size=tuple(size), mode="bilinear", align_corners=False)
+    return out.view(n, c, *out.shape[-2:])
 
 
 class _Running:
