@@ -161,3 +161,70 @@ def test_hooks_on_scores_still_fire_and_act(tiny_segmenter, rand_image):
     assert seen == [(4, *enc.image_size)]
     flipped = torch.softmax(-40.0 * tiny_segmenter.decode(enc, CLASSES).scores, 0)
     torch.testing.assert_close(pred.probs[0], flipped[0], atol=1e-6, rtol=0)
+
+
+def _exhaustive_cm(seg, ds, logit_scale, prob_thd):
+    """Per image: full scores through a cache (the exhaustive path), today's decide, an sklearn count."""
+    from sklearn.metrics import confusion_matrix as sk_confusion
+
+    k = ds.num_classes
+    total = np.zeros((k, k), np.int64)
+    for i in range(len(ds)):
+        _, cache = seg.run_with_cache(str(ds.samples[i].image), ds.class_names, names=["scores.image"])
+        labels = naive_decide(cache["scores.image"], parse(ds.class_names).query_to_class, k, logit_scale,
+                              prob_thd)[1]
+        _, gt = ds[i]
+        keep = gt.numpy() != ds.ignore_index
+        total += sk_confusion(gt.numpy()[keep], labels.numpy()[keep], labels=list(range(k)))
+    return total
+
+
+def parse(names):
+    from proxyclip.text import parse_classes
+
+    return parse_classes(names)
+
+
+def test_evaluation_metrics_unchanged_on_the_fixture_dataset(tmp_path, eval_segmenter):
+    from fixtures_datasets import make_voc
+    from fixtures_eval import eval_cfg, miou_by_hand
+
+    from proxyclip.data import build_dataset
+    from proxyclip.evaluation import evaluate
+
+    make_voc(tmp_path, n=3)
+    cfg = eval_cfg("voc21", tmp_path)
+    out = evaluate(cfg, run_dir=tmp_path / "run", seg=eval_segmenter)
+    cm = _exhaustive_cm(eval_segmenter, build_dataset(cfg.dataset), float(cfg.method.logit_scale),
+                        float(cfg.protocol.prob_thd))
+    assert cfg.protocol.prob_thd > 0 and out["num_images"] == 3
+    assert out["mIoU"] == pytest.approx(miou_by_hand(cm), abs=1e-9)
+    assert out["aAcc"] == pytest.approx(100 * np.trace(cm) / cm.sum(), abs=1e-9)
+
+
+def test_decision_sweep_runs_the_last_block_once_per_image(tmp_path, eval_segmenter, monkeypatch):
+    """A 2 x 2 (logit_scale x prob_thd) sweep: one dense-embedding pass per image (not per point), and
+    each point equals its own evaluation."""
+    from fixtures_datasets import make_voc
+    from fixtures_eval import eval_cfg
+
+    from proxyclip.evaluation import evaluate, sweep
+
+    make_voc(tmp_path, n=2)
+    calls = []
+    dense = type(eval_segmenter).dense_embeddings
+    monkeypatch.setattr(type(eval_segmenter), "dense_embeddings",
+                        lambda self, enc, a, b, spec: calls.append((float(enc.image.sum()), a)) or dense(self, enc, a, b, spec))
+    cfg = eval_cfg("voc21", tmp_path, "sweep.logit_scale=[20.0,40.0]", "sweep.prob_thd=[0.0,0.3]",
+                   config_name="sweep")
+    out = sweep(cfg, run_dir=tmp_path / "sweep", seg=eval_segmenter)
+    images = len({e for e, _ in calls})
+    assert images == 2 and len(calls) == len(set(calls))  # each window batch of each image once
+    assert len(out["points"]) == 4
+    monkeypatch.undo()
+    for p in out["points"]:
+        ls, thd = p["values"]["logit_scale"], p["values"]["prob_thd"]
+        single = evaluate(eval_cfg("voc21", tmp_path, f"method.logit_scale={ls}", f"protocol.prob_thd={thd}"),
+                          run_dir=tmp_path / f"e{ls}_{thd}", seg=eval_segmenter)
+        assert p["mIoU"] == pytest.approx(single["mIoU"], abs=1e-9)
+        assert p["decode"] == single["decode"]
