@@ -102,17 +102,67 @@ class WindowScores:
         return merged
 
     def full(self, rows: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """(C, H, W) merged full-resolution scores of queries ``rows`` (all when None)."""
+        """(C, H, W) merged full-resolution scores of queries ``rows`` (all when None).
+
+        The window upsampling, the cut, the merge (sum / count) and the resize are all linear and
+        separable along y and x, and the windows form a grid, so this is ``Y @ M_q @ X^T`` per query:
+        ``M_q`` the windows' low-resolution maps laid out as the grid, ``Y`` (H, rows*h) and ``X``
+        (W, cols*w) the composed bilinear / cut / 1/count / resize weights (:meth:`operators`).
+        Each query is one batch entry of the same batched products, so its values do not depend on
+        which queries it is computed with (chunked and exhaustive decisions see the same bits; a
+        batch of one takes another kernel, so it is run as two; tests/test_decision.py checks it)."""
         low = self.low if rows is None else self.low[:, torch.as_tensor(list(rows), dtype=torch.long,
                                                                             device=self.low.device)]
-        return self.merge(self.window_full(low))
+        y, x, ny, nx = self.operators()
+        n, c, h, w = low.shape
+        grid = low.reshape(ny, nx, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, ny * h, nx * w)
+        if c == 1:  # a batch of one takes another kernel (other bits): compute it as a batch of two
+            grid = grid.expand(2, *grid.shape[1:])
+        b = grid.shape[0]
+        return torch.bmm(torch.bmm(y.expand(b, *y.shape), grid), x.t().expand(b, *x.t().shape))[:c]
+
+    def operators(self) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
+        """(Y, X, rows of windows, columns of windows); cached."""
+        if getattr(self, "_ops", None) is None:
+            h, w = self.low.shape[-2:]
+            top, bottom, left, right = self.pad
+            wh, ww = self.window_size
+            ys = sorted({(b[0], b[1]) for b in self.windows})
+            xs = sorted({(b[2], b[3]) for b in self.windows})
+            if len(ys) * len(xs) != len(self.windows) or [(b[0], b[1], b[2], b[3]) for b in self.windows] != [
+                    (a, b, c, d) for (a, b) in ys for (c, d) in xs]:
+                raise ValueError("the windows do not form a row-major grid (windows.slide_windows)")
+            yop = _axis_operator(ys, h, wh, top, bottom, self.resized_size[0], self.image_size[0])
+            xop = _axis_operator(xs, w, ww, left, right, self.resized_size[1], self.image_size[1])
+            self._ops = (yop.to(self.low), xop.to(self.low), len(ys), len(xs))
+        return self._ops
 
     def bytes_per_query(self) -> int:
-        """Full-resolution floats one query of a chunk holds at once (window maps, canvas, image maps)."""
-        (top, bottom, left, right), (wh, ww) = self.pad, self.window_size
-        n = len(self.windows)
-        per = n * (wh + top + bottom) * (ww + left + right) + 2 * self.resized_size[0] * self.resized_size[1]
-        return 4 * (per + 5 * self.image_size[0] * self.image_size[1])
+        """Bytes one query of a chunk holds at once (its grid, the half-product, scores and logits)."""
+        h, w = self.low.shape[-2:]
+        per = len(self.windows) * h * w + self.image_size[0] * w * len(self.windows)  # grid, Y @ grid
+        return 4 * (per + 3 * self.image_size[0] * self.image_size[1])
+
+
+def _linear_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) weights of 1-D linear interpolation (align_corners=False), torch's own."""
+    if n_in == n_out:
+        return torch.eye(n_in, dtype=torch.float64)
+    eye = torch.eye(n_in, dtype=torch.float64)[:, None, :]  # (n_in, 1, n_in): one unit map per row
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[:, 0, :].t()
+
+
+def _axis_operator(spans, n_low: int, length: int, pad_a: int, pad_b: int, resized: int, image: int) -> torch.Tensor:
+    """(image, len(spans) * n_low): low-res window coordinate -> image coordinate along one axis."""
+    up = _linear_matrix(n_low, length + pad_a + pad_b)[pad_a:pad_a + length]  # (length, n_low), padding cut
+    place = torch.zeros((resized, len(spans) * n_low), dtype=torch.float64)
+    count = torch.zeros(resized, dtype=torch.float64)
+    for j, (a, b) in enumerate(spans):
+        place[a:b, j * n_low:(j + 1) * n_low] = up
+        count[a:b] += 1
+    if (count == 0).any():
+        raise ValueError("windows do not cover the whole image")
+    return (_linear_matrix(resized, image) @ (place / count[:, None])).float()
 
 
 def _upsample(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -132,8 +182,11 @@ class _Running:
         self.logit_scale, self.need_prob = logit_scale, need_prob
         self.best = self.label = self.m = self.s = None
 
-    def add(self, scores: torch.Tensor, local_class: Optional[torch.Tensor], n_classes: int, first_class: int):
-        logits = self.logit_scale * scores  # the exhaustive path's operation, per query
+    def add(self, scores: torch.Tensor, local_class: Optional[torch.Tensor], n_classes: int, first_class: int,
+            reuse: bool = False):
+        """Fold one chunk in; ``reuse``: ``scores`` may be overwritten (no later reader)."""
+        # the exhaustive path's operation (decide: logit_scale * scores), per query
+        logits = scores.mul_(self.logit_scale) if reuse else self.logit_scale * scores
         if local_class is None:  # one query per class
             cls = logits
         else:
@@ -148,14 +201,12 @@ class _Running:
             better = cb > self.best  # strict: a tie keeps the earlier chunk's (lower) class
             self.best = torch.where(better, cb, self.best)
             self.label = torch.where(better, ci, self.label)
-        if self.need_prob:
-            cm = logits.amax(dim=0)
+        if self.need_prob:  # the chunk's max over queries is its max over classes, cb
             if self.m is None:
-                self.m = cm
-                self.s = torch.exp(logits - cm).sum(dim=0)
+                self.m, self.s = cb, logits.sub_(cb).exp_().sum(dim=0)
             else:
-                m = torch.maximum(self.m, cm)
-                self.s = self.s * torch.exp(self.m - m) + torch.exp(logits - m).sum(dim=0)
+                m = torch.maximum(self.m, cb)
+                self.s = self.s * torch.exp(self.m - m) + logits.sub_(m).exp_().sum(dim=0)
                 self.m = m
 
     def prob(self) -> Optional[torch.Tensor]:
@@ -199,8 +250,9 @@ def decide_chunked(ws: WindowScores, classes: ClassList, decisions: Sequence[Tup
         local = None
         if not singles:
             local = torch.as_tensor([classes.query_to_class[q] - k0 for q in rows], device=scores.device)
-        for st in scales.values():
-            st.add(scores, local, k1 - k0, k0)
+        states = list(scales.values())
+        for j, st in enumerate(states):
+            st.add(scores, local, k1 - k0, k0, reuse=j == len(states) - 1)
         del scores
     out = []
     for ls, thd in decisions:

@@ -289,10 +289,14 @@ def _decide_points(seg: "Segmenter", enc: Encoded, cl: ClassList, specs: List[De
         results = decide_chunked(ws, cl, [(s.logit_scale, s.prob_thd) for s in specs], seg.decode_budget, keep_prob)
         return [Prediction(labels=labels, best_prob=prob, spec=s, source=ws, **common)
                 for s, (labels, prob) in zip(specs, results)]
-    bs = int(seg.cfg.batch_size)
-    parts = [seg.hooks.point(WINDOW_SCORES, ws.window_full(ws.low[a:a + bs]), a).cpu()
-             for a in range(0, len(enc.windows), bs)]
-    scores = seg.hooks.point(IMAGE_SCORES, ws.merge(torch.cat(parts)))
+    if seg.hooks.listening(WINDOW_SCORES):  # window maps at window size, for the hook; merged from them
+        bs = int(seg.cfg.batch_size)
+        parts = [seg.hooks.point(WINDOW_SCORES, ws.window_full(ws.low[a:a + bs]), a).cpu()
+                 for a in range(0, len(enc.windows), bs)]
+        merged = ws.merge(torch.cat(parts))
+    else:  # the chunked decision's maps, bit for bit
+        merged = ws.full().cpu()
+    scores = seg.hooks.point(IMAGE_SCORES, merged)
     mean, std = (t[0].cpu() for t in seg._clip_norm)
     refined = apply_postprocess(specs[0].postprocess_settings, scores, (enc.image.cpu().float() - mean) / std)
     scores = seg.hooks.point(REFINED, refined)
