@@ -190,8 +190,9 @@ class Segmenter:
 
     @torch.no_grad()
     def decode(self, enc: Encoded, classes: Sequence[str], method: Optional[str] = None,
-               postprocess: PostprocessArg = None, spec: Optional[DecodeSpec] = None, **params: Any) -> Prediction:
-        """Last block, scores, merge, post-process, decision.
+               postprocess: PostprocessArg = None, spec: Optional[DecodeSpec] = None, keep_prob: bool = True,
+               **params: Any) -> Prediction:
+        """Last block, scores, merge, post-process, decision (``keep_prob``: see :meth:`decode_many`).
 
         ``method`` (default: the configured one) and its knobs by name (``beta=``, ``gamma=``,
         ``gaussian_std=``, ``residual=``, ``ffn=``, ``logit_scale=``, ``prob_thd=``; ``None`` = default);
@@ -203,7 +204,7 @@ class Segmenter:
             spec = self.decode_spec(method, postprocess, classes, **params)
         elif method is not None or postprocess is not None or any(v is not None for v in params.values()):
             raise ValueError("decode takes either spec= or method/postprocess/knobs, not both")
-        return self.decode_many(enc, classes, [spec])[0]
+        return self.decode_many(enc, classes, [spec], keep_prob)[0]
 
     @torch.no_grad()
     def decode_many(self, enc: Encoded, classes: Sequence[str], specs: Sequence[DecodeSpec],
