@@ -119,7 +119,8 @@ class WindowScores:
         if c == 1:  # a batch of one takes another kernel (other bits): compute it as a batch of two
             grid = grid.expand(2, *grid.shape[1:])
         b = grid.shape[0]
-        return torch.bmm(torch.bmm(y.expand(b, *y.shape), grid), x.t().expand(b, *x.t().shape))[:c]
+        half = torch.bmm(grid, x.t().expand(b, *x.t().shape))  # (b, rows*h, W): the cheaper order
+        return torch.bmm(y.expand(b, *y.shape), half)[:c]
 
     def operators(self) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
         """(Y, X, rows of windows, columns of windows); cached."""
@@ -140,7 +141,7 @@ class WindowScores:
     def bytes_per_query(self) -> int:
         """Bytes one query of a chunk holds at once (its grid, the half-product, scores and logits)."""
         h, w = self.low.shape[-2:]
-        per = len(self.windows) * h * w + self.image_size[0] * w * len(self.windows)  # grid, Y @ grid
+        per = len(self.windows) * h * w + self.image_size[1] * h * len(self.windows)  # grid, grid @ X^T
         return 4 * (per + 3 * self.image_size[0] * self.image_size[1])
 
 
