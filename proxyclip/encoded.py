@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .decision import WindowScores, decide
 from .hooks import HookSet, replayed_hooks
 from .specs import ENCODED_FORMAT, DecodeSpec
+from .text import ClassList
 from .windows import Box
 
 
@@ -59,25 +61,80 @@ class Encoded:
                    vfm_features=d["vfm_features"], clip_key=d["clip_key"], vfm_key=d["vfm_key"])
 
 
-@dataclass
 class Prediction:
     """Result for one image, at its original size.
 
-    scores  (Q, H, W) cosine scores per query name, windows merged (and post-processed, if on)
-    probs   (K, H, W) softmax(logit_scale * scores) over queries, max over each class's queries
-    labels  (H, W) int64 argmax class; best probability < prob_thd -> 0 (background)
-    spec    the DecodeSpec of the decode (method, every knob, post-process, decision, classes)
+    labels      (H, W) int64 argmax class; best probability < prob_thd -> 0 (background); always kept
+    best_prob   (H, W) the winning class's probability (None when the decode was told not to keep it)
+    scores      (Q, H, W) cosine scores per query name, windows merged (and post-processed, if on)
+    probs       (K, H, W) softmax(logit_scale * scores) over queries, max over each class's queries
+    spec        the DecodeSpec of the decode (method, every knob, post-process, decision, classes)
+
+    ``scores`` and ``probs`` are materialized on first access from what the decode kept (the
+    windows' low-resolution scores and their layout, ``source``) unless the decode had them already
+    (a post-process, or a hook / cache on ``scores.image``); each costs Q (or K) x H x W floats.
+    :meth:`class_scores` gives one class's map without materializing the others.
     """
 
-    image: torch.Tensor
-    scores: torch.Tensor
-    probs: torch.Tensor
-    labels: torch.Tensor
-    class_names: List[str]
-    queries: List[str]
-    query_to_class: List[int]
-    spec: Optional[DecodeSpec] = None
-    random_weights: bool = False  # True when the backbones run with random weights
+    def __init__(self, image: torch.Tensor, scores: Optional[torch.Tensor] = None,
+                 probs: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                 class_names: Sequence[str] = (), queries: Sequence[str] = (),
+                 query_to_class: Sequence[int] = (), spec: Optional[DecodeSpec] = None,
+                 random_weights: bool = False, best_prob: Optional[torch.Tensor] = None,
+                 source: Optional[WindowScores] = None):
+        if labels is None:
+            raise ValueError("a Prediction needs its labels")
+        if scores is None and source is None:
+            raise ValueError("a Prediction needs its scores or the window scores they come from (source=)")
+        self.image, self.labels, self.spec, self.random_weights = image, labels, spec, random_weights
+        self.class_names, self.queries, self.query_to_class = list(class_names), list(queries), list(query_to_class)
+        self._scores, self._probs, self.source = scores, probs, source
+        if best_prob is None and probs is not None:
+            best_prob = probs.amax(dim=0)
+        self.best_prob = best_prob
+
+    @property
+    def classes(self) -> ClassList:
+        return ClassList(self.class_names, self.queries, self.query_to_class)
+
+    @property
+    def scores(self) -> torch.Tensor:
+        if self._scores is None:
+            self._scores = self.source.full()
+        return self._scores
+
+    @property
+    def probs(self) -> torch.Tensor:
+        if self._probs is None:
+            if self.spec is None:
+                raise ValueError("this Prediction has no DecodeSpec: its logit scale is unknown")
+            self._probs = decide(self.scores, self.classes, self.spec.logit_scale, self.spec.prob_thd)[0]
+        return self._probs
+
+    @property
+    def materialized(self) -> bool:
+        """True once the full (Q, H, W) scores are held."""
+        return self._scores is not None
+
+    def class_scores(self, name_or_index: Union[int, str]) -> torch.Tensor:
+        """(H, W) full-resolution score of one class (the max over its queries); by class index,
+        class line, or one of its query names."""
+        k = self._class_index(name_or_index)
+        rows = [q for q, owner in enumerate(self.query_to_class) if owner == k]
+        maps = self._scores[rows] if self._scores is not None else self.source.full(rows)
+        return maps.amax(dim=0)
+
+    def _class_index(self, name_or_index: Union[int, str]) -> int:
+        if isinstance(name_or_index, int) and not isinstance(name_or_index, bool):
+            if not 0 <= name_or_index < len(self.class_names):
+                raise IndexError(f"class index {name_or_index} out of range (K={len(self.class_names)})")
+            return name_or_index
+        name = str(name_or_index)
+        if name in self.class_names:
+            return self.class_names.index(name)
+        if name in self.queries:
+            return self.query_to_class[self.queries.index(name)]
+        raise KeyError(f"{name!r} is neither a class nor a query name of this prediction: {self.class_names}")
 
     @property
     def params(self) -> Dict[str, Any]:

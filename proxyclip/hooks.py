@@ -147,6 +147,10 @@ class HookSet:
             if entry is not None:
                 self._caches.remove(entry)
 
+    def listening(self, name: str) -> bool:
+        """True when a hook or a cache is active on ``name`` (the pipeline skips making what no one reads)."""
+        return bool(self._fns.get(name)) or any(name in names for _, names in self._caches)
+
     def point(self, name: str, tensor: torch.Tensor, window_start: int = 0) -> torch.Tensor:
         """Pass ``tensor`` through the hook point ``name``: hooks may replace it, caches record it."""
         if name not in HOOKS:

@@ -20,17 +20,17 @@ from omegaconf import DictConfig
 
 from . import build, resolve
 from .backbones import CLIP_MEAN, CLIP_STD, ClipBackbone, VfmBackbone
-from .decision import decide
+from .decision import DEFAULT_BUDGET, WindowScores, decide, decide_chunked
 from .encoded import Encoded, Prediction, check_decodable, replay
 from .hooks import HookFn, HookSet, NameFilter, declare_hook, finish_cache, hook_names
 from .images import ImageLike, load_image
 from .last_block import BlockInputs, dense_from_block_output, run_last_block
 from .methods import get_method
-from .postprocess import apply_postprocess
+from .postprocess import apply_postprocess, get_postprocess
 from .resolve import PostprocessArg
 from .specs import DecodeSpec, EncodeSpec, classes_digest
-from .text import TextEncoder, parse_classes, text_cache_options
-from .windows import (check_geometry, merge_windows, padding_multiple, resize_image, size_with_pad,
+from .text import ClassList, TextEncoder, parse_classes, text_cache_options
+from .windows import (check_geometry, padding_multiple, resize_image, size_with_pad,
                       window_layout)
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ class Segmenter:
     key = property(lambda self: f"{self.clip_key}+{self.vfm_key or 'novfm'}", doc="Identity of both parts.")
 
     hook_names = property(lambda self: list(hook_names()), doc="Every declared hook point.")
+    decode_budget = DEFAULT_BUDGET  # bytes of full-resolution work a decision holds at once (proxyclip.decision)
 
     def layout(self, img: torch.Tensor) -> Tuple[Tuple[int, int], list, Tuple[int, int, int, int]]:
         """(resized size, windows, padding) of a (3, H, W) image under this configuration."""
@@ -189,47 +190,45 @@ class Segmenter:
 
     @torch.no_grad()
     def decode(self, enc: Encoded, classes: Sequence[str], method: Optional[str] = None,
-               postprocess: PostprocessArg = None, spec: Optional[DecodeSpec] = None, **params: Any) -> Prediction:
-        """Last block, scores, merge, post-process, decision.
+               postprocess: PostprocessArg = None, spec: Optional[DecodeSpec] = None, keep_prob: bool = True,
+               **params: Any) -> Prediction:
+        """Last block, scores, merge, post-process, decision (``keep_prob``: see :meth:`decode_many`).
 
         ``method`` (default: the configured one) and its knobs by name (``beta=``, ``gamma=``,
         ``gaussian_std=``, ``residual=``, ``ffn=``, ``logit_scale=``, ``prob_thd=``; ``None`` = default);
         ``postprocess`` as in :func:`proxyclip.resolve.postprocess_settings`; or a ready ``spec``
-        (from :meth:`decode_spec`) in place of all of them.
+        (from :meth:`decode_spec`) in place of all of them. The full (Q, H, W) maps are made only
+        when needed (see :mod:`proxyclip.decision` and :class:`Prediction`).
         """
-        cl = parse_classes(classes)
         if spec is None:
             spec = self.decode_spec(method, postprocess, classes, **params)
         elif method is not None or postprocess is not None or any(v is not None for v in params.values()):
             raise ValueError("decode takes either spec= or method/postprocess/knobs, not both")
-        elif spec.classes and spec.classes != classes_digest(classes):
-            raise ValueError("this DecodeSpec was made for another class list (its classes digest differs): "
-                             "make it with decode_spec(classes=...) for these classes")
-        check_decodable(enc, get_method(spec.method), self.clip_key, self.vfm_key, self.layout(enc.image)[2])
-        text = self.hooks.point(TEXT, self.text_embeddings(cl.queries))
-        top, bottom, left, right = enc.pad
-        wh, ww = enc.windows[0][1] - enc.windows[0][0], enc.windows[0][3] - enc.windows[0][2]
-        padded = (wh + top + bottom, ww + left + right)
-        window_scores = []
-        bs = int(self.cfg.batch_size)
-        for start in range(0, len(enc.windows), bs):
-            stop = min(start + bs, len(enc.windows))
-            dense = self.dense_embeddings(enc, start, stop, spec)
-            s = torch.einsum("behw,qe->bqhw", dense, text.to(dense.dtype))
-            s = F.interpolate(s, size=padded, mode="bilinear", align_corners=False)
-            s = s[:, :, top:top + wh, left:left + ww]
-            window_scores.append(self.hooks.point(WINDOW_SCORES, s, start).cpu())
-        merged = merge_windows(torch.cat(window_scores), enc.windows, enc.resized_size)
-        if tuple(merged.shape[-2:]) != enc.image_size:
-            merged = F.interpolate(merged[None], size=enc.image_size, mode="bilinear", align_corners=False)[0]
-        scores = self.hooks.point(IMAGE_SCORES, merged)
-        mean, std = (t[0].cpu() for t in self._clip_norm)
-        refined = apply_postprocess(spec.postprocess_settings, scores, (enc.image.cpu().float() - mean) / std)
-        scores = self.hooks.point(REFINED, refined)
-        probs, labels = decide(scores, cl, spec.logit_scale, spec.prob_thd)
-        return Prediction(image=enc.image, scores=scores, probs=probs, labels=labels, class_names=cl.class_names,
-                          queries=cl.queries, query_to_class=cl.query_to_class, spec=spec,
-                          random_weights=self.random_weights)
+        return self.decode_many(enc, classes, [spec], keep_prob)[0]
+
+    @torch.no_grad()
+    def decode_many(self, enc: Encoded, classes: Sequence[str], specs: Sequence[DecodeSpec],
+                    keep_prob: bool = True) -> List[Prediction]:
+        """One Prediction per spec; specs that differ only in ``logit_scale`` / ``prob_thd`` share one
+        run of the last block and one set of window scores (a sweep's points). ``keep_prob=False``
+        skips the winner's probability where no threshold needs it (evaluation reads labels only)."""
+        cl = parse_classes(classes)
+        for spec in specs:
+            if spec.classes and spec.classes != classes_digest(classes):
+                raise ValueError("this DecodeSpec was made for another class list (its classes digest differs): "
+                                 "make it with decode_spec(classes=...) for these classes")
+        out: List[Optional[Prediction]] = [None] * len(specs)
+        shared: Dict[str, List[int]] = {}
+        for i, spec in enumerate(specs):
+            shared.setdefault(replace(spec, logit_scale=1.0, prob_thd=0.0).key(), []).append(i)
+        for idx in shared.values():
+            spec = specs[idx[0]]
+            check_decodable(enc, get_method(spec.method), self.clip_key, self.vfm_key, self.layout(enc.image)[2])
+            text = self.hooks.point(TEXT, self.text_embeddings(cl.queries))
+            preds = _decide_points(self, enc, cl, [specs[i] for i in idx], text, keep_prob)
+            for i, pred in zip(idx, preds):
+                out[i] = pred
+        return out  # type: ignore[return-value]
 
     def predict(self, image: ImageLike, classes: Sequence[str], method: Optional[str] = None,
                 postprocess: PostprocessArg = None, **params: Any) -> Prediction:
@@ -266,3 +265,55 @@ def _norm_tensors(mean, std, device) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def _normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
+
+
+def _exhaustive(seg: "Segmenter", spec: DecodeSpec) -> bool:
+    """Full (Q, H, W) maps are needed: a post-process reads them, or a hook / cache listens."""
+    return (get_postprocess(spec.postprocess_settings["name"]).refine is not None
+            or any(seg.hooks.listening(n) for n in (WINDOW_SCORES, IMAGE_SCORES, REFINED)))
+
+
+def _decide_points(seg: "Segmenter", enc: Encoded, cl: ClassList, specs: List[DecodeSpec], text: torch.Tensor,
+                   keep_prob: bool) -> List[Prediction]:
+    """Window scores once (low resolution), then each spec's decision.
+
+    Exhaustive path (post-process or listeners): the (Q, H, W) merged scores are materialized as
+    before (memory ~ (windows + 3) x Q x H x W floats plus the post-process's own) and
+    :func:`decide` runs on them. Otherwise :func:`decide_chunked`: O(H x W) plus a bounded chunk.
+    """
+    ws = WindowScores(_low_res_scores(seg, enc, specs[0], text), enc.windows, enc.pad, enc.resized_size, enc.image_size)
+    if ws.low.shape[1] != text.shape[0]:
+        raise ValueError(f"{ws.low.shape[1]} query maps for {text.shape[0]} queries")
+    common = dict(image=enc.image, class_names=cl.class_names, queries=cl.queries, query_to_class=cl.query_to_class,
+                  random_weights=seg.random_weights)
+    if not _exhaustive(seg, specs[0]):
+        results = decide_chunked(ws, cl, [(s.logit_scale, s.prob_thd) for s in specs], seg.decode_budget, keep_prob)
+        return [Prediction(labels=labels, best_prob=prob, spec=s, source=ws, **common)
+                for s, (labels, prob) in zip(specs, results)]
+    if seg.hooks.listening(WINDOW_SCORES):  # window maps at window size, for the hook; merged from them
+        bs = int(seg.cfg.batch_size)
+        parts = [seg.hooks.point(WINDOW_SCORES, ws.window_full(ws.low[a:a + bs]), a).cpu()
+                 for a in range(0, len(enc.windows), bs)]
+        merged = ws.merge(torch.cat(parts))
+    else:  # the chunked decision's maps, bit for bit
+        merged = ws.full().cpu()
+    scores = seg.hooks.point(IMAGE_SCORES, merged)
+    mean, std = (t[0].cpu() for t in seg._clip_norm)
+    refined = apply_postprocess(specs[0].postprocess_settings, scores, (enc.image.cpu().float() - mean) / std)
+    scores = seg.hooks.point(REFINED, refined)
+    preds = []
+    for s in specs:
+        probs, labels = decide(scores, cl, s.logit_scale, s.prob_thd)
+        preds.append(Prediction(scores=scores, probs=probs, labels=labels, spec=s, **common))
+    return preds
+
+
+def _low_res_scores(seg: "Segmenter", enc: Encoded, spec: DecodeSpec, text: torch.Tensor) -> torch.Tensor:
+    """(n_windows, Q, h, w) cosine scores of every window at the dense grid's resolution (on seg.device)."""
+    out = []
+    bs = int(seg.cfg.batch_size)
+    for start in range(0, len(enc.windows), bs):
+        dense = seg.dense_embeddings(enc, start, min(start + bs, len(enc.windows)), spec)
+        out.append(torch.einsum("behw,qe->bqhw", dense, text.to(dense.dtype)))
+    return torch.cat(out)
+
