@@ -204,9 +204,12 @@ def test_hooks_replace_the_attention_pattern(tiny_segmenter, rand_image):
 
 def test_a_method_without_vfm_builds_none(caplog):
     with caplog.at_level(logging.WARNING):
-        seg = Segmenter.from_config(tiny_config("method=sclip"))
+        seg = Segmenter.from_config(tiny_config("method=sclip"))  # the VFM comes from the preset: no warning
     assert seg.vfm is None and seg.vfm_model is None
-    assert sum("uses no VFM" in r.message for r in caplog.records) == 1
+    assert sum("uses no VFM" in r.message for r in caplog.records) == 0
+    with caplog.at_level(logging.WARNING):
+        seg = Segmenter.from_config(tiny_config("method=sclip", "vfm=test_tiny"))  # chosen by the user: said once
+    assert seg.vfm is None and sum("uses no VFM" in r.message for r in caplog.records) == 1
 
 
 @pytest.mark.parametrize("overrides,match", [
