@@ -181,6 +181,10 @@ def test_palette_colours_are_distinct_and_far_from_black_and_white():
     assert dist[:64, :64].min() > 0.08  # the first 64 (any benchmark's present classes) well apart
     assert np.diag(dist, 1).min() > 0.25  # neighbouring indices clearly different
     np.testing.assert_array_equal(viz.label_palette(5), viz.label_palette(256)[:5])  # one palette, any n
+    from matplotlib.colors import to_rgb
+
+    banner = np.array(to_rgb(viz.marks.COLOR))
+    assert np.abs(pal - banner).max(1).min() > 12 / 255  # the red band's colour is no class's
 
 
 def opaque_pixels(ax) -> np.ndarray:
@@ -289,7 +293,7 @@ def test_overlay_png_legend_swatches_are_the_colours_of_their_classes_pixels(tmp
         np.testing.assert_allclose(pixel, swatch, atol=2)
     assert png[height - int(py), int(px)].max() > 100 and pal[0].max() > 127  # class 0 is a colour, not black
     band = png[: int(0.3 * fig.dpi)]  # the red random-weights band on top
-    assert ((band[..., 0] > 150) & (band[..., 1] < 80) & (band[..., 2] < 80)).any()
+    assert (np.abs(band - (192, 0, 0)).max(-1) < 12).any()  # the banner colour, #c00000
 
 
 def banner(fig):

@@ -14,6 +14,7 @@ REASONS = {
 }
 BAND_INCHES = 0.42  # the band's fixed height: two lines of at most FONT_MAX points
 FONT_MAX, FONT_MIN = 9.0, 6.0  # the banner's font size, shrunk (down to FONT_MIN) to fit the figure's width
+COLOR = "#c00000"  # the banner text colour (no palette colour is near it)
 MARK_LABEL = "random-weights mark"  # the banner Text's label (find it in ``fig.texts``)
 
 
@@ -74,7 +75,7 @@ def mark_random_weights(fig: Figure, reason: Optional[str]) -> Figure:
     _freeze_layout(fig)
     _grow_top(fig, BAND_INCHES)
     w, h = fig.get_size_inches()
-    banner = fig.text(0.5, 1 - BAND_INCHES / 2 / h, text, ha="center", va="center", color="#c00000",
+    banner = fig.text(0.5, 1 - BAND_INCHES / 2 / h, text, ha="center", va="center", color=COLOR,
                       fontsize=FONT_MAX, fontweight="bold", linespacing=1.15, label=MARK_LABEL)
     renderer = fig.canvas.get_renderer() if hasattr(fig.canvas, "get_renderer") else None
     if renderer is None:
