@@ -119,7 +119,7 @@ def plot_segmentation(image, pred_labels, class_names: Sequence[str], gt_labels=
         ax.set_axis_off()
     _legend(fig, present_classes(pred_labels, gt_labels, n_classes=n, ignore_index=ignore_index), class_names, n)
     if title:
-        fig.suptitle(title, fontsize="medium")
+        fig.suptitle(title, fontsize="medium", wrap=True)  # a long title (the explorer's settings) wraps
     return fig
 
 
