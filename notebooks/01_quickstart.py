@@ -32,7 +32,7 @@ CLASSES = ["person; woman; lady", "flag", "wall", "uniform; jacket", "tie"]
 
 # %%
 # %matplotlib inline
-from _workbench import core_overrides, smoke_mode
+from _workbench import core_overrides, marked, smoke_mode
 
 from proxyclip import Segmenter, compose_config, load_image, viz
 from proxyclip.widgets import ASSETS, Explorer
@@ -66,14 +66,14 @@ pred = seg.predict(image, CLASSES)
 print("labels", tuple(pred.labels.shape), "classes", pred.class_names, "queries", pred.queries)
 
 # %%
-viz.plot_segmentation(pred.image, pred.labels, pred.class_names, title="ProxyCLIP")
+marked(viz.plot_segmentation(pred.image, pred.labels, pred.class_names, title="ProxyCLIP"), seg)
 
 # %% [markdown]
 # Each query's score map (cosine similarity of the dense CLIP embeddings with the query's text
 # embedding), on one colour scale:
 
 # %%
-viz.plot_class_scores(pred.image, pred.scores, pred.queries, ncols=4)
+marked(viz.plot_class_scores(pred.image, pred.scores, pred.queries, ncols=4), seg)
 
 # %% [markdown]
 # ## The two halves: encode once, decode many times
@@ -93,7 +93,7 @@ pred_sharp = seg.decode(enc, CLASSES, gamma=6.0)
 t_dec = time.perf_counter() - t
 print(f"encode {t_enc * 1000:.0f} ms, decode {t_dec * 1000:.0f} ms; {len(enc.windows)} window(s)")
 print("decode spec:", pred_sharp.spec.flat())
-viz.plot_segmentation(pred_sharp.image, pred_sharp.labels, pred_sharp.class_names, title="gamma = 6")
+marked(viz.plot_segmentation(pred_sharp.image, pred_sharp.labels, pred_sharp.class_names, title="gamma = 6"), seg)
 
 # %% [markdown]
 # ## The explorer

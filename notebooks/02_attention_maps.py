@@ -40,7 +40,7 @@ WANDB_MODE = None  # online | offline | disabled; None = $WANDB_MODE, else offli
 import gc
 
 import torch
-from _workbench import core_overrides, smoke_mode, wandb_overrides
+from _workbench import core_overrides, marked, smoke_mode, wandb_overrides
 
 from proxyclip import Segmenter, compose_config, load_image, viz
 from proxyclip.widgets import ASSETS
@@ -98,7 +98,7 @@ for name in VFMS:
         seg_main, enc_main = seg, enc  # the first VFM (the default, DINO ViT-B/8) is explored below
     del seg, enc, cache
     gc.collect()
-fig_vfms = viz.plot_attention_grid(pixels, maps + [clip_map], ncols=3)
+fig_vfms = marked(viz.plot_attention_grid(pixels, maps + [clip_map], ncols=3), seg_main)
 fig_vfms
 
 # %% [markdown]
@@ -116,7 +116,7 @@ for gamma in GAMMAS:
         pixels, rows = attention_rows(seg, enc, c["proxy.attention"], y, x)
         title, row, grid, patch = rows[0]
         grid_maps.append((f"gamma={gamma:g} beta={beta:g}", row, grid, patch))
-fig_gamma_beta = viz.plot_attention_grid(pixels, grid_maps, ncols=len(BETAS))
+fig_gamma_beta = marked(viz.plot_attention_grid(pixels, grid_maps, ncols=len(BETAS)), seg)
 fig_gamma_beta
 
 # %% [markdown]
@@ -135,6 +135,7 @@ fig_stages = viz.plot_affinity_stages(
     viz.window_pixels(image, enc.resized_size, enc.windows[win]), c["proxy.affinity"][win, k],
     c["proxy.affinity_normalized"][win, k], c["proxy.mask"][win, k], grid, (r, col),
     attention_row=c["proxy.attention"][win, k])
+fig_stages = marked(fig_stages, seg)
 fig_stages
 
 # %% [markdown]
@@ -146,8 +147,8 @@ fig_stages
 # %%
 pred_none = seg.decode(enc, CLASSES, method="maskclip", residual=False, ffn=False)
 pred_proxy = seg.decode(enc, CLASSES)
-viz.plot_baseline_comparison(image, pred_none.labels, pred_proxy.labels, CLASSES,
-                             names=("CLIP, no VFM", f"ProxyCLIP + {seg.cfg.vfm.name}"))
+marked(viz.plot_baseline_comparison(image, pred_none.labels, pred_proxy.labels, CLASSES,
+                                    names=("CLIP, no VFM", f"ProxyCLIP + {seg.cfg.vfm.name}")), seg)
 
 # %% [markdown]
 # ## Keep the figures in W&B

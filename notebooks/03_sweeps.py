@@ -43,11 +43,10 @@ GROUP = "gamma-beta-grid"
 # %%
 # %matplotlib inline
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
-from _workbench import core_overrides, labeled_set_root, smoke_mode, wandb_overrides
+from _workbench import core_overrides, labeled_set_root, marked, scratch_dir, smoke_mode, wandb_overrides
 
 from proxyclip import Segmenter, compose_config, viz
 from proxyclip.data import build_dataset
@@ -82,7 +81,7 @@ print("\n".join(overrides))
 # %%
 seg = Segmenter.from_config(cfg)
 dataset = build_dataset(cfg.dataset)
-run_dir = Path(tempfile.mkdtemp(prefix="proxyclip-sweep-"))
+run_dir = scratch_dir("proxyclip-sweep-")  # deleted when the kernel exits
 result = sweep(cfg, run_dir=run_dir, seg=seg, dataset=dataset)
 print("axes:", result["axes"], "| best:", result["best"]["values"], f"mIoU {result['best']['mIoU']:.2f}")
 
@@ -99,12 +98,14 @@ def sweep_plot(result, metric="mIoU"):
     values = [[json.loads(t) for t in vs] for vs in values]
     if len(axes) == 1:
         by_value = {json.dumps(p["values"][axes[0]]): p[metric] for p in points}
-        return viz.plot_sweep_line([by_value[json.dumps(v)] for v in values[0]], values[0], axes[0], metric)
+        return marked(viz.plot_sweep_line([by_value[json.dumps(v)] for v in values[0]], values[0], axes[0], metric),
+                      seg)
     grid = np.full((len(values[0]), len(values[1])), np.nan)
     for p in points:
         i, j = (values[n].index(p["values"][axes[n]]) for n in (0, 1))
         grid[i, j] = np.fmax(grid[i, j], p[metric])
-    return viz.plot_sweep_heatmap(grid, values[0], values[1], row_name=axes[0], col_name=axes[1], metric=metric)
+    return marked(viz.plot_sweep_heatmap(grid, values[0], values[1], row_name=axes[0], col_name=axes[1],
+                                         metric=metric), seg)
 
 
 sweep_plot(result)
@@ -128,8 +129,8 @@ def decode_args(values):
 
 img, gt = dataset[0]
 pred = seg.predict(img, dataset.class_names, **decode_args(best["values"]))
-viz.plot_segmentation(pred.image, pred.labels, dataset.class_names, gt_labels=gt,
-                      title=" ".join(f"{k}={v}" for k, v in best["values"].items()))
+marked(viz.plot_segmentation(pred.image, pred.labels, dataset.class_names, gt_labels=gt,
+                             title=" ".join(f"{k}={v}" for k, v in best["values"].items())), seg)
 
 # %% [markdown]
 # ## Another method, another knob
@@ -141,7 +142,7 @@ viz.plot_segmentation(pred.image, pred.labels, dataset.class_names, gt_labels=gt
 line_cfg = compose_config("sweep", core_overrides(SMOKE) + [f"method={LINE_METHOD}", "dataset=custom",
                                                             f"dataset.root={root}", "progress=false"]
                           + sweep_overrides(LINE_SWEEP))
-line_result = sweep(line_cfg, run_dir=Path(tempfile.mkdtemp(prefix="proxyclip-sweep-")), seg=seg, dataset=dataset)
+line_result = sweep(line_cfg, run_dir=scratch_dir("proxyclip-sweep-"), seg=seg, dataset=dataset)
 sweep_plot(line_result)
 
 # %% [markdown]

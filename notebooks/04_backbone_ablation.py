@@ -42,12 +42,10 @@ FEATURES = ["tokens", "k"]  # tokens | q | k | v
 # %%
 # %matplotlib inline
 import gc
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
-from _workbench import core_overrides, labeled_set_root, smoke_mode, wandb_overrides
+from _workbench import core_overrides, labeled_set_root, marked, scratch_dir, smoke_mode, wandb_overrides
 
 from proxyclip import compose_config, viz
 from proxyclip.config import to_container
@@ -58,7 +56,7 @@ SMOKE = smoke_mode(SMOKE)
 if SMOKE:
     CLIPS, VFMS, LAYERS = ["test_tiny"], ["test_tiny", "none"], [-1, -2]
 root = labeled_set_root(SMOKE, DATA_ROOT)
-out_dir = Path(tempfile.mkdtemp(prefix="proxyclip-ablation-"))
+out_dir = scratch_dir("proxyclip-ablation-")  # deleted when the kernel exits
 logger_overrides = wandb_overrides(SMOKE, WANDB_MODE, group=GROUP)
 print(f"{len(CLIPS)} CLIP x {len(VFMS)} VFM on {root}; results in {out_dir}")
 
@@ -91,6 +89,8 @@ for clip in CLIPS:
 # %%
 grid = np.array([[results[c, v]["mIoU"] for v in VFMS] for c in CLIPS])
 fig = viz.plot_sweep_heatmap(grid, CLIPS, VFMS, row_name="CLIP", col_name="VFM", metric="mIoU")
+random_runs = any(r["random_weights"] for r in results.values())
+fig = viz.mark_random_weights(fig, viz.random_weights_reason(random_runs, cfg.weights.source))
 fig
 
 # %%
@@ -142,8 +142,8 @@ for vfm in layer_vfms:
         gc.collect()
 rows_layer = [f"{v} ({f})" for v in layer_vfms for f in FEATURES]
 grid_layer = np.array([[layer_miou[v, f, l] for l in LAYERS] for v in layer_vfms for f in FEATURES])
-fig_layers = viz.plot_sweep_heatmap(grid_layer, rows_layer, LAYERS, row_name="VFM (feature)", col_name="layer",
-                                    metric="mIoU")
+fig_layers = marked(viz.plot_sweep_heatmap(grid_layer, rows_layer, LAYERS, row_name="VFM (feature)", col_name="layer",
+                                           metric="mIoU"), base)
 fig_layers
 
 # %% [markdown]
@@ -179,10 +179,10 @@ def show(change=None):
                                                vfm_resizes_input=seg.vfm.resizes_input)
     with view:
         view.clear_output(wait=True)
-        display(viz.plot_segmentation(image0, pred.labels, names, gt_labels=samples[0][1],
-                                      title=f"{vfm_choice.value}, layer {layer_choice.value}, {feature_choice.value}"))
-        display(viz.plot_attention_map(viz.window_pixels(enc.image, enc.resized_size, enc.windows[window]), row,
-                                       grid, patch))
+        display(marked(viz.plot_segmentation(image0, pred.labels, names, gt_labels=samples[0][1], title=(
+            f"{vfm_choice.value}, layer {layer_choice.value}, {feature_choice.value}")), seg))
+        display(marked(viz.plot_attention_map(viz.window_pixels(enc.image, enc.resized_size, enc.windows[window]),
+                                              row, grid, patch), seg))
 
 
 for control in (vfm_choice, layer_choice, feature_choice):

@@ -38,7 +38,7 @@ MAX_IMAGES = 8
 # %matplotlib inline
 import torch
 import torch.nn.functional as F
-from _workbench import core_overrides, labeled_set_root, smoke_mode
+from _workbench import core_overrides, labeled_set_root, marked, smoke_mode
 
 from proxyclip import Segmenter, compose_config, viz
 from proxyclip.data import build_dataset
@@ -85,7 +85,7 @@ ax2.imshow(pcs.reshape(h, w, 3).numpy(), interpolation="nearest")
 ax2.set_title(f"vfm.features PCA ({h}x{w} tokens, window 0)")
 for a in (ax1, ax2):
     a.set_axis_off()
-fig
+marked(fig, seg)
 
 
 # %% [markdown]
@@ -142,8 +142,8 @@ print(f"mIoU  no VFM {miou_none:.1f}   ProxyCLIP {miou_proxy:.1f}   ground-truth
 # %%
 enc = encoded[0]
 pred_oracle = seg.run_with_hooks(enc, classes, hooks={"proxy.affinity": oracle_affinity_hook(gt, enc)})
-viz.plot_baseline_comparison(image, seg.decode(enc, classes).labels, pred_oracle.labels, classes, gt_labels=gt,
-                             names=("ProxyCLIP", "ground-truth affinity"))
+marked(viz.plot_baseline_comparison(image, seg.decode(enc, classes).labels, pred_oracle.labels, classes,
+                                    gt_labels=gt, names=("ProxyCLIP", "ground-truth affinity")), seg)
 
 # %% [markdown]
 # ## Intervention 2: the affinity from another VFM
@@ -169,5 +169,6 @@ def swap_hook(affinity, point):
 
 pred_swapped = seg.run_with_hooks(enc, classes, hooks={"proxy.affinity": swap_hook})
 print(f"affinity from {seg_other.cfg.vfm.name} ({tuple(enc_other.vfm_features.shape[-2:])} tokens, resized to {grid})")
-viz.plot_baseline_comparison(image, seg.decode(enc, classes).labels, pred_swapped.labels, classes, gt_labels=gt,
-                             names=(f"affinity from {seg.cfg.vfm.name}", f"affinity from {seg_other.cfg.vfm.name}"))
+marked(viz.plot_baseline_comparison(image, seg.decode(enc, classes).labels, pred_swapped.labels, classes,
+                                    gt_labels=gt, names=(f"affinity from {seg.cfg.vfm.name}",
+                                                         f"affinity from {seg_other.cfg.vfm.name}")), seg)

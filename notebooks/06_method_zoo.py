@@ -42,7 +42,7 @@ GROUP = "method-zoo"
 import time
 
 import torch
-from _workbench import core_overrides, labeled_set_root, smoke_mode, wandb_overrides
+from _workbench import core_overrides, labeled_set_root, marked, smoke_mode, wandb_overrides
 
 from proxyclip import Segmenter, compose_config, load_image, viz
 from proxyclip.config import to_container
@@ -80,7 +80,7 @@ for name in METHODS:
     t_decode[name] = time.perf_counter() - t
     patterns[name] = cache["attention.pattern"]
 print(f"encode {t_encode:.2f} s; decodes: " + ", ".join(f"{n} {s:.2f} s" for n, s in t_decode.items()))
-fig_segmentations = viz.plot_method_grid(image, {n: p.labels for n, p in preds.items()}, CLASSES)
+fig_segmentations = marked(viz.plot_method_grid(image, {n: p.labels for n, p in preds.items()}, CLASSES), seg)
 fig_segmentations
 
 # %% [markdown]
@@ -98,7 +98,7 @@ for name in METHODS:
                                                vfm_resizes_input=bool(seg.vfm and seg.vfm.resizes_input))
     maps.append((f"{name} ({grid[0]}x{grid[1]})", row, grid, patch))
 pixels = viz.window_pixels(enc.image, enc.resized_size, enc.windows[window])
-fig_attention = viz.plot_attention_grid(pixels, maps)
+fig_attention = marked(viz.plot_attention_grid(pixels, maps), seg)
 fig_attention
 
 # %% [markdown]

@@ -4,6 +4,10 @@ Smoke mode (``PROXYCLIP_SMOKE=1``, what CI runs): tiny random models (``clip=tes
 vfm=test_tiny``), small images, few sweep points, W&B offline into a temporary folder.
 Otherwise the notebooks run for real: pretrained weights when they can be had (else random
 weights, said loudly), full-size images, the paper's grids.
+
+Temporary folders (the synthetic labeled set, smoke-mode W&B runs, sweep outputs) come from
+:func:`scratch_dir` and are deleted when the kernel exits: nothing is left in the system temp folder.
+Figures made with random weights carry the red band of ``viz.mark_random_weights``: :func:`marked`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,28 @@ import numpy as np
 from PIL import Image
 
 NOTEBOOKS = Path(__file__).resolve().parent
+_SCRATCH: List[tempfile.TemporaryDirectory] = []  # alive until the kernel exits, then deleted
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A fresh temporary folder (``prefix`` + random) deleted when the process exits (or by :func:`cleanup`)."""
+    folder = tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True)
+    _SCRATCH.append(folder)
+    return Path(folder.name)
+
+
+def cleanup() -> None:
+    """Delete every :func:`scratch_dir` folder now (they are deleted at exit anyway)."""
+    while _SCRATCH:
+        _SCRATCH.pop().cleanup()
+
+
+def marked(fig, seg):
+    """``fig`` with the red random-weights band when ``seg`` runs random weights (and why), as the
+    explorer's and ``proxyclip-segment``'s figures have; unchanged with real weights."""
+    from proxyclip import viz
+
+    return viz.marked(fig, seg)
 
 
 def smoke_mode(value: Optional[bool] = None) -> bool:
@@ -37,10 +63,10 @@ def core_overrides(smoke: bool, clip: Optional[str] = None, vfm: Optional[str] =
 
 def wandb_overrides(smoke: bool, mode: Optional[str] = None, group: Optional[str] = None) -> List[str]:
     """``logger=wandb`` overrides: ``mode`` (default $WANDB_MODE, else offline); runs are written under
-    $PROXYCLIP_WANDB_DIR if set, else (smoke mode) a temporary folder, else ./wandb."""
+    $PROXYCLIP_WANDB_DIR if set, else (smoke mode) a temporary folder (deleted at exit), else ./wandb."""
     mode = mode or os.environ.get("WANDB_MODE") or "offline"
     out = ["logger=wandb", f"logger.mode={mode}"]
-    folder = os.environ.get("PROXYCLIP_WANDB_DIR") or (tempfile.mkdtemp(prefix="proxyclip-wandb-") if smoke else None)
+    folder = os.environ.get("PROXYCLIP_WANDB_DIR") or (str(scratch_dir("proxyclip-wandb-")) if smoke else None)
     if folder:
         out.append(f"logger.dir={folder}")
     if group:
@@ -86,8 +112,9 @@ def make_shapes_dataset(root: Path, n: int = 4, size: int = 96, seed: int = 0) -
 
 
 def labeled_set_root(smoke: bool, data_root: Optional[str] = None) -> Path:
-    """``data_root`` (a folder in the custom format) if given, else a fresh synthetic shapes set."""
+    """``data_root`` (a folder in the custom format) if given, else a fresh synthetic shapes set
+    (in a temporary folder deleted at exit)."""
     if data_root:
         return Path(data_root)
     n, size = (3, 64) if smoke else (12, 336)
-    return make_shapes_dataset(Path(tempfile.mkdtemp(prefix="proxyclip-shapes-")), n=n, size=size)
+    return make_shapes_dataset(scratch_dir("proxyclip-shapes-"), n=n, size=size)

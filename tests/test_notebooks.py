@@ -47,11 +47,13 @@ def test_every_notebook_is_paired_and_has_no_outputs():
 
 
 def execute(name: str, tmp_path: Path, **env: str) -> nbformat.NotebookNode:
+    """Run the notebook in a kernel whose temp folder (TMPDIR) is ``tmp_path/"tmp"``: what it leaves there can be seen."""
     from nbclient import NotebookClient
 
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     saved = dict(os.environ)
-    os.environ.update({"PROXYCLIP_SMOKE": "1", "PROXYCLIP_WANDB_DIR": str(tmp_path / "wandb"),
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    os.environ.update({"TMPDIR": str(tmp_path / "tmp"), "PROXYCLIP_SMOKE": "1", "PROXYCLIP_WANDB_DIR": str(tmp_path / "wandb"),
                        "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true",
                        "WANDB_ERROR_REPORTING": "false", "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"),
                        "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"), "WANDB_DATA_DIR": str(tmp_path / "wandb_data"),
@@ -188,4 +190,44 @@ def check_method_zoo(nb, tmp_path):
 def test_notebook_runs_in_smoke_mode(name, tmp_path):
     """Every notebook of the folder runs top to bottom and passes its check (a new notebook needs one)."""
     assert name in CHECKS, f"notebooks/{name}.py has no check in tests/test_notebooks.py: add a @checks({name!r}) one"
-    CHECKS[name](execute(name, tmp_path), tmp_path)
+    nb = execute(name, tmp_path)
+    CHECKS[name](nb, tmp_path)
+    assert random_marks(nb), f"{name}: a figure without the random-weights band (smoke mode runs random weights)"
+    left = sorted(p.name for p in (tmp_path / "tmp").glob("proxyclip-*"))
+    assert left == [], f"{name} left temporary folders behind: {left}"
+
+
+def random_marks(nb) -> bool:
+    """Whether the notebook's figures carry the random-weights band: read the red text back from its PNGs."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pngs = [o["data"]["image/png"] for o in outputs(nb, "image/png")]
+    assert pngs
+    for data in pngs:
+        rgb = np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")).astype(int)
+        band = rgb[: max(8, rgb.shape[0] // 8)]
+        if not (np.abs(band - (192, 0, 0)).max(-1) < 12).any():  # the banner colour (#c00000), no palette colour
+            return False
+    return True
+
+
+def test_workbench_scratch_folders_are_deleted_at_exit(tmp_path):
+    """The synthetic set, smoke-mode W&B folder and scratch folders of a kernel are gone once it exits."""
+    (tmp_path / "tmp").mkdir()
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import _workbench as wb\n"
+            "root = wb.labeled_set_root(True); wandb = [o for o in wb.wandb_overrides(True) if 'dir=' in o]\n"
+            "extra = wb.scratch_dir('proxyclip-sweep-')\n"
+            "assert (root / 'classes.txt').is_file() and extra.is_dir() and len(wandb) == 1\n"
+            "print(root, wandb[0].split('=', 1)[1], extra)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PROXYCLIP_WANDB_DIR"}
+    out = subprocess.run([sys.executable, "-c", code, str(NOTEBOOKS)], capture_output=True, text=True, timeout=120,
+                         env={**env, "TMPDIR": str(tmp_path / "tmp")})
+    assert out.returncode == 0, out.stderr
+    made = [Path(p) for p in out.stdout.split()]
+    assert len(made) == 3 and all(p.parent == tmp_path / "tmp" for p in made)
+    assert sorted(p.name.split("-")[1] for p in made) == ["shapes", "sweep", "wandb"]
+    assert list((tmp_path / "tmp").iterdir()) == []  # all deleted when the process ended

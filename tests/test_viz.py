@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
+from omegaconf import OmegaConf
 from matplotlib.patches import Rectangle
 
 from proxyclip import proxy, viz
@@ -168,7 +171,27 @@ def test_colorize_labels_palette_and_ignore():
     np.testing.assert_array_equal(out[1, 2], pal[1])
 
 
-def test_segmentation_panels_overlay_and_legend():
+def test_palette_colours_are_distinct_and_far_from_black_and_white():
+    pal = viz.label_palette(256).astype(np.float64) / 255
+    assert len(np.unique(pal, axis=0)) == 256  # every class its own colour
+    assert (pal.max(1) >= 0.5).all()  # none near black (ignored pixels are black)
+    assert (pal.min(1) <= 0.75).all()  # none near white
+    assert (pal.max(1) - pal.min(1) >= 0.14).all()  # none grey
+    dist = np.linalg.norm(pal[:, None] - pal[None], axis=-1) + np.eye(256) * 9
+    assert dist[:64, :64].min() > 0.08  # the first 64 (any benchmark's present classes) well apart
+    assert np.diag(dist, 1).min() > 0.25  # neighbouring indices clearly different
+    np.testing.assert_array_equal(viz.label_palette(5), viz.label_palette(256)[:5])  # one palette, any n
+    from matplotlib.colors import to_rgb
+
+    banner = np.array(to_rgb(viz.marks.COLOR))
+    assert np.abs(pal - banner).max(1).min() > 12 / 255  # the red band's colour is no class's
+
+
+def opaque_pixels(ax) -> np.ndarray:
+    return np.asarray(ax.images[0].get_array())
+
+
+def test_segmentation_panels_are_opaque_label_maps_in_the_legends_colours():
     H, W = 20, 30
     image = torch.rand(3, H, W, generator=torch.Generator().manual_seed(0))
     pred = torch.zeros(H, W, dtype=torch.long)
@@ -177,18 +200,20 @@ def test_segmentation_panels_overlay_and_legend():
     gt[:5] = 3
     gt[0, 0] = 255
     names = ["background", "cat; kitty", "dog", "sky; heaven"]
-    fig = viz.plot_segmentation(image, pred, names, gt_labels=gt, alpha=0.4)
+    fig = viz.plot_segmentation(image, pred, names, gt_labels=gt)
     axes = image_axes(fig)
     assert [ax.get_title() for ax in axes] == ["image", "ground truth", "prediction"]
-    img = image.permute(1, 2, 0).numpy()
-    pal = viz.label_palette(4) / 255.0
-    shown_pred = np.asarray(axes[2].images[0].get_array())
-    np.testing.assert_allclose(shown_pred, 0.6 * img + 0.4 * pal[pred.numpy()], atol=1e-6)
-    shown_gt = np.asarray(axes[1].images[0].get_array())
-    np.testing.assert_allclose(shown_gt[0, 0], 0.6 * img[0, 0], atol=1e-6)  # ignore: no colour added
-    # legend: classes present in prediction or ground truth, first synonym, in class order
+    pal = viz.label_palette(4)
+    np.testing.assert_array_equal(opaque_pixels(axes[2]), pal[pred.numpy()])  # class 0 too: a colour, not black
+    shown_gt = opaque_pixels(axes[1])
+    np.testing.assert_array_equal(shown_gt[0, 0], [0, 0, 0])  # ignored: black, which no class is
+    np.testing.assert_array_equal(shown_gt[1:], pal[gt.numpy()[1:]])
+    assert axes[0].collections  # the prediction's class boundaries drawn on the image
+    # legend: classes present in prediction or ground truth, first synonym, in class order, the panels' colours
     (legend,) = fig.legends
     assert [t.get_text() for t in legend.get_texts()] == ["background", "dog", "sky"]
+    for handle, k in zip(legend.legend_handles, [0, 2, 3]):
+        np.testing.assert_allclose(handle.get_facecolor()[:3], pal[k] / 255)
     assert len(image_axes(viz.plot_segmentation(image, pred, names))) == 2  # no ground truth: 2 panels
     render(fig)
 
@@ -200,11 +225,134 @@ def test_baseline_comparison_panels():
     fig = viz.plot_baseline_comparison(image, base, prox, ["a", "b"])
     axes = image_axes(fig)
     assert [ax.get_title() for ax in axes] == ["image", "CLIP, no VFM (baseline)", "ProxyCLIP"]
-    pal = viz.label_palette(2) / 255.0
-    img = image.permute(1, 2, 0).numpy()
-    np.testing.assert_allclose(np.asarray(axes[1].images[0].get_array()), 0.5 * img + 0.5 * pal[0], atol=1e-6)
-    np.testing.assert_allclose(np.asarray(axes[2].images[0].get_array()), 0.5 * img + 0.5 * pal[1], atol=1e-6)
+    pal = viz.label_palette(2)
+    assert (opaque_pixels(axes[1]) == pal[0]).all() and (opaque_pixels(axes[2]) == pal[1]).all()
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["a", "b"]
+
+
+def test_class_boundaries_hand_worked():
+    lab = np.array([[0, 0, 1], [0, 0, 1], [2, 2, 2]])
+    expected = np.array([[False, True, False], [True, True, True], [False, False, False]])
+    np.testing.assert_array_equal(viz.class_boundaries(lab), expected)
+
+
+# ---------------------------------------------------------------- the overlay (proxyclip-segment) and the mark
+
+def fake_prediction(h, w, names, random_weights=False, seed=0):
+    """A Prediction's fields the overlay reads: blocks of classes 0..K-1 across the width, class 0 the widest."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.zeros(h, w, dtype=torch.long)
+    edges = np.linspace(0.4 * w, w, len(names)).astype(int)
+    for k in range(1, len(names)):
+        labels[:, edges[k - 1]:] = k
+    return SimpleNamespace(image=torch.rand(3, h, w, generator=g), labels=labels, class_names=list(names),
+                           random_weights=random_weights, spec=None)
+
+
+def weights_cfg(source):
+    return OmegaConf.create({"weights": {"source": source}})
+
+
+def drawn(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def test_overlay_png_legend_swatches_are_the_colours_of_their_classes_pixels(tmp_path):
+    """Read the SAVED overlay.png back: at each legend swatch and at a pixel of its class in the label
+    map, the same colour (the palette's); class 0 is not black; nothing was cropped."""
+    from PIL import Image
+
+    from proxyclip.cli.segment import overlay_figure, write_outputs
+
+    names = ["person", "sky", "horse", "grass"]
+    pred = fake_prediction(60, 90, names, random_weights=True)
+    cfg = weights_cfg("random")
+    write_outputs(pred, tmp_path, cfg, "x.png")
+    png = np.asarray(Image.open(tmp_path / "overlay.png").convert("RGB")).astype(int)
+    fig = overlay_figure(pred, cfg)  # the same figure, to find where things are
+    renderer = drawn(fig)
+    assert png.shape[:2] == (int(fig.bbox.height), int(fig.bbox.width))  # saved whole: positions hold
+    height = png.shape[0]
+    (label_ax,) = [ax for ax in fig.axes if ax.get_title() == "label map"]
+    legend = [ax for ax in fig.axes if ax.get_label() == "legend"][0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == names
+    pal = viz.label_palette(len(names))
+    lab = pred.labels.numpy()
+    for k, handle in enumerate(legend.legend_handles):
+        box = handle.get_window_extent(renderer)
+        swatch = png[height - int(box.y0 + box.y1) // 2, int(box.x0 + box.x1) // 2]
+        ys, xs = np.nonzero(lab == k)
+        y, x = ys[len(ys) // 2], int(np.median(xs))  # a pixel inside class k's block
+        px, py = label_ax.transData.transform((x, y))
+        pixel = png[height - int(py), int(px)]
+        np.testing.assert_allclose(swatch, pal[k], atol=2)
+        np.testing.assert_allclose(pixel, swatch, atol=2)
+    assert png[height - int(py), int(px)].max() > 100 and pal[0].max() > 127  # class 0 is a colour, not black
+    band = png[: int(0.3 * fig.dpi)]  # the red random-weights band on top
+    assert (np.abs(band - (192, 0, 0)).max(-1) < 12).any()  # the banner colour, #c00000
+
+
+def banner(fig):
+    (text,) = [t for t in fig.texts if t.get_label() == viz.marks.MARK_LABEL]
+    return text
+
+
+def test_banner_says_why_the_weights_are_random():
+    pred = fake_prediction(40, 60, ["a", "b"], random_weights=True)
+    from proxyclip.cli.segment import overlay_figure
+
+    chosen = banner(overlay_figure(pred, weights_cfg("random"))).get_text()
+    fallback = banner(overlay_figure(pred, weights_cfg("pretrained"))).get_text()
+    assert "weights=random was chosen" in chosen and "unavailable" not in chosen
+    assert "pretrained weights were unavailable" in fallback and "chosen" not in fallback
+    real = fake_prediction(40, 60, ["a", "b"], random_weights=False)
+    assert not [t for t in overlay_figure(real, weights_cfg("pretrained")).texts
+                if t.get_label() == viz.marks.MARK_LABEL]
+    # the reason of a Segmenter: its random_weights and cfg.weights.source
+    assert viz.segmenter_reason(SimpleNamespace(random_weights=True, cfg=weights_cfg("local"))) == "fallback"
+    assert viz.segmenter_reason(SimpleNamespace(random_weights=False, cfg=weights_cfg("random"))) is None
+    with pytest.raises(ValueError, match="reason must be one of chosen, fallback"):
+        viz.mark_random_weights(Figure(), "because")
+
+
+@pytest.mark.parametrize("size", [(40, 2000), (2000, 40), (80, 112)])
+def test_banner_fits_any_aspect_and_covers_nothing(size):
+    from proxyclip.cli.segment import overlay_figure
+
+    pred = fake_prediction(*size, ["person", "sky", "horse"], random_weights=True)
+    fig = overlay_figure(pred, weights_cfg("pretrained"))
+    renderer = drawn(fig)
+    text = banner(fig)
+    box = text.get_window_extent(renderer)
+    assert viz.marks.FONT_MIN <= text.get_fontsize() <= viz.marks.FONT_MAX
+    assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1  # wholly visible
+    for ax in fig.axes:
+        assert not box.overlaps(ax.get_tightbbox(renderer)), ax.get_title() or ax.get_label()
+    (label_ax,) = [ax for ax in fig.axes if ax.get_title() == "label map"]
+    h, w = size
+    panel = label_ax.get_window_extent(renderer)
+    assert panel.width / panel.height == pytest.approx(w / h, rel=0.05)  # the image's aspect, undistorted
+
+
+def test_mark_on_a_laid_out_figure_keeps_its_panels_and_title():
+    """A constrained-layout figure with a suptitle (the explorer's): the band goes above, nothing moves into it."""
+    image, pred = torch.rand(3, 30, 40), torch.zeros(30, 40, dtype=torch.long)
+    plain = viz.plot_segmentation(image, pred, ["a"], title="the title")
+    drawn(plain)
+    sizes = [ax.get_window_extent().size for ax in image_axes(plain)]
+    fig = viz.mark_random_weights(viz.plot_segmentation(image, pred, ["a"], title="the title"), "chosen")
+    renderer = drawn(fig)
+    box = banner(fig).get_window_extent(renderer)
+    assert fig.get_size_inches()[1] == pytest.approx(plain.get_size_inches()[1] + viz.marks.BAND_INCHES)
+    for ax, size in zip(image_axes(fig), sizes):
+        np.testing.assert_allclose(ax.get_window_extent().size, size, atol=1)  # panels keep their size
+        assert not box.overlaps(ax.get_tightbbox(renderer))
+    assert not box.overlaps(fig._suptitle.get_window_extent(renderer))
+    assert fig._suptitle.get_text() == "the title"
 
 
 def test_class_scores_one_panel_per_query_on_one_scale():

@@ -3,7 +3,8 @@
     proxyclip-segment image=PATH 'classes=[sky,"person; people",horse]' vfm=dinov2_vitb14_reg method.gamma=2.5
 
 Writes into the Hydra run directory: ``labels.png`` (palette PNG, index = class),
-``overlay.png`` (image + label map + legend), ``shares.json`` (per-class pixel shares)
+``overlay.png`` (the image with class boundaries beside the opaque label map, a legend in the
+map's exact colours, and a red band naming why when the weights are random), ``shares.json`` (per-class pixel shares)
 and ``config.yaml`` (the resolved config); with ``logger=wandb`` also a W&B run (segmentation
 mask, overlay, shares table, config). Hydra multirun (``-m``) works.
 """
@@ -19,13 +20,22 @@ from omegaconf import DictConfig, OmegaConf
 SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "sample.jpg"
 
 
+def overlay_figure(pred, cfg: DictConfig):
+    """The overlay of ``pred`` (``viz.plot_overlay``), marked when its weights are random: the band
+    says whether ``weights=random`` was chosen (``cfg.weights.source``) or was the fallback."""
+    from ..viz import mark_random_weights, plot_overlay, random_weights_reason
+
+    fig = plot_overlay(pred.image, pred.labels, pred.class_names)
+    return mark_random_weights(fig, random_weights_reason(pred.random_weights, cfg.weights.source))
+
+
 def write_outputs(pred, out_dir: Path, cfg: DictConfig, image_path: str, encode: Optional[dict] = None) -> dict:
     """Write labels.png, overlay.png, shares.json and config.yaml; return the shares record
     (with the run identity: ``encode``, the Segmenter's EncodeSpec record, and ``decode``)."""
     import numpy as np
     from PIL import Image
 
-    from ..viz import label_palette, plot_overlay
+    from ..viz import label_palette
 
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = pred.labels.numpy()
@@ -35,10 +45,7 @@ def write_outputs(pred, out_dir: Path, cfg: DictConfig, image_path: str, encode:
     png = Image.fromarray(labels.astype(np.uint8), mode="P")
     png.putpalette(label_palette(256).flatten().tolist())
     png.save(out_dir / "labels.png")
-    fig = plot_overlay(pred.image, pred.labels, pred.class_names)
-    if pred.random_weights:
-        fig.suptitle("RANDOM WEIGHTS (pretrained unavailable): not a real segmentation", color="red", fontsize=9)
-    fig.savefig(out_dir / "overlay.png", bbox_inches="tight")
+    overlay_figure(pred, cfg).savefig(out_dir / "overlay.png")  # the figure's own layout: no tight bbox
     counts = np.bincount(labels.ravel(), minlength=k)
     record = dict(
         image=image_path,
@@ -57,7 +64,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     from ..pipeline import Segmenter
 
     from ..loggers import build_logger
-    from ..viz import plot_overlay
 
     image = cfg.image or str(SAMPLE_IMAGE)
     seg = Segmenter.from_config(cfg)  # resolves device/precision "auto" into cfg (saved in config.yaml)
@@ -67,7 +73,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     identity = {"job": "segment", "image": image, "encode": record["encode"], "decode": record["decode"]}
     with build_logger(cfg.logger, identity, job_type="segment") as logger:
         logger.log_segmentation("segmentation", pred.image, pred.labels, class_names=pred.class_names)
-        logger.log_figure("overlay", plot_overlay(pred.image, pred.labels, pred.class_names))
+        logger.log_figure("overlay", overlay_figure(pred, cfg))
         logger.log_table("shares", ["class", "share"], list(record["shares"].items()))
         logger.log_summary({"random_weights": pred.random_weights})
     tag = " (RANDOM weights)" if pred.random_weights else ""

@@ -1,6 +1,7 @@
 """What the explorer draws, from the controller's caches (no computation): the segmentation with
 the chosen pixel, and the attention of that pixel's token under the current method beside CLIP's
-own (or, when recorded and the method has them, its affinity stages)."""
+own (or, when recorded and the method has them, its affinity stages). Both carry the red
+random-weights band (``viz.marked``) when the segmenter runs random weights."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from ..knobs import DECISION
 from ..methods import get_method
-from ..viz import (locate_patch, pattern_row, plot_affinity_stages, plot_attention_grid, plot_segmentation,
+from ..viz import (locate_patch, marked, pattern_row, plot_affinity_stages, plot_attention_grid, plot_segmentation,
                    window_pixels)
 
 if TYPE_CHECKING:
@@ -81,14 +82,15 @@ def segmentation_figure(c: "ExplorerController"):
     y, x = c.point
     for ax in fig.axes[:2]:
         ax.plot([x], [y], marker="+", color="red", markersize=12, markeredgewidth=2)
-    return fig
+    return marked(fig, c.segmenter)
 
 
 def attention_figure(c: "ExplorerController", show_affinity: bool = False):
     v = attention_view(c)
     if show_affinity and v.affinity_row is not None:
-        return plot_affinity_stages(v.window_image, v.affinity_row, v.normalized_row, v.mask_row, v.proxy_grid,
-                                    v.proxy_patch, attention_row=v.proxy_row, panel_size=2.6)
+        return marked(plot_affinity_stages(v.window_image, v.affinity_row, v.normalized_row, v.mask_row,
+                                           v.proxy_grid, v.proxy_patch, attention_row=v.proxy_row, panel_size=2.6),
+                      c.segmenter)
     maps = []
     if v.proxy_row is not None:
         vfm = get_method(c.method).needs_vfm
@@ -96,7 +98,7 @@ def attention_figure(c: "ExplorerController", show_affinity: bool = False):
         maps.append((name, v.proxy_row, v.proxy_grid, v.proxy_patch))
     if v.clip_row is not None:
         maps.append((f"CLIP's own attention ({c.clip_name})", v.clip_row, v.clip_grid, v.clip_patch))
-    return plot_attention_grid(v.window_image, maps, ncols=2, panel_size=3.0)
+    return marked(plot_attention_grid(v.window_image, maps, ncols=2, panel_size=3.0), c.segmenter)
 
 
 def status_text(c: "ExplorerController") -> str:

@@ -1,4 +1,4 @@
-"""What every figure shares: the label palette, image and tensor conversions, overlays, legends,
+"""What every figure shares: the label palette, image and tensor conversions, legends,
 and rendering a Figure to PNG."""
 
 from __future__ import annotations
@@ -13,18 +13,30 @@ from matplotlib.patches import Patch
 from ..text import display_name
 
 
+def _base_colours() -> np.ndarray:
+    """matplotlib's tab10 and the pale half of tab20, their greys left out: 18 colours, none near
+    black or white, neighbours distinct."""
+    from matplotlib import colormaps
+
+    tab10 = [colormaps["tab10"](i)[:3] for i in range(10) if i != 7]
+    pale = [colormaps["tab20"](i)[:3] for i in range(1, 20, 2) if i != 15]
+    return np.round(np.array(tab10 + pale) * 255).astype(np.uint8)
+
+
 def label_palette(n: int) -> np.ndarray:
-    """(n, 3) uint8 colours, distinct for neighbouring indices (the PASCAL VOC bit-interleaving scheme)."""
-    pal = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal[i] = (r, g, b)
-    return pal
+    """(n, 3) uint8 colours, one per class index: matplotlib's tab10 then tab20's pale colours
+    (greys left out), then hues spaced by the golden ratio at three lightnesses and two saturations.
+    Every colour is saturated, far from black (ignored pixels) and from white; neighbours differ."""
+    import colorsys
+
+    base = _base_colours()
+    extra = []
+    for k in range(max(0, n - len(base))):
+        hue = (0.13 + k * 0.6180339887) % 1.0
+        light, sat = (0.42, 0.55, 0.66)[k % 3], (0.8, 0.55)[(k // 3) % 2]
+        extra.append(colorsys.hls_to_rgb(hue, light, sat))
+    extra = np.round(np.array(extra).reshape(-1, 3) * 255).astype(np.uint8)
+    return np.concatenate([base, extra])[:n]
 
 
 def figure_to_png(fig, dpi: Optional[float] = None) -> bytes:
@@ -100,6 +112,3 @@ def present_classes(*label_maps, n_classes: int, ignore_index: int = 255) -> Lis
         found.update(int(v) for v in values if 0 <= v < n_classes and v != ignore_index)
     return sorted(found)
 
-
-def _overlay(image_hwc: np.ndarray, colors: np.ndarray, alpha: float) -> np.ndarray:
-    return (1 - alpha) * image_hwc + alpha * colors.astype(np.float32) / 255.0
