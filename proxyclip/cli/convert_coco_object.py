@@ -27,9 +27,9 @@ def main(argv=None) -> int:
     try:
         written = convert_coco_object(args.src, args.dst, args.stuff_out, args.overwrite, not args.no_progress)
     except (FileNotFoundError, ValueError) as e:
-        from .errors import fail
+        from .errors import say_error
 
-        fail("proxyclip-convert-coco-object", e)  # one line, exit 2
+        return say_error("proxyclip-convert-coco-object", e)  # one line; main() returns 2
     print(f"wrote {len(written)} COCO-Object label maps to {args.dst}")
     return 0
 

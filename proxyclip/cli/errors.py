@@ -45,8 +45,14 @@ def one_line(text: Any) -> str:
     return "; ".join(ln.strip() for ln in str(text).splitlines() if ln.strip())
 
 
-def fail(prog: str, message: Any, code: int = USAGE) -> NoReturn:
+def say_error(prog: str, message: Any) -> int:
+    """Print the one ``PROG: error: ...`` line; return the usage exit code (for ``main() -> int``)."""
     print(f"{prog}: error: {one_line(message)}", file=sys.stderr)
+    return USAGE
+
+
+def fail(prog: str, message: Any, code: int = USAGE) -> NoReturn:
+    say_error(prog, message)
     sys.exit(code)
 
 

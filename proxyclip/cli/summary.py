@@ -62,9 +62,9 @@ def main(argv=None) -> int:
         md = summarize(args.paths, out, paper=args.paper, datasets=datasets, kind=args.table, logger_cfg=logger_cfg,
                        rows=args.rows, cols=args.cols)
     except (FileNotFoundError, ValueError) as e:
-        from .errors import fail
+        from .errors import say_error
 
-        fail("proxyclip-summary", e)  # one line, exit 2
+        return say_error("proxyclip-summary", e)  # one line; main() returns 2
     print(md, end="")
     print(f"(written to {out / 'summary.md'} and {out / 'summary.csv'})")
     return 0
