@@ -92,3 +92,23 @@ def test_default_workers_leave_a_core_for_the_models(monkeypatch):
     for cores, want in [(1, 0), (2, 1), (3, 2), (16, 4), (None, 0)]:
         monkeypatch.setattr("os.cpu_count", lambda c=cores: c)
         assert default_num_workers() == want
+
+
+def test_sigterm_with_workers_saves_and_shuts_the_workers_down(tmp_path, eval_segmenter):
+    import multiprocessing
+    import os
+    import signal
+
+    make_voc(tmp_path, n=5)
+    cfg = eval_cfg("voc21", tmp_path, "checkpoint_seconds=1000")  # only the interrupt saves
+    alive = []
+
+    def term_after_two(counted):
+        if counted == 2:
+            alive.append(len(multiprocessing.active_children()))
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler's preemption: the loop's handler stops it
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(eval_segmenter, cfg, tmp_path / "run", 2, before_count=term_after_two)
+    assert alive == [2] and multiprocessing.active_children() == []  # the workers ran, and are gone
+    assert _done(tmp_path / "run") == [s.id for s in build_dataset(cfg.dataset).samples[:2]]
