@@ -11,6 +11,9 @@ with timers; "outside" = wall time of the loop minus the time inside them (JPEG/
 not hidden by the workers, confusion matrices, state saves, worker start-up). Text embeddings are
 computed once before timing. ``--tiny`` (default): the tiny test models; ``--full``: CLIP ViT-B/16 +
 DINO ViT-B/8 with random weights. The load average is printed: the machine may be shared.
+
+Measured (2 cores, shared, load average 3-5): tiny models: outside / wall 0.20 without workers,
+0.12 with 1 worker; --full: 0.008 without, 0.003 with 1 worker (encode ~10-20 s per image).
 """
 
 from __future__ import annotations
