@@ -37,6 +37,7 @@ bench-all: bench
 	$(TEST_ENV) $(PY) bench/bench_text_cache.py
 	$(TEST_ENV) $(PY) bench/bench_methods.py
 	$(TEST_ENV) $(PY) bench/bench_vfms.py
+	$(TEST_ENV) $(PY) bench/bench_eval_overlap.py
 
 # Debian's Chromium for the browser test (tests/ marked `browser`); needs root.
 browser-deps:

@@ -190,6 +190,9 @@ class EvalConfig(Config):
     run_dir: Optional[str] = None  # null = Hydra's run directory
     experiment_name: Optional[str] = None  # set by a conf/experiment preset; recorded in metrics.json
     resume: bool = True  # continue a run directory's saved state (false: discard it and start fresh)
+    # processes reading and decoding images/labels ahead of the models (0 = in this process;
+    # null = min(4, cores - 1), 0 on one core)
+    num_workers: Optional[int] = None
 
 
 @dataclass

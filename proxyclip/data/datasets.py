@@ -54,6 +54,9 @@ class BadLabelError(ValueError):
         self.path = Path(path)
         self.problem = problem
 
+    def __reduce__(self):  # rebuilt from its two fields when a read-ahead worker sends it
+        return type(self), (self.path, self.problem)
+
 
 @dataclass(frozen=True)
 class Sample:

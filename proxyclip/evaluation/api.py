@@ -123,7 +123,8 @@ class _Job:
                                   resume=bool(cfg.get("resume", True)), info=info, cache=cache,
                                   checkpoint_seconds=float(cfg.get("checkpoint_seconds", 10.0)),
                                   progress=bool(cfg.get("progress", True)), logger=logger,
-                                  log_images=int(cfg.get("log_images", 0) or 0), print_fn=say)
+                                  log_images=int(cfg.get("log_images", 0) or 0), print_fn=say,
+                                  num_workers=cfg.get("num_workers"))
                 result.values = [values for values, _ in points]
                 written = None
                 if info.is_main:

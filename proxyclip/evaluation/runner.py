@@ -8,7 +8,10 @@ the dataset. The loop is
 - resumable: the matrices and the list of counted images are saved together, atomically
   (:mod:`.state`); a restart in the same run directory skips the counted images;
 - distributed: under ``torchrun`` each process takes every ``world_size``-th image and the
-  matrices are summed at the end (:mod:`.distributed`).
+  matrices are summed at the end (:mod:`.distributed`);
+- read ahead: a ``torch.utils.data.DataLoader`` with ``num_workers`` processes reads and decodes
+  the images and label maps of exactly this process's to-do list, in its order, while the main
+  process encodes and decodes (the workers only open files: no model, no CUDA).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..data import BadLabelError, SegmentationDataset
+from ..data import BadLabelError, DatasetNotFoundError, SegmentationDataset
 from ..metrics import confusion_matrix, metrics_from_confusion
 from ..specs import DecodeSpec, digest
 from .cache import FeatureCache
@@ -85,6 +88,53 @@ class _Stop(Exception):
     pass
 
 
+def default_num_workers() -> int:
+    """Read-ahead workers when ``num_workers`` is unset: one core stays for the models, at most 4
+    workers, none (read in-process) on a single core."""
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 1 else min(4, cores - 1)
+
+
+class _Reads(torch.utils.data.Dataset):
+    """What a read-ahead worker does for dataset index ``i``: ``(i, PIL image, label)``, where a
+    label that cannot be evaluated comes back as its BadLabelError (``bad_labels=skip`` decides in
+    the main process) and an unreadable file as its DatasetNotFoundError (raised there, one line)."""
+
+    def __init__(self, dataset: SegmentationDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        try:
+            image = self.dataset.load_image(i)
+        except DatasetNotFoundError as e:
+            return i, None, e
+        try:
+            return i, image, self.dataset.load_label(i, expected_size=image.size)
+        except (BadLabelError, DatasetNotFoundError) as e:
+            return i, image, e
+
+
+def _as_is(item):
+    return item
+
+
+def _worker_init(_worker_id: int) -> None:
+    # SIGTERM is the main process's to handle (it saves, then shuts the workers down); one thread each
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+def _reader(dataset: SegmentationDataset, todo: Sequence[int], num_workers: int):
+    """A DataLoader over exactly ``todo`` (this process's images not yet counted), one sample at a time."""
+    workers = min(num_workers, len(todo))
+    return torch.utils.data.DataLoader(
+        _Reads(dataset), batch_size=None, sampler=list(todo), num_workers=workers, collate_fn=_as_is,
+        worker_init_fn=_worker_init if workers else None, persistent_workers=False)
+
+
 def run_grid(
     seg,
     dataset: SegmentationDataset,
@@ -101,6 +151,7 @@ def run_grid(
     log_images: int = 0,
     print_fn: Callable[[str], None] = print,
     before_count: Optional[Callable[[int], None]] = None,
+    num_workers: Optional[int] = None,
 ) -> GridResult:
     """Evaluate every point of ``points`` (DecodeSpecs) on ``dataset`` (already subset), resumably
     and sharded. ``selection``: the run's :func:`selection_record` (default: from ``dataset``);
@@ -108,9 +159,13 @@ def run_grid(
 
     ``before_count(n)``: called after each image is decoded and before it is counted, with the
     number of images this process counted so far (tests inject faults there).
+    ``num_workers``: read-ahead processes (0 = read in this process; None = :func:`default_num_workers`).
     Returns the matrices summed over all processes (every process gets the same result).
     """
     t0 = time.time()
+    num_workers = default_num_workers() if num_workers is None else int(num_workers)
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be 0 (read in this process) or more, got {num_workers}")
     points = list(points)
     k = dataset.num_classes
     state = RunState(Path(run_dir), info.rank, info.world_size,
@@ -127,7 +182,8 @@ def run_grid(
     mine = shard(range(len(dataset)), info)
     todo = [i for i in mine if not state.is_done(dataset.samples[i].id)]
     loop = _Loop(seg, dataset, points, state, cache=cache, checkpoint_seconds=checkpoint_seconds, logger=logger,
-                 log_images=log_images if info.is_main else 0, print_fn=print_fn, before_count=before_count)
+                 log_images=log_images if info.is_main else 0, print_fn=print_fn, before_count=before_count,
+                 num_workers=num_workers)
     bar = _progress_bar(dataset, info, total=len(mine), initial=len(mine) - len(todo)) if progress else None
     loop.run(todo, bar)
     return _gather(state, dataset, points, info, seconds=time.time() - t0)
@@ -147,11 +203,12 @@ class _Loop:
 
     def __init__(self, seg, dataset: SegmentationDataset, points: List[DecodeSpec], state: RunState, *,
                  cache: Optional[FeatureCache], checkpoint_seconds: float, logger: Any, log_images: int,
-                 print_fn: Callable[[str], None], before_count: Optional[Callable[[int], None]]):
+                 print_fn: Callable[[str], None], before_count: Optional[Callable[[int], None]],
+                 num_workers: int = 0):
         self.seg, self.dataset, self.points, self.state = seg, dataset, points, state
         self.cache, self.checkpoint_seconds = cache, checkpoint_seconds
         self.logger, self.log_images, self.print_fn = logger, log_images, print_fn
-        self.before_count = before_count
+        self.before_count, self.num_workers = before_count, num_workers
         self.logged = self.counted = 0
         self.last_save = time.time()
         self.dirty = False
@@ -161,9 +218,10 @@ class _Loop:
             raise _Stop()
 
         old_term = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+        reads = iter(_reader(self.dataset, todo, self.num_workers)) if todo else iter(())
         try:
-            for n_left, i in zip(range(len(todo), 0, -1), todo):
-                self.image(i, n_left)
+            for n_left, (i, image, label) in zip(range(len(todo), 0, -1), reads):
+                self.image(i, image, label, n_left)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(f"mIoU {metrics_from_confusion(self.state.cm[0])['mIoU']:.2f}")
@@ -173,24 +231,25 @@ class _Loop:
                           f"run the same command with the same run directory to continue")
             raise KeyboardInterrupt
         finally:
+            shutdown = getattr(reads, "_shutdown_workers", None)  # stop the read-ahead workers now
+            if shutdown is not None:
+                shutdown()
             if bar is not None:
                 bar.close()
             if old_term is not None:
                 signal.signal(signal.SIGTERM, old_term)
         self.save_if_dirty()
 
-    def image(self, i: int, n_left: int) -> None:
+    def image(self, i: int, image, label, n_left: int) -> None:
+        """Count image ``i`` (its PIL image and label tensor, or the label's BadLabelError, read ahead)."""
         ds, sample = self.dataset, self.dataset.samples[i]
-        image = ds.load_image(i)
-        try:
-            label = ds.load_label(i, expected_size=image.size)
-        except BadLabelError as e:
-            if ds.bad_labels != "skip":
-                raise
-            self.print_fn(f"skipping {sample.id}: {e}")
-            self.state.add(sample.id, skipped=str(e))
+        if isinstance(label, BadLabelError) and ds.bad_labels == "skip":
+            self.print_fn(f"skipping {sample.id}: {label}")
+            self.state.add(sample.id, skipped=str(label))
             self.dirty = True
             return
+        if isinstance(label, Exception):
+            raise label
         if self.cache is not None:
             enc = self.cache.get_or_encode(sample.image, lambda reuse: self.seg.encode(image, reuse=reuse),
                                              remaining=n_left)
