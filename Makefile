@@ -38,6 +38,7 @@ bench-all: bench
 	$(TEST_ENV) $(PY) bench/bench_methods.py
 	$(TEST_ENV) $(PY) bench/bench_vfms.py
 	$(TEST_ENV) $(PY) bench/bench_eval_overlap.py
+	$(TEST_ENV) $(PY) bench/bench_vocab.py
 
 # Debian's Chromium for the browser test (tests/ marked `browser`); needs root.
 browser-deps:
