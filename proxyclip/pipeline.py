@@ -221,10 +221,11 @@ class Segmenter:
         shared: Dict[str, List[int]] = {}
         for i, spec in enumerate(specs):
             shared.setdefault(replace(spec, logit_scale=1.0, prob_thd=0.0).key(), []).append(i)
+        pad = self.layout(enc.image)[2]
         for idx in shared.values():
-            spec = specs[idx[0]]
-            check_decodable(enc, get_method(spec.method), self.clip_key, self.vfm_key, self.layout(enc.image)[2])
-            text = self.hooks.point(TEXT, self.text_embeddings(cl.queries))
+            check_decodable(enc, get_method(specs[idx[0]].method), self.clip_key, self.vfm_key, pad)
+        text = self.hooks.point(TEXT, self.text_embeddings(cl.queries))  # once for every point
+        for idx in shared.values():
             preds = _decide_points(self, enc, cl, [specs[i] for i in idx], text, keep_prob)
             for i, pred in zip(idx, preds):
                 out[i] = pred

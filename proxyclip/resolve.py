@@ -17,7 +17,7 @@ from .config import CONF_DIR, group_choice
 from .knobs import DECISION, SWITCHES, listing
 from .methods import Method, get_method
 from .postprocess import get_postprocess
-from .specs import DecodeSpec, classes_digest
+from .specs import DecodeSpec, classes_digest, plain
 
 PostprocessArg = Union[None, str, Mapping[str, Any]]
 _METHOD_FIXED = ("name", "logit_scale")
@@ -58,7 +58,7 @@ def method_knobs(cfg: Any, name: str, params: Mapping[str, Any]) -> Tuple[Method
         elif knob.name == "prob_thd":
             values[knob.name] = knob.check(cfg.protocol.prob_thd, "protocol")
         else:
-            values[knob.name] = knob.check(_plain(base[knob.name]), "method")
+            values[knob.name] = knob.check(plain(base[knob.name]), "method")
     return meth, values
 
 
@@ -88,7 +88,7 @@ def postprocess_settings(cfg: Any, postprocess: PostprocessArg = None) -> Dict[s
                          + ("; ".join(k.describe() for k in post.knobs) or "none"))
     out: Dict[str, Any] = {"name": name}
     for knob in post.knobs:
-        out[knob.name] = knob.check(_plain(spec[knob.name]) if knob.name in spec else _plain(base[knob.name]),
+        out[knob.name] = knob.check(plain(spec[knob.name]) if knob.name in spec else plain(base[knob.name]),
                                     "postprocess")
     return out
 
@@ -102,7 +102,3 @@ def decode_spec(cfg: Any, classes: Optional[Sequence[str]] = None, method: Optio
     own = tuple((k.name, values[k.name]) for k in SWITCHES + meth.knobs)
     return DecodeSpec(method=name, knobs=own, postprocess=tuple(post.items()), logit_scale=values["logit_scale"],
                       prob_thd=values["prob_thd"], classes="" if classes is None else classes_digest(classes))
-
-
-def _plain(v: Any) -> Any:
-    return OmegaConf.to_container(v) if OmegaConf.is_config(v) else v

@@ -49,7 +49,8 @@ def checkpoint_digest(path: Optional[str]) -> Optional[str]:
     return _checkpoint_digest(p, st.st_size, st.st_mtime)
 
 
-def _plain(v: Any) -> Any:
+def plain(v: Any) -> Any:
+    """An OmegaConf node as plain Python (resolved); anything else as it is."""
     return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
 
 
@@ -175,7 +176,7 @@ class EncodeSpec:
         vfm = None
         if uses_vfm:
             v = cfg.vfm
-            kwargs = _plain(v.timm_kwargs) if "timm_kwargs" in v else {}
+            kwargs = plain(v.timm_kwargs) if "timm_kwargs" in v else {}
             vfm = VfmSpec(name=str(v.name), timm_name=str(v.timm_name),
                           input_size=None if v.input_size is None else int(v.input_size),
                           timm_kwargs=json.dumps(kwargs or {}, sort_keys=True),

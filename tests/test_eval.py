@@ -105,7 +105,7 @@ def test_ctrl_c_saves_progress_and_resume_matches(tmp_path, eval_segmenter, monk
     cfg = eval_cfg("voc20", tmp_path, "checkpoint_seconds=1000")  # only the interrupt itself saves
     full = evaluate(cfg, run_dir=tmp_path / "full", seg=eval_segmenter)
     seg_cls = type(eval_segmenter)
-    real_decode = seg_cls.decode
+    real_decode = seg_cls.decode_many  # the loop decodes every point of an image in one call
     calls = []
 
     def decode_then_ctrl_c(self, *a, **k):
@@ -114,10 +114,10 @@ def test_ctrl_c_saves_progress_and_resume_matches(tmp_path, eval_segmenter, monk
             raise KeyboardInterrupt
         return real_decode(self, *a, **k)
 
-    monkeypatch.setattr(seg_cls, "decode", decode_then_ctrl_c)
+    monkeypatch.setattr(seg_cls, "decode_many", decode_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         evaluate(cfg, run_dir=tmp_path / "run", seg=eval_segmenter)
-    monkeypatch.setattr(seg_cls, "decode", real_decode)
+    monkeypatch.setattr(seg_cls, "decode_many", real_decode)
     state = torch.load(tmp_path / "run" / "state" / "rank0-of-1.pt", weights_only=False)
     assert len(state["done"]) == 2
     resumed = evaluate(cfg, run_dir=tmp_path / "run", seg=eval_segmenter)

@@ -22,7 +22,7 @@ from ..knobs import Knob
 from ..methods import get_method
 from ..postprocess import get_postprocess
 from ..resolve import decode_spec
-from ..specs import DecodeSpec
+from ..specs import DecodeSpec, flatten, plain
 
 Point = Tuple[Dict[str, Any], DecodeSpec]  # (the swept values, the decode spec)
 
@@ -39,7 +39,7 @@ def grid_axes(grid: Any, method: str, postprocess: str) -> Dict[str, List[Any]]:
     by its knob. An axis the method does not have is an error listing the ones it has."""
     if grid is None:
         return {}
-    flat = _flatten(OmegaConf.to_container(grid) if OmegaConf.is_config(grid) else dict(grid))
+    flat = flatten(plain(grid) if OmegaConf.is_config(grid) else dict(grid))
     allowed = sweepable(method, postprocess)
     axes: Dict[str, List[Any]] = {}
     for name, values in flat.items():
@@ -69,13 +69,3 @@ def grid_points(cfg: Any, axes: Mapping[str, Sequence[Any]], classes: Optional[S
         spec = decode_spec(cfg, classes, None, {"name": post_name, **post} if post else None, **knobs)
         points.append((values, spec))
     return points
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

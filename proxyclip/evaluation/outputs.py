@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..files import atomic_write
+from .records import order_key
 from .runner import GridResult
 
 METRICS = ("mIoU", "aAcc", "mAcc")
@@ -141,7 +142,7 @@ def sweep_figure(result: GridResult, metric: str = "mIoU"):
         seen: Dict[str, Any] = {}
         for v in result.values:
             seen.setdefault(json.dumps(v[a]), v[a])
-        return [seen[k] for k in sorted(seen, key=lambda k: _order(seen[k]))]
+        return [seen[k] for k in sorted(seen, key=lambda k: order_key(seen[k]))]
 
     rows = values_of(axes[0])
     cols = values_of(axes[1]) if len(axes) > 1 else [None]
@@ -153,11 +154,3 @@ def sweep_figure(result: GridResult, metric: str = "mIoU"):
     if len(axes) == 1:
         return viz.plot_sweep_line(grid[:, 0], rows, axes[0], metric=metric)
     return viz.plot_sweep_heatmap(grid, rows, cols, row_name=axes[0], col_name=axes[1], metric=metric)
-
-
-def _order(v: Any) -> tuple:
-    if isinstance(v, bool):
-        return (0, int(v), "")
-    if isinstance(v, (int, float)):
-        return (1, v, "")
-    return (2, 0, json.dumps(v))

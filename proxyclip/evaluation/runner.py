@@ -258,10 +258,7 @@ class _Loop:
         k = ds.num_classes
         cm_img = torch.zeros((len(self.points), k, k), dtype=torch.int64)
         # points differing only in logit_scale / prob_thd share one last block and one set of window scores
-        if len(self.points) == 1:
-            preds = [self.seg.decode(enc, ds.class_names, spec=self.points[0], keep_prob=False)]
-        else:
-            preds = self.seg.decode_many(enc, ds.class_names, self.points, keep_prob=False)
+        preds = self.seg.decode_many(enc, ds.class_names, self.points, keep_prob=False)
         for g, pred in enumerate(preds):
             cm_img[g] = confusion_matrix(pred.labels.cpu(), label, k, ds.ignore_index)
             if g == 0 and self.logger is not None and self.logged < self.log_images:
