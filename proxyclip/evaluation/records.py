@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from ..specs import GEOMETRY, ClipSpec, DecodeSpec, EncodeSpec, GeometrySpec, VfmSpec, WeightsSpec, flatten
+from ..specs import GEOMETRY, DecodeSpec, EncodeSpec, flatten
 
 
 class _Marker:
@@ -94,17 +94,14 @@ def fields_of(r: dict) -> Dict[str, Any]:
 
 def encode_spec(rec: Mapping[str, Any]) -> EncodeSpec:
     """An ``EncodeSpec`` back from its ``record()`` (refused if the record has fields the spec lacks)."""
-    vfm = rec["vfm"]
-    spec = EncodeSpec(ClipSpec(**rec["clip"]), None if vfm is None else VfmSpec(**vfm), WeightsSpec(**rec["weights"]),
-                      GeometrySpec(**rec["protocol"]), rec["precision"], tuple(rec.get("parts", ())))
+    spec = EncodeSpec.from_record(rec)
     _same(spec.record(), rec)
     return spec
 
 
 def decode_spec(rec: Mapping[str, Any]) -> DecodeSpec:
     """A ``DecodeSpec`` back from its ``record()``."""
-    spec = DecodeSpec(rec["method"], tuple(rec["knobs"].items()), tuple(rec["postprocess"].items()),
-                      rec["logit_scale"], rec["prob_thd"], rec.get("classes", ""))
+    spec = DecodeSpec.from_record(rec)
     _same(spec.record(), rec)
     return spec
 
