@@ -68,12 +68,11 @@ class Segmenter:
     """
 
     def __init__(self, cfg: DictConfig, clip: ClipBackbone, vfm: Optional[VfmBackbone], random_weights: bool):
-        self.cfg = cfg
-        self.clip = clip
-        self.vfm = vfm
-        self.random_weights = random_weights
+        self.cfg, self.clip, self.vfm, self.random_weights = cfg, clip, vfm, random_weights
         self.device = torch.device(cfg.device)
-        self.text = TextEncoder(clip.model, clip.tokenizer, self.device, **text_cache_options(cfg, random_weights))
+        self.encode_spec = EncodeSpec.from_config(cfg, random_weights=random_weights, uses_vfm=vfm is not None)
+        text_cache = text_cache_options(cfg, random_weights, self.encode_spec.text_model_id())
+        self.text = TextEncoder(clip.model, clip.tokenizer, self.device, **text_cache)
         self.hooks = HookSet()
         check_geometry(cfg.protocol)
         if get_method(cfg.method.name).needs_vfm and vfm is None:
@@ -82,7 +81,6 @@ class Segmenter:
         self.pad_multiple = padding_multiple(clip.patch_size, *vfm_patch)
         self._clip_norm = _norm_tensors(CLIP_MEAN, CLIP_STD, self.device)
         self._vfm_norm = None if vfm is None else _norm_tensors(vfm.mean, vfm.std, self.device)
-        self.encode_spec = EncodeSpec.from_config(cfg, random_weights=random_weights, uses_vfm=vfm is not None)
         self.decode_spec()  # the configured method's and post-process's values are valid
 
     @classmethod

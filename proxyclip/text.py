@@ -214,7 +214,7 @@ def default_text_cache_dir() -> Path:
     return Path(base) / "proxyclip" / "text"
 
 
-def text_cache_options(cfg: Any, random_weights: bool) -> Dict[str, Any]:
+def text_cache_options(cfg: Any, random_weights: bool, model_id: Optional[str] = None) -> Dict[str, Any]:
     """``cache_dir`` and ``model_id`` for :class:`TextEncoder` from a core config.
 
     ``cfg.text_cache``: ``auto`` (the user's cache folder), a folder, or null (no disk cache).
@@ -226,6 +226,7 @@ def text_cache_options(cfg: Any, random_weights: bool) -> Dict[str, Any]:
     where = cfg.get("text_cache", "auto") if hasattr(cfg, "get") else getattr(cfg, "text_cache", "auto")
     if where in (None, "", "null", "none"):
         return {}
-    model_id = EncodeSpec.from_config(cfg, random_weights=random_weights, uses_vfm=False).text_model_id()
+    if model_id is None:  # a Segmenter passes its own encode spec's
+        model_id = EncodeSpec.from_config(cfg, random_weights=random_weights, uses_vfm=False).text_model_id()
     folder = default_text_cache_dir() if where == "auto" else Path(os.path.expanduser(str(where)))
     return {"cache_dir": folder, "model_id": model_id}
