@@ -33,6 +33,8 @@ class Encoded:
     vfm_features: Optional[torch.Tensor]  # (n_windows, C, Hv, Wv) float32, None without a VFM
     clip_key: str  # EncodeSpec.clip_key; the padding is checked on decode
     vfm_key: Optional[str]  # EncodeSpec.vfm_key; None without a VFM
+    # layer parts (proxyclip/parts.py): {"clip.blocks.{i}.resid_pre": (n_windows, 1 + gh*gw, D)}, same clip_key
+    layers: Dict[str, torch.Tensor] = field(default_factory=dict)
     memo: Dict[Any, Any] = field(default_factory=dict, repr=False)  # decode-side reuse, not saved
 
     @property
@@ -49,7 +51,8 @@ class Encoded:
                     windows=[list(b) for b in self.windows], pad=list(self.pad), clip_tokens=self.clip_tokens.cpu(),
                     clip_grid=list(self.clip_grid),
                     vfm_features=None if self.vfm_features is None else self.vfm_features.cpu(),
-                    clip_key=self.clip_key, vfm_key=self.vfm_key)
+                    clip_key=self.clip_key, vfm_key=self.vfm_key,
+                    layers={k: v.cpu() for k, v in self.layers.items()})
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Encoded":
@@ -58,7 +61,8 @@ class Encoded:
                              "encode again)")
         return cls(image=d["image"], resized_size=tuple(d["resized_size"]), windows=[tuple(b) for b in d["windows"]],
                    pad=tuple(d["pad"]), clip_tokens=d["clip_tokens"], clip_grid=tuple(d["clip_grid"]),
-                   vfm_features=d["vfm_features"], clip_key=d["clip_key"], vfm_key=d["vfm_key"])
+                   vfm_features=d["vfm_features"], clip_key=d["clip_key"], vfm_key=d["vfm_key"],
+                   layers=dict(d.get("layers") or {}))
 
 
 class Prediction:
@@ -147,8 +151,9 @@ class Prediction:
 
 
 def check_decodable(enc: Encoded, meth: Any, clip_key: str, vfm_key: Optional[str],
-                    pad: Tuple[int, int, int, int]) -> None:
-    """``enc`` was made under these part keys and window padding, and has what ``meth`` reads."""
+                    pad: Tuple[int, int, int, int], parts: Sequence[str] = ()) -> None:
+    """``enc`` was made under these part keys and window padding, and has what ``meth`` reads
+    (its VFM features; its layer ``parts``, proxyclip/parts.py)."""
     if not isinstance(enc, Encoded):
         raise TypeError(f"decode takes the Encoded returned by encode(), got {type(enc).__name__}")
     if enc.clip_key != clip_key:
@@ -163,6 +168,11 @@ def check_decodable(enc: Encoded, meth: Any, clip_key: str, vfm_key: Optional[st
         if enc.vfm_key != vfm_key:
             raise ValueError(f"this Encoded's VFM features come from another configuration ({enc.vfm_key}), "
                              f"not {vfm_key}")
+    lacking = [p for p in parts if p not in enc.layers]
+    if lacking:
+        raise ValueError(f"method {meth.name} reads the encode part {lacking[0]}, which this Encoded lacks "
+                         f"(it has {sorted(enc.layers) or 'no layer parts'}): encode with "
+                         f"seg.encode(image, keep={list(parts)!r}), or with a Segmenter configured for {meth.name}")
 
 
 def replay(enc: Encoded, hooks: HookSet, batch_size: int) -> Encoded:

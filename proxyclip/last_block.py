@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .backbones import ClipBackbone
 from .hooks import declare_hook
+from .parts import resid_pre
 from .proxy import resize_values
 
 VALUES = declare_hook("clip.values", "window", "(n, D, gh, gw)", "value projection of the last block, CLS dropped",
@@ -42,6 +43,31 @@ class Attention:
     rows_sum_to_one: bool = True  # declared by the method; enables the out_proj-first shortcut
 
 
+@dataclass
+class BlockOutput:
+    """A method that runs its own last block: Z (B, T', D) on ``grid``, before ln_post (hook
+    ``clip.last_block_output``); the shared head makes the dense embeddings."""
+
+    tokens: torch.Tensor
+    grid: Grid
+    cls: bool  # token 0 is CLS (dropped by the head)
+
+
+@dataclass
+class Dense:
+    """A method's own dense embeddings (B, E, h, w), L2-normalized (hook ``clip.dense``)."""
+
+    embeddings: torch.Tensor
+
+
+@dataclass
+class Scores:
+    """A method's own window scores (B, Q, h, w) against ``x.text`` (e.g. with a text-side prior);
+    merged and decided like every method's."""
+
+    scores: torch.Tensor
+
+
 class BlockInputs:
     """One batch of windows entering the last block, with its q, k, v computed on demand.
 
@@ -51,16 +77,37 @@ class BlockInputs:
 
     def __init__(self, clip: ClipBackbone, tokens: torch.Tensor, grid: Grid, vfm_features: Optional[torch.Tensor],
                  memo: Dict[Any, torch.Tensor], memo_key: Tuple[int, int],
-                 point: Callable[[str, torch.Tensor], torch.Tensor]):
+                 point: Callable[[str, torch.Tensor], torch.Tensor],
+                 layers: Optional[Dict[str, torch.Tensor]] = None, text: Optional[torch.Tensor] = None,
+                 pixels: Optional[Callable[[], torch.Tensor]] = None):
         self.clip = clip
         self.tokens = tokens  # (B, 1 + gh*gw, D)
         self.grid = grid  # (gh, gw)
         self.vfm_features = vfm_features  # (B, C, Hv, Wv) or None
         self.point = point  # hook point of this batch: point(name, tensor) -> tensor
+        self.text = text  # (Q, E) L2-normalized query embeddings (None when decoding without classes)
+        self._layers = layers or {}  # this batch's layer parts, by part name (proxyclip/parts.py)
+        self._pixels = pixels
         self._memo = memo
         self._memo_key = memo_key
         self.heads = clip.heads
         self.scale = (tokens.shape[-1] // self.heads) ** -0.5  # tau = d^-1/2
+
+    def layer(self, i: int) -> torch.Tensor:
+        """(B, 1 + gh*gw, D) tokens entering CLIP block ``i`` (0-indexed; the last block's = ``tokens``)."""
+        if int(i) in (self.clip.num_blocks - 1, -1):
+            return self.tokens
+        name = resid_pre(i)
+        if name not in self._layers:
+            raise ValueError(f"the encode part {name} was not kept: declare it in the method's parts, or "
+                             f"encode with keep=[{name!r}]")
+        return self._layers[name]
+
+    def window_pixels(self) -> torch.Tensor:
+        """(B, 3, h, w) this batch's CLIP-normalized windows as CLIP saw them (padding included)."""
+        if self._pixels is None:
+            raise ValueError("this decode has no window pixels")
+        return self._pixels()
 
     def memoized(self, name: str, compute: Callable[[], Any]) -> Any:
         key = (name,) + self._memo_key

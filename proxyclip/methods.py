@@ -1,9 +1,12 @@
 """The training-free last-block methods: one attention function each, and their registry.
 
-A method is ``fn(x: BlockInputs, **knobs) -> Attention`` (proxyclip/last_block.py): it reads the
-queries, keys or VFM features of one batch of windows and says which attention replaces CLIP's
-last one. Everything around it (values, out_proj, residual, FFN, head) is shared; whether the
-residual and the FFN are kept is a switch of every method (``method.residual``, ``method.ffn``).
+A method is ``fn(x: BlockInputs, **knobs) -> Attention | BlockOutput | Dense | Scores``
+(proxyclip/last_block.py): it reads the queries, keys, earlier blocks' tokens (``x.layer(i)``, the
+parts it declares in ``Method.parts``) or VFM features of one batch of windows. Most return the
+:class:`Attention` that replaces CLIP's last one; everything around it (values, out_proj, residual,
+FFN, head) is then shared, and whether the residual and the FFN are kept is a switch of every
+method (``method.residual``, ``method.ffn``). A method that runs its own last block returns the
+block's output tokens, its dense embeddings, or its window scores (it may read ``x.text``).
 
 Adding a method: write its function, ``register_method(Method(...))`` below with its knobs
 declared (``proxyclip.knobs.Knob``: name, type, range, doc), add ``conf/method/<name>.yaml`` (its
@@ -46,6 +49,9 @@ class Method:
     knobs: Tuple[Knob, ...] = ()  # method-specific settings passed to ``attention`` (defaults: its YAML)
     needs_vfm: bool = False
     doc: str = ""
+    # the encode parts it reads besides the last block's input: fn(**its knobs) -> part names
+    # (proxyclip/parts.py, e.g. ("clip.blocks.5.resid_pre", ...)); None = none
+    parts: Optional[Callable[..., Tuple[str, ...]]] = None
 
     @property
     def knob_names(self) -> Tuple[str, ...]:
@@ -155,3 +161,5 @@ register_method(Method("proxyclip", proxyclip_attention, needs_vfm=True, doc="at
     Knob("shift", "bool", "subtract beta * mean(S) (the adaptive normalization); false: S' = gamma * S"),
     Knob("mask", "bool", "exclude entries with S' < 0; false: softmax over every entry"),
 )))
+
+from . import zoo  # noqa: E402,F401  (the 2025 methods register themselves)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,9 @@ from .decision import DEFAULT_BUDGET, WindowScores, decide, decide_chunked
 from .encoded import Encoded, Prediction, check_decodable, replay
 from .hooks import HookFn, HookSet, NameFilter, declare_hook, finish_cache, hook_names
 from .images import ImageLike, load_image
-from .last_block import BlockInputs, dense_from_block_output, run_last_block
+from .last_block import Attention, BlockInputs, BlockOutput, Dense, Scores, dense_from_block_output, run_last_block
 from .methods import get_method
+from .parts import block_of, check_parts, method_parts, resid_pre
 from .postprocess import apply_postprocess, get_postprocess
 from .resolve import PostprocessArg
 from .specs import DecodeSpec, EncodeSpec, classes_digest
@@ -112,45 +113,38 @@ class Segmenter:
 
     # ------------------------------------------------------------------ encode
     @torch.no_grad()
-    def encode(self, image: ImageLike, reuse: Optional[Encoded] = None) -> Encoded:
+    def encode(self, image: ImageLike, reuse: Optional[Encoded] = None, keep: Sequence[str] = ()) -> Encoded:
         """Resize, cut windows, run the backbones (CLIP up to its last block; the VFM if any) -> Encoded.
 
-        ``reuse``: an Encoded of the same image (e.g. from a Segmenter with another VFM, see
-        :meth:`with_vfm`) whose parts made under this configuration's keys and window layout are
-        taken as they are: comparing VFMs on one image runs CLIP once.
+        ``keep``: layer parts to keep besides those the configured method reads (``encode_spec.parts``),
+        e.g. ``["clip.blocks.5.resid_pre"]`` (proxyclip/parts.py). ``reuse``: an Encoded of the same
+        image (e.g. from a Segmenter with another VFM, see :meth:`with_vfm`) whose parts made under
+        this configuration's keys and window layout are taken as they are: comparing VFMs on one
+        image runs CLIP once, and a layer part already there is not recomputed.
         """
         img = load_image(image)
         size, boxes, pad = self.layout(img)
+        want = check_parts(tuple(self.encode_spec.parts) + tuple(keep), self.clip.num_blocks)
         same = (reuse is not None and reuse.resized_size == size and reuse.windows == boxes and reuse.pad == pad
                 and torch.equal(reuse.image, img))
-        clip_tokens = reuse.clip_tokens if same and reuse.clip_key == self.clip_key else None
+        clip_same = same and reuse.clip_key == self.clip_key
+        layers = {k: v for k, v in reuse.layers.items() if k in want} if clip_same else {}
+        clip_tokens = reuse.clip_tokens if clip_same and len(layers) == len(want) else None
         vfm_features = None
         if self.vfm is not None and same and reuse.vfm_key == self.vfm_key:
             vfm_features = reuse.vfm_features
         run_vfm = self.vfm is not None and vfm_features is None
         if run_vfm or clip_tokens is None:
-            tokens, feats = self._run_backbones(resize_image(img.to(self.device), size), boxes, pad,
-                                                clip=clip_tokens is None, vfm=run_vfm)
+            tokens, feats, made = _run_backbones(self, resize_image(img.to(self.device), size), boxes, pad,
+                                                 clip=clip_tokens is None, vfm=run_vfm,
+                                                 keep=[block_of(p) for p in want])
+            if clip_tokens is None:
+                layers = made
         grid = self.clip.grid_of(*size_with_pad(boxes[0], pad))
         return Encoded(image=img, resized_size=size, windows=boxes, pad=pad,
                        clip_tokens=tokens if clip_tokens is None else clip_tokens, clip_grid=grid,
-                       vfm_features=feats if run_vfm else vfm_features, clip_key=self.clip_key, vfm_key=self.vfm_key)
-
-    def _run_backbones(self, resized: torch.Tensor, boxes, pad, clip: bool, vfm: bool):
-        """CLIP's tokens entering the last block and/or the VFM's features of every window, batched."""
-        tokens, feats = [], []
-        bs = int(self.cfg.batch_size)
-        for start in range(0, len(boxes), bs):
-            crops = torch.stack([resized[:, a:b, c:d] for (a, b, c, d) in boxes[start:start + bs]])
-            if vfm:
-                vfm_in = _normalize(crops, *self._vfm_norm)
-                if not self.vfm.resizes_input:
-                    vfm_in = F.pad(vfm_in, (pad[2], pad[3], pad[0], pad[1]))
-                feats.append(self.hooks.point(VFM_FEATURES, self.vfm.features(vfm_in).float(), start))
-            if clip:
-                clip_in = F.pad(_normalize(crops, *self._clip_norm), (pad[2], pad[3], pad[0], pad[1]))
-                tokens.append(self.hooks.point(BLOCK_INPUT, self.clip.tokens_before_last_block(clip_in).float(), start))
-        return (torch.cat(tokens) if clip else None), (torch.cat(feats) if vfm else None)
+                       vfm_features=feats if run_vfm else vfm_features, clip_key=self.clip_key, vfm_key=self.vfm_key,
+                       layers=layers)
 
     # ------------------------------------------------------------------ decode
     def decode_spec(self, method: Optional[str] = None, postprocess: PostprocessArg = None,
@@ -159,32 +153,26 @@ class Segmenter:
         knobs by name (``None`` = the configured value), ``postprocess`` (a preset name or a mapping)."""
         return resolve.decode_spec(self.cfg, classes, method, postprocess, **params)
 
+    def parts_of(self, spec: DecodeSpec) -> Tuple[str, ...]:
+        """The layer parts (proxyclip/parts.py) a decode with ``spec`` reads from the Encoded."""
+        return check_parts(method_parts(get_method(spec.method), spec.knob_values), self.clip.num_blocks)
+
     def text_embeddings(self, queries: Sequence[str]) -> torch.Tensor:
         """(Q, E) prompt-ensembled text embeddings, cached per name."""
         return self.text.embed(list(queries))
 
     @torch.no_grad()
-    def dense_embeddings(self, enc: Encoded, start: int, stop: int, spec: DecodeSpec) -> torch.Tensor:
+    def dense_embeddings(self, enc: Encoded, start: int, stop: int, spec: DecodeSpec,
+                         text: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, E, h, w) L2-normalized dense embeddings of windows ``start:stop`` with ``spec``'s method.
 
         The grid (h, w) is CLIP's, or the VFM's for ProxyCLIP. q, k, v and ProxyCLIP's raw affinity
         depend only on the Encoded, so they are computed once per Encoded (``enc.memo``).
         """
-        meth = get_method(spec.method)
-        knobs = spec.knob_values
-
-        def point(name: str, tensor: torch.Tensor) -> torch.Tensor:
-            return self.hooks.point(name, tensor, start)
-
-        feats = None if enc.vfm_features is None else enc.vfm_features[start:stop].to(self.device)
-        x = BlockInputs(self.clip, enc.clip_tokens[start:stop].to(self.device), enc.clip_grid, feats, enc.memo,
-                        (start, stop), point)
-        att = meth.attention(x, **{k: knobs[k] for k in meth.knob_names})
-        pattern = point(PATTERN, att.pattern)
-        replaced = pattern is not att.pattern
-        att = replace(att, pattern=pattern)
-        z = point(BLOCK_OUTPUT, run_last_block(x, att, knobs["residual"], knobs["ffn"], shortcut=not replaced))
-        return point(DENSE, dense_from_block_output(self.clip, z, att))
+        out = _method_output(self, enc, start, stop, spec, text)
+        if isinstance(out, Scores):
+            raise ValueError(f"method {spec.method} makes window scores, not dense embeddings")
+        return out
 
     @torch.no_grad()
     def decode(self, enc: Encoded, classes: Sequence[str], method: Optional[str] = None,
@@ -221,7 +209,8 @@ class Segmenter:
             shared.setdefault(replace(spec, logit_scale=1.0, prob_thd=0.0).key(), []).append(i)
         pad = self.layout(enc.image)[2]
         for idx in shared.values():
-            check_decodable(enc, get_method(specs[idx[0]].method), self.clip_key, self.vfm_key, pad)
+            meth = get_method(specs[idx[0]].method)
+            check_decodable(enc, meth, self.clip_key, self.vfm_key, pad, self.parts_of(specs[idx[0]]))
         text = self.hooks.point(TEXT, self.text_embeddings(cl.queries))  # once for every point
         for idx in shared.values():
             preds = _decide_points(self, enc, cl, [specs[i] for i in idx], text, keep_prob)
@@ -312,7 +301,69 @@ def _low_res_scores(seg: "Segmenter", enc: Encoded, spec: DecodeSpec, text: torc
     out = []
     bs = int(seg.cfg.batch_size)
     for start in range(0, len(enc.windows), bs):
-        dense = seg.dense_embeddings(enc, start, min(start + bs, len(enc.windows)), spec)
-        out.append(torch.einsum("behw,qe->bqhw", dense, text.to(dense.dtype)))
+        res = _method_output(seg, enc, start, min(start + bs, len(enc.windows)), spec, text)
+        if isinstance(res, Scores):
+            out.append(res.scores)
+        else:
+            out.append(torch.einsum("behw,qe->bqhw", res, text.to(res.dtype)))
     return torch.cat(out)
 
+
+def _method_output(seg: "Segmenter", enc: Encoded, start: int, stop: int, spec: DecodeSpec,
+                   text: Optional[torch.Tensor]) -> Union[torch.Tensor, Scores]:
+    """The method's result for windows ``start:stop``: dense embeddings, or its own Scores."""
+    meth = get_method(spec.method)
+    knobs = spec.knob_values
+
+    def point(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return seg.hooks.point(name, tensor, start)
+
+    feats = None if enc.vfm_features is None else enc.vfm_features[start:stop].to(seg.device)
+    layers = {k: v[start:stop].to(seg.device) for k, v in enc.layers.items()}
+    x = BlockInputs(seg.clip, enc.clip_tokens[start:stop].to(seg.device), enc.clip_grid, feats, enc.memo,
+                    (start, stop), point, layers=layers, text=text,
+                    pixels=lambda: _window_pixels(seg, enc, start, stop))
+    out = meth.attention(x, **{k: knobs[k] for k in meth.knob_names})
+    if isinstance(out, Scores):
+        return out
+    if isinstance(out, Dense):
+        return point(DENSE, out.embeddings)
+    if isinstance(out, BlockOutput):
+        z = point(BLOCK_OUTPUT, out.tokens)
+        att = Attention(torch.empty(0), out.grid, out.cls)
+    else:
+        pattern = point(PATTERN, out.pattern)
+        replaced = pattern is not out.pattern
+        att = replace(out, pattern=pattern)
+        z = point(BLOCK_OUTPUT, run_last_block(x, att, knobs["residual"], knobs["ffn"], shortcut=not replaced))
+    return point(DENSE, dense_from_block_output(seg.clip, z, att))
+
+
+def _window_pixels(seg: "Segmenter", enc: Encoded, start: int, stop: int) -> torch.Tensor:
+    """(B, 3, h, w) windows ``start:stop`` of ``enc`` as CLIP saw them: CLIP-normalized, padded."""
+    resized = resize_image(enc.image.to(seg.device), enc.resized_size)
+    crops = torch.stack([resized[:, a:b, c:d] for (a, b, c, d) in enc.windows[start:stop]])
+    p = enc.pad
+    return F.pad(_normalize(crops, *seg._clip_norm), (p[2], p[3], p[0], p[1]))
+
+
+def _run_backbones(seg: "Segmenter", resized: torch.Tensor, boxes, pad, clip: bool, vfm: bool, keep: Sequence[int] = ()):
+    """CLIP's tokens entering the last block (and the kept blocks'), and/or the VFM's features of
+    every window, batched."""
+    tokens, feats, layers = [], [], {i: [] for i in keep}
+    bs = int(seg.cfg.batch_size)
+    for start in range(0, len(boxes), bs):
+        crops = torch.stack([resized[:, a:b, c:d] for (a, b, c, d) in boxes[start:start + bs]])
+        if vfm:
+            vfm_in = _normalize(crops, *seg._vfm_norm)
+            if not seg.vfm.resizes_input:
+                vfm_in = F.pad(vfm_in, (pad[2], pad[3], pad[0], pad[1]))
+            feats.append(seg.hooks.point(VFM_FEATURES, seg.vfm.features(vfm_in).float(), start))
+        if clip:
+            clip_in = F.pad(_normalize(crops, *seg._clip_norm), (pad[2], pad[3], pad[0], pad[1]))
+            last, kept = seg.clip.encode_tokens(clip_in, keep)
+            for i in keep:
+                layers[i].append(kept[i].float())
+            tokens.append(seg.hooks.point(BLOCK_INPUT, last.float(), start))
+    made = {resid_pre(i): torch.cat(t) for i, t in layers.items()} if clip else {}
+    return (torch.cat(tokens) if clip else None), (torch.cat(feats) if vfm else None), made

@@ -62,6 +62,27 @@ def method_knobs(cfg: Any, name: str, params: Mapping[str, Any]) -> Tuple[Method
     return meth, values
 
 
+def clip_layers(name: str) -> int:
+    """The number of blocks of open_clip model ``name``'s vision tower (from its config, no build)."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(name) or {}
+    layers = cfg.get("vision_cfg", {}).get("layers")
+    if not isinstance(layers, int):
+        raise ValueError(f"clip.name={name}: open_clip's config gives no integer vision layer count")
+    return layers
+
+
+def configured_parts(cfg: Any) -> Tuple[str, ...]:
+    """The layer parts (proxyclip/parts.py) the configured method reads with its configured knobs."""
+    from .parts import check_parts, method_parts
+
+    meth, values = method_knobs(cfg, str(cfg.method.name), {})
+    if meth.parts is None:
+        return ()
+    return check_parts(method_parts(meth, values), clip_layers(str(cfg.clip.name)))
+
+
 def postprocess_settings(cfg: Any, postprocess: PostprocessArg = None) -> Dict[str, Any]:
     """``{"name": function, **settings}``: ``None`` = the configured one; a preset name (a file of
     conf/postprocess/: ``"pamr"``, ``"pamr_talk2dino"``, ``"none"``); or a mapping with ``name``

@@ -111,8 +111,8 @@ class GeometrySpec:
 @dataclass(frozen=True)
 class EncodeSpec:
     """Everything an ``Encoded`` depends on. CLIP's part depends on clip, weights, geometry,
-    precision; the VFM's part on vfm, weights, geometry, precision; ``parts`` names extra encode
-    parts a method asks for (none yet)."""
+    precision; the VFM's part on vfm, weights, geometry, precision; ``parts`` names the layer
+    parts kept (proxyclip/parts.py: the configured method's), each keyed ``<clip_key>/<name>``."""
 
     clip: ClipSpec
     vfm: Optional[VfmSpec]  # None: the method runs no VFM
@@ -165,9 +165,15 @@ class EncodeSpec:
                    GeometrySpec(**r["protocol"]), r["precision"], tuple(r.get("parts", ())))
 
     @classmethod
-    def from_config(cls, cfg: Any, *, random_weights: bool, uses_vfm: bool) -> "EncodeSpec":
+    def from_config(cls, cfg: Any, *, random_weights: bool, uses_vfm: bool,
+                    parts: Optional[Tuple[str, ...]] = None) -> "EncodeSpec":
         """The spec of what ``cfg`` encodes (``random_weights``: the weights actually used are random,
-        e.g. after a fallback; ``uses_vfm``: the method runs the VFM)."""
+        e.g. after a fallback; ``uses_vfm``: the method runs the VFM; ``parts``: the layer parts
+        kept, default the configured method's, proxyclip.resolve.configured_parts)."""
+        if parts is None:
+            from .resolve import configured_parts
+
+            parts = configured_parts(cfg)
         c, w, p = cfg.clip, cfg.weights, cfg.protocol
         source = "random" if random_weights else str(w.source)
         local = source == "local"
@@ -184,7 +190,7 @@ class EncodeSpec:
                           layer=int(v.layer), feature=str(v.feature), norm=bool(v.norm))
         weights = WeightsSpec(source, int(w.seed) if source == "random" else None)
         geometry = GeometrySpec(*(int(p[k]) for k in GEOMETRY))
-        return cls(clip, vfm, weights, geometry, str(cfg.precision))
+        return cls(clip, vfm, weights, geometry, str(cfg.precision), tuple(parts))
 
 
 # ---------------------------------------------------------------------------------------------- decode

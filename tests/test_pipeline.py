@@ -369,13 +369,13 @@ def test_another_vfm_on_the_same_clip_encodes_clip_once(tiny_segmenter, rand_ima
     assert other.clip is seg.clip and other.text is seg.text and other.vfm.model is seg.vfm.model  # only layer/feature differ
     assert other.clip_key == seg.clip_key and other.vfm_key != seg.vfm_key
     calls = []
-    clip_fn = seg.clip.tokens_before_last_block
-    seg.clip.tokens_before_last_block = lambda x: calls.append(x.shape) or clip_fn(x)
+    clip_fn = seg.clip.encode_tokens
+    seg.clip.encode_tokens = lambda x, keep=(): calls.append(x.shape) or clip_fn(x, keep)
     try:
         both = other.encode(rand_image, reuse=enc)
         elsewhere = other.encode(torch.rand(3, 80, 112), reuse=enc)  # another image: nothing reused
     finally:
-        del seg.clip.tokens_before_last_block
+        del seg.clip.encode_tokens
     assert both.clip_tokens is enc.clip_tokens and len(calls) == 1 and elsewhere.clip_tokens is not enc.clip_tokens
     fresh = Segmenter.from_config(tiny_config("vfm.layer=0", "vfm.feature=k"))
     assert torch.equal(other.decode(both, CLASSES).scores, fresh.predict(rand_image, CLASSES).scores)

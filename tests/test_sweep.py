@@ -99,7 +99,7 @@ def test_sweep_encodes_each_image_once(tmp_path, eval_segmenter, monkeypatch):
     make_voc(tmp_path, n=3)
     calls = []
     real = type(eval_segmenter).encode
-    monkeypatch.setattr(type(eval_segmenter), "encode", lambda self, im: calls.append(1) or real(self, im))
+    monkeypatch.setattr(type(eval_segmenter), "encode", lambda self, im, **kw: calls.append(1) or real(self, im, **kw))
     cfg = eval_cfg("voc21", tmp_path, "sweep.beta=[1.0,1.2,1.4]", "sweep.gamma=[2,3,4,5]", config_name="sweep")
     out = sweep(cfg, run_dir=tmp_path / "s", seg=eval_segmenter)
     assert len(out["points"]) == 12 and len(calls) == 3
@@ -183,14 +183,14 @@ def test_another_vfm_reuses_every_cached_clip_part(tmp_path, eval_segmenter):
     other = eval_segmenter.with_vfm(eval_segmenter.cfg.vfm.name, layer=0)
     assert other.clip_key == eval_segmenter.clip_key and other.vfm_key != eval_segmenter.vfm_key
     runs = {"clip": 0, "vfm": 0}
-    clip_fn, vfm_fn = other.clip.tokens_before_last_block, other.vfm.features
-    other.clip.tokens_before_last_block = lambda x: runs.__setitem__("clip", runs["clip"] + 1) or clip_fn(x)
+    clip_fn, vfm_fn = other.clip.encode_tokens, other.vfm.features
+    other.clip.encode_tokens = lambda x, keep=(): runs.__setitem__("clip", runs["clip"] + 1) or clip_fn(x, keep)
     other.vfm.features = lambda x: runs.__setitem__("vfm", runs["vfm"] + 1) or vfm_fn(x)
     try:
         cache = FeatureCache(tmp_path / "c", other, print_fn=lambda s: None)
         encs = [cache.get_or_encode(p, lambda reuse, p=p: other.encode(str(p), reuse=reuse)) for p in images]
     finally:
-        del other.clip.tokens_before_last_block, other.vfm.features
+        del other.clip.encode_tokens, other.vfm.features
     assert runs["clip"] == 0 and runs["vfm"] > 0 and cache.writes == 2  # only the VFM parts were written
     assert len(list((tmp_path / "c" / other.vfm_key).rglob("*.pt"))) == 2
     for p, enc in zip(images, encs):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import open_clip
 import torch
@@ -145,6 +145,11 @@ class ClipBackbone(nn.Module):
 
     def tokens_before_last_block(self, x: torch.Tensor) -> torch.Tensor:
         """CLIP-normalized images (B, 3, h, w) -> tokens (B, 1+gh*gw, D) entering the last block."""
+        return self.encode_tokens(x)[0]
+
+    def encode_tokens(self, x: torch.Tensor, keep: Sequence[int] = ()) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
+        """CLIP-normalized images -> (tokens entering the last block, {i: tokens entering block i}
+        for each i in ``keep``), all (B, 1+gh*gw, D), batch first."""
         v = self.visual
         x = v.conv1(x.to(self.dtype))
         grid = (x.shape[2], x.shape[3])
@@ -155,11 +160,33 @@ class ClipBackbone(nn.Module):
         batch_first = getattr(v.transformer, "batch_first", True)
         if not batch_first:
             x = x.transpose(0, 1)
-        for block in v.transformer.resblocks[:-1]:
+        kept: Dict[int, torch.Tensor] = {}
+        wanted = set(int(i) for i in keep)
+        for i, block in enumerate(v.transformer.resblocks[:-1]):
+            if i in wanted:
+                kept[i] = x if batch_first else x.transpose(0, 1)
             x = block(x)
         if not batch_first:
             x = x.transpose(0, 1)
-        return x
+        return x, kept
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.visual.transformer.resblocks)
+
+    def block(self, i: int) -> nn.Module:
+        """Block ``i`` (0-indexed) of the vision tower."""
+        return self.visual.transformer.resblocks[i]
+
+    def block_qkv(self, i: int, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of block ``i`` from the tokens entering it: ``in_proj(ln_1(tokens))`` per head,
+        three (B, H, T, D/H) float32 tensors (the block's own attention is softmax(tau q k^T))."""
+        block, d = self.block(i), self.width
+        u = block.ln_1(tokens.to(self.dtype))
+        qkv = F.linear(u, block.attn.in_proj_weight, block.attn.in_proj_bias).float()
+        b, t = tokens.shape[:2]
+        h = int(block.attn.num_heads)
+        return tuple(qkv[..., j * d:(j + 1) * d].view(b, t, h, d // h).transpose(1, 2) for j in range(3))
 
     @property
     def last_block(self) -> nn.Module:

@@ -40,7 +40,7 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-_CLIP_FIELDS = ("clip_tokens", "clip_grid", "clip_key")
+_CLIP_FIELDS = ("clip_tokens", "clip_grid", "clip_key", "layers")  # layers: the kept layer parts only
 _VFM_FIELDS = ("vfm_features", "vfm_key")
 
 
@@ -147,16 +147,19 @@ class FeatureCache:
                 "(free space or point cache_dir elsewhere)"
             )
 
-    def get_or_encode(self, image_path: PathLike, encode: Callable[..., object], remaining: int = 0):
-        """The cached Encoded, or ``encode(reuse=<the cached parts, or None>)`` and cache what it made."""
+    def get_or_encode(self, image_path: PathLike, encode: Callable[..., object], remaining: int = 0,
+                      need: Sequence[str] = ()):
+        """The cached Encoded, or ``encode(reuse=<the cached parts, or None>)`` and cache what it made.
+        ``need``: layer parts the decodes read; a cached CLIP part without them is made again."""
         digest = file_digest(image_path)  # hash the file once
         cached = self.get(image_path, digest, partial=True)
-        if cached is not None and cached.clip_tokens is not None and (self.parts["vfm"] is None
-                                                                     or cached.vfm_features is not None):
+        clip_ok = cached is not None and cached.clip_tokens is not None and all(p in cached.layers for p in need)
+        if clip_ok and (self.parts["vfm"] is None or cached.vfm_features is not None):
             self.hits += 1
             return cached
         self.misses += 1
         enc = encode(reuse=cached)
-        have = [] if cached is None else [n for n in ("clip", "vfm") if getattr(cached, f"{n}_key") == self.parts[n]]
+        have = [] if cached is None else [n for n in ("clip", "vfm") if getattr(cached, f"{n}_key") == self.parts[n]
+                                          and (n == "vfm" or clip_ok)]
         self.put(image_path, enc, remaining, digest, skip=have)
         return enc

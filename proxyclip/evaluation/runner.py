@@ -206,6 +206,7 @@ class _Loop:
                  print_fn: Callable[[str], None], before_count: Optional[Callable[[int], None]],
                  num_workers: int = 0):
         self.seg, self.dataset, self.points, self.state = seg, dataset, points, state
+        self.keep = sorted({part for pt in points for part in seg.parts_of(pt)})  # layer parts the decodes read
         self.cache, self.checkpoint_seconds = cache, checkpoint_seconds
         self.logger, self.log_images, self.print_fn = logger, log_images, print_fn
         self.before_count, self.num_workers = before_count, num_workers
@@ -251,10 +252,11 @@ class _Loop:
         if isinstance(label, Exception):
             raise label
         if self.cache is not None:
-            enc = self.cache.get_or_encode(sample.image, lambda reuse: self.seg.encode(image, reuse=reuse),
-                                             remaining=n_left)
+            enc = self.cache.get_or_encode(sample.image,
+                                           lambda reuse: self.seg.encode(image, reuse=reuse, keep=self.keep),
+                                           remaining=n_left, need=self.keep)
         else:
-            enc = self.seg.encode(image)
+            enc = self.seg.encode(image, keep=self.keep)
         k = ds.num_classes
         cm_img = torch.zeros((len(self.points), k, k), dtype=torch.int64)
         # points differing only in logit_scale / prob_thd share one last block and one set of window scores
