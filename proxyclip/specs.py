@@ -157,8 +157,10 @@ class EncodeSpec:
         return None if part is None else f"{self.vfm.name}-{digest(part)}"
 
     def text_model_id(self) -> str:
-        """The identity of the text tower (the text cache's key): CLIP, its weights, precision."""
-        return digest({"clip": asdict(self.clip), "weights": asdict(self.weights), "precision": self.precision})
+        """The identity of the text tower (the text cache's key): CLIP, its weights, precision (not
+        ``pos_resize``, which only the image tower uses)."""
+        clip = {k: v for k, v in asdict(self.clip).items() if k != "pos_resize"}
+        return digest({"clip": clip, "weights": asdict(self.weights), "precision": self.precision})
 
     @classmethod
     def from_record(cls, r: Mapping[str, Any]) -> "EncodeSpec":

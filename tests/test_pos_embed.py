@@ -245,3 +245,10 @@ def test_the_rules_reach_the_backbones_and_the_keys():
     assert other.vfm.model is base.vfm.model and other.vfm.pos_resize == "size"
     img = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(3))
     assert not torch.allclose(other.encode(img).vfm_features, base.encode(img).vfm_features)
+
+
+def test_the_text_cache_key_ignores_the_image_towers_rule():
+    a = Segmenter.from_config(tiny_config("clip.pos_resize=size")).encode_spec
+    b = Segmenter.from_config(tiny_config()).encode_spec
+    assert a.text_model_id() == b.text_model_id() and a.clip_key != b.clip_key
+    assert a.text_model_id() != Segmenter.from_config(tiny_config("weights.seed=1")).encode_spec.text_model_id()
