@@ -61,7 +61,8 @@ def build_segmenter(cls: type, cfg: Any) -> Any:
         source = "random"
         clip_model = create_clip_model(cfg.clip.name, cfg.clip.pretrained, cfg.clip.quick_gelu, source, seed=w.seed)
         vfm = build_vfm(cfg.vfm, source, w.seed) if use_vfm else None
-    clip = ClipBackbone(clip_model.to(device=device, dtype=dtype), create_tokenizer(cfg.clip.name))
+    clip = ClipBackbone(clip_model.to(device=device, dtype=dtype), create_tokenizer(cfg.clip.name),
+                        pos_resize=cfg.clip.pos_resize)
     if vfm is not None:
         vfm = vfm.to(device=device, dtype=dtype)
     return cls(cfg, clip, vfm, random_weights=(source == "random"))
@@ -85,7 +86,7 @@ def with_vfm(seg: Any, vfm: str, **settings: Any) -> Any:
     v = cfg.vfm
     if seg.vfm is not None and spec.vfm.model_record() == seg.encode_spec.vfm.model_record():
         backbone = VfmBackbone(seg.vfm.model, layer=v.layer, feature=v.feature, norm=v.norm,
-                               input_size=v.input_size, name=v.name)
+                               input_size=v.input_size, name=v.name, pos_resize=v.pos_resize)
     else:
         source = "random" if seg.random_weights else seg.cfg.weights.source
         backbone = build_vfm(v, source, cfg.weights.seed).to(device=seg.device, dtype=DTYPES[cfg.precision])

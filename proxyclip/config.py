@@ -43,6 +43,7 @@ class ClipConfig:
     name: str = MISSING  # open_clip architecture name, e.g. "ViT-B-16"
     pretrained: str = MISSING  # open_clip pretrained tag, e.g. "openai"
     quick_gelu: bool = False  # OpenAI weights were trained with QuickGELU
+    pos_resize: str = MISSING  # position-embedding resize rule: scale_plus_0.1 | size | size_antialias (docs/vfm.md)
     checkpoint: Optional[str] = None  # local checkpoint file, used with weights=local
 
 
@@ -59,6 +60,7 @@ class VfmConfig:
     channels: Optional[int] = None  # C of the model's features at these settings (checked when it is built)
     stride: Optional[int] = None  # the full model's stride at this layer (checked by the tests)
     timm_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+    pos_resize: str = MISSING  # position-embedding resize rule: scale_plus_0.1 | size | size_antialias | none (docs/vfm.md)
     checkpoint: Optional[str] = None  # local checkpoint file, used with weights=local
 
 

@@ -72,6 +72,7 @@ class ClipSpec:
     name: str  # open_clip architecture
     pretrained: str  # open_clip tag
     quick_gelu: bool
+    pos_resize: str  # position-embedding resize rule (proxyclip/backbones/pos_embed.py)
     checkpoint: Optional[str] = None  # content digest of the local checkpoint (weights=local)
 
 
@@ -83,6 +84,7 @@ class VfmSpec:
     timm_kwargs: str  # canonical JSON of the extra timm.create_model arguments
     checkpoint: Optional[str]  # content digest of the local checkpoint (weights=local)
     # how the features are read from the model (the same model serves every value of these)
+    pos_resize: str = field(metadata={"readout": True})  # position-embedding rule, applied per forward
     layer: int = field(default=-1, metadata={"readout": True})
     feature: str = field(default="tokens", metadata={"readout": True})
     norm: bool = field(default=True, metadata={"readout": True})
@@ -155,8 +157,10 @@ class EncodeSpec:
         return None if part is None else f"{self.vfm.name}-{digest(part)}"
 
     def text_model_id(self) -> str:
-        """The identity of the text tower (the text cache's key): CLIP, its weights, precision."""
-        return digest({"clip": asdict(self.clip), "weights": asdict(self.weights), "precision": self.precision})
+        """The identity of the text tower (the text cache's key): CLIP, its weights, precision (not
+        ``pos_resize``, which only the image tower uses)."""
+        clip = {k: v for k, v in asdict(self.clip).items() if k != "pos_resize"}
+        return digest({"clip": clip, "weights": asdict(self.weights), "precision": self.precision})
 
     @classmethod
     def from_record(cls, r: Mapping[str, Any]) -> "EncodeSpec":
@@ -177,8 +181,8 @@ class EncodeSpec:
         c, w, p = cfg.clip, cfg.weights, cfg.protocol
         source = "random" if random_weights else str(w.source)
         local = source == "local"
-        clip = ClipSpec(str(c.name), str(c.pretrained), bool(c.quick_gelu),
-                        checkpoint_digest(c.checkpoint) if local else None)
+        clip = ClipSpec(str(c.name), str(c.pretrained), bool(c.quick_gelu), pos_resize=str(c.pos_resize),
+                        checkpoint=checkpoint_digest(c.checkpoint) if local else None)
         vfm = None
         if uses_vfm:
             v = cfg.vfm
@@ -187,7 +191,8 @@ class EncodeSpec:
                           input_size=None if v.input_size is None else int(v.input_size),
                           timm_kwargs=json.dumps(kwargs or {}, sort_keys=True),
                           checkpoint=checkpoint_digest(v.checkpoint) if local else None,
-                          layer=int(v.layer), feature=str(v.feature), norm=bool(v.norm))
+                          layer=int(v.layer), feature=str(v.feature), norm=bool(v.norm),
+                          pos_resize=str(v.pos_resize))
         weights = WeightsSpec(source, int(w.seed) if source == "random" else None)
         geometry = GeometrySpec(*(int(p[k]) for k in GEOMETRY))
         return cls(clip, vfm, weights, geometry, str(cfg.precision), tuple(parts))

@@ -321,11 +321,12 @@ def test_batch_size_does_not_change_results(rand_image):
 
 
 def test_position_embeddings_resized_bicubic(tiny_segmenter):
+    """The ``size`` rule (every rule, the default scale_plus_0.1 included: tests/test_pos_embed.py)."""
     clip = tiny_segmenter.clip
     pos = clip.visual.positional_embedding
     same = clip.positional_embedding((14, 14))
     assert torch.equal(same, pos)
-    small = clip.positional_embedding((4, 6))
+    small = clip.positional_embedding((4, 6), "size")
     grid = pos[1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
     expected = F.interpolate(grid, size=(4, 6), mode="bicubic", align_corners=False)
     torch.testing.assert_close(small[1:], expected.permute(0, 2, 3, 1).reshape(24, -1))

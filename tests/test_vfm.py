@@ -1,5 +1,6 @@
 """VFM features through timm's feature interface: every shipped YAML, layers, q/k/v, norm, bad input."""
 
+import functools
 import math
 
 import pytest
@@ -133,6 +134,32 @@ def test_pipeline_pads_windows_for_the_vfm(name):
     assert tuple(enc.vfm_features.shape[-2:]) == grid and enc.pad == pad  # SAM: a resized copy, no VFM padding
     assert enc.vfm_features.shape[1] == seg.vfm.channels
     assert torch.isfinite(seg.decode(enc, ["sky", "grass"]).scores).all()
+
+
+def test_sam_features_equal_an_encoder_built_with_sams_layer_norm_eps(tmp_path):
+    """SAM's official image encoder uses LayerNorm eps 1e-6 (blocks and neck); timm's samvit_* blocks
+    get nn.LayerNorm (1e-5). Ours equal timm's SAM built with an explicit eps of 1e-6 and the same
+    weights (random, and read back from a local checkpoint), and differ from timm's default build."""
+    kwargs = dict(TINY_KWARGS["VisionTransformerSAM"])
+    official = timm.create_model("samvit_base_patch16", pretrained=False, **kwargs,
+                                 norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6)).eval()
+    timm_default = timm.create_model("samvit_base_patch16", pretrained=False, **kwargs).eval()
+    vfm = tiny_backbone(vfm_cfg("sam_vitb"))
+    torch.save(vfm.model.state_dict(), tmp_path / "sam.pth")
+    local = create_vfm_model("samvit_base_patch16.sa1b", "local", checkpoint=str(tmp_path / "sam.pth"),
+                             timm_kwargs=kwargs, fixed_input_size=True)
+    for model in (vfm.model, local):
+        assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-6}
+    official.load_state_dict(vfm.model.state_dict())
+    timm_default.load_state_dict(vfm.model.state_dict())
+    x = rand(2, 3, 48, 80)
+    resized = F.interpolate(x, size=(TINY_SAM_INPUT, TINY_SAM_INPUT), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        ours, expected = vfm.features(x), official.forward_features(resized)
+        from_local = VfmBackbone(local, input_size=TINY_SAM_INPUT, pos_resize="none").features(x)
+        assert (ours - timm_default.forward_features(resized)).abs().max() > 1e-5  # the eps matters here
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(from_local, expected, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- layers, q/k/v, norm

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .pos_embed import check_rule, resize_table
 from .weights import (WeightsUnavailable, check_checkpoint_file, hub_failure_message, mismatch_error,
                       offline_unless_reachable, quiet_library_logs, seeded)
 
@@ -107,8 +108,9 @@ class ClipBackbone(nn.Module):
     ln_post -> proj to (B, N, E).
     """
 
-    def __init__(self, model: nn.Module, tokenizer):
+    def __init__(self, model: nn.Module, tokenizer, pos_resize: str = "scale_plus_0.1"):
         super().__init__()
+        self.pos_resize = check_rule(pos_resize, "clip.pos_resize")
         self.model = model
         self.tokenizer = tokenizer
         visual = model.visual
@@ -124,24 +126,21 @@ class ClipBackbone(nn.Module):
         self.patch_size = int(visual.conv1.kernel_size[0])
         self.pretrained_grid = tuple(visual.grid_size)
         self.width = int(visual.conv1.out_channels)
-        self._pos_cache: Dict[Tuple[int, int], torch.Tensor] = {}
+        self._pos_cache: Dict[Tuple[str, Tuple[int, int]], torch.Tensor] = {}
 
     @property
     def dtype(self) -> torch.dtype:
         return self.visual.conv1.weight.dtype
 
-    def positional_embedding(self, grid: Tuple[int, int]) -> torch.Tensor:
-        """(1 + gh*gw, D): the CLS position plus the patch grid resized bicubic (align_corners=False)."""
-        if grid not in self._pos_cache:
+    def positional_embedding(self, grid: Tuple[int, int], rule: Optional[str] = None) -> torch.Tensor:
+        """(1 + gh*gw, D): the CLS position plus the patch grid resized by ``rule`` (default
+        ``self.pos_resize``, ``clip.pos_resize``; proxyclip/backbones/pos_embed.py)."""
+        rule = self.pos_resize if rule is None else check_rule(rule, "clip.pos_resize")
+        key = (rule, tuple(grid))
+        if key not in self._pos_cache:
             pos = self.visual.positional_embedding
-            cls_pos, patch_pos = pos[:1], pos[1:]
-            gh0, gw0 = self.pretrained_grid
-            if tuple(grid) != (gh0, gw0):
-                patch_pos = patch_pos.reshape(1, gh0, gw0, -1).permute(0, 3, 1, 2).float()
-                patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
-                patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
-            self._pos_cache[grid] = torch.cat([cls_pos, patch_pos], dim=0)
-        return self._pos_cache[grid]
+            self._pos_cache[key] = resize_table(pos, 1, self.pretrained_grid, grid, rule)
+        return self._pos_cache[key]
 
     def tokens_before_last_block(self, x: torch.Tensor) -> torch.Tensor:
         """CLIP-normalized images (B, 3, h, w) -> tokens (B, 1+gh*gw, D) entering the last block."""

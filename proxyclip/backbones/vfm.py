@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from ..windows import symmetric_padding
+from .pos_embed import TimmTables, check_vfm_rule
 from .weights import (WeightsUnavailable, check_checkpoint_file, hub_failure_message, mismatch_error,
                       offline_unless_reachable, seeded)
 
@@ -93,7 +94,22 @@ def _create(timm_name: str, source: str, seed: int, checkpoint: Optional[str], k
                 raise WeightsUnavailable(hub_failure_message(f"VFM {timm_name}", reachable, "vfm.checkpoint")) from e
     else:
         raise ValueError(f"weights.source must be pretrained, local or random; got {source!r}")
-    return model.eval().requires_grad_(False)
+    return official_sam_eps(model).eval().requires_grad_(False)
+
+
+SAM_LAYER_NORM_EPS = 1e-6  # SAM's image encoder (blocks and neck); timm builds samvit_* blocks with 1e-5
+
+
+def official_sam_eps(model: nn.Module) -> nn.Module:
+    """SAM ViTs (timm ``VisionTransformerSAM``) with every LayerNorm at SAM's eps 1e-6, whatever the
+    weights: timm passes ``nn.LayerNorm`` (eps 1e-5) to the blocks, the official encoder 1e-6."""
+    from timm.models.vision_transformer_sam import VisionTransformerSAM
+
+    if isinstance(model, VisionTransformerSAM):
+        for module in model.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.eps = SAM_LAYER_NORM_EPS
+    return model
 
 
 class VfmBackbone(nn.Module):
@@ -103,13 +119,17 @@ class VfmBackbone(nn.Module):
     patch_size     the multiple a window is padded to (the layer's stride)
     resizes_input  True when the model sees a fixed-size resized copy (SAM): windows need no VFM padding
     channels       C of ``features``
+    pos_resize     the position-embedding rule (``vfm.pos_resize``, proxyclip/backbones/pos_embed.py),
+                   checked against the model; None: the model as timm runs it (no rule of ours)
     """
 
     def __init__(self, model: nn.Module, layer: int = -1, feature: str = "tokens", norm: bool = True,
-                 input_size: Optional[int] = None, name: str = "vfm"):
+                 input_size: Optional[int] = None, name: str = "vfm", pos_resize: Optional[str] = None):
         super().__init__()
         self.model = model
         self.name = name
+        self.pos_resize = None if pos_resize is None else check_vfm_rule(model, pos_resize, input_size is not None, name)
+        self._tables = TimmTables()
         infos = list(getattr(model, "feature_info", None) or [])
         if not infos or not hasattr(model, "forward_intermediates"):
             raise ValueError(f"vfm={name}: timm model {type(model).__name__} has no feature interface "
@@ -179,8 +199,9 @@ class VfmBackbone(nn.Module):
     def _intermediate(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.norm and self.feature == "tokens"
         try:
-            (out,) = self.model.forward_intermediates(x, indices=[self.layer], norm=norm, output_fmt="NCHW",
-                                                      intermediates_only=True, stop_early=True)
+            with self._tables.fed(self.model, x.shape[-2:], self.pos_resize):
+                (out,) = self.model.forward_intermediates(x, indices=[self.layer], norm=norm, output_fmt="NCHW",
+                                                          intermediates_only=True, stop_early=True)
         except AssertionError as e:  # timm's way of refusing an option (e.g. norm on SAM2 Hiera)
             raise ValueError(f"vfm={self.name} (vfm.layer={self.layer}, vfm.norm={norm}): timm refused: {e}"
                              + ("; set vfm.norm=false" if norm and "norm" in str(e) else "")) from None
@@ -221,7 +242,7 @@ def build_vfm(vfm_cfg: Any, source: str, seed: int) -> Optional[VfmBackbone]:
     model = create_vfm_model(vfm_cfg.timm_name, source, seed=seed, checkpoint=vfm_cfg.checkpoint, timm_kwargs=kwargs,
                              fixed_input_size=vfm_cfg.input_size is not None)
     backbone = VfmBackbone(model, layer=vfm_cfg.layer, feature=vfm_cfg.feature, norm=vfm_cfg.norm,
-                           input_size=vfm_cfg.input_size, name=vfm_cfg.name)
+                           input_size=vfm_cfg.input_size, name=vfm_cfg.name, pos_resize=vfm_cfg.pos_resize)
     check_channels(backbone, vfm_cfg.get("channels") if hasattr(vfm_cfg, "get") else getattr(vfm_cfg, "channels", None))
     return backbone
 
