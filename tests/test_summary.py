@@ -637,3 +637,33 @@ def test_norm_mask_preset_runs_on_fixture_data_then_summary_prints_the_2x2(tmp_p
     assert "weights.source=random" in shared and "protocol.crop=64" in shared
     assert (mr / "summary.md").read_text() == s.stdout.split("(written to")[0]
     assert len((mr / "summary.csv").read_text().splitlines()) == 3
+
+
+@pytest.mark.slow
+def test_methods_own_preset_runs_on_fixture_data_then_summary_prints_a_row_a_method(tmp_path):
+    """paper_methods_own end to end (tiny models, short side 64 so the presets' windows stay
+    theirs): each run records its protocol and that protocol's VOC21 settings; one row a method."""
+    from fixtures_datasets import make_voc
+
+    make_voc(tmp_path, n=2)
+    mr = tmp_path / "mr"
+    env = subprocess_env()
+    r = subprocess.run([PYTHON, "-m", "proxyclip.cli.evaluate", "-m", "experiment=paper_methods_own", "dataset=voc21",
+                        f"data_root={tmp_path}", "clip=test_tiny", "vfm=test_tiny", "weights=random",
+                        "protocol.short_side=64", "batch_size=2", "progress=false", "checkpoint_seconds=0",
+                        f"hydra.sweep.dir={mr}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = {json.loads(p.read_text())["protocol"]: json.loads(p.read_text()) for p in mr.rglob("metrics.json")}
+    assert sorted(runs) == ["clearclip", "naclip", "proxyclip", "sclip"]
+    got = {p: (r["decode"]["method"], r["encode"]["protocol"]["crop"], r["decode"]["logit_scale"], r["decode"]["area_thd"],
+               r["decode"]["postprocess"]["name"], r["selection"]["classnames"]) for p, r in runs.items()}
+    assert got == {"sclip": ("sclip", 224, 65.0, 0.1, "none", "sclip/voc21"),
+                   "naclip": ("naclip", None, 40.0, None, "pamr", "naclip/voc21"),
+                   "clearclip": ("clearclip", 448, 50.0, None, "none", "clearclip/voc21"),
+                   "proxyclip": ("proxyclip", 336, 40.0, None, "none", "voc21")}
+    s = subprocess.run([PYTHON, "-m", "proxyclip.cli.summary", str(mr)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert s.returncode == 0, s.stderr
+    rows = md_rows(s.stdout)
+    assert "methods_own: mIoU (%)" in s.stdout and [r[0] for r in rows[1:]] == ["sclip", "clearclip", "naclip", "proxyclip"]
+    assert all(r[3] == "" for r in rows[1:])  # each at its own protocol's defaults
