@@ -3,8 +3,9 @@
 Given values win (``None`` = not given); the rest come from ``cfg.method`` for the configured
 method, else from that method's own YAML (conf/method/<name>.yaml); ``prob_thd`` and ``area_thd``
 always come from the dataset's protocol (``cfg.protocol``), ``logit_scale`` too when the protocol
-sets one (``protocol.logit_scale`` not null: SCLIP's 65 / 50 / 50, ...), else from the method. Every value is checked and typed by its knob's
-declaration (proxyclip/knobs.py); an unknown name is an error listing the method's knobs.
+sets one (``protocol.logit_scale`` not null: SCLIP's 65 / 50 / 50, ...), else from the method.
+Every value is checked and typed by its knob's declaration (proxyclip/knobs.py); an unknown name
+is an error listing the method's knobs.
 """
 
 from __future__ import annotations

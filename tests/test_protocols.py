@@ -98,7 +98,8 @@ def test_method_naclip_under_protocol_sclip():
 
 
 @pytest.mark.parametrize("override,key,value", [
-    ("protocol.crop=336", "crop", 336), ("protocol.stride=56", "stride", 56), ("protocol.short_side=448", "short_side", 448),
+    ("protocol.crop=336", "crop", 336), ("protocol.stride=56", "stride", 56),
+    ("protocol.short_side=448", "short_side", 448),
     ("protocol.prob_thd=0.3", "prob_thd", 0.3), ("protocol.area_thd=null", "area_thd", None),
     ("protocol.logit_scale=30", "logit_scale", 30.0), ("protocol.classnames=voc21", "classnames", "voc21"),
     ("protocol.datasets.voc21.short_side=400", "short_side", 400),
@@ -146,7 +147,8 @@ def test_segment_and_config_compose_without_a_dataset(protocol):
 
 def test_the_protocols_are_documented_and_the_class_files_credited():
     docs = (Path(__file__).parents[1] / "docs" / "protocol.md").read_text()
-    for repo, commit in (("wangf3014/SCLIP", "b56bd30"), ("sinahmr/NACLIP", "0cac3a6"), ("mc-lan/ClearCLIP", "ad68a40")):
+    for repo, commit in (("wangf3014/SCLIP", "b56bd30"), ("sinahmr/NACLIP", "0cac3a6"),
+                         ("mc-lan/ClearCLIP", "ad68a40")):
         assert repo in docs and commit in docs
     shipped = sorted(str(p.relative_to(classnames_path("voc21").parent)) for p in
                      classnames_path("voc21").parent.glob("*/*.txt"))

@@ -230,7 +230,8 @@ def test_a_rerun_replaces_the_older_result(tmp_path):
 # published numbers
 
 
-@pytest.mark.parametrize("row", PAPER_MAIN + METHODS_B16 + OWN_PROTOCOL_B16, ids=lambda r: f"{r.label} [{r.source[:6]}]")
+@pytest.mark.parametrize("row", PAPER_MAIN + METHODS_B16 + OWN_PROTOCOL_B16,
+                         ids=lambda r: f"{r.label} [{r.source[:6]}]")
 def test_published_values_agree_with_the_papers_own_average(row):
     assert len(row.miou) == len(PAPER_DATASETS) == 8
     # the paper averages unrounded values: each value and the average are off by up to 0.05
@@ -238,7 +239,8 @@ def test_published_values_agree_with_the_papers_own_average(row):
     assert row.source
 
 
-@pytest.mark.parametrize("row", PAPER_MAIN + METHODS_B16 + OWN_PROTOCOL_B16, ids=lambda r: f"{r.label} [{r.source[:6]}]")
+@pytest.mark.parametrize("row", PAPER_MAIN + METHODS_B16 + OWN_PROTOCOL_B16,
+                         ids=lambda r: f"{r.label} [{r.source[:6]}]")
 def test_a_run_of_a_published_rows_overrides_gets_its_numbers_in_fp16_too(tmp_path, row):
     records = collect([write(tmp_path, [rec("voc21", 1.0, *row.overrides),
                                         rec("voc21", 1.0, *row.overrides, encode__precision="fp16")])])
@@ -655,8 +657,9 @@ def test_methods_own_preset_runs_on_fixture_data_then_summary_prints_a_row_a_met
     assert r.returncode == 0, r.stderr[-3000:]
     runs = {json.loads(p.read_text())["protocol"]: json.loads(p.read_text()) for p in mr.rglob("metrics.json")}
     assert sorted(runs) == ["clearclip", "naclip", "proxyclip", "sclip"]
-    got = {p: (r["decode"]["method"], r["encode"]["protocol"]["crop"], r["decode"]["logit_scale"], r["decode"]["area_thd"],
-               r["decode"]["postprocess"]["name"], r["selection"]["classnames"]) for p, r in runs.items()}
+    got = {p: (r["decode"]["method"], r["encode"]["protocol"]["crop"], r["decode"]["logit_scale"],
+               r["decode"]["area_thd"], r["decode"]["postprocess"]["name"], r["selection"]["classnames"])
+           for p, r in runs.items()}
     assert got == {"sclip": ("sclip", 224, 65.0, 0.1, "none", "sclip/voc21"),
                    "naclip": ("naclip", None, 40.0, None, "pamr", "naclip/voc21"),
                    "clearclip": ("clearclip", 448, 50.0, None, "none", "clearclip/voc21"),
@@ -665,5 +668,6 @@ def test_methods_own_preset_runs_on_fixture_data_then_summary_prints_a_row_a_met
                        text=True, timeout=120)
     assert s.returncode == 0, s.stderr
     rows = md_rows(s.stdout)
-    assert "methods_own: mIoU (%)" in s.stdout and [r[0] for r in rows[1:]] == ["sclip", "clearclip", "naclip", "proxyclip"]
+    assert "methods_own: mIoU (%)" in s.stdout
+    assert [r[0] for r in rows[1:]] == ["sclip", "clearclip", "naclip", "proxyclip"]
     assert all(r[3] == "" for r in rows[1:])  # each at its own protocol's defaults
