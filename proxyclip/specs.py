@@ -218,9 +218,11 @@ class DecodeSpec:
                 "prob_thd": self.prob_thd, "postprocess": self.postprocess_settings}
 
     def record(self) -> Dict[str, Any]:
-        return {"method": self.method, "knobs": self.knob_values, "postprocess": self.postprocess_settings,
-                "logit_scale": self.logit_scale, "prob_thd": self.prob_thd, "classes": self.classes,
-                "area_thd": self.area_thd}
+        out = {"method": self.method, "knobs": self.knob_values, "postprocess": self.postprocess_settings,
+               "logit_scale": self.logit_scale, "prob_thd": self.prob_thd, "classes": self.classes}
+        if self.area_thd is not None:  # off: left out, so the keys of runs without the rule stay as they were
+            out["area_thd"] = self.area_thd
+        return out
 
     def flat(self) -> Dict[str, Any]:
         """``method``, each knob by its name, ``postprocess`` (its function's name) and

@@ -374,3 +374,15 @@ def test_area_rule_reaches_the_decode(tmp_path):
     assert torch.equal(pred.labels, want)
     refined = seg.predict(img, classes, logit_scale=200.0, postprocess={"name": "pamr", "steps": 0})  # exhaustive
     assert torch.equal(refined.labels, want)
+
+
+def test_area_thd_off_leaves_the_decode_identity_as_it_was():
+    """A spec without the rule has no area_thd in its record (keys of earlier runs unchanged); with
+    it, the record, the flat fields and the key carry it."""
+    from proxyclip.specs import DecodeSpec
+
+    off = DecodeSpec("clip", (("residual", True), ("ffn", True)), (("name", "none"),), 40.0, 0.0, "abc")
+    on = DecodeSpec("clip", (("residual", True), ("ffn", True)), (("name", "none"),), 40.0, 0.0, "abc", 0.1)
+    assert "area_thd" not in off.record() and off.flat()["area_thd"] is None
+    assert on.record()["area_thd"] == 0.1 == on.flat()["area_thd"] and on.key() != off.key()
+    assert DecodeSpec.from_record(on.record()) == on and DecodeSpec.from_record(off.record()) == off
