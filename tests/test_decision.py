@@ -237,22 +237,26 @@ def test_decision_sweep_runs_the_last_block_once_per_image(tmp_path, eval_segmen
 # SCLIP's area rule (docs/protocol.md): a foreground class labelled on at most area_thd x the
 # foreground-labelled pixels gets probability 0; argmax again; then prob_thd.
 
-def naive_area_decide(scores, q2c, k, logit_scale, prob_thd, area_thd):
-    """The rule written out pixel by pixel in float64: softmax over queries, max over each class's
-    queries, first argmax, areas of the foreground classes, removal, argmax again, threshold."""
+def naive_class_probs(scores, q2c, k, logit_scale):
+    """Per pixel, in float64: softmax over the queries, max over each class's queries (lists)."""
     s = scores.double()
     _, h, w = s.shape
     probs = [[None] * w for _ in range(h)]
-    first = [[0] * w for _ in range(h)]
     for y in range(h):
         for x in range(w):
             logits = [logit_scale * float(s[q, y, x]) for q in range(len(q2c))]
             m = max(logits)
             e = [np.exp(v - m) for v in logits]
             z = sum(e)
-            p = [max(e[q] / z for q in range(len(q2c)) if q2c[q] == j) for j in range(k)]
-            probs[y][x] = p
-            first[y][x] = max(range(k), key=lambda j: (p[j], -j))  # first maximal index
+            probs[y][x] = [max(e[q] / z for q in range(len(q2c)) if q2c[q] == j) for j in range(k)]
+    return probs
+
+
+def naive_rule(probs, k, prob_thd, area_thd):
+    """The rule written out pixel by pixel: first argmax, areas of the foreground classes, removal,
+    argmax again, threshold. Returns the labels, which classes are kept, and the first argmax."""
+    h, w = len(probs), len(probs[0])
+    first = [[max(range(k), key=lambda j: (probs[y][x][j], -j)) for x in range(w)] for y in range(h)]  # first max
     area = [sum(first[y][x] == j for y in range(h) for x in range(w)) for j in range(k)]
     foreground = sum(area[1:])
     keep = [True] + [area[j] > area_thd * foreground for j in range(1, k)]
@@ -263,6 +267,10 @@ def naive_area_decide(scores, q2c, k, logit_scale, prob_thd, area_thd):
             j = max(range(k), key=lambda i: (p[i], -i))
             labels[y, x] = 0 if p[j] < prob_thd else j
     return labels, keep, torch.tensor(first)
+
+
+def naive_area_decide(scores, q2c, k, logit_scale, prob_thd, area_thd):
+    return naive_rule(naive_class_probs(scores, q2c, k, logit_scale), k, prob_thd, area_thd)
 
 
 def hand_case():
@@ -318,7 +326,7 @@ def test_area_rule_equals_a_naive_loop_on_random_maps():
     decide_chunked (every budget) equal the loop; some cases remove a class whose pixels go to
     another foreground class."""
     moved_to_object = removed_cases = 0
-    for seed in range(10):
+    for seed in range(6):
         g = torch.Generator().manual_seed(seed)
         rng = random.Random(seed)
         resized, image_size, crop, stride, mult = LAYOUTS[seed % len(LAYOUTS)]
@@ -336,13 +344,14 @@ def test_area_rule_equals_a_naive_loop_on_random_maps():
         cl = ClassList([f"c{j}" for j in range(k)], [f"q{i}" for i in range(len(q2c))], q2c)
         canonical = ws.full()
         for logit_scale, area_thd in ((10.0, 0.1), (40.0, 0.2), (65.0, 0.3)):
-            want, keep, first = naive_area_decide(canonical, q2c, k, logit_scale, 0.0, area_thd)
+            probs = naive_class_probs(canonical, q2c, k, logit_scale)
+            want, keep, first = naive_rule(probs, k, 0.0, area_thd)
             removed = [j for j in range(1, k) if not keep[j] and bool((first == j).any())]
             removed_cases += bool(removed)
             moved_to_object += int(sum(((first == j) & (want > 0)).sum() for j in removed)) > 0
             best = torch.softmax(logit_scale * canonical, 0).max(0).values
             thd = split_threshold(best)
-            want_thd, _, _ = naive_area_decide(canonical, q2c, k, logit_scale, thd, area_thd)
+            want_thd, _, _ = naive_rule(probs, k, thd, area_thd)
             _, exhaustive = decide(canonical, cl, logit_scale, 0.0, area_thd)
             assert torch.equal(exhaustive, want)
             _, exhaustive_thd = decide(canonical, cl, logit_scale, thd, area_thd)
@@ -352,7 +361,7 @@ def test_area_rule_equals_a_naive_loop_on_random_maps():
                 got = decide_chunked(ws, cl, points, budget_bytes=budget)
                 assert torch.equal(got[0][0], want) and torch.equal(got[1][0], want_thd)
                 assert torch.equal(got[2][0], decide(canonical, cl, logit_scale, 0.0)[1])  # rule off: untouched
-    assert removed_cases >= 5 and moved_to_object >= 3
+    assert removed_cases >= 8 and moved_to_object >= 5, (removed_cases, moved_to_object)  # 12 and 10 of 18
 
 
 def test_area_rule_reaches_the_decode(tmp_path):
