@@ -156,3 +156,19 @@ def test_the_protocols_are_documented_and_the_class_files_credited():
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     assert '"data/classnames/*/*.txt"' in pyproject  # they ship in the wheel
     assert "protocol=sclip" in docs and "method=naclip protocol=sclip" in docs
+
+
+@pytest.mark.parametrize("override,match", [
+    ("protocol.area_thd=1.5", r"protocol.area_thd must be null \(off\) or a fraction in \[0, 1\), got 1.5"),
+    ("protocol.logit_scale=-1", r"protocol.logit_scale must be"),
+    ("protocol.prob_thd=2", r"protocol.prob_thd must be"),
+])
+def test_a_bad_protocol_value_is_named(override, match):
+    with pytest.raises(ValueError, match=match):
+        decode_spec(composed("protocol=sclip", "dataset=voc21", override))
+
+
+def test_a_preset_without_a_value_names_the_field():
+    with pytest.raises(Exception, match=r"protocol sclip: no short_side for dataset custom .*protocol.base"):
+        cfg = composed("protocol=sclip", "dataset=custom", "dataset.root=/x", "~protocol.base.short_side")
+        OmegaConf.to_container(cfg.protocol, resolve=True)
