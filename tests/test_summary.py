@@ -658,7 +658,7 @@ def test_methods_own_preset_runs_on_fixture_data_then_summary_prints_a_row_a_met
     runs = {json.loads(p.read_text())["protocol"]: json.loads(p.read_text()) for p in mr.rglob("metrics.json")}
     assert sorted(runs) == ["clearclip", "naclip", "proxyclip", "sclip"]
     got = {p: (r["decode"]["method"], r["encode"]["protocol"]["crop"], r["decode"]["logit_scale"],
-               r["decode"]["area_thd"], r["decode"]["postprocess"]["name"], r["selection"]["classnames"])
+               r["decode"].get("area_thd"), r["decode"]["postprocess"]["name"], r["selection"]["classnames"])
            for p, r in runs.items()}
     assert got == {"sclip": ("sclip", 224, 65.0, 0.1, "none", "sclip/voc21"),
                    "naclip": ("naclip", None, 40.0, None, "pamr", "naclip/voc21"),
