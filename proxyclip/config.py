@@ -11,7 +11,7 @@ Config groups (one folder each in ``conf/``):
     vfm/      which vision foundation model (timm)   (dino_vitb8, dinov2_vitb14_reg, sam_vitb, mae_vitb16, none, ...)
     weights/  where weights come from                (pretrained, local, random)
     method/   the last-block method and its knobs    (proxyclip, clip, maskclip, sclip, clearclip, naclip)
-    protocol/ geometry and prob_thd                  (proxyclip; each dataset sets its own values)
+    protocol/ geometry, decision, class file per dataset (proxyclip, sclip, naclip, clearclip)
     postprocess/  score-map refinement               (none, pamr, pamr_naclip, pamr_talk2dino)
     dataset/  the data, its classes and its protocol (voc21, ..., custom)
     logger/   experiment logging                     (none, wandb)
@@ -88,16 +88,62 @@ class MethodConfig:
 
 @dataclass
 class ProtocolConfig:
-    """The evaluation protocol: geometry and the class decision's threshold (docs/protocol.md).
-
-    ``conf/protocol/proxyclip.yaml`` holds ProxyCLIP's values; each dataset's YAML sets its own.
+    """The evaluation protocol: geometry, the class decision's settings and the class-name file
+    (docs/protocol.md). ``conf/protocol/<name>.yaml`` (proxyclip = the default, sclip, naclip,
+    clearclip) holds a per-dataset table ``datasets`` and the values ``base`` of a dataset the table
+    does not list; each field reads that table for the composed ``dataset.name`` (the
+    ``per_dataset`` resolver below), so ``protocol.crop=224`` on the command line replaces it.
     """
 
+    name: str = MISSING  # the preset: proxyclip | sclip | naclip | clearclip
     short_side: int = MISSING  # resize so the short side is this long
     max_long_side: int = MISSING  # ... but the long side is at most this long
-    crop: int = MISSING  # sliding-window size
-    stride: int = MISSING  # sliding-window stride
+    crop: Optional[int] = MISSING  # sliding-window size; null = whole-image mode (one window, the resized image)
+    stride: Optional[int] = MISSING  # sliding-window stride (ignored when crop is null)
     prob_thd: float = MISSING  # best probability below this -> background (class 0); 0 disables
+    logit_scale: Optional[float] = None  # class decision's logit scale; null = the method's (method.logit_scale)
+    area_thd: Optional[float] = None  # SCLIP's area rule (docs/protocol.md); null = off
+    classnames: Optional[str] = None  # class-name file (e.g. sclip/voc21); null = the dataset's own
+    base: Dict[str, Any] = field(default_factory=dict)  # values of a dataset the table does not list
+    datasets: Dict[str, Any] = field(default_factory=dict)  # {dataset name: {field: value}}
+
+
+PROTOCOL_FIELDS = ("short_side", "max_long_side", "crop", "stride", "prob_thd", "logit_scale", "area_thd",
+                   "classnames")
+
+
+def _per_dataset(key: str, *, _parent_: Any, _root_: Any) -> Any:
+    """``${per_dataset:crop}``: the protocol's table entry for the composed dataset, else its
+    ``base`` value (no dataset, e.g. proxyclip-segment, or one the table does not list)."""
+    dataset = _select(_root_, "dataset.name")
+    row = (_parent_.get("datasets") or {}).get(dataset) if dataset is not None else None
+    if row is not None and key in row:
+        return OmegaConf.to_container(row, resolve=True)[key]
+    base = _parent_.get("base") or {}
+    if key not in base:
+        raise ValueError(f"protocol {_parent_.get('name')}: no {key} for dataset {dataset} in protocol.datasets "
+                         f"and none in protocol.base")
+    return OmegaConf.to_container(base, resolve=True)[key]
+
+
+def _class_file(own: Any, *, _root_: Any) -> Any:
+    """``${class_file:voc21}`` (a dataset's classnames): the protocol's class file when it names
+    one (protocol.classnames), else the dataset's own ``own``."""
+    chosen = _select(_root_, "protocol.classnames")
+    return own if chosen is None else chosen
+
+
+def _select(root: Any, key: str) -> Any:
+    """``root.<key>``, or None when it is missing or not a node (``dataset: ???`` in ``--help``)."""
+    try:
+        return OmegaConf.select(root, key, default=None, throw_on_missing=False)
+    except Exception:  # e.g. a group left to choose is the string "???", not a node
+        return None
+
+
+for _name, _fn in (("per_dataset", _per_dataset), ("class_file", _class_file)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)
 
 
 @dataclass
@@ -114,8 +160,9 @@ class DatasetConfig:
 
     Files: ``root/img_dir/<id><img_suffix>`` and ``root/ann_dir/<id><seg_suffix>``; ids from
     ``split_file`` (relative to root) or from listing ``img_dir`` / ``ann_dir`` (``list_from``).
-    The protocol values (short side, crop, stride, prob_thd) are set in the dataset's YAML
-    under ``protocol.*`` (``# @package _global_``), not here.
+    The protocol values (short side, crop, stride, prob_thd, ...) of each dataset are in the
+    protocol preset's table (conf/protocol/), not here; ``classnames`` reads the protocol's class
+    file when it names one (``${class_file:<own>}``).
     """
 
     name: str = MISSING  # short key used in outputs and tables: voc21, context60, ..., custom

@@ -27,6 +27,15 @@ monotone, so this is the argmax of the class probabilities. The winner's probabi
 exhaustive path rounds inside torch's softmax, which can map two *different* logits to one
 probability (only when they differ by < 2**-22 and |logit| < 4), and its probability differs from
 the chunked one by ~1e-7 relative, so a pixel within ~1e-7 of ``prob_thd`` could go either way.
+
+SCLIP's area rule (``area_thd``, a protocol setting; None = off), between the argmax and
+``prob_thd``: count the pixels the first argmax gives each foreground class 1..K-1; a foreground
+class whose count is at most ``area_thd`` x the number of foreground-labelled pixels gets
+probability 0 everywhere (class 0 is never removed); the argmax is taken again, so its pixels go to
+the next-best remaining class (background or another foreground class), and then ``prob_thd``
+applies to that class's probability (the softmax is not renormalized). The chunked path needs the
+counts first: it makes one more pass over the chunks, with the removed classes left out, only when
+a removed class has pixels.
 """
 
 from __future__ import annotations
@@ -43,12 +52,14 @@ from .windows import Box, merge_windows
 DEFAULT_BUDGET = 256 * 2**20  # bytes of full-resolution work per chunk
 
 
-def decide(scores: torch.Tensor, classes: ClassList, logit_scale: float, prob_thd: float
-           ) -> Tuple[torch.Tensor, torch.Tensor]:
+def decide(scores: torch.Tensor, classes: ClassList, logit_scale: float, prob_thd: float,
+           area_thd: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(Q, H, W) scores -> (K, H, W) class probabilities and (H, W) int64 labels.
 
     probs = max over each class's queries of softmax(logit_scale * scores) over all queries;
-    labels = argmax over classes (the first on a tie); best probability < prob_thd -> class 0.
+    labels = argmax over classes (the first on a tie); with ``area_thd``, the area rule (module
+    docstring: the removed classes' probabilities are 0 in the returned probs, argmax again);
+    best probability < prob_thd -> class 0.
     """
     q_probs = torch.softmax(logit_scale * scores, dim=0)
     k = len(classes.class_names)
@@ -57,9 +68,25 @@ def decide(scores: torch.Tensor, classes: ClassList, logit_scale: float, prob_th
     else:
         probs = torch.stack([q_probs[g[0]] if len(g) == 1 else q_probs[g].amax(dim=0) for g in groups(classes)])
     best, labels = probs.max(dim=0)
+    if area_thd is not None:
+        removed, changes = small_classes(labels, k, area_thd)
+        if removed.any():
+            probs[removed.to(probs.device)] = 0  # a fresh tensor (softmax's output or the stack): no caller's data
+            if changes:
+                best, labels = probs.max(dim=0)
     if prob_thd > 0:
         labels[best < prob_thd] = 0
     return probs, labels.long()
+
+
+def small_classes(labels: torch.Tensor, k: int, area_thd: float) -> Tuple[torch.Tensor, bool]:
+    """The area rule's removed classes, a (K,) bool (class 0 never): foreground classes labelled on
+    at most ``area_thd`` x the foreground-labelled pixels; and whether a removed one has pixels (else
+    the labels do not change)."""
+    area = torch.bincount(labels.reshape(-1), minlength=k)[:k].cpu()
+    fg = area[1:]
+    removed = torch.cat([torch.zeros(1, dtype=torch.bool), fg.double() <= float(area_thd) * float(fg.sum())])
+    return removed, bool((removed & (area > 0)).any())
 
 
 def groups(classes: ClassList) -> List[List[int]]:
@@ -188,8 +215,9 @@ class _Running:
         self.best = self.label = self.m = self.s = None
 
     def add(self, scores: torch.Tensor, local_class: Optional[torch.Tensor], n_classes: int, first_class: int,
-            reuse: bool = False):
-        """Fold one chunk in; ``reuse``: ``scores`` may be overwritten (no later reader)."""
+            reuse: bool = False, exclude: Optional[torch.Tensor] = None):
+        """Fold one chunk in; ``reuse``: ``scores`` may be overwritten (no later reader); ``exclude``:
+        a (K,) bool of classes left out of the argmax (the area rule's second pass)."""
         # the exhaustive path's operation (decide: logit_scale * scores), per query
         logits = scores.mul_(self.logit_scale) if reuse else self.logit_scale * scores
         if local_class is None:  # one query per class
@@ -198,6 +226,9 @@ class _Running:
             idx = local_class.view(-1, 1, 1).expand_as(logits)
             cls = torch.full((n_classes, *logits.shape[1:]), -torch.inf, dtype=logits.dtype, device=logits.device)
             cls.scatter_reduce_(0, idx, logits, reduce="amax")
+        if exclude is not None:
+            out = exclude[first_class:first_class + n_classes].to(cls.device)
+            cls = cls.masked_fill(out.view(-1, 1, 1), -torch.inf)
         cb, ci = cls.max(dim=0)  # first maximal index within the chunk
         ci += first_class
         if self.best is None:
@@ -214,8 +245,9 @@ class _Running:
                 self.s = self.s * torch.exp(self.m - m) + logits.sub_(m).exp_().sum(dim=0)
                 self.m = m
 
-    def prob(self) -> Optional[torch.Tensor]:
-        return torch.exp(self.best - self.m) / self.s if self.need_prob else None
+    def prob(self, best: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """The probability of ``best`` (a logit map; default: the winner's) under this state's softmax."""
+        return torch.exp((self.best if best is None else best) - self.m) / self.s if self.need_prob else None
 
 
 def class_chunks(classes: ClassList, chunk_queries: int) -> List[Tuple[int, int, List[int]]]:
@@ -231,40 +263,58 @@ def class_chunks(classes: ClassList, chunk_queries: int) -> List[Tuple[int, int,
     return out
 
 
-def decide_chunked(ws: WindowScores, classes: ClassList, decisions: Sequence[Tuple[float, float]],
+def decide_chunked(ws: WindowScores, classes: ClassList, decisions: Sequence[Tuple[float, ...]],
                    budget_bytes: int = DEFAULT_BUDGET, keep_prob: bool = True
                    ) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """Labels (and the winner's probability) of each (logit_scale, prob_thd) in ``decisions``, from
-    one pass over chunks of classes; the rule is the module's. Points sharing a logit scale share
-    their state; the full-resolution chunk is computed once for all points.
+    """Labels (and the winner's probability) of each (logit_scale, prob_thd[, area_thd]) in
+    ``decisions``, from one pass over chunks of classes (two with the area rule when it removes a
+    labelled class); the rule is the module's. Points sharing a logit scale share their state; the
+    full-resolution chunk is computed once for all points of a pass.
 
     ``keep_prob=False``: the probability is computed only for the logit scales whose points need it
     (``prob_thd > 0``) and returned as None otherwise. Memory: a few (H, W) maps per distinct logit
-    scale plus one chunk of ``max(1, budget_bytes // ws.bytes_per_query())`` queries.
+    scale (and area rule) plus one chunk of ``max(1, budget_bytes // ws.bytes_per_query())`` queries.
     """
     if ws.num_queries != len(classes.queries):
         raise ValueError(f"{ws.num_queries} query score maps for {len(classes.queries)} queries")
+    points = [(float(d[0]), float(d[1]), None if len(d) < 3 or d[2] is None else float(d[2])) for d in decisions]
     scales = {}
-    for ls, thd in decisions:
-        st = scales.setdefault(float(ls), _Running(float(ls), keep_prob))
+    for ls, thd, _ in points:
+        st = scales.setdefault(ls, _Running(ls, keep_prob))
         st.need_prob |= thd > 0
-    chunk = max(1, int(budget_bytes) // ws.bytes_per_query())
-    singles = len(classes.class_names) == len(classes.queries)
-    for k0, k1, rows in class_chunks(classes, chunk):
-        scores = ws.full(rows)
-        local = None
-        if not singles:
-            local = torch.as_tensor([classes.query_to_class[q] - k0 for q in rows], device=scores.device)
-        states = list(scales.values())
-        for j, st in enumerate(states):
-            st.add(scores, local, k1 - k0, k0, reuse=j == len(states) - 1)
-        del scores
+    chunks = class_chunks(classes, max(1, int(budget_bytes) // ws.bytes_per_query()))
+    _fold(ws, classes, chunks, [(st, None) for st in scales.values()])
+    k = len(classes.class_names)
+    again = {}  # (logit scale, area_thd) -> (second-pass state, removed classes), None if nothing changes
+    for ls, _, area in points:
+        if area is not None and (ls, area) not in again:
+            removed, changes = small_classes(scales[ls].label, k, area)
+            again[(ls, area)] = (_Running(ls, False), removed) if changes else None
+    pending = [v for v in again.values() if v is not None]
+    if pending:
+        _fold(ws, classes, chunks, pending)
     out = []
-    for ls, thd in decisions:
-        st = scales[float(ls)]
-        prob = st.prob()
-        labels = st.label.long()
+    for ls, thd, area in points:
+        st = scales[ls]
+        second = again.get((ls, area)) if area is not None else None
+        best, labels = (st.best, st.label) if second is None else (second[0].best, second[0].label)
+        prob = st.prob(best)
+        labels = labels.long()
         if thd > 0:
             labels = torch.where(prob < thd, torch.zeros_like(labels), labels)
         out.append((labels, prob))
     return out
+
+
+def _fold(ws: WindowScores, classes: ClassList, chunks, states) -> None:
+    """One pass over the class chunks: each chunk's full-resolution maps once, folded into every
+    (state, excluded classes) of ``states``."""
+    singles = len(classes.class_names) == len(classes.queries)
+    for k0, k1, rows in chunks:
+        scores = ws.full(rows)
+        local = None
+        if not singles:
+            local = torch.as_tensor([classes.query_to_class[q] - k0 for q in rows], device=scores.device)
+        for j, (st, exclude) in enumerate(states):
+            st.add(scores, local, k1 - k0, k0, reuse=j == len(states) - 1, exclude=exclude)
+        del scores

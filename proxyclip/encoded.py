@@ -112,7 +112,8 @@ class Prediction:
         if self._probs is None:
             if self.spec is None:
                 raise ValueError("this Prediction has no DecodeSpec: its logit scale is unknown")
-            self._probs = decide(self.scores, self.classes, self.spec.logit_scale, self.spec.prob_thd)[0]
+            self._probs = decide(self.scores, self.classes, self.spec.logit_scale, self.spec.prob_thd,
+                                 self.spec.area_thd)[0]
         return self._probs
 
     @property

@@ -195,8 +195,8 @@ class Segmenter:
     @torch.no_grad()
     def decode_many(self, enc: Encoded, classes: Sequence[str], specs: Sequence[DecodeSpec],
                     keep_prob: bool = True) -> List[Prediction]:
-        """One Prediction per spec; specs that differ only in ``logit_scale`` / ``prob_thd`` share one
-        run of the last block and one set of window scores (a sweep's points). ``keep_prob=False``
+        """One Prediction per spec; specs that differ only in ``logit_scale`` / ``prob_thd`` / ``area_thd``
+        share one run of the last block and one set of window scores (a sweep's points). ``keep_prob=False``
         skips the winner's probability where no threshold needs it (evaluation reads labels only)."""
         cl = parse_classes(classes)
         for spec in specs:
@@ -206,7 +206,7 @@ class Segmenter:
         out: List[Optional[Prediction]] = [None] * len(specs)
         shared: Dict[str, List[int]] = {}
         for i, spec in enumerate(specs):
-            shared.setdefault(replace(spec, logit_scale=1.0, prob_thd=0.0).key(), []).append(i)
+            shared.setdefault(replace(spec, logit_scale=1.0, prob_thd=0.0, area_thd=None).key(), []).append(i)
         pad = self.layout(enc.image)[2]
         for idx in shared.values():
             meth = get_method(specs[idx[0]].method)
@@ -275,7 +275,8 @@ def _decide_points(seg: "Segmenter", enc: Encoded, cl: ClassList, specs: List[De
     common = dict(image=enc.image, class_names=cl.class_names, queries=cl.queries, query_to_class=cl.query_to_class,
                   random_weights=seg.random_weights)
     if not _exhaustive(seg, specs[0]):
-        results = decide_chunked(ws, cl, [(s.logit_scale, s.prob_thd) for s in specs], seg.decode_budget, keep_prob)
+        results = decide_chunked(ws, cl, [(s.logit_scale, s.prob_thd, s.area_thd) for s in specs], seg.decode_budget,
+                                 keep_prob)
         return [Prediction(labels=labels, best_prob=prob, spec=s, source=ws, **common)
                 for s, (labels, prob) in zip(specs, results)]
     if seg.hooks.listening(WINDOW_SCORES):  # window maps at window size, for the hook; merged from them
@@ -291,7 +292,7 @@ def _decide_points(seg: "Segmenter", enc: Encoded, cl: ClassList, specs: List[De
     scores = seg.hooks.point(REFINED, refined)
     preds = []
     for s in specs:
-        probs, labels = decide(scores, cl, s.logit_scale, s.prob_thd)
+        probs, labels = decide(scores, cl, s.logit_scale, s.prob_thd, s.area_thd)
         preds.append(Prediction(scores=scores, probs=probs, labels=labels, spec=s, **common))
     return preds
 

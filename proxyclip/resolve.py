@@ -1,9 +1,11 @@
 """A decode's settings, resolved from the config and what a call gives: a :class:`DecodeSpec`.
 
 Given values win (``None`` = not given); the rest come from ``cfg.method`` for the configured
-method, else from that method's own YAML (conf/method/<name>.yaml); ``prob_thd`` always comes
-from the dataset's protocol (``cfg.protocol``). Every value is checked and typed by its knob's
-declaration (proxyclip/knobs.py); an unknown name is an error listing the method's knobs.
+method, else from that method's own YAML (conf/method/<name>.yaml); ``prob_thd`` and ``area_thd``
+always come from the dataset's protocol (``cfg.protocol``), ``logit_scale`` too when the protocol
+sets one (``protocol.logit_scale`` not null: SCLIP's 65 / 50 / 50, ...), else from the method.
+Every value is checked and typed by its knob's declaration (proxyclip/knobs.py); an unknown name
+is an error listing the method's knobs.
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ def method_knobs(cfg: Any, name: str, params: Mapping[str, Any]) -> Tuple[Method
         given = params.get(knob.name)
         if given is not None:
             values[knob.name] = knob.check(given)
-        elif knob.name == "prob_thd":
-            values[knob.name] = knob.check(cfg.protocol.prob_thd, "protocol")
+        elif knob.name == "prob_thd" or (knob.name == "logit_scale" and protocol_value(cfg, "logit_scale") is not None):
+            values[knob.name] = knob.check(plain(cfg.protocol[knob.name]), "protocol")
         else:
             values[knob.name] = knob.check(plain(base[knob.name]), "method")
     return meth, values
@@ -81,6 +83,22 @@ def configured_parts(cfg: Any) -> Tuple[str, ...]:
     if meth.parts is None:
         return ()
     return check_parts(method_parts(meth, values), clip_layers(str(cfg.clip.name)))
+
+
+def protocol_value(cfg: Any, name: str) -> Any:
+    """``cfg.protocol.<name>`` (None when the config has no such field)."""
+    node = cfg.get("protocol") if hasattr(cfg, "get") else getattr(cfg, "protocol", None)
+    return None if node is None or name not in node else plain(node[name])
+
+
+def area_threshold(cfg: Any) -> Optional[float]:
+    """The protocol's area rule (``protocol.area_thd``), checked: None (off) or a fraction in [0, 1)."""
+    v = protocol_value(cfg, "area_thd")
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= float(v) < 1:
+        raise ValueError(f"protocol.area_thd must be null (off) or a fraction in [0, 1), got {v!r}")
+    return float(v)
 
 
 def postprocess_settings(cfg: Any, postprocess: PostprocessArg = None) -> Dict[str, Any]:
@@ -122,4 +140,5 @@ def decode_spec(cfg: Any, classes: Optional[Sequence[str]] = None, method: Optio
     post = postprocess_settings(cfg, postprocess)
     own = tuple((k.name, values[k.name]) for k in SWITCHES + meth.knobs)
     return DecodeSpec(method=name, knobs=own, postprocess=tuple(post.items()), logit_scale=values["logit_scale"],
-                      prob_thd=values["prob_thd"], classes="" if classes is None else classes_digest(classes))
+                      prob_thd=values["prob_thd"], classes="" if classes is None else classes_digest(classes),
+                      area_thd=area_threshold(cfg))

@@ -102,12 +102,13 @@ class WeightsSpec:
 
 @dataclass(frozen=True)
 class GeometrySpec:
-    """The resize and the windows (the dataset's protocol)."""
+    """The resize and the windows (the dataset's protocol); ``crop`` None = whole-image mode (one
+    window, the resized image; ``stride`` None then)."""
 
     short_side: int
     max_long_side: int
-    crop: int
-    stride: int
+    crop: Optional[int]
+    stride: Optional[int]
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,8 @@ class EncodeSpec:
                           layer=int(v.layer), feature=str(v.feature), norm=bool(v.norm),
                           pos_resize=str(v.pos_resize))
         weights = WeightsSpec(source, int(w.seed) if source == "random" else None)
-        geometry = GeometrySpec(*(int(p[k]) for k in GEOMETRY))
+        whole = p.crop is None  # whole-image mode: the stride does not matter
+        geometry = GeometrySpec(*(None if whole and k in ("crop", "stride") else int(p[k]) for k in GEOMETRY))
         return cls(clip, vfm, weights, geometry, str(cfg.precision), tuple(parts))
 
 
@@ -203,7 +205,7 @@ class EncodeSpec:
 class DecodeSpec:
     """Everything a decode depends on besides the Encoded: the method and every knob (switches
     included), the post-process and every setting, the decision's logit scale and threshold, and
-    the class list (by digest)."""
+    the class list (by digest), SCLIP's area rule (``area_thd``, None = off)."""
 
     method: str
     knobs: Tuple[Tuple[str, Any], ...]  # (name, value): residual, ffn, then the method's knobs
@@ -211,6 +213,7 @@ class DecodeSpec:
     logit_scale: float
     prob_thd: float
     classes: str = ""  # digest of the class lines ("" = not bound to a class list)
+    area_thd: Optional[float] = None  # the protocol's area rule (proxyclip/decision.py); None = off
 
     @property
     def knob_values(self) -> Dict[str, Any]:
@@ -226,16 +229,19 @@ class DecodeSpec:
                 "prob_thd": self.prob_thd, "postprocess": self.postprocess_settings}
 
     def record(self) -> Dict[str, Any]:
-        return {"method": self.method, "knobs": self.knob_values, "postprocess": self.postprocess_settings,
-                "logit_scale": self.logit_scale, "prob_thd": self.prob_thd, "classes": self.classes}
+        out = {"method": self.method, "knobs": self.knob_values, "postprocess": self.postprocess_settings,
+               "logit_scale": self.logit_scale, "prob_thd": self.prob_thd, "classes": self.classes}
+        if self.area_thd is not None:  # off: left out, so the keys of runs without the rule stay as they were
+            out["area_thd"] = self.area_thd
+        return out
 
     def flat(self) -> Dict[str, Any]:
         """``method``, each knob by its name, ``postprocess`` (its function's name) and
-        ``postprocess.<setting>``, ``logit_scale``, ``prob_thd``, ``classes``."""
+        ``postprocess.<setting>``, ``logit_scale``, ``prob_thd``, ``classes``, ``area_thd``."""
         post = self.postprocess_settings
         out: Dict[str, Any] = {"method": self.method, **self.knob_values, "postprocess": post.get("name")}
         out.update({f"postprocess.{k}": v for k, v in post.items() if k != "name"})
-        out.update(logit_scale=self.logit_scale, prob_thd=self.prob_thd, classes=self.classes)
+        out.update(logit_scale=self.logit_scale, prob_thd=self.prob_thd, classes=self.classes, area_thd=self.area_thd)
         return out
 
     def key(self) -> str:
@@ -245,7 +251,7 @@ class DecodeSpec:
     def from_record(cls, r: Mapping[str, Any]) -> "DecodeSpec":
         """The spec a :meth:`record` describes (e.g. read back from a metrics.json)."""
         return cls(r["method"], tuple(r["knobs"].items()), tuple(r["postprocess"].items()), r["logit_scale"],
-                   r["prob_thd"], r.get("classes", ""))
+                   r["prob_thd"], r.get("classes", ""), r.get("area_thd"))
 
 
 def classes_digest(lines: Sequence[str]) -> str:

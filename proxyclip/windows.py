@@ -4,6 +4,10 @@ The window arithmetic is mmsegmentation's ``slide_inference``: for each axis,
 ``n = max(L - crop + stride - 1, 0) // stride + 1`` windows; window i starts at
 ``i * stride``, ends at ``min(start + crop, L)`` and is shifted inward so it is a full
 crop where the image allows (``start = max(end - crop, 0)``).
+
+Whole-image mode (``protocol.crop: null``, NACLIP's VOC protocol): one window, the resized image's
+own size, padded to the patch multiple as every window is; the stride is ignored. It is the same
+layout as ``crop = stride >= the long side``.
 """
 
 from __future__ import annotations
@@ -86,19 +90,26 @@ def size_with_pad(box: Box, pad: Tuple[int, int, int, int]) -> Tuple[int, int]:
 
 
 def check_geometry(p) -> None:
-    """The protocol's geometry (``short_side``, ``max_long_side``, ``crop``, ``stride``) is usable."""
-    for name in ("short_side", "max_long_side", "crop", "stride"):
-        if int(p[name]) <= 0:
-            raise ValueError(f"protocol.{name} must be a positive integer, got {p[name]}")
-    if p["stride"] > p["crop"]:
+    """The protocol's geometry (``short_side``, ``max_long_side``, ``crop``, ``stride``) is usable
+    (``crop`` None: whole-image mode, the stride is not read)."""
+    whole = p["crop"] is None
+    for name in ("short_side", "max_long_side") + (() if whole else ("crop", "stride")):
+        if p[name] is None or int(p[name]) <= 0:
+            raise ValueError(f"protocol.{name} must be a positive integer"
+                             f"{' (or crop null: the whole image)' if name == 'crop' else ''}, got {p[name]}")
+    if not whole and p["stride"] > p["crop"]:
         raise ValueError(f"protocol.stride ({p['stride']}) must not exceed protocol.crop ({p['crop']}): "
                          "windows would leave gaps")
 
 
 def window_layout(height: int, width: int, geometry, pad_multiple: int
                   ) -> Tuple[Tuple[int, int], List[Box], Tuple[int, int, int, int]]:
-    """(resized size, windows, padding of every window) of an image under ``geometry``."""
+    """(resized size, windows, padding of every window) of an image under ``geometry`` (``crop``
+    None: one window, the resized image)."""
     size = resized_size(height, width, geometry.short_side, geometry.max_long_side)
-    boxes = slide_windows(size[0], size[1], geometry.crop, geometry.stride)
+    if geometry.crop is None:
+        boxes = [(0, size[0], 0, size[1])]
+    else:
+        boxes = slide_windows(size[0], size[1], geometry.crop, geometry.stride)
     y1, y2, x1, x2 = boxes[0]
     return size, boxes, symmetric_padding(y2 - y1, x2 - x1, pad_multiple)

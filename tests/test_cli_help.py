@@ -77,3 +77,16 @@ def test_hydra_entry_points_hide_schema_choices_in_process(capsys, monkeypatch):
         for group in ("method", "postprocess", "vfm"):
             line = next(ln for ln in out.splitlines() if ln.startswith(f"  {group}"))
             assert line.split(": ", 1)[1].split(", ") == _conf_choices(group)
+
+
+@pytest.mark.slow
+def test_cfg_job_resolve_prints_the_protocols_per_dataset_values(tmp_path):
+    """--resolve shows the protocol preset's values for the dataset; without a dataset, its base."""
+    r = _call(SCRIPTS["proxyclip-eval"], "--cfg", "job", "--resolve", "dataset=voc21", "protocol=sclip")
+    assert r.returncode == 0, r.stderr[-2000:]
+    p = yaml.safe_load(r.stdout)["protocol"]
+    assert (p["crop"], p["logit_scale"], p["area_thd"], p["classnames"]) == (224, 65.0, 0.1, "sclip/voc21")
+    r = _call(SCRIPTS["proxyclip-eval"], "--cfg", "job", "--resolve", "protocol=naclip")
+    assert r.returncode == 0, r.stderr[-2000:]
+    printed = yaml.safe_load(r.stdout.split("\n", 1)[1])  # after the "# dataset: not chosen" line
+    assert printed["protocol"]["crop"] == 224 and printed["postprocess"]["name"] == "pamr"

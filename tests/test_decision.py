@@ -215,9 +215,12 @@ def test_decision_sweep_runs_the_last_block_once_per_image(tmp_path, eval_segmen
 
     make_voc(tmp_path, n=2)
     calls = []
-    dense = type(eval_segmenter).dense_embeddings
-    monkeypatch.setattr(type(eval_segmenter), "dense_embeddings",
-                        lambda self, enc, a, b, spec: calls.append((float(enc.image.sum()), a)) or dense(self, enc, a, b, spec))
+    from proxyclip import pipeline
+
+    real = pipeline._method_output  # the method's last block for one batch of windows
+    monkeypatch.setattr(pipeline, "_method_output",
+                        lambda seg, enc, a, b, spec, text: calls.append((float(enc.image.sum()), a))
+                        or real(seg, enc, a, b, spec, text))
     cfg = eval_cfg("voc21", tmp_path, "sweep.logit_scale=[20.0,40.0]", "sweep.prob_thd=[0.0,0.3]",
                    config_name="sweep")
     out = sweep(cfg, run_dir=tmp_path / "sweep", seg=eval_segmenter)
@@ -231,3 +234,167 @@ def test_decision_sweep_runs_the_last_block_once_per_image(tmp_path, eval_segmen
                           run_dir=tmp_path / f"e{ls}_{thd}", seg=eval_segmenter)
         assert p["mIoU"] == pytest.approx(single["mIoU"], abs=1e-9)
         assert p["decode"] == single["decode"]
+
+
+# ----------------------------------------------------------------------------------------------
+# SCLIP's area rule (docs/protocol.md): a foreground class labelled on at most area_thd x the
+# foreground-labelled pixels gets probability 0; argmax again; then prob_thd.
+
+def naive_class_probs(scores, q2c, k, logit_scale):
+    """Per pixel, in float64: softmax over the queries, max over each class's queries (lists)."""
+    s = scores.double()
+    _, h, w = s.shape
+    probs = [[None] * w for _ in range(h)]
+    for y in range(h):
+        for x in range(w):
+            logits = [logit_scale * float(s[q, y, x]) for q in range(len(q2c))]
+            m = max(logits)
+            e = [np.exp(v - m) for v in logits]
+            z = sum(e)
+            probs[y][x] = [max(e[q] / z for q in range(len(q2c)) if q2c[q] == j) for j in range(k)]
+    return probs
+
+
+def naive_rule(probs, k, prob_thd, area_thd):
+    """The rule written out pixel by pixel: first argmax, areas of the foreground classes, removal,
+    argmax again, threshold. Returns the labels, which classes are kept, and the first argmax."""
+    h, w = len(probs), len(probs[0])
+    first = [[max(range(k), key=lambda j: (probs[y][x][j], -j)) for x in range(w)] for y in range(h)]  # first max
+    area = [sum(first[y][x] == j for y in range(h) for x in range(w)) for j in range(k)]
+    foreground = sum(area[1:])
+    keep = [True] + [area[j] > area_thd * foreground for j in range(1, k)]
+    labels = torch.zeros((h, w), dtype=torch.long)
+    for y in range(h):
+        for x in range(w):
+            p = [probs[y][x][j] if keep[j] else 0.0 for j in range(k)]
+            j = max(range(k), key=lambda i: (p[i], -i))
+            labels[y, x] = 0 if p[j] < prob_thd else j
+    return labels, keep, torch.tensor(first)
+
+
+def naive_area_decide(scores, q2c, k, logit_scale, prob_thd, area_thd):
+    return naive_rule(naive_class_probs(scores, q2c, k, logit_scale), k, prob_thd, area_thd)
+
+
+def hand_case():
+    """4 x 4, three classes (0 background), probabilities given directly (scores = log p, scale 1).
+    The first argmax: class 1 on 14 pixels, class 2 on two (a at (0, 3), b at (3, 0)), none background.
+    Pixel a's next best is class 1 (another object), pixel b's is the background."""
+    p = torch.tensor([0.1, 0.8, 0.1]).repeat(4, 4, 1)
+    p[0, 3] = torch.tensor([0.20, 0.35, 0.45])  # a
+    p[3, 0] = torch.tensor([0.30, 0.25, 0.45])  # b
+    return p.permute(2, 0, 1).log(), ClassList(["bg", "one", "two"], ["bg", "one", "two"], [0, 1, 2])
+
+
+@pytest.mark.parametrize("area_thd,prob_thd,a,b", [
+    (0.125, 0.0, 1, 0),   # 2 <= 0.125 x 16: class 2 removed; a -> class 1, b -> background
+    (0.13, 0.0, 1, 0),
+    (0.125, 0.36, 0, 0),  # then prob_thd: a's class-1 probability 0.35 < 0.36 -> background
+    (0.125, 0.3, 1, 0),
+    (0.12, 0.0, 2, 2),    # 2 > 0.12 x 16 = 1.92: class 2 kept, nothing changes
+    (None, 0.0, 2, 2),    # rule off
+])
+def test_area_rule_hand_worked(area_thd, prob_thd, a, b):
+    scores, cl = hand_case()
+    want = torch.ones((4, 4), dtype=torch.long)
+    want[0, 3], want[3, 0] = a, b
+    probs, labels = decide(scores, cl, 1.0, prob_thd, area_thd)
+    assert torch.equal(labels, want)
+    if area_thd is not None and area_thd >= 0.125:
+        assert (probs[2] == 0).all() and torch.allclose(probs[:2], scores.exp()[:2])  # zeroed, not renormalized
+    ws = WindowScores(scores[None], [(0, 4, 0, 4)], (0, 0, 0, 0), (4, 4), (4, 4))
+    for budget in (1, 10**9):
+        (got, best), = decide_chunked(ws, cl, [(1.0, prob_thd, area_thd)], budget_bytes=budget)
+        assert torch.equal(got, want)
+        if area_thd is not None and area_thd >= 0.125:  # a's winner is now class 1, with its own probability
+            assert abs(float(best[0, 3]) - 0.35) < 1e-6 and abs(float(best[3, 0]) - 0.30) < 1e-6
+
+
+def test_area_rule_counts_foreground_pixels_not_the_image():
+    """12 background pixels, class 1 on 3, class 2 on 1: 1 <= 0.25 x 4 removes class 2, although it
+    covers 1/16 of the image; class 1 (3 > 1) stays."""
+    p = torch.tensor([0.6, 0.2, 0.2]).repeat(4, 4, 1)
+    for yx in ((0, 0), (0, 1), (0, 2)):
+        p[yx] = torch.tensor([0.2, 0.6, 0.2])
+    p[3, 3] = torch.tensor([0.1, 0.4, 0.5])
+    scores, cl = p.permute(2, 0, 1).log(), ClassList(["bg", "one", "two"], ["bg", "one", "two"], [0, 1, 2])
+    _, labels = decide(scores, cl, 1.0, 0.0, 0.25)
+    assert int(labels[3, 3]) == 1 and int((labels == 1).sum()) == 4 and int((labels == 0).sum()) == 12
+    _, labels = decide(scores, cl, 1.0, 0.0, 0.2)  # 1 > 0.2 x 4: kept
+    assert int(labels[3, 3]) == 2
+
+
+def test_area_rule_equals_a_naive_loop_on_random_maps():
+    """Random maps (synonyms, a few windows, small classes made by a negative bias): decide and
+    decide_chunked (every budget) equal the loop; some cases remove a class whose pixels go to
+    another foreground class."""
+    moved_to_object = removed_cases = 0
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        rng = random.Random(seed)
+        resized, image_size, crop, stride, mult = LAYOUTS[seed % len(LAYOUTS)]
+        boxes = slide_windows(*resized, crop, stride)
+        wh, ww = boxes[0][1] - boxes[0][0], boxes[0][3] - boxes[0][2]
+        pad = symmetric_padding(wh, ww, mult)
+        k = rng.randint(3, 7)
+        q2c = list(range(k)) + [rng.randrange(k) for _ in range(rng.randint(0, 4))]
+        if len(q2c) > k:  # synonyms, in any order (one query a class: a class list's order, as parse_classes)
+            rng.shuffle(q2c)
+        h, w = max(1, (wh + pad[0] + pad[1]) // 4), max(1, (ww + pad[2] + pad[3]) // 4)
+        low = torch.randn((len(boxes), len(q2c), h, w), generator=g) * 0.3
+        low -= torch.tensor([rng.choice([0.0, 0.0, 0.3, 0.6]) for _ in q2c]).view(1, -1, 1, 1)
+        ws = WindowScores(low, boxes, pad, resized, image_size)
+        cl = ClassList([f"c{j}" for j in range(k)], [f"q{i}" for i in range(len(q2c))], q2c)
+        canonical = ws.full()
+        for logit_scale, area_thd in ((10.0, 0.1), (40.0, 0.2), (65.0, 0.3)):
+            probs = naive_class_probs(canonical, q2c, k, logit_scale)
+            want, keep, first = naive_rule(probs, k, 0.0, area_thd)
+            removed = [j for j in range(1, k) if not keep[j] and bool((first == j).any())]
+            removed_cases += bool(removed)
+            moved_to_object += int(sum(((first == j) & (want > 0)).sum() for j in removed)) > 0
+            best = torch.softmax(logit_scale * canonical, 0).max(0).values
+            thd = split_threshold(best)
+            want_thd, _, _ = naive_rule(probs, k, thd, area_thd)
+            _, exhaustive = decide(canonical, cl, logit_scale, 0.0, area_thd)
+            assert torch.equal(exhaustive, want)
+            _, exhaustive_thd = decide(canonical, cl, logit_scale, thd, area_thd)
+            assert torch.equal(exhaustive_thd, want_thd)
+            points = [(logit_scale, 0.0, area_thd), (logit_scale, thd, area_thd), (logit_scale, 0.0)]
+            for budget in (1, 3 * ws.bytes_per_query(), 10**9):
+                got = decide_chunked(ws, cl, points, budget_bytes=budget)
+                assert torch.equal(got[0][0], want) and torch.equal(got[1][0], want_thd)
+                assert torch.equal(got[2][0], decide(canonical, cl, logit_scale, 0.0)[1])  # rule off: untouched
+    assert removed_cases >= 8 and moved_to_object >= 5, (removed_cases, moved_to_object)  # 12 and 10 of 18
+
+
+def test_area_rule_reaches_the_decode(tmp_path):
+    """protocol.area_thd in the config: the DecodeSpec carries it and both decision paths apply it."""
+    from conftest import tiny_config
+
+    from proxyclip import Segmenter
+
+    cfg = tiny_config("protocol.area_thd=0.3", "weights.seed=3")
+    seg = Segmenter.from_config(cfg)
+    img = torch.rand(3, 48, 64, generator=torch.Generator().manual_seed(1))
+    classes = ["sky", "person; people", "horse", "dog", "tree"]
+    pred = seg.predict(img, classes, logit_scale=200.0)
+    assert pred.spec.area_thd == 0.3 and seg.decode_spec().record()["area_thd"] == 0.3
+    cl = pred.classes
+    want, keep, first = naive_area_decide(pred.scores, cl.query_to_class, len(cl.class_names), 200.0,
+                                          pred.spec.prob_thd, 0.3)
+    assert any(not keep[j] and bool((first == j).any()) for j in range(1, len(keep)))  # the rule bites here
+    assert torch.equal(pred.labels, want)
+    refined = seg.predict(img, classes, logit_scale=200.0, postprocess={"name": "pamr", "steps": 0})  # exhaustive
+    assert torch.equal(refined.labels, want)
+
+
+def test_area_thd_off_leaves_the_decode_identity_as_it_was():
+    """A spec without the rule has no area_thd in its record (keys of earlier runs unchanged); with
+    it, the record, the flat fields and the key carry it."""
+    from proxyclip.specs import DecodeSpec
+
+    off = DecodeSpec("clip", (("residual", True), ("ffn", True)), (("name", "none"),), 40.0, 0.0, "abc")
+    on = DecodeSpec("clip", (("residual", True), ("ffn", True)), (("name", "none"),), 40.0, 0.0, "abc", 0.1)
+    assert "area_thd" not in off.record() and off.flat()["area_thd"] is None
+    assert on.record()["area_thd"] == 0.1 == on.flat()["area_thd"] and on.key() != off.key()
+    assert DecodeSpec.from_record(on.record()) == on and DecodeSpec.from_record(off.record()) == off

@@ -20,7 +20,7 @@ from proxyclip.evaluation.state import RunState
 from proxyclip.resolve import decode_spec
 from proxyclip.specs import DecodeSpec, EncodeSpec, flatten
 
-CFG = tiny_config("postprocess=pamr")
+CFG = tiny_config("postprocess=pamr", "protocol.area_thd=0.1")
 ENCODE = EncodeSpec.from_config(CFG, random_weights=False, uses_vfm=True)
 DECODE = decode_spec(CFG, classes=["sky", "tree; bush"])
 SELECTION = {"dataset": "voc21", "num_samples": 3, "samples": "abc", "limit": None, "limit_seed": None,
@@ -59,6 +59,7 @@ FIELDS = sorted(flatten(RECORD))
 def test_every_spec_field_is_listed():
     """The parametrization reaches every leaf of the three records (vfm included, not None)."""
     assert any(f.startswith("encode.vfm.") for f in FIELDS) and "decode.postprocess.dilations" in FIELDS
+    assert "decode.area_thd" in FIELDS and "decode.logit_scale" in FIELDS and "encode.protocol.crop" in FIELDS
     assert {f.split(".")[0] for f in FIELDS} == {"encode", "decode", "selection"}
     assert len(FIELDS) == len(flatten(ENCODE.record())) + len(flatten(DECODE.record())) + len(SELECTION)
 

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from proxyclip.config import compose_config
 from proxyclip.data import read_class_lines
-from proxyclip.evaluation.published import METHODS_B16, PAPER_DATASETS, PAPER_MAIN, find_published
+from proxyclip.evaluation.published import METHODS_B16, OWN_PROTOCOL_B16, PAPER_DATASETS, PAPER_MAIN, find_published
 from proxyclip.evaluation.records import collect, fields_of
 from proxyclip.evaluation.report import Cell, cell_text, to_csv, to_markdown
 from proxyclip.evaluation.summary import PIVOTS, build_tables, default_kind, summarize
@@ -230,7 +230,8 @@ def test_a_rerun_replaces_the_older_result(tmp_path):
 # published numbers
 
 
-@pytest.mark.parametrize("row", PAPER_MAIN + METHODS_B16, ids=lambda r: f"{r.label} [{r.source[:6]}]")
+@pytest.mark.parametrize("row", PAPER_MAIN + METHODS_B16 + OWN_PROTOCOL_B16,
+                         ids=lambda r: f"{r.label} [{r.source[:6]}]")
 def test_published_values_agree_with_the_papers_own_average(row):
     assert len(row.miou) == len(PAPER_DATASETS) == 8
     # the paper averages unrounded values: each value and the average are off by up to 0.05
@@ -238,7 +239,8 @@ def test_published_values_agree_with_the_papers_own_average(row):
     assert row.source
 
 
-@pytest.mark.parametrize("row", PAPER_MAIN + METHODS_B16, ids=lambda r: f"{r.label} [{r.source[:6]}]")
+@pytest.mark.parametrize("row", PAPER_MAIN + METHODS_B16 + OWN_PROTOCOL_B16,
+                         ids=lambda r: f"{r.label} [{r.source[:6]}]")
 def test_a_run_of_a_published_rows_overrides_gets_its_numbers_in_fp16_too(tmp_path, row):
     records = collect([write(tmp_path, [rec("voc21", 1.0, *row.overrides),
                                         rec("voc21", 1.0, *row.overrides, encode__precision="fp16")])])
@@ -502,11 +504,13 @@ PRESETS = {  # preset: (its axes and values, independently written down)
     "paper_norm_mask": {"method.shift": ["True", "False"], "method.mask": ["True", "False"], "dataset": DATASETS8},
     "paper_methods": {"method": ["clip", "maskclip", "sclip", "clearclip", "naclip", "proxyclip"],
                       "dataset": DATASETS8},
+    "paper_methods_own": {"protocol": ["sclip", "naclip", "clearclip", "proxyclip"], "dataset": DATASETS8},
 }
 # experiment=tiny spelled out: one experiment preset at a time, and this test runs paper_norm_mask
 TINY_MODELS = ["clip=test_tiny", "vfm=test_tiny", "weights=random", "protocol.short_side=64", "protocol.crop=64",
                "protocol.stride=32", "batch_size=2", "progress=false", "checkpoint_seconds=0"]
-GRID_SIZES = {"paper_main": 24, "paper_vfm": 120, "paper_beta_gamma": 128, "paper_norm_mask": 32, "paper_methods": 48}
+GRID_SIZES = {"paper_main": 24, "paper_vfm": 120, "paper_beta_gamma": 128, "paper_norm_mask": 32, "paper_methods": 48,
+              "paper_methods_own": 32}
 
 
 def compose_eval(overrides):
@@ -555,6 +559,56 @@ def test_preset_composes_at_every_value_of_each_axis(preset):
                 assert cfg[key].name == OmegaConf.load(REPO / "conf" / key / f"{value}.yaml").name
 
 
+def test_methods_own_preset_runs_each_method_under_its_own_protocol():
+    for protocol in PRESETS["paper_methods_own"]["protocol"]:
+        cfg = compose_eval(["experiment=paper_methods_own", f"protocol={protocol}", "dataset=voc21"])
+        assert cfg.method.name == cfg.protocol.name == protocol
+        assert cfg.postprocess.name == ("pamr" if protocol == "naclip" else "none")
+        assert cfg.clip.name == "ViT-B-16" and cfg.vfm.name == "dino_vitb8"
+    # CLIP / MaskCLIP: a method on the command line wins over the one the protocol names
+    cfg = compose_eval(["experiment=paper_methods_own", "protocol=sclip", "method=maskclip", "dataset=voc20"])
+    assert (cfg.method.name, cfg.protocol.name, cfg.protocol.crop) == ("maskclip", "sclip", 224)
+
+
+def own(dataset, miou, protocol, *extra, method=None):
+    """A record of experiment=paper_methods_own under ``protocol`` (as proxyclip-eval writes it)."""
+    overrides = ("experiment=paper_methods_own", f"protocol={protocol}") + ((f"method={method}",) if method else ())
+    return rec(dataset, miou, *overrides, *extra, experiment="paper_methods_own", protocol=protocol)
+
+
+def test_methods_own_table_one_row_a_method_with_its_own_papers_numbers(tmp_path):
+    """Under its own protocol a method's per-dataset settings (logit scale, area rule, class file,
+    whole-image windows) are its defaults: one row a method; SCLIP's and NACLIP's rows get the
+    numbers their READMEs publish for exactly that setup; ClearCLIP's none (no checked source)."""
+    records = [own(d, 10.0 + i, p) for p in ("sclip", "naclip", "clearclip") for i, d in enumerate(DATASETS8)]
+    table, = tables(tmp_path, records)  # the preset's own kind: methods_own
+    assert table.name == "methods_own"
+    labels = {row[0][0]: row for row in table.rows}
+    assert sorted(labels) == ["clearclip", "naclip", "sclip"] and all(r[0][3] == "" for r in table.rows)
+    sclip, naclip, clear = (labels[m][1] for m in ("sclip", "naclip", "clearclip"))
+    assert [c.published for c in sclip[:8]] == [59.63, 31.74, 33.52, 81.54, 34.46, 22.77, 32.34, 16.45]
+    assert [c.published for c in naclip[:8]] == [64.07, 34.99, 36.19, 83.03, 38.35, 25.69, 38.27, 19.05]
+    assert naclip[8].published == 42.46 and all(c.published is None for c in clear)
+    md = to_markdown([table])
+    assert "SCLIP README" in md and "not the SCLIP paper's numbers" in md and "PAMR on" in md
+
+
+@pytest.mark.parametrize("case", ["sclip under proxyclip's protocol", "sclip protocol + pamr", "crop 336",
+                                  "naclip without pamr", "proxyclip's class file"])
+def test_methods_own_numbers_only_for_the_same_specs(tmp_path, case):
+    from proxyclip.evaluation.published import COLLECTIONS, OWN_PROTOCOL_B16
+
+    r = {"sclip under proxyclip's protocol": lambda: own("voc21", 1.0, "proxyclip", method="sclip"),
+         "sclip protocol + pamr": lambda: own("voc21", 1.0, "sclip", "postprocess=pamr_naclip"),
+         "crop 336": lambda: own("voc21", 1.0, "sclip", "protocol.crop=336"),
+         "naclip without pamr": lambda: own("voc21", 1.0, "naclip", "postprocess=none"),
+         "proxyclip's class file": lambda: own("voc21", 1.0, "sclip", "dataset.classnames=voc21")}[case]()
+    got = find_published(collect([write(tmp_path, [r])]), COLLECTIONS["methods_own"])
+    assert got not in OWN_PROTOCOL_B16
+    right = own("voc21", 1.0, "naclip" if case.startswith("naclip") else "sclip")
+    assert find_published(collect([write(tmp_path, [right], "ok")]), COLLECTIONS["methods_own"]) in OWN_PROTOCOL_B16
+
+
 # ----------------------------------------------------------------------------------------------
 # end to end
 
@@ -585,3 +639,35 @@ def test_norm_mask_preset_runs_on_fixture_data_then_summary_prints_the_2x2(tmp_p
     assert "weights.source=random" in shared and "protocol.crop=64" in shared
     assert (mr / "summary.md").read_text() == s.stdout.split("(written to")[0]
     assert len((mr / "summary.csv").read_text().splitlines()) == 3
+
+
+@pytest.mark.slow
+def test_methods_own_preset_runs_on_fixture_data_then_summary_prints_a_row_a_method(tmp_path):
+    """paper_methods_own end to end (tiny models, short side 64 so the presets' windows stay
+    theirs): each run records its protocol and that protocol's VOC21 settings; one row a method."""
+    from fixtures_datasets import make_voc
+
+    make_voc(tmp_path, n=2)
+    mr = tmp_path / "mr"
+    env = subprocess_env()
+    r = subprocess.run([PYTHON, "-m", "proxyclip.cli.evaluate", "-m", "experiment=paper_methods_own", "dataset=voc21",
+                        f"data_root={tmp_path}", "clip=test_tiny", "vfm=test_tiny", "weights=random",
+                        "protocol.short_side=64", "batch_size=2", "progress=false", "checkpoint_seconds=0",
+                        f"hydra.sweep.dir={mr}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = {json.loads(p.read_text())["protocol"]: json.loads(p.read_text()) for p in mr.rglob("metrics.json")}
+    assert sorted(runs) == ["clearclip", "naclip", "proxyclip", "sclip"]
+    got = {p: (r["decode"]["method"], r["encode"]["protocol"]["crop"], r["decode"]["logit_scale"],
+               r["decode"].get("area_thd"), r["decode"]["postprocess"]["name"], r["selection"]["classnames"])
+           for p, r in runs.items()}
+    assert got == {"sclip": ("sclip", 224, 65.0, 0.1, "none", "sclip/voc21"),
+                   "naclip": ("naclip", None, 40.0, None, "pamr", "naclip/voc21"),
+                   "clearclip": ("clearclip", 448, 50.0, None, "none", "clearclip/voc21"),
+                   "proxyclip": ("proxyclip", 336, 40.0, None, "none", "voc21")}
+    s = subprocess.run([PYTHON, "-m", "proxyclip.cli.summary", str(mr)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert s.returncode == 0, s.stderr
+    rows = md_rows(s.stdout)
+    assert "methods_own: mIoU (%)" in s.stdout
+    assert [r[0] for r in rows[1:]] == ["sclip", "clearclip", "naclip", "proxyclip"]
+    assert all(r[3] == "" for r in rows[1:])  # each at its own protocol's defaults

@@ -96,3 +96,40 @@ def test_bad_geometry_is_named(field, value, match):
     check_geometry(geometry)
     with pytest.raises(ValueError, match=match):
         check_geometry({**geometry, field: value})
+
+
+# ----------------------------------------------------------------------------------------------
+# whole-image mode (protocol.crop: null): one window, the resized image, padded like any window
+
+@pytest.mark.parametrize("h,w,mult", [(375, 500, 16), (333, 500, 16), (500, 281, 8), (64, 64, 16), (97, 61, 3)])
+def test_whole_image_mode_is_one_window_covering_the_image(h, w, mult):
+    from proxyclip.specs import GeometrySpec
+
+    size, boxes, pad = window_layout(h, w, GeometrySpec(336, 2048, None, None), mult)
+    assert boxes == [(0, size[0], 0, size[1])]
+    assert all(v % mult == 0 for v in size_with_pad(boxes[0], pad))
+    # the same layout as crop = stride >= the long side
+    assert (size, boxes, pad) == window_layout(h, w, GeometrySpec(336, 2048, 4096, 4096), mult)
+    check_geometry(dict(short_side=336, max_long_side=2048, crop=None, stride=None))
+    check_geometry(dict(short_side=336, max_long_side=2048, crop=None, stride=112))  # the stride is ignored
+
+
+def test_whole_image_mode_gives_the_scores_of_one_big_window():
+    """End to end (tiny models): protocol.crop=null equals crop = stride = 4096 (one window) bit for
+    bit; the encode spec says crop and stride null (the stride does not matter)."""
+    from conftest import tiny_config
+
+    from proxyclip import Segmenter
+
+    img = torch.rand(3, 50, 90, generator=torch.Generator().manual_seed(2))
+    classes = ["sky", "person; people", "horse"]
+    whole = Segmenter.from_config(tiny_config("protocol.crop=null", "protocol.short_side=40"))
+    big = Segmenter.from_config(tiny_config("protocol.crop=4096", "protocol.stride=4096", "protocol.short_side=40"))
+    geo = whole.encode_spec.geometry
+    assert (geo.crop, geo.stride) == (None, None) and whole.encode_spec.key() != big.encode_spec.key()
+    enc = whole.encode(img)
+    assert enc.windows == [(0, 40, 0, 72)] == big.encode(img).windows
+    a, b = whole.predict(img, classes), big.predict(img, classes)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.labels, b.labels)
+    small = Segmenter.from_config(tiny_config("protocol.short_side=40"))  # windows 64 / 32: more than one
+    assert len(small.encode(img).windows) > 1

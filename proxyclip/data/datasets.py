@@ -68,12 +68,13 @@ class Sample:
 
 
 def classnames_path(name: str) -> Path:
-    """A class-name file: a bare name (``voc21``) is looked up in ``proxyclip/data/classnames/``."""
+    """A class-name file: a bare name (``voc21``, or a protocol's ``sclip/voc21``) is looked up in
+    ``proxyclip/data/classnames/``."""
     p = Path(name)
     if p.suffix == "" and not p.exists():
         p = CLASSNAMES_DIR / f"{name}.txt"
     if not p.is_file():
-        shipped = sorted(q.stem for q in CLASSNAMES_DIR.glob("*.txt"))
+        shipped = sorted(str(q.relative_to(CLASSNAMES_DIR).with_suffix("")) for q in CLASSNAMES_DIR.glob("**/*.txt"))
         raise FileNotFoundError(
             f"class-name file {p} not found: give dataset.classnames a path to a text file with one class "
             f"a line (synonyms separated by '; '), or one of the shipped names: {', '.join(shipped)}"

@@ -24,12 +24,14 @@ METRICS = ("mIoU", "aAcc", "mAcc")
 
 def run_record(cfg: Any, seg: Any, selection: Dict[str, Any]) -> Dict[str, Any]:
     """The run's identity and context: ``dataset``, ``encode`` (EncodeSpec.record), ``selection``,
-    and the facts that do not change a number (experiment preset, device, whether weights were random)."""
+    and the facts that do not change a number (experiment and protocol presets, device, whether weights
+    were random)."""
     return {
         "dataset": selection["dataset"],
         "encode": seg.encode_spec.record(),
         "selection": selection,
         "experiment": cfg.get("experiment_name"),
+        "protocol": None if cfg.get("protocol") is None else cfg.protocol.get("name"),
         "random_weights": bool(getattr(seg, "random_weights", False)),
         "model_key": seg.key,
         "device": str(cfg.device),

@@ -1,4 +1,5 @@
-"""Published mIoU numbers (no post-processing) that ``proxyclip-summary`` prints beside measured ones.
+"""Published mIoU numbers that ``proxyclip-summary`` prints beside measured ones (no post-processing,
+except NACLIP's own-protocol row: PAMR on, as its protocol runs).
 
 Papers evaluate with different protocols (short side, crop, ``prob_thd``, background words), so
 every row carries the paper it comes from; the summary prints that source under the table, and
@@ -15,6 +16,10 @@ Two collections:
   the ``main`` table looks here first.
 - :data:`METHODS_B16`: ViT-B/16 rows of the training-free "last block" methods, each as its own
   paper (or, for CLIP and MaskCLIP, the SCLIP paper) reports it; the ``methods`` table looks here first.
+- :data:`OWN_PROTOCOL_B16`: rows whose configuration is the method under its own protocol preset
+  (``protocol=sclip`` / ``naclip``), from the numbers its repository publishes for that very setup;
+  the ``methods_own`` table (``experiment=paper_methods_own``) looks here first. ClearCLIP has none:
+  no source for its numbers under its protocol was checked, so none is quoted.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ PROXYCLIP_PAPER = "ProxyCLIP paper (Lan et al., ECCV 2024), main table"
 SCLIP_PAPER = "SCLIP paper (Wang et al., ECCV 2024)"
 CLEARCLIP_PAPER = "ClearCLIP paper (Lan et al., ECCV 2024)"
 NACLIP_PAPER = "NACLIP paper (Hajimiri et al., WACV 2025), without PAMR"
+SCLIP_README = ("SCLIP README (wangf3014/SCLIP at b56bd30), the run 'with the default setup in this repo' that "
+                "protocol=sclip reproduces; not the SCLIP paper's numbers, which are another run")
+NACLIP_README = "NACLIP README, v2 (sinahmr/NACLIP at 0cac3a6), main results with PAMR on (protocol=naclip)"
 
 
 @dataclass(frozen=True)
@@ -94,10 +102,23 @@ METHODS_B16: Tuple[PublishedRow, ...] = (
                  PROXYCLIP_B16_DINO_B8, 42.3, PROXYCLIP_PAPER),
 )
 
+# each method under its own protocol preset, with the numbers published for exactly that setup
+OWN_PROTOCOL_B16: Tuple[PublishedRow, ...] = (
+    PublishedRow("SCLIP ViT-B/16, SCLIP's protocol", ("method=sclip", B16, "protocol=sclip"),
+                 (59.63, 31.74, 33.52, 81.54, 34.46, 22.77, 32.34, 16.45), 39.06, SCLIP_README),
+    PublishedRow("NACLIP ViT-B/16, NACLIP's protocol (PAMR)", ("method=naclip", B16, "protocol=naclip"),
+                 (64.07, 34.99, 36.19, 83.03, 38.35, 25.69, 38.27, 19.05), 42.46, NACLIP_README),
+    PublishedRow("ProxyCLIP ViT-B/16 + DINO B/8", ("method=proxyclip", B16, DINO_B8, "protocol=proxyclip"),
+                 PROXYCLIP_B16_DINO_B8, 42.3, PROXYCLIP_PAPER),
+)
+
 # the reference rows of each table kind (``proxyclip-summary --paper`` lists the unmatched ones)
-REFERENCE_ROWS: Dict[str, Tuple[PublishedRow, ...]] = {"main": PAPER_MAIN, "methods": METHODS_B16}
+REFERENCE_ROWS: Dict[str, Tuple[PublishedRow, ...]] = {"main": PAPER_MAIN, "methods": METHODS_B16,
+                                                       "methods_own": OWN_PROTOCOL_B16}
 # where each kind looks for a measured row's published numbers: its own rows first, then the others
-COLLECTIONS: Dict[str, Tuple[PublishedRow, ...]] = {"main": PAPER_MAIN + METHODS_B16, "methods": METHODS_B16 + PAPER_MAIN}
+COLLECTIONS: Dict[str, Tuple[PublishedRow, ...]] = {"main": PAPER_MAIN + METHODS_B16 + OWN_PROTOCOL_B16,
+                                                    "methods": METHODS_B16 + PAPER_MAIN + OWN_PROTOCOL_B16,
+                                                    "methods_own": OWN_PROTOCOL_B16 + METHODS_B16 + PAPER_MAIN}
 
 
 # fields a published configuration is not compared on: the published code ran fp16 on GPUs, and

@@ -8,7 +8,8 @@ A record's fields are the flat fields of its run identity (proxyclip/specs.py): 
 
 A row is every field except the per-dataset ones (:data:`PER_DATASET`), which vary by design
 between the columns of one row; for those the row uses the difference from the dataset's own
-shipped protocol (``eval`` composed with ``dataset=<name>`` and the record's ``experiment``):
+shipped protocol (``eval`` composed with ``dataset=<name>``, the record's ``experiment`` and its
+``protocol`` preset):
 equal -> :data:`DEFAULT`, else the value. ``samples`` / ``num_samples``, which no config
 states, are compared with the most common value among the records of that dataset and subset.
 """
@@ -37,7 +38,8 @@ ABSENT = _Marker("-")  # a field this record does not have (e.g. beta of sclip)
 
 # the fields that vary by design between the datasets (columns) of one row
 PER_DATASET: Tuple[str, ...] = tuple(f"protocol.{k}" for k in GEOMETRY) + (
-    "prob_thd", "classes", "samples", "num_samples", "reduce_zero_label", "ignore_index", "classnames")
+    "prob_thd", "logit_scale", "area_thd", "classes", "samples", "num_samples", "reduce_zero_label", "ignore_index",
+    "classnames")
 FROM_RECORDS = ("samples", "num_samples")  # no config states them: compared among the records
 COLUMN_FIELD = "dataset"
 
@@ -148,18 +150,26 @@ def resolve_field(name: str, records: Sequence[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- row identity
-def base_overrides(dataset: str, experiment: Optional[str]) -> Tuple[str, ...]:
-    """``dataset=<name>`` and, when conf/experiment has it, ``experiment=<e>``."""
+def base_overrides(dataset: str, experiment: Optional[str], protocol: Optional[str] = None) -> Tuple[str, ...]:
+    """``dataset=<name>`` and, when conf/experiment has it, ``experiment=<e>``; when conf/protocol
+    has it, ``protocol=<p>``."""
     from ..config import CONF_DIR
 
     with_experiment = experiment and (CONF_DIR / "experiment" / f"{experiment}.yaml").is_file()
-    return (f"dataset={dataset}",) + ((f"experiment={experiment}",) if with_experiment else ())
+    with_protocol = protocol and (CONF_DIR / "protocol" / f"{protocol}.yaml").is_file()
+    return ((f"dataset={dataset}",) + ((f"experiment={experiment}",) if with_experiment else ())
+            + ((f"protocol={protocol}",) if with_protocol else ()))
+
+
+def record_overrides(r: Mapping[str, Any]) -> Tuple[str, ...]:
+    """:func:`base_overrides` of a record (its dataset, experiment and protocol preset)."""
+    return base_overrides(r["dataset"], r.get("experiment"), r.get("protocol"))
 
 
 @functools.lru_cache(maxsize=None)
-def shipped(dataset: str, experiment: Optional[str] = None) -> Dict[str, Any]:
-    """The per-dataset fields of ``eval`` composed with ``dataset=<name>`` (and ``experiment=<e>``
-    when conf/experiment has it); {} for a dataset without a conf/dataset YAML. Cached."""
+def shipped(dataset: str, experiment: Optional[str] = None, protocol: Optional[str] = None) -> Dict[str, Any]:
+    """The per-dataset fields of ``eval`` composed with ``dataset=<name>`` (and ``experiment=<e>``,
+    ``protocol=<p>`` when conf/ has them); {} for a dataset without a conf/dataset YAML. Cached."""
     from ..config import CONF_DIR, compose_config
     from ..data import read_class_lines
     from ..specs import classes_digest
@@ -167,15 +177,15 @@ def shipped(dataset: str, experiment: Optional[str] = None) -> Dict[str, Any]:
     if not (CONF_DIR / "dataset" / f"{dataset}.yaml").is_file():
         return {}
     try:
-        full = config_fields(base_overrides(dataset, experiment))
+        full = config_fields(base_overrides(dataset, experiment, protocol))
         return {k: v for k, v in full.items() if k in PER_DATASET}
     except Exception:  # e.g. a class file that depends on the dataset's root (custom): what can be read
         pass
     try:
-        cfg = compose_config("eval", list(base_overrides(dataset, experiment)))
+        cfg = compose_config("eval", list(base_overrides(dataset, experiment, protocol)))
     except Exception:  # a YAML that does not compose: compared by the raw values
         return {}
-    out: Dict[str, Any] = {f"protocol.{k}": int(cfg.protocol[k]) for k in GEOMETRY}
+    out: Dict[str, Any] = {f"protocol.{k}": None if cfg.protocol[k] is None else int(cfg.protocol[k]) for k in GEOMETRY}
     d = cfg.dataset
     out.update(prob_thd=float(cfg.protocol.prob_thd), reduce_zero_label=bool(d.reduce_zero_label),
                ignore_index=int(d.ignore_index))
@@ -213,7 +223,7 @@ def defaults(r: dict) -> Dict[str, Any]:
     """The fields a run of ``r``'s dataset and preset gets by default (``eval`` composed with them;
     a method's knobs and logit scale: with its own method too; {} if that does not compose). A
     label leaves out a value equal to its default."""
-    base = base_overrides(r["dataset"], r.get("experiment"))
+    base = record_overrides(r)
     try:
         out = dict(config_fields(base))
     except Exception:  # a dataset without a YAML
@@ -243,7 +253,7 @@ def identities(records: Sequence[dict]) -> List[Dict[str, Any]]:
             common.setdefault(subset(r), {}).setdefault(k, Counter())[fields_of(r).get(k, ABSENT)] += 1
     out = []
     for r in records:
-        ref = dict(shipped(r["dataset"], r.get("experiment")))
+        ref = dict(shipped(r["dataset"], r.get("experiment"), r.get("protocol")))
         if ref:  # a dataset with a YAML: the subset's most common sample list is its own
             ref.update({k: c.most_common(1)[0][0] for k, c in common[subset(r)].items()})
         ident = {}

@@ -35,7 +35,6 @@ from .records import (
     axis_value,
     PER_DATASET,
     collect,
-    base_overrides,
     config_fields,
     defaults,
     field_names,
@@ -46,6 +45,7 @@ from .records import (
     knob_names,
     label,
     order_key,
+    record_overrides,
     resolve_field,
     row_key,
     telling_fields,
@@ -56,7 +56,7 @@ HEADERS = {"voc21": "VOC21", "context60": "PC60", "coco_object": "Object", "voc2
            "coco_stuff": "Stuff", "cityscapes": "City", "ade20k": "ADE", "context459": "PC459", "ade847": "ADE847"}
 PIVOTS: Dict[str, Tuple[str, str]] = {"vfm": ("vfm.name", "clip.name"), "beta_gamma": ("beta", "gamma"),
                                       "norm_mask": ("shift", "mask")}
-KINDS = ("main", "methods") + tuple(PIVOTS)
+KINDS = ("main", "methods", "methods_own") + tuple(PIVOTS)
 PRESET_KINDS = {f"paper_{k}": k for k in KINDS}  # conf/experiment/paper_<kind>.yaml
 PREFERRED = {"method": ("clip", "maskclip", "sclip", "clearclip", "naclip", "proxyclip"),
              "clip.name": ("ViT-B-16", "ViT-L-14", "ViT-H-14"),
@@ -233,7 +233,7 @@ def _shared_note(records: Sequence[dict], rows: Sequence[Dict[str, Any]], named:
     with the runs' dataset and preset) does not (a per-dataset field at its default, a value resolved at
     run time such as ``precision: auto``, and the fields named elsewhere are left out)."""
     try:
-        config = config_fields(base_overrides(records[0]["dataset"], records[0].get("experiment")))
+        config = config_fields(record_overrides(records[0]))
     except Exception:  # a dataset or preset without a YAML: nothing to compare with
         return []
     shared = {k: v for k, v in rows[0].items() if all(r.get(k, ABSENT) == v for r in rows[1:])}
