@@ -53,8 +53,10 @@ SFR_MATRIX = declare_hook("resclip.sfr", "window", "(n, T, T)",
 
 # ---------------------------------------------------------------------------------------------- checks
 def check_resclip(knobs: Mapping[str, Any], layers: int) -> None:
-    """``rcs_layers`` within this CLIP's blocks; ``base=sclip`` only with the residual and the FFN."""
-    check_block_indices("rcs_layers", knobs["rcs_layers"], layers)
+    """``rcs_layers`` within this CLIP's blocks (when RCS is on); ``base=sclip`` only with the
+    residual and the FFN."""
+    if knobs.get("rcs", True):
+        check_block_indices("rcs_layers", knobs["rcs_layers"], layers)
     if knobs["base"] == "sclip" and not (knobs["residual"] and knobs["ffn"]):
         raise ValueError(f"resclip base=sclip runs ResCLIP's w_resi block (residual and FFN kept), got residual="
                          f"{str(knobs['residual']).lower()} ffn={str(knobs['ffn']).lower()}: set "
@@ -137,8 +139,8 @@ def patch_mode(labels: torch.Tensor, patch: int, grid: Tuple[int, int], n_labels
     gh, gw = grid
     cells = labels[:gh * patch, :gw * patch].reshape(gh, patch, gw, patch).permute(0, 2, 1, 3)
     cells = cells.reshape(gh * gw, patch * patch)
-    counts = torch.zeros(gh * gw, n_labels, dtype=torch.int64, device=labels.device)
-    counts.scatter_add_(1, cells, torch.ones_like(cells))
+    index = torch.arange(gh * gw, device=labels.device)[:, None] * n_labels + cells
+    counts = torch.bincount(index.flatten(), minlength=gh * gw * n_labels).view(gh * gw, n_labels)
     return counts.argmax(dim=1).reshape(gh, gw)  # argmax: the first (smallest) label among equal counts
 
 
@@ -149,24 +151,31 @@ def chebyshev(grid: Tuple[int, int], device=None) -> Tuple[torch.Tensor, torch.T
     return pos, (pos[:, None] - pos[None]).abs().amax(dim=-1)
 
 
+def walk_table(length: int, big_d: int, device=None) -> torch.Tensor:
+    """(D + 1, length, length) int64: round(a + (n / D)(b - a)) for coordinates a, b of one axis,
+    float32, half to even (one axis of the path check; the two axes are independent)."""
+    a = torch.arange(length, dtype=torch.float32, device=device)
+    t = torch.arange(big_d + 1, dtype=torch.float32, device=device) / torch.tensor(float(big_d), device=device)
+    return torch.round(a[None, :, None] + t[:, None, None] * (a[None, None, :] - a[None, :, None])).long()
+
+
 def valid_paths(labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """The path check on a (gh, gw) label grid: for every pair (i, j) the points
     p_i + (n / D)(p_j - p_i), n = 0..d_ij, float32, rounded half to even, D = max d over all pairs;
     valid iff every point has label l_i. -> (valid (N, N) bool, d (N, N), D)."""
-    pos, d = chebyshev(tuple(labels.shape), labels.device)
+    gh, gw = labels.shape
+    pos, d = chebyshev((gh, gw), labels.device)
     big_d = int(d.max())
-    flat = labels.flatten()
     valid = torch.ones_like(d, dtype=torch.bool)
     if big_d == 0:
         return valid, d, big_d
-    start = pos.float()[:, None, :]  # (N, 1, 2)
-    delta = (pos[None, :, :] - pos[:, None, :]).float()  # (N, N, 2): p_j - p_i
+    flat = labels.flatten()
+    rows, cols = walk_table(gh, big_d, labels.device), walk_table(gw, big_d, labels.device)
+    ri, ci = pos[:, 0], pos[:, 1]
     own = flat[:, None]
-    for n in range(1, big_d + 1):  # n = 0 is p_i itself
-        t = torch.tensor(n, dtype=torch.float32) / torch.tensor(big_d, dtype=torch.float32)
-        pt = torch.round(start + t * delta).long()  # torch.round: half to even; t <= 1 stays on the segment
-        walked = labels[pt[..., 0], pt[..., 1]]
-        valid &= (walked == own) | (n > d)
+    for n in range(1, big_d + 1):  # n = 0 is p_i itself; t = n / D <= 1 stays on the segment
+        cell = rows[n][ri[:, None], ri[None, :]] * gw + cols[n][ci[:, None], ci[None, :]]
+        valid &= (flat[cell] == own) | (n > d)
     return valid, d, big_d
 
 
@@ -206,7 +215,7 @@ def resclip_attention(x: BlockInputs, base: str, rcs_layers: Sequence[int], rcs:
     if not x.switches:
         raise ValueError("resclip runs the last block itself (SFR's pass 1): its BlockInputs need the decode's "
                          "switches (residual, ffn)")
-    check_resclip({"base": base, "rcs_layers": rcs_layers, **x.switches}, x.clip.num_blocks)
+    check_resclip({"base": base, "rcs_layers": rcs_layers, "rcs": rcs, **x.switches}, x.clip.num_blocks)
     a_rcs = None
     if rcs:
         layers = tuple(int(i) for i in rcs_layers)
