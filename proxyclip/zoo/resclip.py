@@ -33,7 +33,7 @@ from ..knobs import Knob
 from ..last_block import Attention, BlockInputs, dense_from_block_output, run_last_block
 from ..methods import Method, gaussian_neighbourhood, register_method
 from ..parts import check_block_indices, resid_pre
-from ..postprocess import pamr
+from ..postprocess import pamr, pamr_weights
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ def base_attention(x: BlockInputs, base: str, gaussian_std: float, sfr: Optional
 
     if base == "naclip":
         k = x.k()
-        omega = gaussian_neighbourhood(x.grid, gaussian_std).to(k.device)
+        omega = x.memoized(f"resclip.omega{gaussian_std}",
+                           lambda: gaussian_neighbourhood(x.grid, gaussian_std).to(k.device))
         return torch.softmax(mixed(k) + omega, dim=-1)
     if base == "clearclip":
         return torch.softmax(mixed(x.q()), dim=-1)
@@ -117,13 +118,17 @@ def provisional_labels(x: BlockInputs, pattern: torch.Tensor, temp_thd: float) -
     att = Attention(pattern, x.grid, cls=True, rows_sum_to_one=False)
     z = run_last_block(quiet, att, x.switches["residual"], x.switches["ffn"])
     dense = dense_from_block_output(x.clip, z, att)
-    pixels = x.window_pixels()
+    pixels = x.memoized("resclip.pixels", x.window_pixels)
+    # PAMR's weights depend on the window's pixels only: once per Encoded
+    weights = x.memoized("resclip.pamr_weights", lambda: [_weights(g) for g in pixels])
     scores = torch.einsum("behw,qe->bqhw", dense, x.text.to(dense.dtype))
     scores = F.interpolate(scores, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
     out = []
-    for s, guide in zip(scores, pixels):
+    for s, guide, alpha in zip(scores, pixels, weights):
         try:
-            s = pamr(s, guide, PAMR_STEPS, PAMR_DILATIONS)
+            if isinstance(alpha, RuntimeError):
+                raise alpha
+            s = pamr(s, guide, PAMR_STEPS, PAMR_DILATIONS, weights=alpha)
         except RuntimeError as err:  # the official code skips its PAMR on a RuntimeError
             log.warning("resclip: provisional PAMR skipped (%s)", err)
         prob = torch.softmax(PROVISIONAL_LOGIT_SCALE * s, dim=0)
@@ -131,6 +136,13 @@ def provisional_labels(x: BlockInputs, pattern: torch.Tensor, temp_thd: float) -
         label = torch.where(best < temp_thd, torch.zeros_like(label), label)
         out.append(patch_mode(label, x.clip.patch_size, x.grid, s.shape[0]))
     return torch.stack(out)
+
+
+def _weights(guide: torch.Tensor):
+    try:
+        return pamr_weights(guide, PAMR_DILATIONS)
+    except RuntimeError as err:
+        return err
 
 
 def patch_mode(labels: torch.Tensor, patch: int, grid: Tuple[int, int], n_labels: int) -> torch.Tensor:
@@ -159,23 +171,33 @@ def walk_table(length: int, big_d: int, device=None) -> torch.Tensor:
     return torch.round(a[None, :, None] + t[:, None, None] * (a[None, None, :] - a[None, :, None])).long()
 
 
-def valid_paths(labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """The path check on a (gh, gw) label grid: for every pair (i, j) the points
-    p_i + (n / D)(p_j - p_i), n = 0..d_ij, float32, rounded half to even, D = max d over all pairs;
-    valid iff every point has label l_i. -> (valid (N, N) bool, d (N, N), D)."""
+def valid_paths(labels: torch.Tensor, only: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """The path check on a (gh, gw) label grid: for every pair (i, j) (or the pairs ``only`` (N, N)
+    marks; the others are reported valid) the points p_i + (n / D)(p_j - p_i), n = 0..d_ij, float32,
+    rounded half to even, D = max d over all pairs; valid iff every point has label l_i.
+    -> (valid (N, N) bool, d (N, N), D)."""
     gh, gw = labels.shape
     pos, d = chebyshev((gh, gw), labels.device)
     big_d = int(d.max())
     valid = torch.ones_like(d, dtype=torch.bool)
     if big_d == 0:
         return valid, d, big_d
+    want = d > 0 if only is None else only & (d > 0)
+    pi, pj = want.nonzero(as_tuple=True)
+    steps = d[pi, pj]
+    order = torch.argsort(steps, descending=True)  # the pairs still walking at step n are a prefix
+    pi, pj, steps = pi[order], pj[order], steps[order]
     flat = labels.flatten()
     rows, cols = walk_table(gh, big_d, labels.device), walk_table(gw, big_d, labels.device)
-    ri, ci = pos[:, 0], pos[:, 1]
-    own = flat[:, None]
+    ri, rj, ci, cj = pos[pi, 0], pos[pj, 0], pos[pi, 1], pos[pj, 1]
+    own = flat[pi]
+    ok = torch.ones_like(own, dtype=torch.bool)
+    counts = torch.bincount(steps, minlength=big_d + 1).flip(0).cumsum(0).flip(0)  # pairs with d >= n
     for n in range(1, big_d + 1):  # n = 0 is p_i itself; t = n / D <= 1 stays on the segment
-        cell = rows[n][ri[:, None], ri[None, :]] * gw + cols[n][ci[:, None], ci[None, :]]
-        valid &= (flat[cell] == own) | (n > d)
+        k = int(counts[n])
+        cell = rows[n][ri[:k], rj[:k]] * gw + cols[n][ci[:k], cj[:k]]
+        ok[:k] &= flat[cell] == own[:k]
+    valid[pi, pj] = ok
     return valid, d, big_d
 
 
@@ -196,7 +218,7 @@ def sfr_matrix(labels: torch.Tensor, delete_same_entity: bool, std: float) -> to
     m = (flat[:, None] == flat[None, :]).float()
     m.fill_diagonal_(1.0)
     if delete_same_entity:
-        valid, d, big_d = valid_paths(labels)
+        valid, d, big_d = valid_paths(labels, only=m > 0)
         if big_d > 0:
             m = torch.where(valid, m, m * torch.exp(-d.float() / big_d))
     g = gaussian_kernel_1d(n, std).to(m.device)
