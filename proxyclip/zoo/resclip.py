@@ -119,15 +119,12 @@ def provisional_labels(x: BlockInputs, pattern: torch.Tensor, temp_thd: float) -
     z = run_last_block(quiet, att, x.switches["residual"], x.switches["ffn"])
     dense = dense_from_block_output(x.clip, z, att)
     pixels = x.memoized("resclip.pixels", x.window_pixels)
-    # PAMR's weights depend on the window's pixels only: once per Encoded
-    weights = x.memoized("resclip.pamr_weights", lambda: [_weights(g) for g in pixels])
     scores = torch.einsum("behw,qe->bqhw", dense, x.text.to(dense.dtype))
     scores = F.interpolate(scores, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
     out = []
-    for s, guide, alpha in zip(scores, pixels, weights):
-        try:
-            if isinstance(alpha, RuntimeError):
-                raise alpha
+    for i, (s, guide) in enumerate(zip(scores, pixels)):
+        try:  # PAMR's weights depend on the window's pixels only: once per Encoded
+            alpha = x.memoized(f"resclip.pamr_weights.{i}", lambda: pamr_weights(guide, PAMR_DILATIONS))
             s = pamr(s, guide, PAMR_STEPS, PAMR_DILATIONS, weights=alpha)
         except RuntimeError as err:  # the official code skips its PAMR on a RuntimeError
             log.warning("resclip: provisional PAMR skipped (%s)", err)
@@ -136,13 +133,6 @@ def provisional_labels(x: BlockInputs, pattern: torch.Tensor, temp_thd: float) -
         label = torch.where(best < temp_thd, torch.zeros_like(label), label)
         out.append(patch_mode(label, x.clip.patch_size, x.grid, s.shape[0]))
     return torch.stack(out)
-
-
-def _weights(guide: torch.Tensor):
-    try:
-        return pamr_weights(guide, PAMR_DILATIONS)
-    except RuntimeError as err:
-        return err
 
 
 def patch_mode(labels: torch.Tensor, patch: int, grid: Tuple[int, int], n_labels: int) -> torch.Tensor:
