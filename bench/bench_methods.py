@@ -28,6 +28,16 @@ VOC21 = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", 
          "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv monitor"]
 
 
+def all_parts(seg) -> list:
+    """The layer parts every registered method reads with its YAML defaults (kept by the encodes)."""
+    from proxyclip.parts import check_parts, method_parts
+
+    parts = set()
+    for m in METHODS:
+        parts |= set(check_parts(method_parts(METHODS[m], seg.decode_spec(m).knob_values), seg.clip.num_blocks))
+    return sorted(parts)
+
+
 def fresh(enc):
     enc.memo.clear()  # a first decode: q, k, values, the affinity computed afresh
     return enc
@@ -42,7 +52,8 @@ def main() -> None:
     # 1. all methods from one encode vs one ProxyCLIP predict, 500x375
     image = torch.rand(3, 375, 500)
     seg.predict(image, VOC21)  # warm-up (first-call allocations)
-    enc = seg.encode(image)
+    keep = all_parts(seg)
+    enc = seg.encode(image, keep=keep)
     t_pred = timed(lambda: seg.predict(image, VOC21), args.repeats)
     t_all = timed(lambda: [seg.decode(fresh(enc), VOC21, method=m) for m in methods], args.repeats)
     print(f"500x375 ({len(enc.windows)} windows): ProxyCLIP predict {t_pred:.3f} s; {len(methods)} decodes from one "
@@ -50,7 +61,7 @@ def main() -> None:
 
     # 2. each method's decode of one 336 window vs its encode
     window = torch.rand(3, 336, 336)
-    enc1 = seg.encode(window)
+    enc1 = seg.encode(window, keep=keep)
     t_enc = timed(lambda: seg.encode(window), args.repeats)
     clip_only = Segmenter.from_config(compose_config(overrides=args.overrides + ["method=clip"]))
     clip_only.text_embeddings(VOC21)

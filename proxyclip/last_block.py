@@ -79,7 +79,7 @@ class BlockInputs:
                  memo: Dict[Any, torch.Tensor], memo_key: Tuple[int, int],
                  point: Callable[[str, torch.Tensor], torch.Tensor],
                  layers: Optional[Dict[str, torch.Tensor]] = None, text: Optional[torch.Tensor] = None,
-                 pixels: Optional[Callable[[], torch.Tensor]] = None):
+                 pixels: Optional[Callable[[], torch.Tensor]] = None, switches: Optional[Dict[str, bool]] = None):
         self.clip = clip
         self.tokens = tokens  # (B, 1 + gh*gw, D)
         self.grid = grid  # (gh, gw)
@@ -88,6 +88,7 @@ class BlockInputs:
         self.text = text  # (Q, E) L2-normalized query embeddings (None when decoding without classes)
         self._layers = layers or {}  # this batch's layer parts, by part name (proxyclip/parts.py)
         self._pixels = pixels
+        self.switches = dict(switches or {})  # the decode's last-block switches (residual, ffn), by name
         self._memo = memo
         self._memo_key = memo_key
         self.heads = clip.heads

@@ -52,6 +52,9 @@ class Method:
     # the encode parts it reads besides the last block's input: fn(**its knobs) -> part names
     # (proxyclip/parts.py, e.g. ("clip.blocks.5.resid_pre", ...)); None = none
     parts: Optional[Callable[..., Tuple[str, ...]]] = None
+    # a check of its knob values (switches included) against a CLIP of ``layers`` blocks:
+    # fn(knobs, layers) raises ValueError (one line naming the knob); run wherever its parts are listed
+    check: Optional[Callable[[Dict[str, object], int], None]] = None
 
     @property
     def knob_names(self) -> Tuple[str, ...]:

@@ -15,7 +15,7 @@ A part depends on exactly what the CLIP part depends on (``EncodeSpec.clip_key``
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Iterable, Mapping, Sequence, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 RESID_PRE = "clip.blocks.{}.resid_pre"
 _PART = re.compile(r"^clip\.blocks\.(\d+)\.resid_pre$")
@@ -60,8 +60,11 @@ def check_block_indices(name: str, values: Sequence[int], layers: int, last: boo
     return out
 
 
-def method_parts(method: Any, knobs: Mapping[str, Any]) -> Tuple[str, ...]:
-    """The parts ``method`` reads with these knob values (``Method.parts(**its knobs)``)."""
+def method_parts(method: Any, knobs: Mapping[str, Any], layers: Optional[int] = None) -> Tuple[str, ...]:
+    """The parts ``method`` reads with these knob values (``Method.parts(**its knobs)``); with the
+    CLIP's number of blocks ``layers``, the method's own ``check`` of the values runs first."""
+    if layers is not None and getattr(method, "check", None) is not None:
+        method.check(knobs, layers)
     if method.parts is None:
         return ()
     return tuple(method.parts(**{k: knobs[k] for k in method.knob_names}))

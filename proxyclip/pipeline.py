@@ -25,6 +25,7 @@ from .encoded import Encoded, Prediction, check_decodable, replay
 from .hooks import HookFn, HookSet, NameFilter, declare_hook, finish_cache, hook_names
 from .images import ImageLike, load_image
 from .last_block import Attention, BlockInputs, BlockOutput, Dense, Scores, dense_from_block_output, run_last_block
+from .knobs import SWITCHES
 from .methods import get_method
 from .parts import block_of, check_parts, method_parts, resid_pre
 from .postprocess import apply_postprocess, get_postprocess
@@ -155,7 +156,8 @@ class Segmenter:
 
     def parts_of(self, spec: DecodeSpec) -> Tuple[str, ...]:
         """The layer parts (proxyclip/parts.py) a decode with ``spec`` reads from the Encoded."""
-        return check_parts(method_parts(get_method(spec.method), spec.knob_values), self.clip.num_blocks)
+        layers = self.clip.num_blocks
+        return check_parts(method_parts(get_method(spec.method), spec.knob_values, layers), layers)
 
     def text_embeddings(self, queries: Sequence[str]) -> torch.Tensor:
         """(Q, E) prompt-ensembled text embeddings, cached per name."""
@@ -323,7 +325,8 @@ def _method_output(seg: "Segmenter", enc: Encoded, start: int, stop: int, spec: 
     layers = {k: v[start:stop].to(seg.device) for k, v in enc.layers.items()}
     x = BlockInputs(seg.clip, enc.clip_tokens[start:stop].to(seg.device), enc.clip_grid, feats, enc.memo,
                     (start, stop), point, layers=layers, text=text,
-                    pixels=lambda: _window_pixels(seg, enc, start, stop))
+                    pixels=lambda: _window_pixels(seg, enc, start, stop),
+                    switches={k.name: knobs[k.name] for k in SWITCHES})
     out = meth.attention(x, **{k: knobs[k] for k in meth.knob_names})
     if isinstance(out, Scores):
         return out

@@ -44,11 +44,13 @@ def pamr_weights(guide: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
     return torch.softmax(logits, dim=0)
 
 
-def pamr(scores: torch.Tensor, guide: torch.Tensor, steps: int, dilations: Sequence[int]) -> torch.Tensor:
-    """Refine (Q, H, W) score maps with the (C, H, W) guide image's local affinities, ``steps`` times."""
+def pamr(scores: torch.Tensor, guide: torch.Tensor, steps: int, dilations: Sequence[int],
+         weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Refine (Q, H, W) score maps with the (C, H, W) guide image's local affinities, ``steps`` times
+    (``weights``: ``pamr_weights(guide, dilations)`` computed before, for a guide refined many times)."""
     if steps == 0:
         return scores
-    alpha = pamr_weights(guide, dilations)  # (P, H, W)
+    alpha = pamr_weights(guide, dilations) if weights is None else weights  # (P, H, W)
     m = scores.float()
     for _ in range(steps):
         out = torch.zeros_like(m)

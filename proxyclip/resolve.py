@@ -80,9 +80,10 @@ def configured_parts(cfg: Any) -> Tuple[str, ...]:
     from .parts import check_parts, method_parts
 
     meth, values = method_knobs(cfg, str(cfg.method.name), {})
-    if meth.parts is None:
+    if meth.parts is None and meth.check is None:
         return ()
-    return check_parts(method_parts(meth, values), clip_layers(str(cfg.clip.name)))
+    layers = clip_layers(str(cfg.clip.name))
+    return check_parts(method_parts(meth, values, layers), layers)
 
 
 def protocol_value(cfg: Any, name: str) -> Any:

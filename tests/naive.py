@@ -17,6 +17,8 @@ from omegaconf import OmegaConf
 
 from proxyclip.config import CONF_DIR
 
+import naive_resclip
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization, as published
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -105,7 +107,15 @@ def _proxyclip(q, k, heads, grid, feats, knobs):
     return a[None], tuple(feats.shape[-2:]), False
 
 
-# name -> fn(q, k, heads, clip grid, vfm features, knobs) -> (A (heads or 1, T', T'), grid of A, CLS first)
+def _resclip(q, k, heads, grid, feats, knobs, ctx):
+    ref = naive_resclip.reference(ctx["model"], ctx["x"], ctx["layers"], grid, ctx["text"], ctx["pixels"],
+                                  ctx["patch"], knobs)
+    return ref["attention"], grid, True
+
+
+# name -> fn(q, k, heads, clip grid, vfm features, knobs) -> (A (heads or 1, T', T'), grid of A, CLS first);
+# a method in CONTEXT also takes ctx= (window_context: the model, the tokens, the kept blocks' tokens,
+# the query embeddings, the window's pixels, the patch size)
 ATTENTION = {
     "clip": _per_head(_clip_row),
     "maskclip": _per_head(_maskclip_row),
@@ -113,7 +123,61 @@ ATTENTION = {
     "clearclip": _per_head(_clearclip_row),
     "naclip": _per_head(_naclip_row),
     "proxyclip": _proxyclip,
+    "resclip": _resclip,
 }
+CONTEXT = {"resclip"}
+
+# knob values a method needs on the tiny CLIP (2 blocks, a 4x4 grid): the blocks it reads, a prior
+# and a threshold that matter there (the YAML's defaults are the paper's, for a ViT-B/16)
+TINY_KNOBS: Dict[str, Dict[str, object]] = {
+    "resclip": {"rcs_layers": [0], "gaussian_std": 1.5, "temp_thd": 0.4},
+}
+# knob values under which a method's attention does not read the last block's switches (ResCLIP's
+# SFR runs a provisional pass of the block with them)
+SWITCH_FREE: Dict[str, Dict[str, object]] = {"resclip": {"sfr": False}}
+# (method, knob) -> other knob values under which that knob changes the output on the random tiny
+# model: ResCLIP's rcs_temp scales the whole attention, which without the residual only reaches the
+# output through out_proj's bias (zero in a randomly initialized CLIP) before ln_post
+MATTERS_WITH: Dict[Tuple[str, str], Dict[str, object]] = {("resclip", "rcs_temp"): {"residual": True}}
+
+
+def tiny_knobs(method: str) -> Dict[str, object]:
+    return dict(TINY_KNOBS.get(method, {}))
+
+
+def tiny_overrides(method: str) -> list:
+    """``method.<knob>=<value>`` overrides of :data:`TINY_KNOBS` for a config with ``method``."""
+    return [f"method.{k}={str(v).lower() if isinstance(v, bool) else v}".replace(" ", "")
+            for k, v in tiny_knobs(method).items()]
+
+
+def tiny_parts() -> list:
+    """The layer parts every registered method reads on the tiny CLIP with :data:`TINY_KNOBS`."""
+    from proxyclip.methods import METHODS
+    from proxyclip.parts import method_parts
+
+    out = set()
+    for name, meth in METHODS.items():
+        out |= set(method_parts(meth, knobs_of(name, **tiny_knobs(name))))
+    return sorted(out)
+
+
+def window_context(seg, enc, i: int, queries) -> Dict[str, object]:
+    """What a CONTEXT reference reads for window ``i`` of ``enc``: the kept blocks' tokens, the
+    reference text embeddings of ``queries``, the window's pixels (resized, cut, CLIP-normalized,
+    padded: written out here), the patch size."""
+    from proxyclip.parts import block_of
+
+    resized = enc.image
+    if tuple(enc.resized_size) != tuple(enc.image.shape[-2:]):
+        resized = F.interpolate(enc.image[None], size=enc.resized_size, mode="bilinear",
+                                align_corners=False)[0].clamp(0, 1)
+    y1, y2, x1, x2 = enc.windows[i]
+    crop = (resized[:, y1:y2, x1:x2] - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    top, bottom, left, right = enc.pad
+    return {"layers": {block_of(n): t[i] for n, t in enc.layers.items()},
+            "text": text_embeddings(seg.clip_model, seg.clip.tokenizer, queries),
+            "pixels": F.pad(crop, (left, right, top, bottom)), "patch": seg.clip.patch_size}
 
 
 # ---------------------------------------------------------------------------------------------- last block
@@ -125,9 +189,10 @@ def _resize_patches(x: torch.Tensor, grid, size) -> torch.Tensor:
     return F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)[0].flatten(1).T
 
 
-def last_block(model, x: torch.Tensor, grid, feats, method: str, knobs) -> Tuple[torch.Tensor, tuple, bool]:
+def last_block(model, x: torch.Tensor, grid, feats, method: str, knobs, ctx=None) -> Tuple[torch.Tensor, tuple, bool]:
     """Z (T', D) of CLIP's last block for one window's tokens ``x`` (1 + gh*gw, D), float64,
-    with ``method``'s attention; the grid of Z's patch tokens; whether Z starts with CLS."""
+    with ``method``'s attention; the grid of Z's patch tokens; whether Z starts with CLS.
+    ``ctx``: what a method of :data:`CONTEXT` reads besides q and k (:func:`window_context`)."""
     visual = copy.deepcopy(model.visual).double()
     block = visual.transformer.resblocks[-1]
     x = x.double()
@@ -135,8 +200,9 @@ def last_block(model, x: torch.Tensor, grid, feats, method: str, knobs) -> Tuple
     w, b = block.attn.in_proj_weight, block.attn.in_proj_bias
     xn = block.ln_1(x)
     q, k, v = (xn @ w[i * d:(i + 1) * d].T + b[i * d:(i + 1) * d] for i in range(3))
+    extra = {"ctx": {"model": model, "x": x, **(ctx or {})}} if method in CONTEXT else {}
     a, agrid, cls = ATTENTION[method](q, k, block.attn.num_heads, grid, None if feats is None else feats.double(),
-                                      knobs)
+                                      knobs, **extra)
     if cls:
         xv, vv = x, v
     else:  # the pattern is over the patch tokens of another grid: values and skip resized there
@@ -155,9 +221,9 @@ def last_block(model, x: torch.Tensor, grid, feats, method: str, knobs) -> Tuple
     return z, agrid, cls
 
 
-def dense(model, x, grid, feats, method, knobs) -> torch.Tensor:
+def dense(model, x, grid, feats, method, knobs, ctx=None) -> torch.Tensor:
     """(E, h, w) L2-normalized dense embeddings of one window, float64."""
-    z, agrid, cls = last_block(model, x, grid, feats, method, knobs)
+    z, agrid, cls = last_block(model, x, grid, feats, method, knobs, ctx)
     z = z[1:] if cls else z
     visual = copy.deepcopy(model.visual).double()
     e = F.normalize(visual.ln_post(z) @ visual.proj, dim=-1)
@@ -241,7 +307,8 @@ def scores(seg, enc, queries, method: str, knobs) -> torch.Tensor:
     per = []
     for i, box in enumerate(enc.windows):
         feats = None if enc.vfm_features is None else enc.vfm_features[i]
-        d = dense(seg.clip_model, enc.clip_tokens[i], enc.clip_grid, feats, method, knobs)
+        ctx = window_context(seg, enc, i, queries) if method in CONTEXT else None
+        d = dense(seg.clip_model, enc.clip_tokens[i], enc.clip_grid, feats, method, knobs, ctx)
         per.append(window_scores(d, text, box, enc.pad))
     merged = merge_by_hand(per, enc.windows, enc.resized_size)
     if tuple(merged.shape[-2:]) != enc.image_size:

@@ -5,6 +5,8 @@ declared point fires in a run that uses it (methods and post-processes from the 
 import pytest
 import torch
 
+import naive
+
 from proxyclip import HOOK_NAMES, hooks
 from proxyclip.config import CONF_DIR
 from proxyclip.hooks import HookSet, declarations, declare_hook, hook_names, replayed_hooks, window_hooks
@@ -44,9 +46,9 @@ def test_names_and_sets_come_from_the_declarations(tiny_segmenter):
 
 def test_every_declared_hook_fires_in_a_run_that_uses_it(tiny_segmenter, rand_image):
     """One run per (registered method, registered post-process), every hook recorded."""
-    enc = tiny_segmenter.encode(rand_image)
+    enc = tiny_segmenter.encode(rand_image, keep=naive.tiny_parts())
     caches = {(method, post): tiny_segmenter.run_with_cache(enc, CLASSES, method=method,
-                                                            postprocess={"name": post})[1]
+                                                            postprocess={"name": post}, **naive.tiny_knobs(method))[1]
               for method in METHODS for post in POSTPROCESSES}
     _, fresh = tiny_segmenter.run_with_cache(rand_image, CLASSES)  # the encode-time points fire in an encode too
     assert {d.name for d in declarations() if d.stage == "encode"} <= set(fresh)

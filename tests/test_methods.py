@@ -16,9 +16,13 @@ from proxyclip import Segmenter
 from proxyclip.backbones import CLIP_MEAN, CLIP_STD
 from proxyclip.last_block import BlockInputs, run_last_block
 from proxyclip.methods import METHODS, gaussian_neighbourhood, get_method
+from proxyclip.parts import resid_pre
+from proxyclip.text import parse_classes
 
 CLASSES = ["sky", "person; people", "horse"]
 CLIP_METHODS = [name for name, m in METHODS.items() if not m.needs_vfm]
+QUERIES = parse_classes(CLASSES).queries
+TINY = naive.tiny_knobs  # knob values a method needs on the tiny CLIP (tests/naive.py TINY_KNOBS)
 
 
 def test_every_method_has_a_reference():
@@ -28,25 +32,39 @@ def test_every_method_has_a_reference():
 
 @pytest.fixture(scope="module")
 def block_inputs(tiny_segmenter):
+    """Random tokens entering the last block and block 0, VFM features, query embeddings and window
+    pixels of two windows; ``make(residual, ffn)`` -> BlockInputs; ``ctx(i)``: window i for the references."""
     g = torch.Generator().manual_seed(7)
     tokens = torch.randn(2, 17, 64, generator=g)
     feats = torch.randn(2, 8, 3, 5, generator=g) + 0.3  # a VFM grid other than CLIP's 4x4: values resized
-    return tokens, feats, lambda: BlockInputs(tiny_segmenter.clip, tokens, (4, 4), feats, {}, (0, 2), lambda n, t: t)
+    block0 = torch.randn(2, 17, 64, generator=g)
+    text = F.normalize(torch.randn(4, tiny_segmenter.clip.visual.proj.shape[1], generator=g), dim=-1)
+    pixels = torch.randn(2, 3, 64, 64, generator=g)
+
+    def make(residual=False, ffn=False):
+        return BlockInputs(tiny_segmenter.clip, tokens, (4, 4), feats, {}, (0, 2), lambda n, t: t,
+                           layers={resid_pre(0): block0}, text=text, pixels=lambda: pixels,
+                           switches={"residual": residual, "ffn": ffn})
+
+    def ctx(i):
+        return {"layers": {0: block0[i]}, "text": text, "pixels": pixels[i], "patch": tiny_segmenter.clip.patch_size}
+
+    return tokens, feats, make, ctx
 
 
 @pytest.mark.parametrize("residual,ffn", [(True, True), (False, False), (True, False)])
 @pytest.mark.parametrize("name", list(METHODS))
 def test_each_method_equals_a_naive_loop(tiny_segmenter, block_inputs, name, residual, ffn):
-    tokens, feats, make = block_inputs
-    x = make()
+    tokens, feats, make, ctx = block_inputs
+    x = make(residual, ffn)
     meth = get_method(name)
-    knobs = naive.knobs_of(name, residual=residual, ffn=ffn)
+    knobs = naive.knobs_of(name, residual=residual, ffn=ffn, **TINY(name))
     if name == "naclip":
         knobs["gaussian_std"] = 1.5  # a prior that matters on a 4x4 grid
     att = meth.attention(x, **{k: knobs[k] for k in meth.knob_names})
     z = run_last_block(x, att, residual, ffn)
     for i in range(2):
-        ref, grid, cls = naive.last_block(tiny_segmenter.clip_model, tokens[i], (4, 4), feats[i], name, knobs)
+        ref, grid, cls = naive.last_block(tiny_segmenter.clip_model, tokens[i], (4, 4), feats[i], name, knobs, ctx(i))
         assert (tuple(att.grid), att.cls) == (grid, cls)
         torch.testing.assert_close(z[i].double(), ref, atol=2e-5, rtol=1e-5)
 
@@ -58,7 +76,8 @@ def test_attention_patterns(block_inputs):
     assert sclip.shape == (2, heads, 17, 17)
     torch.testing.assert_close(sclip.sum(-1), torch.full((2, heads, 17), 2.0))  # not renormalized
     for name, meth in METHODS.items():  # a method that declares rows summing to 1 has them
-        att = meth.attention(x, **{k: v for k, v in naive.method_defaults(name).items() if k in meth.knob_names})
+        knobs = naive.knobs_of(name, **TINY(name))
+        att = meth.attention(x, **{k: v for k, v in knobs.items() if k in meth.knob_names})
         assert torch.isfinite(att.pattern).all() and att.pattern.shape[1] in (1, heads)
         if att.rows_sum_to_one:
             torch.testing.assert_close(att.pattern.sum(-1), torch.ones(att.pattern.shape[:-1]))
@@ -95,23 +114,24 @@ def test_vanilla_clip_equals_open_clip_forward():
 
 def _reference_dense(seg, enc, name, knobs):
     """(n, E, h, w) float64 reference dense maps of every window of ``enc`` (tests/naive.py)."""
+    ctx = (lambda i: naive.window_context(seg, enc, i, QUERIES)) if name in naive.CONTEXT else (lambda i: None)
     return torch.stack([naive.dense(seg.clip_model, enc.clip_tokens[i], enc.clip_grid,
-                                    None if enc.vfm_features is None else enc.vfm_features[i], name, knobs)
+                                    None if enc.vfm_features is None else enc.vfm_features[i], name, knobs, ctx(i))
                         for i in range(len(enc.windows))])
 
 
 def test_one_encode_serves_every_method(tiny_segmenter, rand_image):
-    enc = tiny_segmenter.encode(rand_image)
+    enc = tiny_segmenter.encode(rand_image, keep=naive.tiny_parts())
     for name in METHODS:
         pred, cache = tiny_segmenter.run_with_cache(enc, CLASSES, names=["attention.pattern", "clip.dense"],
-                                                    method=name)
+                                                    method=name, **TINY(name))
         assert pred.method == name and torch.isfinite(pred.scores).all()
         # the dense maps of every window = a float64 reference of this method from the block's weights
-        ref = _reference_dense(tiny_segmenter, enc, name, naive.knobs_of(name))
+        ref = _reference_dense(tiny_segmenter, enc, name, naive.knobs_of(name, **TINY(name)))
         torch.testing.assert_close(cache["clip.dense"].double(), ref, atol=2e-5, rtol=1e-5)
         # decoding with another method = a Segmenter configured with that method (same seeded weights)
         if not METHODS[name].needs_vfm:
-            own = Segmenter.from_config(tiny_config(f"method={name}"))
+            own = Segmenter.from_config(tiny_config(f"method={name}", *naive.tiny_overrides(name)))
             assert own.vfm is None
             torch.testing.assert_close(own.predict(rand_image, CLASSES).scores, pred.scores)
     # the method's own defaults: clearclip's logit scale is 50, the protocol's prob_thd is kept
@@ -123,12 +143,12 @@ def test_switches_and_knobs_reach_the_block(tiny_segmenter, rand_image, name):
     """Each switch does exactly what it says to the block output, and each knob of each method gives
     the reference's value at that setting."""
     seg = tiny_segmenter
-    enc = seg.encode(rand_image)
+    enc = seg.encode(rand_image, keep=naive.tiny_parts())
     block = seg.clip.last_block
     z = {}
     for residual, ffn in ((False, False), (True, False), (True, True)):
         pred, cache = seg.run_with_cache(enc, CLASSES, names=["clip.last_block_output", "clip.dense"], method=name,
-                                         residual=residual, ffn=ffn)
+                                         residual=residual, ffn=ffn, **TINY(name), **naive.SWITCH_FREE.get(name, {}))
         assert (pred.params["residual"], pred.params["ffn"]) == (residual, ffn)
         z[residual, ffn] = cache["clip.last_block_output"]
     grid = tuple(cache["clip.dense"].shape[-2:])
@@ -143,14 +163,16 @@ def test_switches_and_knobs_reach_the_block(tiny_segmenter, rand_image, name):
         y = z[True, False]
         torch.testing.assert_close(z[True, True], y + block.mlp(block.ln_2(y)), atol=1e-5, rtol=1e-5)
     # each of the method's own knobs, at a value other than its default: the reference at that value
-    defaults = naive.knobs_of(name)
+    defaults = naive.knobs_of(name, **TINY(name))
     for knob in METHODS[name].knobs:
         value = naive.other_value(knob, defaults[knob.name])
-        pred, cache = seg.run_with_cache(enc, CLASSES, names=["clip.dense"], method=name, **{knob.name: value})
+        where = {**defaults, **naive.MATTERS_WITH.get((name, knob.name), {})}
+        given = {k: where[k] for k in (*TINY(name), *naive.MATTERS_WITH.get((name, knob.name), {}))}
+        pred, cache = seg.run_with_cache(enc, CLASSES, names=["clip.dense"], method=name, **{**given, knob.name: value})
         assert pred.params[knob.name] == value
-        ref = _reference_dense(seg, enc, name, {**defaults, knob.name: value})
+        ref = _reference_dense(seg, enc, name, {**where, knob.name: value})
         torch.testing.assert_close(cache["clip.dense"].double(), ref, atol=2e-5, rtol=1e-5)
-        assert not torch.allclose(ref, _reference_dense(seg, enc, name, defaults), atol=1e-4)  # it matters here
+        assert not torch.allclose(ref, _reference_dense(seg, enc, name, where), atol=1e-4)  # it matters here
 
 
 def test_proxyclip_shift_and_mask_off_is_plain_softmax(tiny_segmenter, rand_image):

@@ -4,6 +4,7 @@ import csv
 
 import pytest
 import torch
+import naive
 from fixtures_datasets import make_voc
 from fixtures_eval import eval_cfg
 
@@ -11,6 +12,8 @@ from proxyclip.data import build_dataset
 from proxyclip.evaluation import FeatureCache, evaluate, sweep
 from proxyclip.knobs import SWITCHES
 from proxyclip.methods import METHODS
+from proxyclip.pipeline import Segmenter
+from proxyclip.resolve import configured_parts
 
 
 def test_sweep_points_equal_separate_evaluations(tmp_path, eval_segmenter):
@@ -42,6 +45,8 @@ def _two_values(knob, default):
         return [default, not default]
     if knob.kind == "int":
         return [default, default + 1]
+    if knob.kind == "choice":
+        return [default, next(c for c in knob.choices if c != default)]
     return [default, default * 1.5 if default else 0.5]
 
 
@@ -51,15 +56,17 @@ def test_a_sweep_of_every_method_equals_separate_evaluations(method, tmp_path, e
     points equal separate evaluations at those values, point for point."""
     make_voc(tmp_path, n=2)
     knob = (METHODS[method].knobs or SWITCHES)[0]
-    base = eval_cfg("voc21", tmp_path, f"method={method}")
+    tiny = naive.tiny_overrides(method)  # the knob values a method needs on the tiny CLIP
+    base = eval_cfg("voc21", tmp_path, f"method={method}", *tiny)
+    seg = eval_segmenter if not configured_parts(base) else Segmenter.from_config(base)  # one that keeps its parts
     values = _two_values(knob, base.method[knob.name])
     literal = "[" + ",".join(str(v).lower() for v in values) + "]"
-    out = sweep(eval_cfg("voc21", tmp_path, f"method={method}", f"sweep.{knob.name}={literal}", config_name="sweep"),
-                run_dir=tmp_path / "sweep", seg=eval_segmenter)
+    out = sweep(eval_cfg("voc21", tmp_path, f"method={method}", *tiny, f"sweep.{knob.name}={literal}",
+                         config_name="sweep"), run_dir=tmp_path / "sweep", seg=seg)
     assert out["axes"] == [knob.name] and [p["values"][knob.name] for p in out["points"]] == values
     for v, p in zip(values, out["points"]):
-        single = evaluate(eval_cfg("voc21", tmp_path, f"method={method}", f"method.{knob.name}={str(v).lower()}"),
-                          run_dir=tmp_path / f"e{v}", seg=eval_segmenter)
+        single = evaluate(eval_cfg("voc21", tmp_path, f"method={method}", *tiny, f"method.{knob.name}={str(v).lower()}"),
+                          run_dir=tmp_path / f"e{v}", seg=seg)
         assert p["decode"] == single["decode"] and p["decode"]["knobs"][knob.name] == v
         assert p["mIoU"] == pytest.approx(single["mIoU"], abs=1e-9)
         assert p["IoU"] == pytest.approx({r["class"]: r["IoU"] for r in single["per_class"]}, nan_ok=True, abs=1e-12)

@@ -40,6 +40,8 @@ NACLIP_PAPER = "NACLIP paper (Hajimiri et al., WACV 2025), without PAMR"
 SCLIP_README = ("SCLIP README (wangf3014/SCLIP at b56bd30), the run 'with the default setup in this repo' that "
                 "protocol=sclip reproduces; not the SCLIP paper's numbers, which are another run")
 NACLIP_README = "NACLIP README, v2 (sinahmr/NACLIP at 0cac3a6), main results with PAMR on (protocol=naclip)"
+RESCLIP_PAPER = ("ResCLIP (Yang et al., CVPR 2025), its repository's figs/main_results_w.png and "
+                 "figs/main_results_wo.png, without the final PAMR, per-dataset knobs of its configs")
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,13 @@ METHODS_B16: Tuple[PublishedRow, ...] = (
                  NACLIP_B16, 39.4, NACLIP_PAPER, own_protocol=True),
     PublishedRow("ProxyCLIP ViT-B/16 + DINO B/8", ("method=proxyclip", B16, DINO_B8),
                  PROXYCLIP_B16_DINO_B8, 42.3, PROXYCLIP_PAPER),
+    PublishedRow("NACLIP + ResCLIP ViT-B/16", ("method=resclip", B16),
+                 (61.1, 33.5, 35.0, 86.0, 36.8, 24.7, 35.9, 18.0), 41.4, RESCLIP_PAPER, own_protocol=True),
+    PublishedRow("SCLIP + ResCLIP ViT-B/16", ("method=resclip", "method.base=sclip", "method.residual=true",
+                                              "method.ffn=true", B16),
+                 (60.7, 32.9, 34.3, 84.6, 35.8, 23.9, 34.4, 17.6), 40.5, RESCLIP_PAPER, own_protocol=True),
+    PublishedRow("ClearCLIP + ResCLIP ViT-B/16", ("method=resclip", "method.base=clearclip", B16),
+                 (59.0, 32.9, 34.0, 87.1, 36.4, 24.3, 34.5, 17.8), 40.7, RESCLIP_PAPER, own_protocol=True),
 )
 
 # each method under its own protocol preset, with the numbers published for exactly that setup
