@@ -235,3 +235,37 @@ def test_vfm_block_points(tiny_segmenter, rand_image):
         hooked = seg.encode(rand_image)
     assert (hooked.vfm_features - enc.vfm_features).abs().max() > 1e-3
     assert torch.equal(hooked.clip_tokens, enc.clip_tokens)
+
+
+def test_residual_stream_and_logit_lens(tiny_segmenter, rand_image):
+    from proxyclip import lens
+
+    seg = tiny_segmenter
+    with pytest.raises(ValueError, match=r"lacks clip\.blocks\.0\.resid_pre: encode with seg\.encode\(image, keep="):
+        lens.residual_stream(seg, seg.encode(rand_image))
+    enc = seg.encode(rand_image, keep=lens.every_part(seg))
+    states = lens.residual_stream(seg, enc)
+    L = seg.clip.num_blocks
+    assert [n for n, _ in states] == [f"block {i} input" for i in range(L)] + [f"block {L - 1} output"]
+    # the stream is open_clip's own: each block's output is the next block's input
+    for i in range(L):
+        torch.testing.assert_close(seg.clip.block(i)(states[i][1]), states[i + 1][1], atol=1e-5, rtol=0)
+    norms = lens.token_norms(states[0][1])
+    assert norms.shape == states[0][1].shape[:2]
+    top = lens.top_tokens(norms[0], 3)
+    assert sorted(norms[0].tolist(), reverse=True)[:3] == norms[0][top].tolist()
+    # the lens of the last block is vanilla CLIP's segmentation (method=clip: residual and FFN on)
+    labels = lens.logit_lens(seg, enc, CLASSES, logit_scale=40.0, prob_thd=0.0)
+    assert sorted(labels) == list(range(L))
+    clip_pred = seg.decode(enc, CLASSES, method="clip", logit_scale=40.0, prob_thd=0.0)
+    assert torch.equal(labels[L - 1], clip_pred.labels)
+    # block 0's lens scores by hand: ln_post, proj, L2 norm, cosine with the text embeddings (float64)
+    text = seg.text_embeddings(["sky", "person", "people", "horse"]).double()
+    z = states[1][1][:, 1:].double()
+    v = seg.clip.visual
+    u = (z - z.mean(-1, keepdim=True)) / torch.sqrt(z.var(-1, unbiased=False, keepdim=True) + v.ln_post.eps)
+    e = (u * v.ln_post.weight.double() + v.ln_post.bias.double()) @ v.proj.double()
+    e = e / e.norm(dim=-1, keepdim=True)
+    ref = torch.einsum("nte,qe->nqt", e, text).reshape(len(enc.windows), 4, *enc.clip_grid)
+    torch.testing.assert_close(lens.lens_scores(seg, enc, states[1][1], seg.text_embeddings(
+        ["sky", "person", "people", "horse"])).double(), ref, atol=1e-5, rtol=0)

@@ -24,6 +24,7 @@ import torch
 
 from ..backbones.blocks import block_pattern
 from ..encoded import Encoded
+from ..lens import every_part  # noqa: F401  (the parts the block slider reads)
 from ..parts import resid_pre
 from ..pipeline import Segmenter
 from ..viz import pattern_row
@@ -66,11 +67,6 @@ def pattern_view(method: str, title: str, hook: str) -> ExtraView:
         return r, grid, patch
 
     return ExtraView(method, title, (hook,), row)
-
-
-def every_part(seg: Segmenter) -> List[str]:
-    """The layer parts of blocks 0..L-2 (what the block slider reads)."""
-    return [resid_pre(i) for i in range(seg.clip.num_blocks - 1)]
 
 
 @torch.no_grad()

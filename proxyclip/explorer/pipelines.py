@@ -11,6 +11,7 @@ import torch
 
 from ..encoded import Encoded
 from ..last_block import BlockInputs
+from ..lens import every_part
 from ..methods import vanilla_attention
 from ..pipeline import Segmenter
 from .sources import image_id
@@ -98,8 +99,6 @@ class PipelineCache:
     def keep_parts(self, seg: Segmenter, image: torch.Tensor, enc: Encoded, progress: Progress) -> Encoded:
         """``enc`` encoded again keeping every layer part (blocks 0..L-2; its VFM part reused), in the
         cache in its place: the block slider reads any block from it."""
-        from .inside import every_part
-
         progress("encoding CLIP again, keeping every block's tokens", 0.1)
         t0 = time.perf_counter()
         kept = seg.encode(image, reuse=enc, keep=every_part(seg))
