@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from . import build, resolve
 from .backbones import CLIP_MEAN, CLIP_STD, ClipBackbone, VfmBackbone
-from .backbones.blocks import VFM_POINTS, BlockPoints, vfm_blocks
+from .backbones.blocks import VFM_POINTS, BlockPoints, check_asked, vfm_blocks
 from .decision import DEFAULT_BUDGET, WindowScores, decide, decide_chunked
 from .encoded import Encoded, Prediction, check_decodable, check_replayable, replay
 from .hooks import HookFn, HookSet, NameFilter, declare_hook, finish_cache, hook_names
@@ -124,6 +124,8 @@ class Segmenter:
         image runs CLIP once, and a layer part already there is not recomputed.
         """
         img = load_image(image)
+        if not self.hooks.idle:  # a hook named for a block the encode does not run says so
+            check_asked(self.hooks.asked_for(), self.clip.num_blocks - 1)
         size, boxes, pad = self.layout(img)
         want = check_parts(tuple(self.encode_spec.parts) + tuple(keep), self.clip.num_blocks)
         same = (reuse is not None and reuse.resized_size == size and reuse.windows == boxes and reuse.pad == pad
@@ -366,7 +368,8 @@ def _run_backbones(seg: "Segmenter", resized: torch.Tensor, boxes, pad, clip: bo
             if not seg.vfm.resizes_input:
                 vfm_in = F.pad(vfm_in, (pad[2], pad[3], pad[0], pad[1]))
             vp = BlockPoints(seg.hooks, start, VFM_POINTS)  # vfm.blocks.{i}.*: only when someone listens
-            out = seg.vfm.features(vfm_in, point=vp) if vp.any(len(vfm_blocks(seg.vfm.model) or ())) else seg.vfm.features(vfm_in)
+            listened = not seg.hooks.idle and vp.any(len(vfm_blocks(seg.vfm.model) or ()))
+            out = seg.vfm.features(vfm_in, point=vp) if listened else seg.vfm.features(vfm_in)
             feats.append(seg.hooks.point(VFM_FEATURES, out.float(), start))
         if clip:
             clip_in = F.pad(_normalize(crops, *seg._clip_norm), (pad[2], pad[3], pad[0], pad[1]))

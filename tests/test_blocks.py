@@ -269,3 +269,12 @@ def test_residual_stream_and_logit_lens(tiny_segmenter, rand_image):
     ref = torch.einsum("nte,qe->nqt", e, text).reshape(len(enc.windows), 4, *enc.clip_grid)
     torch.testing.assert_close(lens.lens_scores(seg, enc, states[1][1], seg.text_embeddings(
         ["sky", "person", "people", "horse"])).double(), ref, atol=1e-5, rtol=0)
+
+
+def test_a_hook_on_a_block_the_encode_does_not_run_is_an_error(tiny_segmenter, rand_image):
+    seg = tiny_segmenter  # two blocks: the encode runs block 0, block 1 is the method's
+    with pytest.raises(ValueError, match=r"hook point clip\.blocks\.1\.attn\.pattern: the encode runs CLIP blocks 0\.\.0; "
+                                         r"block 1 is the last block, which the method replaces"):
+        seg.run_with_hooks(rand_image, CLASSES, hooks={"clip.blocks.1.attn.pattern": lambda t, h: None})
+    with pytest.raises(ValueError, match=r"block 7 does not exist"):
+        seg.run_with_cache(rand_image, CLASSES, names=["clip.blocks.7.resid_pre"])

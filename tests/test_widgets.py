@@ -492,53 +492,6 @@ def test_a_backbone_that_fails_to_load_is_reported_and_undone(tiny_segmenter, ra
     assert c.n_decodes == 3 and c.prediction.spec.params()[c.knob_declarations()[-1].name] == 0.5
 
 
-def marks(fig):
-    return [t.get_text() for t in fig.texts if t.get_label() == viz.marks.MARK_LABEL]
-
-
-def test_explorer_figures_carry_the_random_weights_mark(explorer, tiny_segmenter, monkeypatch):
-    """The tiny segmenter runs random weights by choice (experiment=tiny: weights=random): every figure
-    the explorer draws says so; with real weights, none does."""
-    c = explorer.controller
-    assert tiny_segmenter.random_weights and tiny_segmenter.cfg.weights.source == "random"
-    c.set_record_stages(True)
-    c.refresh()
-    figs = [c.segmentation_figure(), c.attention_figure(), c.attention_figure(show_affinity=True)]
-    for fig in figs:
-        (text,) = marks(fig)
-        assert "RANDOM WEIGHTS" in text and "weights=random was chosen" in text
-    assert figs[0]._suptitle.get_text().startswith(c.prediction.spec.method)  # the title stays
-    monkeypatch.setattr(tiny_segmenter.cfg.weights, "source", "pretrained")  # random although pretrained was asked
-    assert "pretrained weights were unavailable" in marks(c.segmentation_figure())[0]
-    monkeypatch.setattr(tiny_segmenter, "random_weights", False)
-    assert marks(c.segmentation_figure()) == [] and marks(c.attention_figure()) == []
-
-
-def readme_block(marker: str) -> str:
-    """The fenced python block after ``<!-- tested: marker -->`` in the README."""
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    after = text.split(f"<!-- tested: {marker} -->", 1)[1]
-    assert after.lstrip().startswith("```python"), marker
-    return after.split("```python", 1)[1].split("```", 1)[0]
-
-
-def test_readme_explorer_snippet_runs(tmp_path, monkeypatch):
-    """The README's ExplorerController example, run as written (its own tiny models, built from conf/)."""
-    monkeypatch.chdir(tmp_path)
-    scope: dict = {}
-    exec(compile(readme_block("explorer-from-python"), "README.md", "exec"), scope)
-    c = scope["c"]
-    assert (c.n_encodes, c.n_decodes) == (1, 2)  # one encode, then a decode per refresh
-    assert c.classes == ["sky", "person; people", "horse"] and c.method == "proxyclip"
-    assert (c.prediction.params["beta"], c.prediction.params["gamma"]) == (1.1, 4.0)
-    labels = scope["labels"]
-    assert labels.shape == c.image.shape[1:] and c.point == (120.0, 200.0)
-    for name in ("segmentation.png", "attention.png"):
-        assert Image.open(tmp_path / name).size[0] > 100
-
-
 def _block_pattern64(block, x):
     """softmax(tau q k^T) of an open_clip block, float64, from ln_1 and in_proj_weight / in_proj_bias."""
     x = x.double()
@@ -594,3 +547,51 @@ def test_a_method_can_add_attention_views(explorer, monkeypatch):
     assert titles[-1] == "sclip's pattern again"
     explorer.method.value = "clip"
     assert c.attention_view().extra == []
+
+
+def marks(fig):
+    return [t.get_text() for t in fig.texts if t.get_label() == viz.marks.MARK_LABEL]
+
+
+def test_explorer_figures_carry_the_random_weights_mark(explorer, tiny_segmenter, monkeypatch):
+    """The tiny segmenter runs random weights by choice (experiment=tiny: weights=random): every figure
+    the explorer draws says so; with real weights, none does."""
+    c = explorer.controller
+    assert tiny_segmenter.random_weights and tiny_segmenter.cfg.weights.source == "random"
+    c.set_record_stages(True)
+    c.refresh()
+    figs = [c.segmentation_figure(), c.attention_figure(), c.attention_figure(show_affinity=True)]
+    for fig in figs:
+        (text,) = marks(fig)
+        assert "RANDOM WEIGHTS" in text and "weights=random was chosen" in text
+    assert figs[0]._suptitle.get_text().startswith(c.prediction.spec.method)  # the title stays
+    monkeypatch.setattr(tiny_segmenter.cfg.weights, "source", "pretrained")  # random although pretrained was asked
+    assert "pretrained weights were unavailable" in marks(c.segmentation_figure())[0]
+    monkeypatch.setattr(tiny_segmenter, "random_weights", False)
+    assert marks(c.segmentation_figure()) == [] and marks(c.attention_figure()) == []
+
+
+def readme_block(marker: str) -> str:
+    """The fenced python block after ``<!-- tested: marker -->`` in the README."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    after = text.split(f"<!-- tested: {marker} -->", 1)[1]
+    assert after.lstrip().startswith("```python"), marker
+    return after.split("```python", 1)[1].split("```", 1)[0]
+
+
+def test_readme_explorer_snippet_runs(tmp_path, monkeypatch):
+    """The README's ExplorerController example, run as written (its own tiny models, built from conf/)."""
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(readme_block("explorer-from-python"), "README.md", "exec"), scope)
+    c = scope["c"]
+    assert (c.n_encodes, c.n_decodes) == (1, 2)  # one encode, then a decode per refresh
+    assert c.classes == ["sky", "person; people", "horse"] and c.method == "proxyclip"
+    assert (c.prediction.params["beta"], c.prediction.params["gamma"]) == (1.1, 4.0)
+    labels = scope["labels"]
+    assert labels.shape == c.image.shape[1:] and c.point == (120.0, 200.0)
+    for name in ("segmentation.png", "attention.png"):
+        assert Image.open(tmp_path / name).size[0] > 100
+

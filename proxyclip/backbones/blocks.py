@@ -25,7 +25,8 @@ RADIO, ...) fire no ``vfm.blocks`` point.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+import re
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -70,6 +71,7 @@ VFM_POINTS: Dict[str, str] = {
 }
 
 Point = Callable[[str, torch.Tensor], torch.Tensor]
+_CLIP_MEMBER = re.compile(r"^clip\.blocks\.(\d+)\.")
 
 
 class BlockPoints:
@@ -98,6 +100,15 @@ class BlockPoints:
 
     def any(self, n: int) -> bool:
         return not self.hooks.idle and any(self.listening(i) for i in range(n))
+
+
+def check_asked(names: Iterable[str], blocks_run: int) -> None:
+    """Hook names given for ``clip.blocks.{i}.*`` must name a block the encode runs (0..blocks_run-1)."""
+    for name in names:
+        m = _CLIP_MEMBER.match(name)
+        if m and int(m.group(1)) >= blocks_run:
+            raise ValueError(f"hook point {name}: the encode runs CLIP blocks 0..{blocks_run - 1}; block {m.group(1)} "
+                             f"{'is the last block, which the method replaces (its points: clip.last_block_input, attention.pattern, clip.last_block_output)' if int(m.group(1)) == blocks_run else 'does not exist'}")
 
 
 def check_clip_block(block: nn.Module, i: int) -> None:
