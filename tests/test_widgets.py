@@ -534,9 +534,10 @@ def test_block_slider_shows_each_blocks_own_attention(explorer, tiny_segmenter, 
 
 
 def test_a_method_can_add_attention_views(explorer, monkeypatch):
+    from proxyclip import attention_views
     from proxyclip.explorer import inside
 
-    monkeypatch.setattr(inside, "EXTRA_VIEWS", {})
+    monkeypatch.setattr(attention_views, "EXTRA_VIEWS", {})  # the registry a method's module adds to
     inside.register_view(inside.pattern_view("sclip", "sclip's pattern again", "attention.pattern"))
     c = explorer.controller
     explorer.method.value = "sclip"

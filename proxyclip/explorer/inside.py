@@ -7,7 +7,8 @@ the encode's layer part ``clip.blocks.{i}.resid_pre`` (the tokens entering block
 last block only), so this is every method's attention there; at the last block the explorer shows the
 method's attention beside CLIP's own.
 
-Extra views. A method may add panels of its own (e.g. ResCLIP: its RCS attention and its SFR matrix):
+Extra views (proxyclip/attention_views.py, re-exported here; a light module a method's own module
+can import). A method may add panels of its own (e.g. ResCLIP: its RCS attention and its SFR matrix):
 ``register_view(ExtraView(method, title, hooks, row))``. The decode records ``hooks`` (declared hook
 points the method fires through ``x.point``) when that method is shown, and ``row(cache, enc, y, x)``
 turns the recorded tensors into the chosen pixel's row ``(row (N,), grid (h, w), patch (r, c))``, or
@@ -17,56 +18,16 @@ None. :func:`pattern_view` makes one for a hook that holds an ``(n, h|1, T, T)``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 
+from ..attention_views import EXTRA_VIEWS, ExtraView, extra_views, pattern_view, register_view  # noqa: F401
 from ..backbones.blocks import block_pattern
 from ..encoded import Encoded
 from ..lens import every_part  # noqa: F401  (the parts the block slider reads)
 from ..parts import resid_pre
 from ..pipeline import Segmenter
-from ..viz import pattern_row
-
-Row = Tuple[torch.Tensor, Tuple[int, int], Tuple[int, int]]
-
-
-@dataclass(frozen=True)
-class ExtraView:
-    """One more attention panel for ``method``: ``title``, the hook points its decode records, and
-    ``row(cache, enc, y, x) -> (row, grid, patch) | None`` for the pixel (y, x) of the original image."""
-
-    method: str
-    title: str
-    hooks: Tuple[str, ...]
-    row: Callable[[Dict[str, torch.Tensor], Encoded, float, float], Optional[Row]]
-
-
-EXTRA_VIEWS: Dict[str, List[ExtraView]] = {}
-
-
-def register_view(view: ExtraView) -> ExtraView:
-    """Add ``view`` to its method's panels (once per title)."""
-    views = EXTRA_VIEWS.setdefault(view.method, [])
-    views[:] = [v for v in views if v.title != view.title] + [view]
-    return view
-
-
-def extra_views(method: str) -> Sequence[ExtraView]:
-    return tuple(EXTRA_VIEWS.get(method, ()))
-
-
-def pattern_view(method: str, title: str, hook: str) -> ExtraView:
-    """A view of a hook holding an (n, h|1, T, T) attention pattern (heads averaged, CLS first when
-    T = 1 + gh·gw) as ``viz.pattern_row`` reads ``attention.pattern``."""
-    def row(cache, enc, y, x):
-        if hook not in cache:
-            return None
-        r, grid, patch, _ = pattern_row(cache[hook], enc, y, x)
-        return r, grid, patch
-
-    return ExtraView(method, title, (hook,), row)
 
 
 @torch.no_grad()
