@@ -39,6 +39,7 @@ bench-all: bench
 	$(TEST_ENV) $(PY) bench/bench_vfms.py
 	$(TEST_ENV) $(PY) bench/bench_eval_overlap.py
 	$(TEST_ENV) $(PY) bench/bench_vocab.py
+	$(TEST_ENV) $(PY) bench/bench_inside.py
 
 # Debian's Chromium for the browser test (tests/ marked `browser`); needs root.
 browser-deps:

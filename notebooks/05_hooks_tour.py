@@ -55,12 +55,18 @@ print(f"{len(dataset)} images, classes {classes}")
 
 # %% [markdown]
 # ## Every hook point, with its shape
+# A family such as `clip.blocks.{i}.attn.pattern` is one point per block (`clip.blocks.0.attn.pattern`,
+# ...): shown here by its first member and how many blocks fired it (notebook 7 looks inside).
 
 # %%
+from proxyclip.hooks import family_of
+
 pred, cache = seg.run_with_cache(image, classes)
 for name in seg.hook_names:
-    t = cache.get(name)
-    print(f"{name:28s}", "did not fire" if t is None else f"{tuple(t.shape)} {t.dtype}")
+    members = [n for n in cache if family_of(n) == name]
+    t = cache[members[0]] if members else None
+    blocks = f" x {len(members)} blocks" if "{i}" in name and members else ""
+    print(f"{name:32s}", "did not fire" if t is None else f"{tuple(t.shape)} {t.dtype}{blocks}")
 
 # %% [markdown]
 # ## Reading: the VFM features as colours

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .decision import WindowScores, decide
-from .hooks import HookSet, replayed_hooks
+from .hooks import HookSet, decl_of, replayed_hooks
 from .specs import ENCODED_FORMAT, DecodeSpec
 from .text import ClassList
 from .windows import Box
@@ -192,3 +192,13 @@ def replay(enc: Encoded, hooks: HookSet, batch_size: int) -> Encoded:
         if replaced:
             changed[decl.replay] = torch.cat(parts)
     return replace(enc, memo={}, **changed) if changed else enc
+
+
+def check_replayable(names) -> None:
+    """The hook names asked for by name can fire from a stored Encoded: an encode-time point with
+    nothing stored to replay (the per-block points) needs the image encoded again."""
+    lost = sorted(n for n in names if (d := decl_of(n)) is not None and d.stage == "encode" and not d.replay)
+    if lost:
+        raise ValueError(f"hook point {lost[0]} fires while the encode runs CLIP's (or the VFM's) blocks, and a stored "
+                         "Encoded keeps no record of it: pass the image instead of the Encoded "
+                         "(run_with_cache(image, ...) encodes again)")

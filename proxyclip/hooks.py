@@ -11,11 +11,18 @@ The list of names (:func:`hook_names`), the per-window set, the replay of stored
 the README's table (:func:`markdown_table`) all come from the declarations. Adding a hook
 point: one ``declare_hook`` next to its ``point(...)`` call, and a test.
 
+A *family* is declared once with ``{i}`` in its name, e.g. ``clip.blocks.{i}.attn.pattern``: it
+fires as ``clip.blocks.0.attn.pattern``, ``clip.blocks.1.attn.pattern``, ... (one per block). The
+names, the README's table and ``hook_names()`` list the family once, by its template; hooks and
+caches take either a member (``clip.blocks.3.attn.pattern``: that block) or the template (every
+block); a cache records members by their own names.
+
 Window-level entries of a cache are concatenated over all windows of an image, in window order.
 """
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
@@ -39,6 +46,9 @@ class HookDecl:
 
 
 HOOKS: Dict[str, HookDecl] = {}
+FAMILY = "{i}"  # the index placeholder of a family's name
+_FAMILIES: Dict[str, "re.Pattern[str]"] = {}  # template -> regex of its members
+_MEMBERS: Dict[str, Optional[HookDecl]] = {}  # resolved names (members and plain names)
 
 
 def declare_hook(name: str, level: str, shape: str, doc: str, stage: str, replay: Optional[str] = None) -> str:
@@ -51,7 +61,41 @@ def declare_hook(name: str, level: str, shape: str, doc: str, stage: str, replay
     if name in HOOKS and HOOKS[name] != decl:
         raise ValueError(f"hook {name} declared twice, differently")
     HOOKS[name] = decl
+    if FAMILY in name:
+        _FAMILIES[name] = re.compile("^" + re.escape(name).replace(re.escape(FAMILY), r"(\d+)") + "$")
+    _MEMBERS.clear()
     return name
+
+
+def member(template: str, i: int) -> str:
+    """The name block ``i`` of a family fires under: ``member("clip.blocks.{i}.resid_pre", 3)``."""
+    return template.replace(FAMILY, str(int(i)))
+
+
+def decl_of(name: str) -> Optional[HookDecl]:
+    """The declaration of a plain name, a family's template or a family member; None if undeclared."""
+    if name in _MEMBERS:
+        decl = _MEMBERS[name]
+        if decl is None or HOOKS.get(decl.name) is decl:  # still declared
+            return decl
+    decl = HOOKS.get(name)
+    if decl is None:
+        decl = next((HOOKS[t] for t, rx in _FAMILIES.items() if HOOKS.get(t) and rx.match(name)), None)
+    _MEMBERS[name] = decl
+    return decl
+
+
+def family_of(name: str) -> str:
+    """The declared name of ``name``: its family's template for a member, else ``name`` itself."""
+    decl = decl_of(name)
+    return name if decl is None else decl.name
+
+
+def undeclare(name: str) -> None:
+    """Forget a declaration (tests that declare points of their own)."""
+    HOOKS.pop(name, None)
+    _FAMILIES.pop(name, None)
+    _MEMBERS.clear()
 
 
 def declarations() -> List[HookDecl]:
@@ -96,15 +140,15 @@ class HookPoint:
 
 def _check_names(names: Iterable[str]) -> List[str]:
     names = list(names)
-    unknown = [n for n in names if n not in HOOKS]
+    unknown = [n for n in names if decl_of(n) is None]
     if unknown:
         raise KeyError(f"unknown hook name(s) {unknown}; the hook points are: {', '.join(hook_names())}")
     return names
 
 
 def select_names(names: NameFilter) -> List[str]:
-    """All hook names (None), the given ones (checked), or those a callable ``names(name) -> bool``
-    accepts (TransformerLens' ``names_filter``)."""
+    """All declared names (None), the given ones (checked), or the declared ones a callable
+    ``names(name) -> bool`` accepts (TransformerLens' ``names_filter``)."""
     if names is None:
         return list(hook_names())
     if callable(names):
@@ -114,12 +158,36 @@ def select_names(names: NameFilter) -> List[str]:
     return _check_names(names)
 
 
+class NameMatch:
+    """Which fired names a cache records: all (None), the given names (a family's template takes
+    every member), or those a callable ``names(name) -> bool`` accepts, asked with the name that
+    fires (a member's own name, e.g. ``clip.blocks.3.attn.q``)."""
+
+    def __init__(self, names: NameFilter):
+        self._all, self._fn, self._names = names is None, names if callable(names) else None, frozenset()
+        if not self._all and self._fn is None:
+            self._names = frozenset(_check_names([names] if isinstance(names, str) else names))
+        self._memo: Dict[str, bool] = {}
+
+    def __call__(self, name: str) -> bool:
+        hit = self._memo.get(name)
+        if hit is None:
+            hit = self._all or (bool(self._fn(name)) if self._fn is not None
+                                else name in self._names or family_of(name) in self._names)
+            self._memo[name] = hit
+        return hit
+
+    def explicit(self) -> frozenset:
+        """The names given as a list (empty for None or a callable)."""
+        return self._names
+
+
 class HookSet:
     """The active hooks and caches of one pipeline. Identity when nothing is active."""
 
     def __init__(self) -> None:
         self._fns: Dict[str, List[HookFn]] = {}
-        self._caches: List[tuple[Dict[str, List[torch.Tensor]], frozenset]] = []
+        self._caches: List[tuple[Dict[str, List[torch.Tensor]], NameMatch]] = []
 
     @contextmanager
     def active(self, hooks: Optional[Dict[str, HookFn]] = None, cache: Optional[Dict[str, List[torch.Tensor]]] = None,
@@ -136,8 +204,7 @@ class HookSet:
             added.append((name, fn))
         entry = None
         if cache is not None:
-            names = frozenset(select_names(cache_names))
-            entry = (cache, names)
+            entry = (cache, NameMatch(cache_names))
             self._caches.append(entry)
         try:
             yield
@@ -147,15 +214,29 @@ class HookSet:
             if entry is not None:
                 self._caches.remove(entry)
 
+    @property
+    def idle(self) -> bool:
+        """True when no hook and no cache is active."""
+        return not self._caches and not any(self._fns.values())
+
+    def _fns_for(self, name: str) -> List[HookFn]:
+        fns = self._fns.get(name) or []
+        family = family_of(name)
+        return fns + (self._fns.get(family) or []) if family != name else fns
+
     def listening(self, name: str) -> bool:
         """True when a hook or a cache is active on ``name`` (the pipeline skips making what no one reads)."""
-        return bool(self._fns.get(name)) or any(name in names for _, names in self._caches)
+        return bool(self._fns_for(name)) or any(wants(name) for _, wants in self._caches)
+
+    def asked_for(self) -> frozenset:
+        """The names hooks are set on and caches were given as a list (not None / a callable)."""
+        return frozenset(n for n, fns in self._fns.items() if fns).union(*(w.explicit() for _, w in self._caches))
 
     def point(self, name: str, tensor: torch.Tensor, window_start: int = 0) -> torch.Tensor:
         """Pass ``tensor`` through the hook point ``name``: hooks may replace it, caches record it."""
-        if name not in HOOKS:
+        if decl_of(name) is None:
             raise KeyError(f"hook point {name!r} fires but was never declared (hooks.declare_hook)")
-        fns = self._fns.get(name)
+        fns = self._fns_for(name)
         if fns:
             hook = HookPoint(name, window_start)
             for fn in fns:
@@ -167,8 +248,8 @@ class HookSet:
                             f"hook on {name!r} must return None or a tensor of shape {tuple(tensor.shape)}, got {got}"
                         )
                     tensor = out.to(dtype=tensor.dtype, device=tensor.device)
-        for cache, names in self._caches:
-            if name in names:
+        for cache, wants in self._caches:
+            if wants(name):
                 cache.setdefault(name, []).append(tensor.detach().cpu())
         return tensor
 
@@ -176,7 +257,7 @@ class HookSet:
 def finish_cache(raw: Dict[str, List[torch.Tensor]]) -> Dict[str, torch.Tensor]:
     """Window-level entries: concatenate over batches. Image-level: the last value."""
     return {
-        name: torch.cat(parts, dim=0) if name in window_hooks() else parts[-1]
+        name: torch.cat(parts, dim=0) if decl_of(name).level == "window" else parts[-1]
         for name, parts in raw.items()
     }
 

@@ -8,8 +8,8 @@ only when asked for: by the configured method (``Method.parts``, from its knob v
 evaluation's decodes, or by ``Segmenter.encode(image, keep=[...])``.
 
 A part depends on exactly what the CLIP part depends on (``EncodeSpec.clip_key``), so its key is
-``<clip_key>/<part name>``. Per window a ViT-B/16 part at 224 px is 197 x 768 float32 = 0.58 MB
-(336 px: 1.36 MB); ``encoded_size`` reports an Encoded's bytes per window.
+``<clip_key>/<part name>``. Per window a ViT-B/16 part at 224 px is 197 x 768 float32 = 0.61 MB
+(336 px: 1.36 MB, 448 px: 2.41 MB); ``encoded_size`` reports an Encoded's MB per window.
 """
 
 from __future__ import annotations
@@ -85,3 +85,15 @@ def encoded_size(enc: Any) -> Dict[str, float]:
         out[name] = t.numel() * t.element_size() / n / 1e6
     out["total"] = sum(out.values())
     return out
+
+
+def describe_size(enc: Any) -> str:
+    """One line: an Encoded's MB per window, in total and by part (the layer parts summed)."""
+    size = encoded_size(enc)
+    layers = [v for k, v in size.items() if k in enc.layers]
+    bits = [f"clip.last_block_input {size['clip.last_block_input']:.2f}"]
+    if layers:
+        bits.append(f"{len(layers)} layer part{'s' if len(layers) > 1 else ''} {sum(layers):.2f}")
+    if "vfm.features" in size:
+        bits.append(f"vfm.features {size['vfm.features']:.2f}")
+    return f"{size['total']:.2f} MB a window ({', '.join(bits)})"

@@ -20,8 +20,9 @@ from omegaconf import DictConfig
 
 from . import build, resolve
 from .backbones import CLIP_MEAN, CLIP_STD, ClipBackbone, VfmBackbone
+from .backbones.blocks import VFM_POINTS, BlockPoints, check_asked, vfm_blocks
 from .decision import DEFAULT_BUDGET, WindowScores, decide, decide_chunked
-from .encoded import Encoded, Prediction, check_decodable, replay
+from .encoded import Encoded, Prediction, check_decodable, check_replayable, replay
 from .hooks import HookFn, HookSet, NameFilter, declare_hook, finish_cache, hook_names
 from .images import ImageLike, load_image
 from .last_block import Attention, BlockInputs, BlockOutput, Dense, Scores, dense_from_block_output, run_last_block
@@ -124,6 +125,8 @@ class Segmenter:
         image runs CLIP once, and a layer part already there is not recomputed.
         """
         img = load_image(image)
+        if not self.hooks.idle:  # a hook named for a block the encode does not run says so
+            check_asked(self.hooks.asked_for(), self.clip.num_blocks - 1)
         size, boxes, pad = self.layout(img)
         want = check_parts(tuple(self.encode_spec.parts) + tuple(keep), self.clip.num_blocks)
         same = (reuse is not None and reuse.resized_size == size and reuse.windows == boxes and reuse.pad == pad
@@ -227,13 +230,19 @@ class Segmenter:
     # ------------------------------------------------------------------ hooks
     def _encoded(self, image: ImageLike | Encoded) -> Encoded:
         """Encode an image; or replay a stored Encoded through the encode-time hook points."""
-        return replay(image, self.hooks, int(self.cfg.batch_size)) if isinstance(image, Encoded) else self.encode(image)
+        if not isinstance(image, Encoded):
+            return self.encode(image)
+        check_replayable(self.hooks.asked_for())
+        return replay(image, self.hooks, int(self.cfg.batch_size))
 
     def run_with_cache(self, image: ImageLike | Encoded, classes: Sequence[str], names: NameFilter = None,
                        method: Optional[str] = None, postprocess: PostprocessArg = None,
                        **params: Any) -> Tuple[Prediction, Dict[str, torch.Tensor]]:
         """Predict and record hook tensors: all (``names=None``), the given names, or those a filter
-        ``names(name) -> bool`` accepts. Pass an Encoded to skip encode."""
+        ``names(name) -> bool`` accepts. Pass an Encoded to skip encode: its stored tensors replay
+        the encode-time points they hold, but the per-block points (``clip.blocks.{i}.*``,
+        ``vfm.blocks.{i}.*``) fire only while the blocks run, so asking for them by name with an
+        Encoded is an error (pass the image; ``names=None`` or a filter just records what fires)."""
         raw: Dict[str, List[torch.Tensor]] = {}
         with self.hooks.active(cache=raw, cache_names=names):
             pred = self.decode(self._encoded(image), classes, method, postprocess, **params)
@@ -362,10 +371,17 @@ def _run_backbones(seg: "Segmenter", resized: torch.Tensor, boxes, pad, clip: bo
             vfm_in = _normalize(crops, *seg._vfm_norm)
             if not seg.vfm.resizes_input:
                 vfm_in = F.pad(vfm_in, (pad[2], pad[3], pad[0], pad[1]))
-            feats.append(seg.hooks.point(VFM_FEATURES, seg.vfm.features(vfm_in).float(), start))
+            vp = BlockPoints(seg.hooks, start, VFM_POINTS)  # vfm.blocks.{i}.*: only when someone listens
+            listened = not seg.hooks.idle and vp.any(len(vfm_blocks(seg.vfm.model) or ()))
+            out = seg.vfm.features(vfm_in, point=vp) if listened else seg.vfm.features(vfm_in)
+            feats.append(seg.hooks.point(VFM_FEATURES, out.float(), start))
         if clip:
             clip_in = F.pad(_normalize(crops, *seg._clip_norm), (pad[2], pad[3], pad[0], pad[1]))
-            last, kept = seg.clip.encode_tokens(clip_in, keep)
+            cp = BlockPoints(seg.hooks, start)  # clip.blocks.{i}.*: the fused blocks unless someone listens
+            if cp.any(seg.clip.num_blocks - 1):
+                last, kept = seg.clip.encode_tokens(clip_in, keep, point=cp)
+            else:
+                last, kept = seg.clip.encode_tokens(clip_in, keep)
             for i in keep:
                 layers[i].append(kept[i].float())
             tokens.append(seg.hooks.point(BLOCK_INPUT, last.float(), start))

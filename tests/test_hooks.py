@@ -9,7 +9,7 @@ import naive
 
 from proxyclip import HOOK_NAMES, hooks
 from proxyclip.config import CONF_DIR
-from proxyclip.hooks import HookSet, declarations, declare_hook, hook_names, replayed_hooks, window_hooks
+from proxyclip.hooks import HookSet, declarations, declare_hook, family_of, hook_names, replayed_hooks, window_hooks
 from proxyclip.methods import METHODS
 from proxyclip.postprocess import POSTPROCESSES
 
@@ -50,9 +50,12 @@ def test_every_declared_hook_fires_in_a_run_that_uses_it(tiny_segmenter, rand_im
     caches = {(method, post): tiny_segmenter.run_with_cache(enc, CLASSES, method=method,
                                                             postprocess={"name": post}, **naive.tiny_knobs(method))[1]
               for method in METHODS for post in POSTPROCESSES}
-    _, fresh = tiny_segmenter.run_with_cache(rand_image, CLASSES)  # the encode-time points fire in an encode too
-    assert {d.name for d in declarations() if d.stage == "encode"} <= set(fresh)
-    fired = {name for cache in caches.values() for name in cache}
+    _, fresh_cache = tiny_segmenter.run_with_cache(rand_image, CLASSES)  # the encode-time points fire in an encode too
+    fresh = {family_of(n) for n in fresh_cache}  # clip.blocks.0.resid_pre -> its family clip.blocks.{i}.resid_pre
+    for name, t in fresh_cache.items():  # a family member is window-level as its family is
+        assert family_of(name) not in window_hooks() or t.shape[0] == len(enc.windows), name
+    assert {d.name for d in declarations() if d.stage == "encode"} <= fresh
+    fired = {name for cache in caches.values() for name in cache} | fresh
     assert fired == set(hook_names())  # each declared point fires in some method / post-process run
     n = len(enc.windows)
     for (method, post), cache in caches.items():
@@ -81,7 +84,7 @@ def test_undeclared_names_are_errors(tiny_segmenter, rand_image):
     hs = HookSet()
     with pytest.raises(KeyError, match="'no.such' fires but was never declared"):
         hs.point("no.such", torch.zeros(1))
-    with pytest.raises(KeyError, match=r"unknown hook name\(s\) \['no.such'\]; the hook points are: vfm.features"):
+    with pytest.raises(KeyError, match=r"unknown hook name\(s\) \['no.such'\]; the hook points are: clip.blocks.{i}.resid_pre, "):
         tiny_segmenter.run_with_cache(rand_image, CLASSES, names=["no.such"])
     with pytest.raises(KeyError, match="no.such"):
         with hs.active(hooks={"no.such": lambda t, h: None}):
@@ -100,7 +103,7 @@ def test_declaring_twice_differently_raises():
             declare_hook(name, "window", "(n, Q)", "a test point", "scores")
         assert hooks.HOOKS[name].level == "image"
     finally:
-        hooks.HOOKS.pop(name, None)
+        hooks.undeclare(name)
     with pytest.raises(ValueError, match="level must be 'window' or 'image'"):
         declare_hook(name, "pixel", "()", "bad level", "scores")
     with pytest.raises(ValueError, match="stage must be one of"):

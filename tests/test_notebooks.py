@@ -186,6 +186,25 @@ def check_method_zoo(nb, tmp_path):
         assert s[key]["_type"] == "image-file"
 
 
+@checks("07_inside_clip")
+def check_inside_clip(nb, tmp_path):
+    assert len(outputs(nb, "image/png")) == 3  # attention by block, residual norms, logit lens
+    text = text_of(nb)
+    gap = float(text.split("hooked vs recomputed attention: max |diff| ")[1].split()[0])
+    assert gap < 1e-5  # the hooked patterns equal those recomputed from the layer parts
+    (run,) = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    s = leet_summary(run)["summary"]
+    blocks = s["blocks"]
+    assert blocks == 2  # the tiny CLIP
+    table = json.loads((run / "files" / s["residual_norms"]["path"]).read_text())
+    assert [r[0] for r in table["data"]] == ["block 0 input", "block 1 input", "block 1 output"]
+    for row in table["data"]:  # the top-k list holds TOP_K distinct patch indices
+        assert len(set(row[4].split(", "))) == 5 and row[3] >= row[2] > 0
+    assert s["lens_agreement/block_1"] == pytest.approx(1.0)  # the last block's lens is vanilla CLIP
+    for key in ("attention_by_block", "norms_by_block", "logit_lens"):
+        assert s[key]["_type"] == "image-file"
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in NAMES])
 def test_notebook_runs_in_smoke_mode(name, tmp_path):
     """Every notebook of the folder runs top to bottom and passes its check (a new notebook needs one)."""

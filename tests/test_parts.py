@@ -100,3 +100,22 @@ def test_the_feature_cache_keeps_the_parts_it_is_asked_for(tiny_segmenter, tmp_p
     assert cache.misses == 2 and resid_pre(0) in enc.layers  # the cached CLIP part lacked the layer
     hit = cache.get_or_encode(p, lambda reuse: pytest.fail("encoded again"), need=need)
     assert cache.hits == 1 and torch.equal(hit.layers[resid_pre(0)], enc.layers[resid_pre(0)])
+
+
+def test_the_cache_prints_the_size_of_an_encoded_per_window(tiny_segmenter, tmp_path):
+    from PIL import Image
+
+    seg = tiny_segmenter
+    p = tmp_path / "im.png"
+    Image.fromarray((torch.rand(40, 56, 3) * 255).byte().numpy()).save(p)
+    said = []
+    cache = FeatureCache(tmp_path / "c", seg, print_fn=said.append)
+    enc = cache.get_or_encode(p, lambda reuse: seg.encode(str(p), reuse=reuse, keep=[resid_pre(0)]),
+                              remaining=3, need=[resid_pre(0)])
+    n, t, d = enc.clip_tokens.shape  # by hand: float32 tokens, per window, in MB
+    clip_mb = t * d * 4 / 1e6
+    vfm_mb = enc.vfm_features[0].numel() * 4 / 1e6
+    total = 2 * clip_mb + vfm_mb  # the last block's input, one layer part of the same shape, the VFM's features
+    assert len(said) == 1 and said[0].endswith(
+        f"an Encoded is {total:.2f} MB a window (clip.last_block_input {clip_mb:.2f}, 1 layer part {clip_mb:.2f}, "
+        f"vfm.features {vfm_mb:.2f})")

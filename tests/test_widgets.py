@@ -492,6 +492,64 @@ def test_a_backbone_that_fails_to_load_is_reported_and_undone(tiny_segmenter, ra
     assert c.n_decodes == 3 and c.prediction.spec.params()[c.knob_declarations()[-1].name] == 0.5
 
 
+def _block_pattern64(block, x):
+    """softmax(tau q k^T) of an open_clip block, float64, from ln_1 and in_proj_weight / in_proj_bias."""
+    x = x.double()
+    ln = block.ln_1
+    u = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + ln.eps)
+    u = u * ln.weight.double() + ln.bias.double()
+    d, h = x.shape[-1], int(block.attn.num_heads)
+    w, b = block.attn.in_proj_weight.double(), block.attn.in_proj_bias.double()
+    q, k = ((u @ w[j * d:(j + 1) * d].T + b[j * d:(j + 1) * d]).view(*x.shape[:2], h, d // h).transpose(1, 2)
+            for j in (0, 1))
+    return torch.softmax(q @ k.transpose(-2, -1) / (d // h) ** 0.5, dim=-1)
+
+
+def test_block_slider_shows_each_blocks_own_attention(explorer, tiny_segmenter, rand_image):
+    c, seg = explorer.controller, tiny_segmenter
+    last = seg.clip.num_blocks - 1
+    assert (explorer.block.min, explorer.block.max, explorer.block.value) == (0, last, last)
+    assert c.attention_view().block_row is None  # the last block: the method's attention beside CLIP's own
+    explorer.patch_y.value, explorer.patch_x.value = 10, 100
+    explorer.block.value = 0
+    assert (c.n_encodes, c.n_decodes) == (2, 1)  # CLIP encoded once more, keeping every block's tokens; no decode
+    assert "clip.blocks.0.resid_pre" in c.encoded.layers
+    v = c.attention_view()
+    # by hand: (10, 100) -> window 1, CLIP grid 4x4 (16 px): token row 0, column 3 -> token 1 + 3 (CLS first)
+    assert v.block == 0 and v.window == 1 and v.clip_patch == (0, 3)
+    ref = _block_pattern64(seg.clip.block(0), c.encoded.layers["clip.blocks.0.resid_pre"][1:2])[0].mean(0)[1 + 3, 1:]
+    np.testing.assert_allclose(v.block_row.numpy(), (ref / ref.sum()).numpy(), rtol=1e-4, atol=1e-6)
+    # the same as the hook point clip.blocks.0.attn.pattern records in an encode of the image
+    _, cache = seg.run_with_cache(rand_image, CLASSES, names=["clip.blocks.0.attn.pattern"])
+    hooked = cache["clip.blocks.0.attn.pattern"][1].mean(0)[1 + 3, 1:]
+    np.testing.assert_allclose(v.block_row.numpy(), (hooked / hooked.sum()).numpy(), rtol=1e-4, atol=1e-6)
+    fig = c.attention_figure()
+    assert fig.axes[0].get_title() == "CLIP block 0 (every method's)"
+    explorer.method.value = "sclip"  # another method's decode: the same block attention, no encode
+    assert c.n_encodes == 2 and torch.equal(c.attention_view().block_row, v.block_row)
+    explorer.block.value = last
+    assert c.attention_view().block_row is None and c.n_encodes == 2
+    with pytest.raises(ValueError, match=rf"block must be an integer in 0..{last}"):
+        c.set_block(last + 1)
+
+
+def test_a_method_can_add_attention_views(explorer, monkeypatch):
+    from proxyclip import attention_views
+    from proxyclip.explorer import inside
+
+    monkeypatch.setattr(attention_views, "EXTRA_VIEWS", {})  # the registry a method's module adds to
+    inside.register_view(inside.pattern_view("sclip", "sclip's pattern again", "attention.pattern"))
+    c = explorer.controller
+    explorer.method.value = "sclip"
+    v = c.attention_view()
+    assert [t for t, *_ in v.extra] == ["sclip's pattern again"]
+    torch.testing.assert_close(v.extra[0][1], v.proxy_row)
+    titles = [ax.get_title() for ax in c.attention_figure().axes if ax.images]
+    assert titles[-1] == "sclip's pattern again"
+    explorer.method.value = "clip"
+    assert c.attention_view().extra == []
+
+
 def marks(fig):
     return [t.get_text() for t in fig.texts if t.get_label() == viz.marks.MARK_LABEL]
 
@@ -537,3 +595,4 @@ def test_readme_explorer_snippet_runs(tmp_path, monkeypatch):
     assert labels.shape == c.image.shape[1:] and c.point == (120.0, 200.0)
     for name in ("segmentation.png", "attention.png"):
         assert Image.open(tmp_path / name).size[0] > 100
+

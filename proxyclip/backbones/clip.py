@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .blocks import BlockPoints, run_blocks
 from .pos_embed import check_rule, resize_table
 from .weights import (WeightsUnavailable, check_checkpoint_file, hub_failure_message, mismatch_error,
                       offline_unless_reachable, quiet_library_logs, seeded)
@@ -146,9 +147,14 @@ class ClipBackbone(nn.Module):
         """CLIP-normalized images (B, 3, h, w) -> tokens (B, 1+gh*gw, D) entering the last block."""
         return self.encode_tokens(x)[0]
 
-    def encode_tokens(self, x: torch.Tensor, keep: Sequence[int] = ()) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
+    def encode_tokens(self, x: torch.Tensor, keep: Sequence[int] = (),
+                      point: Optional[BlockPoints] = None) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
         """CLIP-normalized images -> (tokens entering the last block, {i: tokens entering block i}
-        for each i in ``keep``), all (B, 1+gh*gw, D), batch first."""
+        for each i in ``keep``), all (B, 1+gh*gw, D), batch first.
+
+        ``point``: the per-block hook points of this batch (proxyclip/backbones/blocks.py); the
+        blocks someone listens to run step by step through ``clip.blocks.{i}.*``. Without it (or
+        with no listener) every block is open_clip's fused module."""
         v = self.visual
         x = v.conv1(x.to(self.dtype))
         grid = (x.shape[2], x.shape[3])
@@ -157,6 +163,8 @@ class ClipBackbone(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.positional_embedding(grid).to(x.dtype)
         x = v.ln_pre(x)
         batch_first = getattr(v.transformer, "batch_first", True)
+        if point is not None and point.any(self.num_blocks - 1):
+            return run_blocks(v.transformer.resblocks[:-1], x, keep, point, batch_first)
         if not batch_first:
             x = x.transpose(0, 1)
         kept: Dict[int, torch.Tensor] = {}

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from ..windows import symmetric_padding
+from .blocks import BlockPoints, vfm_block_hooks
 from .pos_embed import TimmTables, check_vfm_rule
 from .weights import (WeightsUnavailable, check_checkpoint_file, hub_failure_message, mismatch_error,
                       offline_unless_reachable, seeded)
@@ -178,11 +179,12 @@ class VfmBackbone(nn.Module):
         """True when the VFM sees a fixed-size resized copy (SAM), so windows need no VFM padding."""
         return self.input_size is not None
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor, point: Optional[BlockPoints] = None) -> torch.Tensor:
         """Images (B, 3, h, w) normalized with ``mean``/``std`` -> float32 features (B, C, Hv, Wv).
 
         A fixed-size model sees ``x`` resized to ``input_size``; any other is padded (symmetric)
         to a multiple of ``patch_size`` first, so Hv, Wv = ceil(h / patch_size), ceil(w / patch_size).
+        ``point``: the batch's ``vfm.blocks.{i}.*`` points (timm ViT blocks, proxyclip/backbones/blocks.py).
         """
         if self.resizes_input:
             if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
@@ -190,7 +192,7 @@ class VfmBackbone(nn.Module):
         else:
             top, bottom, left, right = symmetric_padding(x.shape[-2], x.shape[-1], self.patch_size)
             x = F.pad(x, (left, right, top, bottom))
-        with self._capture_qkv() as captured:
+        with self._capture_qkv() as captured, vfm_block_hooks(self.model, point):
             tokens = self._intermediate(x.to(self.dtype))
         if self.feature == "tokens":
             return tokens.float()

@@ -26,6 +26,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from ..files import atomic_write, file_digest
+from ..parts import describe_size
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +132,17 @@ class FeatureCache:
         self.bytes_written += size
         if size and not self._estimated:
             self._estimated = True
-            self.estimate(remaining, size)
+            self.estimate(remaining, size, enc)
 
-    def estimate(self, remaining: int, entry_bytes: float) -> None:
+    def estimate(self, remaining: int, entry_bytes: float, enc=None) -> None:
+        """Print the expected size of ``remaining`` more entries (and, given the Encoded just written,
+        its size per window by part: proxyclip.parts.encoded_size); stop writing when it does not fit."""
         need = entry_bytes * remaining
         free = shutil.disk_usage(self.root).free
+        per_window = "" if enc is None else f"; an Encoded is {describe_size(enc)}"
         self.print(
             f"feature cache {self.root}: about {_fmt_bytes(entry_bytes)} an image, {_fmt_bytes(need)} for the "
-            f"{remaining} images still to encode ({_fmt_bytes(free)} free)"
+            f"{remaining} images still to encode ({_fmt_bytes(free)} free){per_window}"
         )
         if need > 0.95 * free:
             self.writing = False

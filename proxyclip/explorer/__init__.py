@@ -15,12 +15,15 @@ The controller keeps the expensive half (``Encoded``) cached per (backbones, ima
 - the patch sliders -> no computation at all: the attention rows come from the attention the
   method ran (``attention.pattern``) recorded by the last decode and CLIP's own last-block
   attention (``methods.vanilla_attention``) computed once per encode;
+- the CLIP block slider -> that block's own attention from the encode's layer parts (the first
+  move below the last block encodes CLIP once more keeping them; ``inside.py``), no decode;
 - a new VFM -> only the VFM is encoded (CLIP's part of the image is reused); a new CLIP or a new
   image -> ``encode`` (with a progress bar), unless that (backbones, image) pair was encoded before.
 
 Modules: ``controller`` (state, ``set_knobs``/``set_method``/``set_postprocess``, refresh),
 ``pipelines`` (the caches), ``figures`` (what is drawn), ``controls`` (knob -> widget),
-``inputs`` (image inputs), ``view`` (the ipywidgets box), ``sources`` (backbones, sample images).
+``inputs`` (image inputs), ``view`` (the ipywidgets box), ``sources`` (backbones, sample images),
+``inside`` (each block's attention; the registry of a method's extra attention views).
 """
 
 from ..viz import figure_to_png

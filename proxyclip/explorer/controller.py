@@ -24,7 +24,7 @@ from ..postprocess import get_postprocess
 from ..resolve import postprocess_presets
 from ..specs import DecodeSpec
 from ..text import parse_classes
-from . import figures
+from . import figures, inside
 from .pipelines import PipelineCache
 from .sources import ASSETS, DEFAULT_CLASSES, read_image
 
@@ -33,6 +33,12 @@ def knob_values(spec: DecodeSpec) -> Dict[str, Any]:
     """The value of every knob of ``spec``'s method (``all_knobs`` order) in a DecodeSpec."""
     params = spec.params()
     return {k.name: params[k.name] for k in get_method(spec.method).all_knobs}
+
+
+def preset_of(seg: Segmenter, settings: Mapping[str, Any]) -> Optional[str]:
+    """The first preset of conf/postprocess (one named as the function first) with these settings."""
+    presets = sorted(postprocess_presets(), key=lambda p: p != settings["name"])
+    return next((p for p in presets if seg.decode_spec(postprocess=p).postprocess_settings == dict(settings)), None)
 
 
 class ExplorerController:
@@ -71,6 +77,7 @@ class ExplorerController:
         self.n_decodes = 0
         self.last_decode_seconds = float("nan")
         self.record_stages = False  # also keep the affinity stages (figures.STAGE_NAMES) when the method has them
+        self.block: Optional[int] = None  # the CLIP block whose own attention is shown (None: the last)
         self._stale_encode = self._stale_decode = True
         if compute:
             self.refresh()
@@ -89,19 +96,12 @@ class ExplorerController:
         if self.method is None:  # the configured method, its YAML's knob values, the configured post-process
             spec = seg.decode_spec()
             self.method, self.knobs, self.postprocess = spec.method, knob_values(spec), spec.postprocess_settings
-            self.postprocess_preset = self._preset_of(seg, self.postprocess)
+            self.postprocess_preset = preset_of(seg, self.postprocess)
         return seg
 
     n_encodes = property(lambda self: self.pipelines.n_encodes)
     n_builds = property(lambda self: self.pipelines.n_builds)
     last_encode_seconds = property(lambda self: self.pipelines.last_encode_seconds)
-
-    @staticmethod
-    def _preset_of(seg: Segmenter, settings: Mapping[str, Any]) -> Optional[str]:
-        """The first preset of conf/postprocess (one named as the function first) with these settings."""
-        presets = sorted(postprocess_presets(), key=lambda p: p != settings["name"])
-        return next((p for p in presets if seg.decode_spec(postprocess=p).postprocess_settings == dict(settings)),
-                    None)
 
     # ------------------------------------------------------------------ the declarations behind the controls
     def knob_declarations(self) -> Tuple[Knob, ...]:
@@ -197,6 +197,11 @@ class ExplorerController:
         h, w = self.image.shape[1:]
         self.point = (min(max(float(y), 0.0), h - 1.0), min(max(float(x), 0.0), w - 1.0))
 
+    def set_block(self, i: Optional[int]) -> None:
+        """The CLIP block (0-indexed; None = the last) whose attention the panel shows. A block before
+        the last reads the encode's layer parts: once per image, CLIP's part is encoded keeping them."""
+        self.block = inside.check_block(self.segmenter, i)
+
     # ------------------------------------------------------------------ computation
     def refresh(self) -> bool:
         """Run what the changes since the last refresh need. Returns True if anything ran."""
@@ -207,8 +212,11 @@ class ExplorerController:
                                                                       (self.clip_name, self.vfm_name))
             self.progress("encoded", 1.0)
             self._stale_encode, self._stale_decode, ran = False, True, True
+        if inside.lacks_parts(self.segmenter, self.encoded, self.block):  # the block slider's layer parts
+            self.encoded, ran = self.pipelines.keep_parts(self.segmenter, self.image, self.encoded, self.progress), True
         if self._stale_decode:
-            names = ("attention.pattern",) + (figures.STAGE_NAMES if self.record_stages else ())
+            names = (("attention.pattern",) + (figures.STAGE_NAMES if self.record_stages else ())
+                     + inside.view_hooks(self.method))
             t0 = time.perf_counter()
             self.prediction, self.cache = self.segmenter.run_with_cache(self.encoded, self.classes, names=names,
                                                                         spec=self.spec())

@@ -1,17 +1,20 @@
-"""What the explorer draws, from the controller's caches (no computation): the segmentation with
-the chosen pixel, and the attention of that pixel's token under the current method beside CLIP's
-own (or, when recorded and the method has them, its affinity stages). Both carry the red
+"""What the explorer draws, from the controller's caches (no computation but a block's attention,
+once per encode and block): the segmentation with the chosen pixel, and the attention of that
+pixel's token under the current method beside CLIP's own (or, when recorded and the method has
+them, its affinity stages), with the chosen CLIP block's own attention (the block slider) and
+a method's extra views (proxyclip/explorer/inside.py) when there are any. Both carry the red
 random-weights band (``viz.marked``) when the segmenter runs random weights."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 import torch
 
 from ..knobs import DECISION
 from ..methods import get_method
+from . import inside
 from ..viz import (locate_patch, marked, pattern_row, plot_affinity_stages, plot_attention_grid, plot_segmentation,
                    window_pixels)
 
@@ -38,6 +41,9 @@ class AttentionView:
     affinity_row: Optional[torch.Tensor] = None
     normalized_row: Optional[torch.Tensor] = None
     mask_row: Optional[torch.Tensor] = None
+    block: Optional[int] = None  # the CLIP block before the last chosen with the block slider (None: the last)
+    block_row: Optional[torch.Tensor] = None  # (T,) that block's own attention of the chosen CLIP token
+    extra: List[Tuple[str, torch.Tensor, Tuple[int, int], Tuple[int, int]]] = field(default_factory=list)
 
 
 def attention_view(c: "ExplorerController") -> AttentionView:
@@ -56,6 +62,14 @@ def attention_view(c: "ExplorerController") -> AttentionView:
         if all(name in c.cache for name in STAGE_NAMES):
             k = patch[0] * grid[1] + patch[1]
             view.affinity_row, view.normalized_row, view.mask_row = (c.cache[n][win, k] for n in STAGE_NAMES)
+    seg = c.segmenter
+    view.block = inside.shown_block(seg, c.block)
+    if view.block is not None:
+        view.block_row = pattern_row(inside.block_attention(seg, enc, view.block), enc, y, x)[0]
+    for extra in inside.extra_views(c.method):  # a method's own panels (inside.register_view)
+        got = extra.row(c.cache, enc, y, x)
+        if got is not None:
+            view.extra.append((extra.title, *got))
     return view
 
 
@@ -92,12 +106,15 @@ def attention_figure(c: "ExplorerController", show_affinity: bool = False):
                                            v.proxy_grid, v.proxy_patch, attention_row=v.proxy_row, panel_size=2.6),
                       c.segmenter)
     maps = []
+    if v.block_row is not None:
+        maps.append((f"CLIP block {v.block} (every method's)", v.block_row, v.clip_grid, v.clip_patch))
     if v.proxy_row is not None:
         vfm = get_method(c.method).needs_vfm
         name = f"{c.method} attention ({c.vfm_name})" if vfm else f"{c.method} attention"
         maps.append((name, v.proxy_row, v.proxy_grid, v.proxy_patch))
     if v.clip_row is not None:
         maps.append((f"CLIP's own attention ({c.clip_name})", v.clip_row, v.clip_grid, v.clip_patch))
+    maps += v.extra
     return marked(plot_attention_grid(v.window_image, maps, ncols=2, panel_size=3.0), c.segmenter)
 
 

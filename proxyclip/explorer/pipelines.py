@@ -11,6 +11,7 @@ import torch
 
 from ..encoded import Encoded
 from ..last_block import BlockInputs
+from ..lens import every_part
 from ..methods import vanilla_attention
 from ..pipeline import Segmenter
 from .sources import image_id
@@ -94,3 +95,17 @@ class PipelineCache:
         while len(self.encoded) > self.max_encoded:
             self.encoded.popitem(last=False)
         return enc, attention
+
+    def keep_parts(self, seg: Segmenter, image: torch.Tensor, enc: Encoded, progress: Progress) -> Encoded:
+        """``enc`` encoded again keeping every layer part (blocks 0..L-2; its VFM part reused), in the
+        cache in its place: the block slider reads any block from it."""
+        progress("encoding CLIP again, keeping every block's tokens", 0.1)
+        t0 = time.perf_counter()
+        kept = seg.encode(image, reuse=enc, keep=every_part(seg))
+        self.last_encode_seconds = time.perf_counter() - t0
+        self.n_encodes += 1
+        key = (seg.key, image_id(image))
+        attention = self.encoded[key][1] if key in self.encoded else clip_own_attention(seg, kept)
+        self.encoded[key] = (kept, attention)
+        progress("encoded", 1.0)
+        return kept

@@ -61,17 +61,20 @@ class Explorer:
         self.post_panel = KnobPanel(self._on_setting)  # the post-process's settings
         self.show_affinity = W.Checkbox(value=False, indent=False,
                                         description="affinity stages (S, S', mask), if the method has them")
+        self.block = W.IntSlider(value=0, min=0, max=0, description="CLIP block", style=LABEL, continuous_update=False,
+                                 tooltip="block (0-indexed) whose attention is shown", layout=W.Layout(width=WIDTH))
         self.seg_image, self.attn_image = W.Image(format="png"), W.Image(format="png")
         self.patch = PatchPicker(self.seg_image, lambda: None if self._busy else self._seg_figure, self._on_point)
         self.patch_x, self.patch_y, self.click_events = self.patch.patch_x, self.patch.patch_y, self.patch.click_events
         controls = W.VBox([W.HTML("<b>ProxyCLIP explorer</b>"), self.inputs.box, self.clip, self.vfm, self.method,
                            self.knob_panel.box, self.postprocess, self.post_panel.box, self.classes,
-                           self.patch.box, self.show_affinity, self.progress, self.status],
+                           self.patch.box, self.block, self.show_affinity, self.progress, self.status],
                           layout=W.Layout(min_width="440px"))
         self.widget = W.HBox([controls, W.VBox([self.seg_image, self.attn_image])])
         self.widget.add_class("proxyclip-explorer")
         self._full_update()  # first encode + decode (shows progress)
-        for w, handler in ((self.show_affinity, self._on_view), (self.method, self._on_method),
+        for w, handler in ((self.show_affinity, self._on_view), (self.block, self._on_block),
+                           (self.method, self._on_method),
                            (self.postprocess, self._on_postprocess), (self.classes, self._on_classes),
                            (self.clip, self._on_backbone), (self.vfm, self._on_backbone)):
             w.observe(handler, names="value")
@@ -97,11 +100,14 @@ class Explorer:
             self.knob_panel.show(c.knob_declarations(), c.knobs)
             self.post_panel.show(c.postprocess_knobs(), c.postprocess)
             self.patch.show(c.image.shape[1:], c.point)
+            last = c.segmenter.clip.num_blocks - 1
+            self.block.max = last
+            self.block.value = last if c.block is None or c.block > last else c.block
         finally:
             self._busy = False
 
     def _set_enabled(self, enabled: bool) -> None:
-        for w in (self.clip, self.vfm, self.method, self.postprocess, self.classes, self.show_affinity):
+        for w in (self.clip, self.vfm, self.method, self.postprocess, self.classes, self.show_affinity, self.block):
             w.disabled = not enabled
         self.inputs.set_disabled(not enabled)
         self.knob_panel.set_disabled(not enabled)
@@ -194,6 +200,11 @@ class Explorer:
             self.controller.refresh()
             self._render(segmentation=False)
 
+    def _on_block(self, change=None) -> None:
+        """The block slider: that block's attention (once per image, CLIP encodes keeping every block's tokens)."""
+        if not self._busy:
+            self._apply(lambda: self.controller.set_block(int(self.block.value)), attention=True)
+
     def _on_backbone(self, change=None) -> None:
         if self._busy:
             return
@@ -203,17 +214,7 @@ class Explorer:
         try:
             self._full_update()
         except Exception as e:  # e.g. weights that cannot be loaded: say so, go back to what worked
-            c.set_backbones(*previous)
-            self._busy = True
-            try:
-                self.clip.value, self.vfm.value = previous
-            finally:
-                self._busy = False
-            c.refresh()  # the previous pipeline and encode are cached: a decode at most
-            self._render()
-            wanted = change.new if change is not None else "the new backbones"
-            self.status.value = error_html(f"could not switch to {wanted}: {type(e).__name__}: {e}")
-            self.progress.description, self.progress.bar_style = "failed", "danger"
+            undo_backbone(self, previous, change, e)
 
     def _on_image(self, image: Any, name: Optional[str]) -> None:
         """A new image from the inputs (sample, path or upload): encode and redraw."""
@@ -223,3 +224,19 @@ class Explorer:
             self.status.value = error_html(str(e))
             return
         self._full_update()
+
+
+def undo_backbone(ex: Explorer, previous, change, error: Exception) -> None:
+    """A backbone switch failed: back to ``previous`` (clip, vfm), cached (a decode at most), and say why."""
+    c = ex.controller
+    c.set_backbones(*previous)
+    ex._busy = True
+    try:
+        ex.clip.value, ex.vfm.value = previous
+    finally:
+        ex._busy = False
+    c.refresh()
+    ex._render()
+    wanted = change.new if change is not None else "the new backbones"
+    ex.status.value = error_html(f"could not switch to {wanted}: {type(error).__name__}: {error}")
+    ex.progress.description, ex.progress.bar_style = "failed", "danger"
