@@ -14,8 +14,9 @@ A part depends on exactly what the CLIP part depends on (``EncodeSpec.clip_key``
 
 from __future__ import annotations
 
+import inspect
 import re
-from typing import Any, Dict, Iterable, Mapping, Sequence, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 RESID_PRE = "clip.blocks.{}.resid_pre"
 _PART = re.compile(r"^clip\.blocks\.(\d+)\.resid_pre$")
@@ -60,11 +61,18 @@ def check_block_indices(name: str, values: Sequence[int], layers: int, last: boo
     return out
 
 
-def method_parts(method: Any, knobs: Mapping[str, Any]) -> Tuple[str, ...]:
-    """The parts ``method`` reads with these knob values (``Method.parts(**its knobs)``)."""
+def method_parts(method: Any, knobs: Mapping[str, Any], layers: Optional[int] = None) -> Tuple[str, ...]:
+    """The parts ``method`` reads with these knob values (``Method.parts(**its knobs)``).
+
+    A parts function with a ``layers`` parameter also gets the CLIP's block count (when known): to
+    name blocks from the end (GEM's ``depth``) and to refuse a knob's block index out of range
+    with an error naming the knob (:func:`check_block_indices`)."""
     if method.parts is None:
         return ()
-    return tuple(method.parts(**{k: knobs[k] for k in method.knob_names}))
+    kw = {k: knobs[k] for k in method.knob_names}
+    if layers is not None and "layers" in inspect.signature(method.parts).parameters:
+        kw["layers"] = int(layers)
+    return tuple(method.parts(**kw))
 
 
 def missing_parts(have: Mapping[str, Any], need: Iterable[str], layers: int) -> Tuple[str, ...]:

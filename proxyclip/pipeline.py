@@ -155,7 +155,8 @@ class Segmenter:
 
     def parts_of(self, spec: DecodeSpec) -> Tuple[str, ...]:
         """The layer parts (proxyclip/parts.py) a decode with ``spec`` reads from the Encoded."""
-        return check_parts(method_parts(get_method(spec.method), spec.knob_values), self.clip.num_blocks)
+        layers = self.clip.num_blocks
+        return check_parts(method_parts(get_method(spec.method), spec.knob_values, layers), layers)
 
     def text_embeddings(self, queries: Sequence[str]) -> torch.Tensor:
         """(Q, E) prompt-ensembled text embeddings, cached per name."""

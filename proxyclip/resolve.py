@@ -80,7 +80,8 @@ def configured_parts(cfg: Any) -> Tuple[str, ...]:
     meth, values = method_knobs(cfg, str(cfg.method.name), {})
     if meth.parts is None:
         return ()
-    return check_parts(method_parts(meth, values), clip_layers(str(cfg.clip.name)))
+    layers = clip_layers(str(cfg.clip.name))
+    return check_parts(method_parts(meth, values, layers), layers)
 
 
 def postprocess_settings(cfg: Any, postprocess: PostprocessArg = None) -> Dict[str, Any]:
