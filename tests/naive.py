@@ -2,19 +2,24 @@
 with the open_clip model's own modules and plain loops: nothing here calls proxyclip's pipeline,
 last_block, methods or proxy code, so a test comparing against these can catch a wrong number.
 
-A new method needs its reference in ``ATTENTION`` (tests over ``METHODS`` fail until it has one).
+A new method needs its reference in ``ATTENTION`` (tests over ``METHODS`` fail until it has one):
+an attention function, or an :class:`OwnBlock` for a method that runs its own last block (SC-CLIP,
+GEM: tests/naive_scclip.py, tests/naive_gem.py).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from typing import Dict, Tuple
+import re
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+import naive_gem
+import naive_scclip
 from proxyclip.config import CONF_DIR
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization, as published
@@ -105,7 +110,20 @@ def _proxyclip(q, k, heads, grid, feats, knobs):
     return a[None], tuple(feats.shape[-2:]), False
 
 
-# name -> fn(q, k, heads, clip grid, vfm features, knobs) -> (A (heads or 1, T', T'), grid of A, CLS first)
+class OwnBlock:
+    """The reference of a method that runs its own last block (it returns a BlockOutput, or its
+    own window scores): ``block(model, layers, grid, knobs) -> (Z (T', D) before ln_post, grid of Z,
+    CLS first)`` with ``layers`` {i: (T, D) tokens entering CLIP block i}, the last block's
+    included; ``window_scores(maps (Q, h, w), knobs)``: its own window scores from the cosines
+    (None: the cosines). The residual and FFN switches do not apply to it."""
+
+    def __init__(self, block: Callable, window_scores: Optional[Callable] = None):
+        self.block = block
+        self.window_scores = window_scores
+
+
+# name -> fn(q, k, heads, clip grid, vfm features, knobs) -> (A (heads or 1, T', T'), grid of A, CLS first),
+# or an OwnBlock
 ATTENTION = {
     "clip": _per_head(_clip_row),
     "maskclip": _per_head(_maskclip_row),
@@ -113,7 +131,39 @@ ATTENTION = {
     "clearclip": _per_head(_clearclip_row),
     "naclip": _per_head(_naclip_row),
     "proxyclip": _proxyclip,
+    "scclip": OwnBlock(naive_scclip.reference),
+    "gem": OwnBlock(naive_gem.reference, naive_gem.window_scores),
 }
+
+# knob values that fit the tiny 2-block CLIP (the YAML defaults name blocks it does not have), and the
+# knobs that have no other valid value there (each checked on ViT-B/16 in tests/test_<method>.py)
+TINY_KNOBS = {"scclip": {"pre_adjust": 0, "post_adjust": 0, "multi_start": 0, "multi_end": 1},
+              "gem": {"depth": 3}}
+TINY_FIXED = {"scclip": ("pre_adjust", "post_adjust", "multi_start", "multi_end")}
+
+
+def tiny_knobs(method: str, **changes) -> Dict[str, object]:
+    """The method's YAML defaults, with the tiny CLIP's values (TINY_KNOBS), then ``changes``."""
+    return knobs_of(method, **{**TINY_KNOBS.get(method, {}), **changes})
+
+
+def tiny_overrides(method: str) -> list:
+    """``method.<knob>=<value>`` overrides of TINY_KNOBS for a tiny config."""
+    return [f"method.{k}={v}" for k, v in TINY_KNOBS.get(method, {}).items()]
+
+
+def own_block(method: str) -> bool:
+    return isinstance(ATTENTION[method], OwnBlock)
+
+
+def window_layers(enc, i: int) -> Dict[int, torch.Tensor]:
+    """{block: (T, D) tokens entering it} of window ``i`` of an Encoded's kept layer parts."""
+    out = {}
+    for name, t in enc.layers.items():
+        m = re.fullmatch(r"clip\.blocks\.(\d+)\.resid_pre", name)
+        assert m, name
+        out[int(m.group(1))] = t[i]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- last block
@@ -125,9 +175,13 @@ def _resize_patches(x: torch.Tensor, grid, size) -> torch.Tensor:
     return F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)[0].flatten(1).T
 
 
-def last_block(model, x: torch.Tensor, grid, feats, method: str, knobs) -> Tuple[torch.Tensor, tuple, bool]:
+def last_block(model, x: torch.Tensor, grid, feats, method: str, knobs, layers=None) -> Tuple[torch.Tensor, tuple, bool]:
     """Z (T', D) of CLIP's last block for one window's tokens ``x`` (1 + gh*gw, D), float64,
-    with ``method``'s attention; the grid of Z's patch tokens; whether Z starts with CLS."""
+    with ``method``'s attention; the grid of Z's patch tokens; whether Z starts with CLS.
+    ``layers``: {i: tokens entering block i} of the earlier blocks an OwnBlock method reads."""
+    if own_block(method):
+        blocks = len(model.visual.transformer.resblocks)
+        return ATTENTION[method].block(model, {**(layers or {}), blocks - 1: x}, grid, knobs)
     visual = copy.deepcopy(model.visual).double()
     block = visual.transformer.resblocks[-1]
     x = x.double()
@@ -155,9 +209,9 @@ def last_block(model, x: torch.Tensor, grid, feats, method: str, knobs) -> Tuple
     return z, agrid, cls
 
 
-def dense(model, x, grid, feats, method, knobs) -> torch.Tensor:
+def dense(model, x, grid, feats, method, knobs, layers=None) -> torch.Tensor:
     """(E, h, w) L2-normalized dense embeddings of one window, float64."""
-    z, agrid, cls = last_block(model, x, grid, feats, method, knobs)
+    z, agrid, cls = last_block(model, x, grid, feats, method, knobs, layers)
     z = z[1:] if cls else z
     visual = copy.deepcopy(model.visual).double()
     e = F.normalize(visual.ln_post(z) @ visual.proj, dim=-1)
@@ -225,11 +279,14 @@ def merge_by_hand(window_scores, boxes, size) -> torch.Tensor:
     return canvas / count
 
 
-def window_scores(dense_map: torch.Tensor, text: torch.Tensor, box, pad) -> torch.Tensor:
-    """(Q, h, w) cosines of one window upsampled to the padded window, the padding cut away."""
+def window_scores(dense_map: torch.Tensor, text: torch.Tensor, box, pad, own=None) -> torch.Tensor:
+    """(Q, h, w) cosines of one window (``own(maps)``: the method's own scores from them) upsampled
+    to the padded window, the padding cut away."""
     top, bottom, left, right = pad
     hh, ww = box[1] - box[0] + top + bottom, box[3] - box[2] + left + right
     s = torch.einsum("ehw,qe->qhw", dense_map.double(), text.double())
+    if own is not None:
+        s = own(s)
     up = F.interpolate(s[None], size=(hh, ww), mode="bilinear", align_corners=False)[0]
     return up[:, top:hh - bottom, left:ww - right]
 
@@ -238,11 +295,15 @@ def scores(seg, enc, queries, method: str, knobs) -> torch.Tensor:
     """(Q, H, W) float64 scores of an Encoded: each window's reference dense map, cosines with the
     reference text embeddings, upsampled, padding cut, merged by hand, resized to the image."""
     text = text_embeddings(seg.clip_model, seg.clip.tokenizer, queries)
+    ref = ATTENTION[method]
+    own = None
+    if own_block(method) and ref.window_scores is not None:
+        own = lambda maps: ref.window_scores(maps, knobs)  # noqa: E731
     per = []
     for i, box in enumerate(enc.windows):
         feats = None if enc.vfm_features is None else enc.vfm_features[i]
-        d = dense(seg.clip_model, enc.clip_tokens[i], enc.clip_grid, feats, method, knobs)
-        per.append(window_scores(d, text, box, enc.pad))
+        d = dense(seg.clip_model, enc.clip_tokens[i], enc.clip_grid, feats, method, knobs, window_layers(enc, i))
+        per.append(window_scores(d, text, box, enc.pad, own))
     merged = merge_by_hand(per, enc.windows, enc.resized_size)
     if tuple(merged.shape[-2:]) != enc.image_size:
         merged = F.interpolate(merged[None], size=enc.image_size, mode="bilinear", align_corners=False)[0]

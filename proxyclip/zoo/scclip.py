@@ -54,7 +54,7 @@ def local_outlier_factor(tokens: torch.Tensor, k: int = LOF_K) -> torch.Tensor:
 
     delta_ij = |p_i - p_j|^2 (squared distances); kNN(i) = the k nearest tokens other than i
     (k clamped to N - 1); kd_i = the largest of those k distances; the reachability is kd_i itself,
-    so lrd_i = k / kd_i (NaN -> 1e-6); LOF_i = mean_{j in kNN(i)} lrd_j / lrd_i.
+    so lrd_i = k / kd_i (a NaN kd_i counts as 1e-6); LOF_i = mean_{j in kNN(i)} lrd_j / lrd_i.
     """
     p = tokens.double()
     n = p.shape[-2]
@@ -63,7 +63,7 @@ def local_outlier_factor(tokens: torch.Tensor, k: int = LOF_K) -> torch.Tensor:
     d = (sq[..., :, None] + sq[..., None, :] - 2 * (p @ p.transpose(-1, -2))).clamp_min(0)
     d = d + torch.diag_embed(torch.full(d.shape[:-1], float("inf"), dtype=d.dtype, device=d.device))
     dist, idx = d.topk(k, dim=-1, largest=False)
-    lrd = torch.nan_to_num(k / dist[..., -1], nan=1e-6)
+    lrd = k / torch.nan_to_num(dist[..., -1], nan=1e-6)  # kd_i = 0 (duplicates): lrd inf, LOF NaN
     neighbours = torch.gather(lrd[..., None, :].expand(*lrd.shape, n), -1, idx)  # lrd_j of each i's kNN
     return neighbours.mean(-1) / lrd
 
