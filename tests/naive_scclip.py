@@ -77,11 +77,10 @@ def repair(f: torch.Tensor, outliers: Set[int], grid: Tuple[int, int]) -> torch.
 
 
 def cosine(f: torch.Tensor) -> torch.Tensor:
-    n = f.shape[0]
-    norms = [float(r.norm()) for r in f]
-    g = f @ f.T
-    return torch.tensor([[float(g[i, j]) / (norms[i] * norms[j]) for j in range(n)] for i in range(n)],
-                        dtype=torch.float64)
+    """cos_ij = <f_i, f_j> / (|f_i| |f_j|)."""
+    f = f.double()
+    norms = torch.tensor([float(r.norm()) for r in f], dtype=torch.float64)
+    return (f @ f.T) / (norms[:, None] * norms[None, :])
 
 
 def threshold(s: torch.Tensor) -> torch.Tensor:
