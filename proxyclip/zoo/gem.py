@@ -33,8 +33,8 @@ from ..methods import Method, register_method
 from ..parts import resid_pre
 
 TEMPERATURE = declare_hook("gem.temperature", "window", "(n, depth-1)",
-                           "beta of each block on the GEM path, first to last (adaptive: mean |ln_1(X)| d^-1/2; "
-                           "else the fixed temp) (gem)", "method")
+                           "beta of each block on the GEM path, first to last (adaptive: the mean token norm of "
+                           "ln_1(X) times d^-1/2; else the fixed temp) (gem)", "method")
 
 
 def check_depth(depth: int, layers: int) -> int:
