@@ -59,9 +59,9 @@ def self_self(z: torch.Tensor, beta: torch.Tensor, iterations: int) -> torch.Ten
     softmax(beta Z^ Z^T); Z^ = Z L2-normalized over d; beta (B, 1, 1, 1)."""
     for _ in range(iterations):
         zn = F.normalize(z, dim=-1)
-        z = torch.softmax(beta * (zn @ zn.transpose(-1, -2)), dim=-1) @ zn
+        z = torch.softmax((beta * zn) @ zn.transpose(-1, -2), dim=-1) @ zn  # beta on (T, d), not (T, T)
     zn = F.normalize(z, dim=-1)
-    return torch.softmax(beta * (zn @ zn.transpose(-1, -2)), dim=-1)
+    return torch.softmax((beta * zn) @ zn.transpose(-1, -2), dim=-1)
 
 
 def temperatures(x: BlockInputs, start: int, temp: float) -> torch.Tensor:
@@ -93,7 +93,7 @@ def gem_path(x: BlockInputs, depth: int, iterations: int, temp: float) -> torch.
         h = int(block.attn.num_heads)
         u = block.ln_1(tokens.to(clip.dtype))
         qkv = F.linear(u, block.attn.in_proj_weight, block.attn.in_proj_bias).float()
-        q, k, v = (qkv[..., j * d:(j + 1) * d].reshape(b, t, h, d // h).transpose(1, 2) for j in range(3))
+        q, k, v = (qkv[..., j * d:(j + 1) * d].reshape(b, t, h, d // h).transpose(1, 2).contiguous() for j in range(3))
         beta = betas[:, n].view(b, 1, 1, 1)
         att = (self_self(v, beta, iterations) + self_self(k, beta, iterations) + self_self(q, beta, iterations)) / 3
         out = block.attn.out_proj((att @ v).transpose(1, 2).reshape(b, t, d).to(clip.dtype)).float()
