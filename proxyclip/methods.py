@@ -50,7 +50,8 @@ class Method:
     needs_vfm: bool = False
     doc: str = ""
     # the encode parts it reads besides the last block's input: fn(**its knobs) -> part names
-    # (proxyclip/parts.py, e.g. ("clip.blocks.5.resid_pre", ...)); None = none
+    # (proxyclip/parts.py, e.g. ("clip.blocks.5.resid_pre", ...)); None = none. A ``layers``
+    # parameter, if fn has one, receives the CLIP's block count (proxyclip.parts.method_parts)
     parts: Optional[Callable[..., Tuple[str, ...]]] = None
     # a check of its knob values (switches included) against a CLIP of ``layers`` blocks:
     # fn(knobs, layers) raises ValueError (one line naming the knob); run wherever its parts are listed

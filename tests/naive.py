@@ -2,22 +2,27 @@
 with the open_clip model's own modules and plain loops: nothing here calls proxyclip's pipeline,
 last_block, methods or proxy code, so a test comparing against these can catch a wrong number.
 
-A new method needs its reference in ``ATTENTION`` (tests over ``METHODS`` fail until it has one).
+A new method needs its reference in ``ATTENTION`` (tests over ``METHODS`` fail until it has one):
+an attention function, or an :class:`OwnBlock` for a method that runs its own last block (SC-CLIP,
+GEM: tests/naive_scclip.py, tests/naive_gem.py); a method reading more than q and k (kept blocks,
+query embeddings, window pixels: ResCLIP) is in ``CONTEXT`` and gets ``ctx`` (:func:`window_context`).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from typing import Dict, Tuple
+import re
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from proxyclip.config import CONF_DIR
-
+import naive_gem
 import naive_resclip
+import naive_scclip
+from proxyclip.config import CONF_DIR
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization, as published
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -113,9 +118,22 @@ def _resclip(q, k, heads, grid, feats, knobs, ctx):
     return ref["attention"], grid, True
 
 
+class OwnBlock:
+    """The reference of a method that runs its own last block (it returns a BlockOutput, or its
+    own window scores): ``block(model, layers, grid, knobs) -> (Z (T', D) before ln_post, grid of Z,
+    CLS first)`` with ``layers`` {i: (T, D) tokens entering CLIP block i}, the last block's
+    included (the rest from ``ctx["layers"]``, :func:`window_context`); ``window_scores(maps (Q, h, w),
+    knobs)``: its own window scores from the cosines (None: the cosines). The residual and FFN
+    switches do not apply to it."""
+
+    def __init__(self, block: Callable, window_scores: Optional[Callable] = None):
+        self.block = block
+        self.window_scores = window_scores
+
+
 # name -> fn(q, k, heads, clip grid, vfm features, knobs) -> (A (heads or 1, T', T'), grid of A, CLS first);
 # a method in CONTEXT also takes ctx= (window_context: the model, the tokens, the kept blocks' tokens,
-# the query embeddings, the window's pixels, the patch size)
+# the query embeddings, the window's pixels, the patch size); or an OwnBlock (which reads ctx's layers)
 ATTENTION = {
     "clip": _per_head(_clip_row),
     "maskclip": _per_head(_maskclip_row),
@@ -124,14 +142,21 @@ ATTENTION = {
     "naclip": _per_head(_naclip_row),
     "proxyclip": _proxyclip,
     "resclip": _resclip,
+    "scclip": OwnBlock(naive_scclip.reference),
+    "gem": OwnBlock(naive_gem.reference, naive_gem.window_scores),
 }
 CONTEXT = {"resclip"}
 
 # knob values a method needs on the tiny CLIP (2 blocks, a 4x4 grid): the blocks it reads, a prior
-# and a threshold that matter there (the YAML's defaults are the paper's, for a ViT-B/16)
+# and a threshold that matter there (the YAML's defaults are the paper's, for a ViT-B/16, and name
+# blocks the tiny CLIP does not have)
 TINY_KNOBS: Dict[str, Dict[str, object]] = {
     "resclip": {"rcs_layers": [0], "gaussian_std": 1.5, "temp_thd": 0.4},
+    "scclip": {"pre_adjust": 0, "post_adjust": 0, "multi_start": 0, "multi_end": 1},
+    "gem": {"depth": 3},
 }
+# knobs that have no other valid value on the tiny CLIP (each checked on ViT-B/16 in tests/test_<method>.py)
+TINY_FIXED: Dict[str, Tuple[str, ...]] = {"scclip": ("pre_adjust", "post_adjust", "multi_start", "multi_end")}
 # knob values under which a method's attention does not read the last block's switches (ResCLIP's
 # SFR runs a provisional pass of the block with them)
 SWITCH_FREE: Dict[str, Dict[str, object]] = {"resclip": {"sfr": False}}
@@ -141,33 +166,58 @@ SWITCH_FREE: Dict[str, Dict[str, object]] = {"resclip": {"sfr": False}}
 MATTERS_WITH: Dict[Tuple[str, str], Dict[str, object]] = {("resclip", "rcs_temp"): {"residual": True}}
 
 
-def tiny_knobs(method: str) -> Dict[str, object]:
+def tiny_values(method: str) -> Dict[str, object]:
+    """Only the knob values of :data:`TINY_KNOBS` (keyword arguments of a decode on the tiny CLIP)."""
     return dict(TINY_KNOBS.get(method, {}))
+
+
+def tiny_knobs(method: str, **changes) -> Dict[str, object]:
+    """Every knob: the method's YAML defaults, with the tiny CLIP's values (TINY_KNOBS), then ``changes``."""
+    return knobs_of(method, **{**tiny_values(method), **changes})
 
 
 def tiny_overrides(method: str) -> list:
     """``method.<knob>=<value>`` overrides of :data:`TINY_KNOBS` for a config with ``method``."""
     return [f"method.{k}={str(v).lower() if isinstance(v, bool) else v}".replace(" ", "")
-            for k, v in tiny_knobs(method).items()]
+            for k, v in tiny_values(method).items()]
 
 
-def tiny_parts() -> list:
-    """The layer parts every registered method reads on the tiny CLIP with :data:`TINY_KNOBS`."""
+def tiny_parts(layers: Optional[int] = None) -> list:
+    """The layer parts every registered method reads on the tiny CLIP (``layers`` blocks, 2 unless
+    given) with :data:`TINY_KNOBS` (its check run)."""
     from proxyclip.methods import METHODS
     from proxyclip.parts import method_parts
 
+    layers = 2 if layers is None else layers
     out = set()
     for name, meth in METHODS.items():
-        out |= set(method_parts(meth, knobs_of(name, **tiny_knobs(name))))
+        out |= set(method_parts(meth, tiny_knobs(name), layers))
     return sorted(out)
+
+
+def own_block(method: str) -> bool:
+    return isinstance(ATTENTION[method], OwnBlock)
+
+
+def needs_context(method: str) -> bool:
+    """Its reference reads :func:`window_context` (a CONTEXT method, or an OwnBlock's earlier blocks)."""
+    return method in CONTEXT or own_block(method)
+
+
+def window_layers(enc, i: int) -> Dict[int, torch.Tensor]:
+    """{block: (T, D) tokens entering it} of window ``i`` of an Encoded's kept layer parts."""
+    out = {}
+    for name, t in enc.layers.items():
+        m = re.fullmatch(r"clip\.blocks\.(\d+)\.resid_pre", name)
+        assert m, name
+        out[int(m.group(1))] = t[i]
+    return out
 
 
 def window_context(seg, enc, i: int, queries) -> Dict[str, object]:
     """What a CONTEXT reference reads for window ``i`` of ``enc``: the kept blocks' tokens, the
     reference text embeddings of ``queries``, the window's pixels (resized, cut, CLIP-normalized,
     padded: written out here), the patch size."""
-    from proxyclip.parts import block_of
-
     resized = enc.image
     if tuple(enc.resized_size) != tuple(enc.image.shape[-2:]):
         resized = F.interpolate(enc.image[None], size=enc.resized_size, mode="bilinear",
@@ -175,7 +225,7 @@ def window_context(seg, enc, i: int, queries) -> Dict[str, object]:
     y1, y2, x1, x2 = enc.windows[i]
     crop = (resized[:, y1:y2, x1:x2] - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
     top, bottom, left, right = enc.pad
-    return {"layers": {block_of(n): t[i] for n, t in enc.layers.items()},
+    return {"layers": window_layers(enc, i),
             "text": text_embeddings(seg.clip_model, seg.clip.tokenizer, queries),
             "pixels": F.pad(crop, (left, right, top, bottom)), "patch": seg.clip.patch_size}
 
@@ -192,7 +242,11 @@ def _resize_patches(x: torch.Tensor, grid, size) -> torch.Tensor:
 def last_block(model, x: torch.Tensor, grid, feats, method: str, knobs, ctx=None) -> Tuple[torch.Tensor, tuple, bool]:
     """Z (T', D) of CLIP's last block for one window's tokens ``x`` (1 + gh*gw, D), float64,
     with ``method``'s attention; the grid of Z's patch tokens; whether Z starts with CLS.
-    ``ctx``: what a method of :data:`CONTEXT` reads besides q and k (:func:`window_context`)."""
+    ``ctx``: what a method of :data:`CONTEXT` reads besides q and k (:func:`window_context`); an
+    OwnBlock method reads its ``layers`` ({i: tokens entering block i} of the earlier blocks)."""
+    if own_block(method):
+        blocks = len(model.visual.transformer.resblocks)
+        return ATTENTION[method].block(model, {**(ctx or {}).get("layers", {}), blocks - 1: x}, grid, knobs)
     visual = copy.deepcopy(model.visual).double()
     block = visual.transformer.resblocks[-1]
     x = x.double()
@@ -291,11 +345,14 @@ def merge_by_hand(window_scores, boxes, size) -> torch.Tensor:
     return canvas / count
 
 
-def window_scores(dense_map: torch.Tensor, text: torch.Tensor, box, pad) -> torch.Tensor:
-    """(Q, h, w) cosines of one window upsampled to the padded window, the padding cut away."""
+def window_scores(dense_map: torch.Tensor, text: torch.Tensor, box, pad, own=None) -> torch.Tensor:
+    """(Q, h, w) cosines of one window (``own(maps)``: the method's own scores from them) upsampled
+    to the padded window, the padding cut away."""
     top, bottom, left, right = pad
     hh, ww = box[1] - box[0] + top + bottom, box[3] - box[2] + left + right
     s = torch.einsum("ehw,qe->qhw", dense_map.double(), text.double())
+    if own is not None:
+        s = own(s)
     up = F.interpolate(s[None], size=(hh, ww), mode="bilinear", align_corners=False)[0]
     return up[:, top:hh - bottom, left:ww - right]
 
@@ -304,12 +361,16 @@ def scores(seg, enc, queries, method: str, knobs) -> torch.Tensor:
     """(Q, H, W) float64 scores of an Encoded: each window's reference dense map, cosines with the
     reference text embeddings, upsampled, padding cut, merged by hand, resized to the image."""
     text = text_embeddings(seg.clip_model, seg.clip.tokenizer, queries)
+    ref = ATTENTION[method]
+    own = None
+    if own_block(method) and ref.window_scores is not None:
+        own = lambda maps: ref.window_scores(maps, knobs)  # noqa: E731
     per = []
     for i, box in enumerate(enc.windows):
         feats = None if enc.vfm_features is None else enc.vfm_features[i]
-        ctx = window_context(seg, enc, i, queries) if method in CONTEXT else None
+        ctx = window_context(seg, enc, i, queries) if needs_context(method) else None
         d = dense(seg.clip_model, enc.clip_tokens[i], enc.clip_grid, feats, method, knobs, ctx)
-        per.append(window_scores(d, text, box, enc.pad))
+        per.append(window_scores(d, text, box, enc.pad, own))
     merged = merge_by_hand(per, enc.windows, enc.resized_size)
     if tuple(merged.shape[-2:]) != enc.image_size:
         merged = F.interpolate(merged[None], size=enc.image_size, mode="bilinear", align_corners=False)[0]

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import naive
-
 from proxyclip import HOOK_NAMES, hooks
 from proxyclip.config import CONF_DIR
 from proxyclip.hooks import HookSet, declarations, declare_hook, hook_names, replayed_hooks, window_hooks
@@ -45,10 +44,11 @@ def test_names_and_sets_come_from_the_declarations(tiny_segmenter):
 
 
 def test_every_declared_hook_fires_in_a_run_that_uses_it(tiny_segmenter, rand_image):
-    """One run per (registered method, registered post-process), every hook recorded."""
-    enc = tiny_segmenter.encode(rand_image, keep=naive.tiny_parts())
-    caches = {(method, post): tiny_segmenter.run_with_cache(enc, CLASSES, method=method,
-                                                            postprocess={"name": post}, **naive.tiny_knobs(method))[1]
+    """One run per (registered method, registered post-process), every hook recorded (knob values
+    that fit the tiny CLIP, naive.TINY_KNOBS; the layer parts every method reads kept)."""
+    enc = tiny_segmenter.encode(rand_image, keep=naive.tiny_parts(tiny_segmenter.clip.num_blocks))
+    caches = {(method, post): tiny_segmenter.run_with_cache(enc, CLASSES, method=method, postprocess={"name": post},
+                                                            **naive.tiny_values(method))[1]
               for method in METHODS for post in POSTPROCESSES}
     _, fresh = tiny_segmenter.run_with_cache(rand_image, CLASSES)  # the encode-time points fire in an encode too
     assert {d.name for d in declarations() if d.stage == "encode"} <= set(fresh)
@@ -62,8 +62,10 @@ def test_every_declared_hook_fires_in_a_run_that_uses_it(tiny_segmenter, rand_im
                 assert t.shape[0] == n, (method, post, name, tuple(t.shape))
     # the points every run passes through fire in every run
     always = set.intersection(*(set(c) for c in caches.values()))
-    assert {"clip.last_block_input", "attention.pattern", "clip.dense", "scores.window", "scores.image",
+    assert {"clip.last_block_input", "clip.last_block_output", "clip.dense", "scores.window", "scores.image",
             "scores.refined", "text.embeddings"} <= always
+    # and the attention pattern in every run of a method that returns one (not those running their own block)
+    assert "attention.pattern" in set.intersection(*(set(c) for (m, _), c in caches.items() if not naive.own_block(m)))
 
 
 def test_a_callable_filter_records_exactly_its_names(tiny_segmenter, rand_image):

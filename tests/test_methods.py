@@ -1,6 +1,10 @@
 """The last-block methods (docs/methods.md): each against a float64 reference written from its
 equations (tests/naive.py), vanilla CLIP against open_clip's own forward, one Encoded decoded by
-every registered method, each switch and knob checked for its value, not only for a change."""
+every registered method, each switch and knob checked for its value, not only for a change.
+
+Methods that run their own last block (naive.OwnBlock: SC-CLIP, GEM) take the same checks on their
+block output, dense maps or window scores, with knob values that fit the tiny 2-block CLIP
+(naive.TINY_KNOBS); their own tests (tests/test_<method>.py) check them on ViT-B/16."""
 
 import copy
 import logging
@@ -14,15 +18,15 @@ import naive
 from conftest import tiny_config
 from proxyclip import Segmenter
 from proxyclip.backbones import CLIP_MEAN, CLIP_STD
-from proxyclip.last_block import BlockInputs, run_last_block
+from proxyclip.last_block import Attention, BlockInputs, BlockOutput, run_last_block
 from proxyclip.methods import METHODS, gaussian_neighbourhood, get_method
-from proxyclip.parts import resid_pre
+from proxyclip.parts import method_parts, resid_pre
 from proxyclip.text import parse_classes
 
 CLASSES = ["sky", "person; people", "horse"]
 CLIP_METHODS = [name for name, m in METHODS.items() if not m.needs_vfm]
 QUERIES = parse_classes(CLASSES).queries
-TINY = naive.tiny_knobs  # knob values a method needs on the tiny CLIP (tests/naive.py TINY_KNOBS)
+TINY = naive.tiny_values  # knob values a method needs on the tiny CLIP (tests/naive.py TINY_KNOBS)
 
 
 def test_every_method_has_a_reference():
@@ -58,11 +62,16 @@ def test_each_method_equals_a_naive_loop(tiny_segmenter, block_inputs, name, res
     tokens, feats, make, ctx = block_inputs
     x = make(residual, ffn)
     meth = get_method(name)
-    knobs = naive.knobs_of(name, residual=residual, ffn=ffn, **TINY(name))
+    knobs = naive.tiny_knobs(name, residual=residual, ffn=ffn)
     if name == "naclip":
         knobs["gaussian_std"] = 1.5  # a prior that matters on a 4x4 grid
     att = meth.attention(x, **{k: knobs[k] for k in meth.knob_names})
-    z = run_last_block(x, att, residual, ffn)
+    if naive.own_block(name):  # its own block output (the switches do not apply)
+        assert isinstance(att, BlockOutput)
+        z = att.tokens
+    else:
+        assert isinstance(att, Attention)
+        z = run_last_block(x, att, residual, ffn)
     for i in range(2):
         ref, grid, cls = naive.last_block(tiny_segmenter.clip_model, tokens[i], (4, 4), feats[i], name, knobs, ctx(i))
         assert (tuple(att.grid), att.cls) == (grid, cls)
@@ -76,8 +85,12 @@ def test_attention_patterns(block_inputs):
     assert sclip.shape == (2, heads, 17, 17)
     torch.testing.assert_close(sclip.sum(-1), torch.full((2, heads, 17), 2.0))  # not renormalized
     for name, meth in METHODS.items():  # a method that declares rows summing to 1 has them
-        knobs = naive.knobs_of(name, **TINY(name))
+        knobs = naive.tiny_knobs(name)
         att = meth.attention(x, **{k: v for k, v in knobs.items() if k in meth.knob_names})
+        if naive.own_block(name):  # its own block output: finite, on CLIP's grid, CLS as declared
+            assert isinstance(att, BlockOutput) and torch.isfinite(att.tokens).all()
+            assert att.tokens.shape == (2, 16 + att.cls, 64) and tuple(att.grid) == (4, 4)
+            continue
         assert torch.isfinite(att.pattern).all() and att.pattern.shape[1] in (1, heads)
         if att.rows_sum_to_one:
             torch.testing.assert_close(att.pattern.sum(-1), torch.ones(att.pattern.shape[:-1]))
@@ -114,20 +127,26 @@ def test_vanilla_clip_equals_open_clip_forward():
 
 def _reference_dense(seg, enc, name, knobs):
     """(n, E, h, w) float64 reference dense maps of every window of ``enc`` (tests/naive.py)."""
-    ctx = (lambda i: naive.window_context(seg, enc, i, QUERIES)) if name in naive.CONTEXT else (lambda i: None)
+    ctx = (lambda i: naive.window_context(seg, enc, i, QUERIES)) if naive.needs_context(name) else (lambda i: None)
     return torch.stack([naive.dense(seg.clip_model, enc.clip_tokens[i], enc.clip_grid,
                                     None if enc.vfm_features is None else enc.vfm_features[i], name, knobs, ctx(i))
                         for i in range(len(enc.windows))])
 
 
+def _every_methods_parts(seg):
+    """The layer parts every registered method reads with its tiny-CLIP knob values (naive.tiny_parts)."""
+    return naive.tiny_parts(seg.clip.num_blocks)
+
+
 def test_one_encode_serves_every_method(tiny_segmenter, rand_image):
-    enc = tiny_segmenter.encode(rand_image, keep=naive.tiny_parts())
+    enc = tiny_segmenter.encode(rand_image, keep=_every_methods_parts(tiny_segmenter))
     for name in METHODS:
+        tiny = TINY(name)
         pred, cache = tiny_segmenter.run_with_cache(enc, CLASSES, names=["attention.pattern", "clip.dense"],
-                                                    method=name, **TINY(name))
+                                                    method=name, **tiny)
         assert pred.method == name and torch.isfinite(pred.scores).all()
         # the dense maps of every window = a float64 reference of this method from the block's weights
-        ref = _reference_dense(tiny_segmenter, enc, name, naive.knobs_of(name, **TINY(name)))
+        ref = _reference_dense(tiny_segmenter, enc, name, naive.tiny_knobs(name))
         torch.testing.assert_close(cache["clip.dense"].double(), ref, atol=2e-5, rtol=1e-5)
         # decoding with another method = a Segmenter configured with that method (same seeded weights)
         if not METHODS[name].needs_vfm:
@@ -143,36 +162,53 @@ def test_switches_and_knobs_reach_the_block(tiny_segmenter, rand_image, name):
     """Each switch does exactly what it says to the block output, and each knob of each method gives
     the reference's value at that setting."""
     seg = tiny_segmenter
-    enc = seg.encode(rand_image, keep=naive.tiny_parts())
+    tiny = TINY(name)
+    defaults = naive.tiny_knobs(name)
+    settings = [defaults] + [{**defaults, k.name: naive.other_value(k, defaults[k.name])} for k in METHODS[name].knobs
+                             if k.name not in naive.TINY_FIXED.get(name, ())]
+    keep = set(naive.tiny_parts(seg.clip.num_blocks))
+    keep |= {p for s in settings for p in method_parts(METHODS[name], s, seg.clip.num_blocks)}
+    enc = seg.encode(rand_image, keep=sorted(keep))
     block = seg.clip.last_block
     z = {}
     for residual, ffn in ((False, False), (True, False), (True, True)):
         pred, cache = seg.run_with_cache(enc, CLASSES, names=["clip.last_block_output", "clip.dense"], method=name,
-                                         residual=residual, ffn=ffn, **TINY(name), **naive.SWITCH_FREE.get(name, {}))
+                                         residual=residual, ffn=ffn, **tiny, **naive.SWITCH_FREE.get(name, {}))
         assert (pred.params["residual"], pred.params["ffn"]) == (residual, ffn)
         z[residual, ffn] = cache["clip.last_block_output"]
     grid = tuple(cache["clip.dense"].shape[-2:])
     x = enc.clip_tokens
-    if z[True, True].shape[1] != x.shape[1]:  # a pattern over another grid, no CLS: X resized bilinear there
-        patches = x[:, 1:].transpose(1, 2).reshape(x.shape[0], x.shape[2], *enc.clip_grid)
-        x = F.interpolate(patches, size=grid, mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
-    # residual: Y = X + O, so (residual on) - (residual off) = X
-    torch.testing.assert_close(z[True, False] - z[False, False], x, atol=1e-5, rtol=1e-5)
-    # ffn: Z = Y + mlp(ln_2(Y))
-    with torch.no_grad():
-        y = z[True, False]
-        torch.testing.assert_close(z[True, True], y + block.mlp(block.ln_2(y)), atol=1e-5, rtol=1e-5)
+    if naive.own_block(name):  # it runs its own last block: the switches change nothing
+        assert torch.equal(z[True, True], z[False, False]) and torch.equal(z[True, False], z[False, False])
+    else:
+        if z[True, True].shape[1] != x.shape[1]:  # a pattern over another grid, no CLS: X resized bilinear there
+            patches = x[:, 1:].transpose(1, 2).reshape(x.shape[0], x.shape[2], *enc.clip_grid)
+            x = F.interpolate(patches, size=grid, mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+        # residual: Y = X + O, so (residual on) - (residual off) = X
+        torch.testing.assert_close(z[True, False] - z[False, False], x, atol=1e-5, rtol=1e-5)
+        # ffn: Z = Y + mlp(ln_2(Y))
+        with torch.no_grad():
+            y = z[True, False]
+            torch.testing.assert_close(z[True, True], y + block.mlp(block.ln_2(y)), atol=1e-5, rtol=1e-5)
     # each of the method's own knobs, at a value other than its default: the reference at that value
-    defaults = naive.knobs_of(name, **TINY(name))
+    # (dense maps; a method's own window scores: the image scores)
     for knob in METHODS[name].knobs:
+        if knob.name in naive.TINY_FIXED.get(name, ()):
+            continue  # no other value fits the tiny CLIP: tests/test_<method>.py checks it on ViT-B/16
         value = naive.other_value(knob, defaults[knob.name])
         where = {**defaults, **naive.MATTERS_WITH.get((name, knob.name), {})}
-        given = {k: where[k] for k in (*TINY(name), *naive.MATTERS_WITH.get((name, knob.name), {}))}
+        given = {k: where[k] for k in (*tiny, *naive.MATTERS_WITH.get((name, knob.name), {}))}
+        changed = {**where, knob.name: value}
         pred, cache = seg.run_with_cache(enc, CLASSES, names=["clip.dense"], method=name, **{**given, knob.name: value})
         assert pred.params[knob.name] == value
-        ref = _reference_dense(seg, enc, name, {**where, knob.name: value})
-        torch.testing.assert_close(cache["clip.dense"].double(), ref, atol=2e-5, rtol=1e-5)
-        assert not torch.allclose(ref, _reference_dense(seg, enc, name, where), atol=1e-4)  # it matters here
+        if "clip.dense" in cache:
+            ref = _reference_dense(seg, enc, name, changed)
+            torch.testing.assert_close(cache["clip.dense"].double(), ref, atol=2e-5, rtol=1e-5)
+            assert not torch.allclose(ref, _reference_dense(seg, enc, name, where), atol=1e-4)  # it matters here
+        else:
+            ref = naive.scores(seg, enc, pred.queries, name, changed)
+            torch.testing.assert_close(pred.scores.double(), ref, atol=2e-5, rtol=1e-5)
+            assert not torch.allclose(ref, naive.scores(seg, enc, pred.queries, name, where), atol=1e-4)
 
 
 def test_proxyclip_shift_and_mask_off_is_plain_softmax(tiny_segmenter, rand_image):
