@@ -25,7 +25,7 @@ from .encoded import Encoded, Prediction, check_decodable, replay
 from .hooks import HookFn, HookSet, NameFilter, declare_hook, finish_cache, hook_names
 from .images import ImageLike, load_image
 from .last_block import Attention, BlockInputs, BlockOutput, Dense, Scores, dense_from_block_output, run_last_block
-from .methods import get_method
+from .methods import check_vfm_feature, get_method
 from .parts import block_of, check_parts, method_parts, resid_pre
 from .postprocess import apply_postprocess, get_postprocess
 from .resolve import PostprocessArg
@@ -78,6 +78,8 @@ class Segmenter:
         check_geometry(cfg.protocol)
         if get_method(cfg.method.name).needs_vfm and vfm is None:
             raise ValueError(build.no_vfm_message(cfg.method.name, cfg.vfm.name))
+        if vfm is not None:
+            check_vfm_feature(get_method(cfg.method.name), vfm.feature)
         vfm_patch = [] if vfm is None or vfm.resizes_input else [vfm.patch_size]
         self.pad_multiple = padding_multiple(clip.patch_size, *vfm_patch)
         self._clip_norm = _norm_tensors(CLIP_MEAN, CLIP_STD, self.device)
@@ -211,6 +213,8 @@ class Segmenter:
         for idx in shared.values():
             meth = get_method(specs[idx[0]].method)
             check_decodable(enc, meth, self.clip_key, self.vfm_key, pad, self.parts_of(specs[idx[0]]))
+            if meth.needs_vfm:
+                check_vfm_feature(meth, self.encode_spec.vfm.feature)
         text = self.hooks.point(TEXT, self.text_embeddings(cl.queries))  # once for every point
         for idx in shared.values():
             preds = _decide_points(self, enc, cl, [specs[i] for i in idx], text, keep_prob)
@@ -322,8 +326,12 @@ def _method_output(seg: "Segmenter", enc: Encoded, start: int, stop: int, spec: 
     layers = {k: v[start:stop].to(seg.device) for k, v in enc.layers.items()}
     x = BlockInputs(seg.clip, enc.clip_tokens[start:stop].to(seg.device), enc.clip_grid, feats, enc.memo,
                     (start, stop), point, layers=layers, text=text,
-                    pixels=lambda: _window_pixels(seg, enc, start, stop))
-    out = meth.attention(x, **{k: knobs[k] for k in meth.knob_names})
+                    pixels=lambda: _window_pixels(seg, enc, start, stop),
+                    vfm_heads=None if seg.vfm is None else seg.vfm.heads)
+    args = {k: knobs[k] for k in meth.knob_names}
+    if meth.own_switches:
+        args.update(residual=knobs["residual"], ffn=knobs["ffn"])
+    out = meth.attention(x, **args)
     if isinstance(out, Scores):
         return out
     if isinstance(out, Dense):
