@@ -87,8 +87,8 @@ def check_vfm_feature(method: Method, feature: Optional[str]) -> None:
     if want is not None and feature != want:
         raise ValueError(f"method {method.name} reads the VFM's attention {'keys' if want == 'k' else want} per head "
                          f"(vfm.feature={want}), but this Segmenter's VFM gives vfm.feature={feature}: build it with "
-                         f"vfm.feature={want} (e.g. vfm=dino_vitb8 vfm.feature={want}), or decode from "
-                         f"seg.with_vfm(<vfm>, feature={want!r}).encode(image, reuse=enc)")
+                         f"vfm.feature={want} (e.g. vfm=dino_vitb8 vfm.feature={want}), or decode from other = "
+                         f"seg.for_method({method.name!r}): other.decode(other.encode(image, reuse=enc), ...)")
 
 
 # ---------------------------------------------------------------------------------------------- patterns

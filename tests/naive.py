@@ -217,7 +217,7 @@ def _cass(model, x, grid, feats, knobs, text, choices):
         j = perm[i]
         w = 1.0 - cost[i][j]
         u, s, vv = _lowrank(g[j], r, knobs["svd"])
-        if knobs["eigenscaling"]:
+        if knobs["eigenscaling"] and float(s.max()) > float(s.min()):  # [lo, hi] -> [lo / 2, 1.5 hi]
             lo, hi = float(s.min()), float(s.max())
             s = torch.tensor([(x_ - lo) / (hi - lo) * (1.5 * hi - 0.5 * lo) + 0.5 * lo for x_ in s.tolist()],
                              dtype=torch.float64)

@@ -14,7 +14,7 @@ import naive
 from conftest import tiny_config
 from proxyclip import Segmenter
 from proxyclip.backbones import CLIP_MEAN, CLIP_STD
-from proxyclip.last_block import BlockInputs, run_last_block
+from proxyclip.last_block import Attention, BlockInputs, BlockOutput, Dense, Scores, run_last_block
 from proxyclip.methods import METHODS, gaussian_neighbourhood, get_method
 
 CLASSES = ["sky", "person; people", "horse"]
@@ -28,22 +28,60 @@ def test_every_method_has_a_reference():
 
 @pytest.fixture(scope="module")
 def block_inputs(tiny_segmenter):
+    """Random tokens, VFM features and query embeddings; ``make()`` a fresh BlockInputs whose hook
+    points are recorded in ``points`` (a method running its own block is compared with what it records)."""
     g = torch.Generator().manual_seed(7)
     tokens = torch.randn(2, 17, 64, generator=g)
     feats = torch.randn(2, 8, 3, 5, generator=g) + 0.3  # a VFM grid other than CLIP's 4x4: values resized
-    return tokens, feats, lambda: BlockInputs(tiny_segmenter.clip, tokens, (4, 4), feats, {}, (0, 2), lambda n, t: t)
+    text = F.normalize(torch.randn(5, 64, generator=g), dim=-1)
+    points = {}
+
+    def record(name, t):
+        points[name] = t
+        return t
+
+    return tokens, feats, lambda: BlockInputs(tiny_segmenter.clip, tokens, (4, 4), feats, {}, (0, 2), record,
+                                              text=text), text, points
+
+
+def _call(meth, x, knobs):
+    """The method's function with its knobs (and the switches, when it runs its own last block)."""
+    args = {k: knobs[k] for k in meth.knob_names}
+    if meth.own_switches:
+        args.update(residual=knobs["residual"], ffn=knobs["ffn"])
+    return meth.attention(x, **args)
+
+
+def _own_result(out):
+    """(kind in the reference's result, tensor) of a method's non-Attention result."""
+    if isinstance(out, Scores):
+        return "scores", out.scores
+    if isinstance(out, Dense):
+        return "dense", out.embeddings
+    assert isinstance(out, BlockOutput)
+    return "z", out.tokens
 
 
 @pytest.mark.parametrize("residual,ffn", [(True, True), (False, False), (True, False)])
 @pytest.mark.parametrize("name", list(METHODS))
 def test_each_method_equals_a_naive_loop(tiny_segmenter, block_inputs, name, residual, ffn):
-    tokens, feats, make = block_inputs
+    tokens, feats, make, text, points = block_inputs
     x = make()
     meth = get_method(name)
     knobs = naive.knobs_of(name, residual=residual, ffn=ffn)
-    if name == "naclip":
+    if name in ("naclip", "cass"):
         knobs["gaussian_std"] = 1.5  # a prior that matters on a 4x4 grid
-    att = meth.attention(x, **{k: knobs[k] for k in meth.knob_names})
+    points.clear()
+    att = _call(meth, x, knobs)
+    if isinstance(naive.ATTENTION[name], naive.OwnBlock):  # its own last block: what it returns, and its Z
+        kind, got = _own_result(att)
+        for i in range(2):
+            ref = naive.own_block(tiny_segmenter.clip_model, tokens[i], (4, 4), feats[i], name, knobs, text,
+                                  {k: v[i] for k, v in points.items()})
+            torch.testing.assert_close(got[i].double(), ref[kind], atol=2e-5, rtol=1e-5)
+            if "clip.last_block_output" in points:
+                torch.testing.assert_close(points["clip.last_block_output"][i].double(), ref["z"], atol=2e-5, rtol=1e-5)
+        return
     z = run_last_block(x, att, residual, ffn)
     for i in range(2):
         ref, grid, cls = naive.last_block(tiny_segmenter.clip_model, tokens[i], (4, 4), feats[i], name, knobs)
@@ -53,12 +91,21 @@ def test_each_method_equals_a_naive_loop(tiny_segmenter, block_inputs, name, res
 
 def test_attention_patterns(block_inputs):
     x = block_inputs[2]()
+    points = block_inputs[4]
     heads = x.heads
     sclip = get_method("sclip").attention(x).pattern
     assert sclip.shape == (2, heads, 17, 17)
     torch.testing.assert_close(sclip.sum(-1), torch.full((2, heads, 17), 2.0))  # not renormalized
     for name, meth in METHODS.items():  # a method that declares rows summing to 1 has them
-        att = meth.attention(x, **{k: v for k, v in naive.method_defaults(name).items() if k in meth.knob_names})
+        points.clear()
+        att = _call(meth, x, naive.method_defaults(name))
+        if not isinstance(att, Attention):  # its own block: finite, and the attention it records is a softmax
+            assert torch.isfinite(_own_result(att)[1]).all()
+            if "attention.pattern" in points:
+                p = points["attention.pattern"]
+                assert p.shape[1] in (1, heads)
+                torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:-1]))
+            continue
         assert torch.isfinite(att.pattern).all() and att.pattern.shape[1] in (1, heads)
         if att.rows_sum_to_one:
             torch.testing.assert_close(att.pattern.sum(-1), torch.ones(att.pattern.shape[:-1]))
@@ -93,22 +140,40 @@ def test_vanilla_clip_equals_open_clip_forward():
     torch.testing.assert_close(cache["clip.dense"], ref, atol=1e-5, rtol=1e-5)
 
 
-def _reference_dense(seg, enc, name, knobs):
-    """(n, E, h, w) float64 reference dense maps of every window of ``enc`` (tests/naive.py)."""
+def _reference_dense(seg, enc, name, knobs, cache=None):
+    """(n, E, h, w) float64 reference dense maps of every window of ``enc`` (tests/naive.py);
+    ``cache``: the decode's recorded hook tensors (the ties a method running its own block settled)."""
     return torch.stack([naive.dense(seg.clip_model, enc.clip_tokens[i], enc.clip_grid,
-                                    None if enc.vfm_features is None else enc.vfm_features[i], name, knobs)
+                                    None if enc.vfm_features is None else enc.vfm_features[i], name, knobs,
+                                    naive.window_choices(cache, i))
                         for i in range(len(enc.windows))])
+
+
+def _names(name, *more):
+    """A cache filter: ``more`` and the method's own hook points (``<name>.*``)."""
+    return lambda n: n in more or n.startswith(f"{name}.")
+
+
+def _own_scores(name):
+    """The method scores the queries itself (its reference gives the scores, not only the dense maps)."""
+    return isinstance(naive.ATTENTION[name], naive.OwnBlock)
 
 
 def test_one_encode_serves_every_method(tiny_segmenter, rand_image):
     enc = tiny_segmenter.encode(rand_image)
     for name in METHODS:
-        pred, cache = tiny_segmenter.run_with_cache(enc, CLASSES, names=["attention.pattern", "clip.dense"],
-                                                    method=name)
+        seg = tiny_segmenter.for_method(name)  # a method reading another VFM readout (CASS: keys): same models
+        enc_m = seg.encode(rand_image, reuse=enc)
+        assert enc_m.clip_tokens is enc.clip_tokens  # the CLIP part is the one encode's
+        pred, cache = seg.run_with_cache(enc_m, CLASSES, names=_names(name, "attention.pattern", "clip.dense"),
+                                         method=name)
         assert pred.method == name and torch.isfinite(pred.scores).all()
         # the dense maps of every window = a float64 reference of this method from the block's weights
-        ref = _reference_dense(tiny_segmenter, enc, name, naive.knobs_of(name))
+        ref = _reference_dense(seg, enc_m, name, naive.knobs_of(name), cache)
         torch.testing.assert_close(cache["clip.dense"].double(), ref, atol=2e-5, rtol=1e-5)
+        if _own_scores(name):  # and its own scores = the reference's, merged as every method's
+            expected = naive.scores(seg, enc_m, pred.queries, name, naive.knobs_of(name), cache)
+            torch.testing.assert_close(pred.scores.double(), expected, atol=2e-5, rtol=1e-5)
         # decoding with another method = a Segmenter configured with that method (same seeded weights)
         if not METHODS[name].needs_vfm:
             own = Segmenter.from_config(tiny_config(f"method={name}"))
@@ -122,7 +187,7 @@ def test_one_encode_serves_every_method(tiny_segmenter, rand_image):
 def test_switches_and_knobs_reach_the_block(tiny_segmenter, rand_image, name):
     """Each switch does exactly what it says to the block output, and each knob of each method gives
     the reference's value at that setting."""
-    seg = tiny_segmenter
+    seg = tiny_segmenter.for_method(name)
     enc = seg.encode(rand_image)
     block = seg.clip.last_block
     z = {}
@@ -146,8 +211,15 @@ def test_switches_and_knobs_reach_the_block(tiny_segmenter, rand_image, name):
     defaults = naive.knobs_of(name)
     for knob in METHODS[name].knobs:
         value = naive.other_value(knob, defaults[knob.name])
-        pred, cache = seg.run_with_cache(enc, CLASSES, names=["clip.dense"], method=name, **{knob.name: value})
+        pred, cache = seg.run_with_cache(enc, CLASSES, names=_names(name, "clip.dense"), method=name,
+                                         **{knob.name: value})
         assert pred.params[knob.name] == value
+        if _own_scores(name):  # a knob of its own scores (e.g. CASS's text side): the reference's scores
+            ref = naive.scores(seg, enc, pred.queries, name, {**defaults, knob.name: value}, cache)
+            torch.testing.assert_close(pred.scores.double(), ref, atol=2e-5, rtol=1e-5)
+            _, base = seg.run_with_cache(enc, CLASSES, names=_names(name), method=name)
+            assert not torch.allclose(ref, naive.scores(seg, enc, pred.queries, name, defaults, base), atol=1e-4)
+            continue
         ref = _reference_dense(seg, enc, name, {**defaults, knob.name: value})
         torch.testing.assert_close(cache["clip.dense"].double(), ref, atol=2e-5, rtol=1e-5)
         assert not torch.allclose(ref, _reference_dense(seg, enc, name, defaults), atol=1e-4)  # it matters here

@@ -120,9 +120,11 @@ def low_rank(g: torch.Tensor, rank: int, svd: str) -> Tuple[torch.Tensor, torch.
 
 
 def eigenscale(s: torch.Tensor) -> torch.Tensor:
-    """Dynamic eigenscaling: [s_min, s_max] -> [0.5 s_min, 1.5 s_max], linearly (per graph, last axis)."""
+    """Dynamic eigenscaling: [s_min, s_max] -> [0.5 s_min, 1.5 s_max], linearly (per graph, last axis);
+    a graph whose values are all equal (rank 1) keeps them (its range-mapped graph is scale-free anyway)."""
     lo, hi = s.amin(-1, keepdim=True), s.amax(-1, keepdim=True)
-    return (s - lo) / (hi - lo).clamp_min(1e-300) * (1.5 * hi - 0.5 * lo) + 0.5 * lo
+    span = hi - lo
+    return torch.where(span > 0, (s - lo) / span.clamp_min(1e-300) * (1.5 * hi - 0.5 * lo) + 0.5 * lo, s)
 
 
 def range_map(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
