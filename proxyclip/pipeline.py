@@ -45,7 +45,7 @@ BLOCK_INPUT = declare_hook("clip.last_block_input", "window", "(n, 1+gh·gw, D)"
                            "tokens entering CLIP's last block (what `Encoded` stores)", "encode", replay="clip_tokens")
 PATTERN = declare_hook("attention.pattern", "window", "(n, h, T, T)",
                        "the attention every method runs: h heads, or 1 when shared; T = 1+gh·gw (CLS first), "
-                       "N for proxyclip", "method")
+                       "N for proxyclip (VFM tokens) and cass (CLIP's patches)", "method")
 BLOCK_OUTPUT = declare_hook("clip.last_block_output", "window", "(n, T, D)",
                             "after the residual and the FFN (when on), before ln_post", "block output")
 DENSE = declare_hook("clip.dense", "window", "(n, E, h, w)",

@@ -45,8 +45,10 @@ def test_names_and_sets_come_from_the_declarations(tiny_segmenter):
 def test_every_declared_hook_fires_in_a_run_that_uses_it(tiny_segmenter, rand_image):
     """One run per (registered method, registered post-process), every hook recorded."""
     enc = tiny_segmenter.encode(rand_image)
-    caches = {(method, post): tiny_segmenter.run_with_cache(enc, CLASSES, method=method,
-                                                            postprocess={"name": post})[1]
+    segs = {m: tiny_segmenter.for_method(m) for m in METHODS}  # a method reading another VFM readout (CASS: keys)
+    encs = {m: segs[m].encode(rand_image, reuse=enc) for m in METHODS}
+    caches = {(method, post): segs[method].run_with_cache(encs[method], CLASSES, method=method,
+                                                          postprocess={"name": post})[1]
               for method in METHODS for post in POSTPROCESSES}
     _, fresh = tiny_segmenter.run_with_cache(rand_image, CLASSES)  # the encode-time points fire in an encode too
     assert {d.name for d in declarations() if d.stage == "encode"} <= set(fresh)
