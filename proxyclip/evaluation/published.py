@@ -32,6 +32,8 @@ PROXYCLIP_PAPER = "ProxyCLIP paper (Lan et al., ECCV 2024), main table"
 SCLIP_PAPER = "SCLIP paper (Wang et al., ECCV 2024)"
 CLEARCLIP_PAPER = "ClearCLIP paper (Lan et al., ECCV 2024)"
 NACLIP_PAPER = "NACLIP paper (Hajimiri et al., WACV 2025), without PAMR"
+CASS_PAPER = ("CASS paper (Kim et al., CVPR 2025), Table 1 as the project page's image cass/static/images/miou.png "
+              "(MICV-yonsei/MICV-yonsei.github.io) shows it; PAMR off, per-dataset knobs (docs/methods.md)")
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ METHODS_B16: Tuple[PublishedRow, ...] = (
                  NACLIP_B16, 39.4, NACLIP_PAPER, own_protocol=True),
     PublishedRow("ProxyCLIP ViT-B/16 + DINO B/8", ("method=proxyclip", B16, DINO_B8),
                  PROXYCLIP_B16_DINO_B8, 42.3, PROXYCLIP_PAPER),
+    PublishedRow("CASS ViT-B/16 + DINO B/8", ("method=cass", B16, DINO_B8, "vfm.feature=k"),
+                 (65.8, 36.7, 37.8, 87.8, 40.2, 26.7, 39.4, 20.4), 44.4, CASS_PAPER, own_protocol=True),
 )
 
 # the reference rows of each table kind (``proxyclip-summary --paper`` lists the unmatched ones)
