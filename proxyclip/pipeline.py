@@ -100,15 +100,8 @@ class Segmenter:
 
     def for_method(self, method: str) -> "Segmenter":
         """This Segmenter, or one sharing its models whose VFM gives the readout ``method`` reads
-        (``Method.vfm_feature``, e.g. CASS's keys): ``other.decode(other.encode(image, reuse=enc), ...)``
-        reuses ``enc``'s CLIP part."""
-        want = get_method(method).vfm_feature
-        if want is None or self.vfm is None or self.vfm.feature == want:
-            return self
-        cache = self.__dict__.setdefault("_for_method", {})
-        if want not in cache:
-            cache[want] = self.with_vfm(str(self.cfg.vfm.name), feature=want)
-        return cache[want]
+        (e.g. CASS's keys; :func:`proxyclip.build.for_method`)."""
+        return build.for_method(self, method)
 
     clip_model = property(lambda self: self.clip.model, doc="The underlying open_clip model.")
     vfm_model = property(lambda self: None if self.vfm is None else self.vfm.model,
