@@ -51,14 +51,17 @@ def test_a_sweep_of_every_method_equals_separate_evaluations(method, tmp_path, e
     points equal separate evaluations at those values, point for point."""
     make_voc(tmp_path, n=2)
     knob = (METHODS[method].knobs or SWITCHES)[0]
-    base = eval_cfg("voc21", tmp_path, f"method={method}")
+    readout = METHODS[method].vfm_feature  # a method reading another VFM readout (CASS: keys)
+    m = (f"method={method}",) + ((f"vfm.feature={readout}",) if readout else ())
+    eval_segmenter = eval_segmenter.for_method(method)
+    base = eval_cfg("voc21", tmp_path, *m)
     values = _two_values(knob, base.method[knob.name])
     literal = "[" + ",".join(str(v).lower() for v in values) + "]"
-    out = sweep(eval_cfg("voc21", tmp_path, f"method={method}", f"sweep.{knob.name}={literal}", config_name="sweep"),
+    out = sweep(eval_cfg("voc21", tmp_path, *m, f"sweep.{knob.name}={literal}", config_name="sweep"),
                 run_dir=tmp_path / "sweep", seg=eval_segmenter)
     assert out["axes"] == [knob.name] and [p["values"][knob.name] for p in out["points"]] == values
     for v, p in zip(values, out["points"]):
-        single = evaluate(eval_cfg("voc21", tmp_path, f"method={method}", f"method.{knob.name}={str(v).lower()}"),
+        single = evaluate(eval_cfg("voc21", tmp_path, *m, f"method.{knob.name}={str(v).lower()}"),
                           run_dir=tmp_path / f"e{v}", seg=eval_segmenter)
         assert p["decode"] == single["decode"] and p["decode"]["knobs"][knob.name] == v
         assert p["mIoU"] == pytest.approx(single["mIoU"], abs=1e-9)
