@@ -107,7 +107,7 @@ def test_the_fused_graph_uses_the_swapped_indices():
     n, h = 5, 3
     a = torch.randn(1, h, n, n, generator=g, dtype=torch.float64)
     mats = torch.randn(1, h, n, n, generator=g, dtype=torch.float64)
-    factors = cass.low_rank(mats @ mats.transpose(-1, -2), 3, "exact")
+    factors = cass.low_rank(mats, 1.0, 3, "exact")
     cost = torch.tensor([[[0.9, 0.2, 0.7], [0.6, 0.8, 0.1], [0.3, 0.5, 0.4]]], dtype=torch.float64)
     cols = torch.tensor([[1, 2, 0]])
     m = cass.fused_graphs(a, factors, cols, cost, eigenscaling=False, scale_factor=10.0)
@@ -167,7 +167,7 @@ def test_keys_not_queries(tiny_segmenter):
 
 def test_the_diagonal_is_zeroed_before_the_range_mapping():
     low = torch.tensor([[5.0, 1.0, 2.0], [1.0, 3.0, 0.5], [2.0, 0.5, 4.0]], dtype=torch.float64)
-    factors = cass.low_rank(low[None, None], 3, "exact")
+    factors = cass.low_rank(torch.linalg.cholesky(low)[None, None], 1.0, 3, "exact")  # G = L L^T = low
     a = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.2], [0.5, 0.2, 1.0]], dtype=torch.float64)[None, None]
     cost = torch.tensor([[[0.75]]], dtype=torch.float64)  # w = 0.25
     m = cass.fused_graphs(a, factors, torch.tensor([[0]]), cost, eigenscaling=False, scale_factor=10.0)
@@ -216,15 +216,20 @@ def test_eigenscaling_spectra_and_the_seeded_low_rank():
         for b, h in itertools.product(range(2), range(2)):
             full = torch.linalg.eigvalsh(0.5 * keys[b, h].double() @ keys[b, h].double().T).flip(0)[:min(8, n)]
             torch.testing.assert_close(lam[b, h], full / full.norm(), atol=1e-12, rtol=1e-9)
-    m = torch.randn(12, 12, generator=g, dtype=torch.float64)
-    m = m @ m.T
+    keys = torch.randn(2, 12, 6, generator=g, dtype=torch.float64)  # two graphs G = 0.5 K K^T of rank 6
+    graphs = 0.5 * keys @ keys.transpose(-1, -2)
     state = torch.random.get_rng_state()
-    u1, s1, v1 = cass.low_rank(m[None], 4, "randomized")
-    u2, s2, v2 = cass.low_rank(m[None], 4, "randomized")
+    u1, s1, v1 = cass.low_rank(keys, 0.5, 4, "randomized")
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left alone
-    assert torch.equal(u1 @ torch.diag_embed(s1) @ v1.transpose(-1, -2), u2 @ torch.diag_embed(s2) @ v2.transpose(-1, -2))
-    ue, se, ve = cass.low_rank(m[None], 4, "exact")
-    torch.testing.assert_close(se, torch.linalg.svdvals(m)[:4][None])
+    for i in range(2):  # = torch.svd_lowrank on the formed graph, its sketch drawn from seed 42
+        torch.manual_seed(42)
+        u, s, v = torch.svd_lowrank(graphs[i], q=4, niter=2)
+        torch.testing.assert_close(u1[i] @ torch.diag(s1[i]) @ v1[i].T, u @ torch.diag(s) @ v.T, atol=1e-10, rtol=1e-9)
+    torch.random.set_rng_state(state)
+    u2, s2, v2 = cass.low_rank(keys, 0.5, 4, "randomized")
+    assert torch.equal(s1, s2) and torch.equal(u1, u2)  # seeded: the same every time
+    ue, se, ve = cass.low_rank(keys, 0.5, 4, "exact")
+    torch.testing.assert_close(se, torch.linalg.svdvals(graphs)[:, :4])
     assert not torch.allclose(s1, se, atol=1e-9)  # two power iterations are not the exact SVD
 
 

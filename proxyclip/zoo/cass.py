@@ -98,25 +98,31 @@ def match_heads(cost: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(np.stack(cols), dtype=torch.long, device=cost.device)
 
 
-def low_rank(g: torch.Tensor, rank: int, svd: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rank-r factors U (.., N, r), S (.., r), V (.., N, r) of each graph (float64); r = min(rank, N).
-    ``randomized``: ``torch.svd_lowrank(q=r, niter=2)``, its sketch seeded with SVD_SEED per graph
-    (the global RNG is left as it was); ``exact``: the top r of the full SVD."""
-    g = g.double()
-    r = min(int(rank), g.shape[-1])
+def low_rank(keys: torch.Tensor, scale: float, rank: int, svd: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-r factors U (.., N, r), S (.., r), V (.., N, r) of each graph G = scale K K^T of the keys
+    (.., N, d), float64; r = min(rank, N). ``randomized``: ``torch.svd_lowrank(G, q=r, niter=2)``'s
+    steps (Halko et al.'s range finder: R, then Q = qr(G R), two power iterations, svd(Q^T G)) with G
+    applied as scale K (K^T X), never formed; its sketch R (N x r) drawn from SVD_SEED for every graph,
+    the global RNG left as it was. ``exact``: the top r singular triplets of G."""
+    k = keys.double()
+    n = k.shape[-2]
+    r = min(int(rank), n)
     if svd == "exact":
-        u, s, vh = torch.linalg.svd(g)
+        u, s, vh = torch.linalg.svd(scale * (k @ k.transpose(-1, -2)))
         return u[..., :r], s[..., :r], vh[..., :r, :].transpose(-1, -2)
-    flat = g.reshape(-1, *g.shape[-2:])
-    us, ss, vs = [], [], []
-    devices = [g.device] if g.device.type == "cuda" else []
-    for m in flat:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(SVD_SEED)
-            u, s, v = torch.svd_lowrank(m, q=r, niter=2)
-        us.append(u), ss.append(s), vs.append(v)
-    shape = g.shape[:-2]
-    return (torch.stack(us).view(*shape, -1, r), torch.stack(ss).view(*shape, r), torch.stack(vs).view(*shape, -1, r))
+    with torch.random.fork_rng(devices=[k.device] if k.device.type == "cuda" else []):
+        torch.manual_seed(SVD_SEED)
+        sketch = torch.randn(n, r, dtype=k.dtype, device=k.device)
+
+    def g(x: torch.Tensor) -> torch.Tensor:  # G x (G is symmetric: G^H x too)
+        return scale * (k @ (k.transpose(-1, -2) @ x))
+
+    q = torch.linalg.qr(g(sketch)).Q
+    for _ in range(2):
+        q = torch.linalg.qr(g(q)).Q
+        q = torch.linalg.qr(g(q)).Q
+    u, s, vh = torch.linalg.svd(g(q).transpose(-1, -2), full_matrices=False)  # Q^H G = (G Q)^H
+    return q @ u, s, vh.transpose(-1, -2)
 
 
 def eigenscale(s: torch.Tensor) -> torch.Tensor:
@@ -229,8 +235,7 @@ def cass_scores(x: BlockInputs, global_weight: float, mean_vector_weight: float,
     spectra = x.memoized(f"cass.spectra.{k_eigen}", lambda: (top_spectra(kd, tau, k_eigen), top_spectra(k, tau, k_eigen)))
     cost = x.point(COST, spectral_cost(*spectra))
     cols = x.point(ASSIGNMENT, match_heads(cost))
-    factors = x.memoized(f"cass.low_rank.{rank}.{svd}",
-                         lambda: low_rank(tau * (kd @ kd.transpose(-1, -2)), rank, svd))
+    factors = x.memoized(f"cass.low_rank.{rank}.{svd}", lambda: low_rank(kd, tau, rank, svd))
     a = tau * (k.double() @ k.double().transpose(-1, -2))
     m = fused_graphs(a, factors, cols, cost, eigenscaling, scale_factor)
     omega = gaussian_neighbourhood(x.grid, gaussian_std)[1:, 1:].to(m.device, m.dtype)
