@@ -210,12 +210,23 @@ class ExplorerController:
         if self._stale_decode:
             names = ("attention.pattern",) + (figures.STAGE_NAMES if self.record_stages else ())
             t0 = time.perf_counter()
-            self.prediction, self.cache = self.segmenter.run_with_cache(self.encoded, self.classes, names=names,
-                                                                        spec=self.spec())
+            seg, enc = self._readout()
+            self.prediction, self.cache = seg.run_with_cache(enc, self.classes, names=names, spec=self.spec())
             self.last_decode_seconds = time.perf_counter() - t0
             self.n_decodes += 1
             self._stale_decode, ran = False, True
         return ran
+
+    def _readout(self):
+        """(Segmenter, Encoded) of the current method: a method reading another VFM readout (CASS:
+        keys) decodes from the same models with that readout, its VFM run once per encode (CLIP reused)."""
+        seg = self.segmenter.for_method(self.method)
+        if seg is self.segmenter:
+            return seg, self.encoded
+        key = (id(self.encoded), seg.vfm_key)
+        if getattr(self, "_readout_enc", (None,))[0] != key:
+            self._readout_enc = (key, seg.encode(self.encoded.image, reuse=self.encoded))
+        return seg, self._readout_enc[1]
 
     # ------------------------------------------------------------------ what is shown
     def attention_view(self) -> figures.AttentionView:
