@@ -73,7 +73,7 @@ def test_vit_b16_equals_the_reference(vitb):
     cache = _path_output(seg, plain, names=("clip.last_block_output", "clip.dense", "gem.temperature"))
     torch.testing.assert_close(cache["clip.last_block_output"][0].double(), g, atol=1e-4, rtol=1e-5)
     assert cache["clip.dense"].shape == (1, 512, 14, 14)
-    ref = naive.dense(seg.clip_model, plain.clip_tokens[0], (14, 14), None, "gem", DEFAULTS, layers)
+    ref = naive.dense(seg.clip_model, plain.clip_tokens[0], (14, 14), None, "gem", DEFAULTS, {"layers": layers})
     torch.testing.assert_close(cache["clip.dense"][0].double(), ref, atol=2e-5, rtol=1e-5)
     # the adaptive temperature of each of the six blocks, by hand: mean_t |ln_1(X_l)_t| / sqrt(64)
     blocks = seg.clip_model.visual.transformer.resblocks
@@ -119,7 +119,7 @@ def test_min_max_normalization(vitb):
     pred = seg.decode(plain, classes, normalize=True)
     assert len(plain.windows) == 1 and tuple(plain.image_size) == (224, 224)  # one window: no merge, no resize
     text = naive.text_embeddings(seg.clip_model, seg.clip.tokenizer, pred.queries)
-    dense = naive.dense(seg.clip_model, plain.clip_tokens[0], (14, 14), None, "gem", DEFAULTS, layers)
+    dense = naive.dense(seg.clip_model, plain.clip_tokens[0], (14, 14), None, "gem", DEFAULTS, {"layers": layers})
     ref = naive.window_scores(dense, text, plain.windows[0], plain.pad,
                               lambda m: ng.window_scores(m, {"normalize": True}))
     torch.testing.assert_close(pred.scores.double(), ref, atol=2e-5, rtol=1e-5)

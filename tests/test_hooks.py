@@ -45,10 +45,13 @@ def test_names_and_sets_come_from_the_declarations(tiny_segmenter):
 
 def test_every_declared_hook_fires_in_a_run_that_uses_it(tiny_segmenter, rand_image):
     """One run per (registered method, registered post-process), every hook recorded (knob values
-    that fit the tiny CLIP, naive.TINY_KNOBS; the layer parts every method reads kept)."""
+    that fit the tiny CLIP, naive.TINY_KNOBS; the layer parts every method reads kept; a method reading
+    another VFM readout (CASS: keys) from a Segmenter sharing the models, seg.for_method)."""
     enc = tiny_segmenter.encode(rand_image, keep=naive.tiny_parts(tiny_segmenter.clip.num_blocks))
-    caches = {(method, post): tiny_segmenter.run_with_cache(enc, CLASSES, method=method, postprocess={"name": post},
-                                                            **naive.tiny_values(method))[1]
+    segs = {m: tiny_segmenter.for_method(m) for m in METHODS}
+    encs = {m: enc if segs[m] is tiny_segmenter else segs[m].encode(rand_image, reuse=enc) for m in METHODS}
+    caches = {(method, post): segs[method].run_with_cache(encs[method], CLASSES, method=method,
+                                                          postprocess={"name": post}, **naive.tiny_values(method))[1]
               for method in METHODS for post in POSTPROCESSES}
     _, fresh = tiny_segmenter.run_with_cache(rand_image, CLASSES)  # the encode-time points fire in an encode too
     assert {d.name for d in declarations() if d.stage == "encode"} <= set(fresh)

@@ -12,12 +12,15 @@ from proxyclip import HOOK_NAMES, Encoded, Segmenter
 from proxyclip.text import TEMPLATES
 
 CLASSES = ["sky", "person; people", "horse"]
+ZOO = ("cass",)  # methods of proxyclip/zoo with hook points named after them
 
 
 def test_hook_names_and_shapes(tiny_segmenter, rand_image):
     seg = tiny_segmenter
     pred, cache = seg.run_with_cache(rand_image, CLASSES)
-    assert set(cache) == set(HOOK_NAMES) == set(seg.hook_names)
+    # the 2025 methods' own points fire only in their decodes (tests/test_hooks.py: every point fires in some run)
+    others = {n for n in HOOK_NAMES if n.split(".")[0] in ZOO}
+    assert set(cache) == set(HOOK_NAMES) - others and set(HOOK_NAMES) == set(seg.hook_names)
     # 80x112 -> short side 64: 64x90 -> windows of 64, stride 32: 1 row x ((90-64+31)//32+1 = 2) columns
     enc = seg.encode(rand_image)
     assert enc.resized_size == (64, 90) and enc.windows == [(0, 64, 0, 64), (0, 64, 26, 90)]
