@@ -66,7 +66,7 @@ def main() -> None:
     t_enc_clip = timed(lambda: clip_only.encode(window), args.repeats)
     print(f"one 336x336 window: encode CLIP + DINO {t_enc:.3f} s, CLIP only {t_enc_clip:.3f} s")
     for m in methods:
-        own_enc = readout[m].encode(window, reuse=enc1)
+        own_enc = enc1 if readout[m] is seg else readout[m].encode(window, reuse=enc1)  # enc1 keeps the parts
         t_dec = timed(lambda: readout[m].decode(fresh(own_enc), VOC21, method=m), args.repeats * 2)
         own = t_enc if METHODS[m].needs_vfm else t_enc_clip
         print(f"  {m:10s} decode {t_dec * 1000:7.1f} ms: / shared encode {t_dec / t_enc:.3f}, "
