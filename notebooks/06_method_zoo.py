@@ -31,7 +31,7 @@
 SMOKE = None
 IMAGE = None  # a path; None = the bundled sample image
 CLASSES = ["person; woman; lady", "flag", "wall", "uniform; jacket", "tie"]
-METHODS = None  # names; None = every registered method (proxyclip.methods.METHODS)
+METHODS = None  # names; None = every registered method that returns an attention pattern (the last-block methods; SC-CLIP and GEM run their own block)
 PIXEL = (0.45, 0.5)  # the chosen pixel, as fractions of the image's (height, width)
 DATA_ROOT = None  # a labeled folder (custom format); None = a synthetic set
 WANDB_MODE = None
@@ -53,7 +53,7 @@ from proxyclip.methods import METHODS as REGISTERED
 from proxyclip.metrics import confusion_matrix, metrics_from_confusion
 
 SMOKE = smoke_mode(SMOKE)
-METHODS = list(REGISTERED) if METHODS is None else list(METHODS)
+METHODS = [n for n, m in REGISTERED.items() if m.parts is None] if METHODS is None else list(METHODS)
 for name in METHODS:  # each method's declared knobs (proxyclip/methods.py), their defaults in its YAML
     print(f"{name:10s}", "; ".join(k.describe() for k in REGISTERED[name].knobs) or "(only the switches residual, ffn)")
 cfg = compose_config(overrides=core_overrides(SMOKE))
@@ -73,10 +73,13 @@ print(f"CLIP {cfg.clip.name}, VFM {cfg.vfm.name}, random weights: {seg.random_we
 t = time.perf_counter()
 enc = seg.encode(image)
 t_encode = time.perf_counter() - t
+# CASS reads the VFM's keys, not its tokens: for it, the same models with that readout (CLIP part reused)
+segs = {name: seg.for_method(name) for name in METHODS}
+encs = {name: segs[name].encode(image, reuse=enc) for name in METHODS}
 preds, patterns, t_decode = {}, {}, {}
 for name in METHODS:
     t = time.perf_counter()
-    preds[name], cache = seg.run_with_cache(enc, CLASSES, names=["attention.pattern"], method=name)
+    preds[name], cache = segs[name].run_with_cache(encs[name], CLASSES, names=["attention.pattern"], method=name)
     t_decode[name] = time.perf_counter() - t
     patterns[name] = cache["attention.pattern"]
 print(f"encode {t_encode:.2f} s; decodes: " + ", ".join(f"{n} {s:.2f} s" for n, s in t_decode.items()))
@@ -94,7 +97,7 @@ fig_segmentations
 y, x = PIXEL[0] * enc.image_size[0], PIXEL[1] * enc.image_size[1]
 maps = []
 for name in METHODS:
-    row, grid, patch, window = viz.pattern_row(patterns[name], enc, y, x,
+    row, grid, patch, window = viz.pattern_row(patterns[name], encs[name], y, x,
                                                vfm_resizes_input=bool(seg.vfm and seg.vfm.resizes_input))
     maps.append((f"{name} ({grid[0]}x{grid[1]})", row, grid, patch))
 pixels = viz.window_pixels(enc.image, enc.resized_size, enc.windows[window])
@@ -122,7 +125,8 @@ for i in range(len(dataset)):
     img, gt = dataset[i]
     enc_i = seg.encode(img)
     for v, kw in variants.items():
-        cms[v] += confusion_matrix(seg.decode(enc_i, names, **kw).labels, gt, len(names),
+        s_v = segs[kw["method"]]
+        cms[v] += confusion_matrix(s_v.decode(s_v.encode(img, reuse=enc_i), names, **kw).labels, gt, len(names),
                                    ignore_index=dataset.ignore_index)
 results = {v: metrics_from_confusion(cm, names) for v, cm in cms.items()}
 columns = ["method", "mIoU", "aAcc", "mAcc"]

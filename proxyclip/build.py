@@ -93,3 +93,18 @@ def with_vfm(seg: Any, vfm: str, **settings: Any) -> Any:
     other = type(seg)(cfg, seg.clip, backbone, seg.random_weights)
     other.text = seg.text
     return other
+
+
+def for_method(seg: Any, method: str) -> Any:
+    """``seg``, or a Segmenter sharing its models whose VFM gives the readout ``method`` reads
+    (``Method.vfm_feature``, e.g. CASS's keys), made once per readout:
+    ``other.decode(other.encode(image, reuse=enc), ...)`` reuses ``enc``'s CLIP part."""
+    want = get_method(method).vfm_feature
+    if want is None or seg.vfm is None or seg.vfm.feature == want:
+        return seg
+    made = seg.__dict__.setdefault("_for_method", {})
+    if want not in made:
+        settings = OmegaConf.to_container(seg.cfg.vfm, resolve=True)  # every field as configured, but the readout
+        settings.update(feature=want)
+        made[want] = with_vfm(seg, str(settings.pop("name")), **settings)
+    return made[want]

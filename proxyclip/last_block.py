@@ -79,11 +79,13 @@ class BlockInputs:
                  memo: Dict[Any, torch.Tensor], memo_key: Tuple[int, int],
                  point: Callable[[str, torch.Tensor], torch.Tensor],
                  layers: Optional[Dict[str, torch.Tensor]] = None, text: Optional[torch.Tensor] = None,
-                 pixels: Optional[Callable[[], torch.Tensor]] = None, switches: Optional[Dict[str, bool]] = None):
+                 pixels: Optional[Callable[[], torch.Tensor]] = None, switches: Optional[Dict[str, bool]] = None,
+                 vfm_heads: Optional[int] = None):
         self.clip = clip
         self.tokens = tokens  # (B, 1 + gh*gw, D)
         self.grid = grid  # (gh, gw)
         self.vfm_features = vfm_features  # (B, C, Hv, Wv) or None
+        self.vfm_heads = vfm_heads  # heads of the VFM attention its q/k/v features come from (None: tokens / unknown)
         self.point = point  # hook point of this batch: point(name, tensor) -> tensor
         self.text = text  # (Q, E) L2-normalized query embeddings (None when decoding without classes)
         self._layers = layers or {}  # this batch's layer parts, by part name (proxyclip/parts.py)

@@ -50,11 +50,16 @@ class Method:
     needs_vfm: bool = False
     doc: str = ""
     # the encode parts it reads besides the last block's input: fn(**its knobs) -> part names
-    # (proxyclip/parts.py, e.g. ("clip.blocks.5.resid_pre", ...)); None = none
+    # (proxyclip/parts.py, e.g. ("clip.blocks.5.resid_pre", ...)); None = none. A ``layers``
+    # parameter, if fn has one, receives the CLIP's block count (proxyclip.parts.method_parts)
     parts: Optional[Callable[..., Tuple[str, ...]]] = None
     # a check of its knob values (switches included) against a CLIP of ``layers`` blocks:
     # fn(knobs, layers) raises ValueError (one line naming the knob); run wherever its parts are listed
     check: Optional[Callable[[Dict[str, object], int], None]] = None
+    # the VFM readout it needs (``vfm.feature``: "k" for a method reading per-head keys); None = any
+    vfm_feature: Optional[str] = None
+    # its function runs its own last block and takes the switches (``residual=``, ``ffn=``) itself
+    own_switches: bool = False
 
     @property
     def knob_names(self) -> Tuple[str, ...]:
@@ -77,6 +82,17 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r} (method.name / method=); known: {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def check_vfm_feature(method: Method, feature: Optional[str]) -> None:
+    """A method declaring a VFM readout (``Method.vfm_feature``) is run only on features read that
+    way (``feature``: the Segmenter's ``vfm.feature``, which its encodes' ``vfm_key`` records)."""
+    want = method.vfm_feature
+    if want is not None and feature != want:
+        raise ValueError(f"method {method.name} reads the VFM's attention {'keys' if want == 'k' else want} per head "
+                         f"(vfm.feature={want}), but this Segmenter's VFM gives vfm.feature={feature}: build it with "
+                         f"vfm.feature={want} (e.g. vfm=dino_vitb8 vfm.feature={want}), or decode from other = "
+                         f"seg.for_method({method.name!r}): other.decode(other.encode(image, reuse=enc), ...)")
 
 
 # ---------------------------------------------------------------------------------------------- patterns

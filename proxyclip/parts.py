@@ -14,6 +14,7 @@ A part depends on exactly what the CLIP part depends on (``EncodeSpec.clip_key``
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
@@ -61,13 +62,20 @@ def check_block_indices(name: str, values: Sequence[int], layers: int, last: boo
 
 
 def method_parts(method: Any, knobs: Mapping[str, Any], layers: Optional[int] = None) -> Tuple[str, ...]:
-    """The parts ``method`` reads with these knob values (``Method.parts(**its knobs)``); with the
-    CLIP's number of blocks ``layers``, the method's own ``check`` of the values runs first."""
+    """The parts ``method`` reads with these knob values (``Method.parts(**its knobs)``).
+
+    With the CLIP's number of blocks ``layers`` (when known), the method's own ``check`` of the
+    values runs first, and a parts function with a ``layers`` parameter also gets that count: to
+    name blocks from the end (GEM's ``depth``) and to refuse a knob's block index out of range
+    with an error naming the knob (:func:`check_block_indices`)."""
     if layers is not None and getattr(method, "check", None) is not None:
         method.check(knobs, layers)
     if method.parts is None:
         return ()
-    return tuple(method.parts(**{k: knobs[k] for k in method.knob_names}))
+    kw = {k: knobs[k] for k in method.knob_names}
+    if layers is not None and "layers" in inspect.signature(method.parts).parameters:
+        kw["layers"] = int(layers)
+    return tuple(method.parts(**kw))
 
 
 def missing_parts(have: Mapping[str, Any], need: Iterable[str], layers: int) -> Tuple[str, ...]:

@@ -27,7 +27,7 @@ from .hooks import HookFn, HookSet, NameFilter, declare_hook, finish_cache, hook
 from .images import ImageLike, load_image
 from .last_block import Attention, BlockInputs, BlockOutput, Dense, Scores, dense_from_block_output, run_last_block
 from .knobs import SWITCHES
-from .methods import get_method
+from .methods import check_vfm_feature, get_method
 from .parts import block_of, check_parts, method_parts, resid_pre
 from .postprocess import apply_postprocess, get_postprocess
 from .resolve import PostprocessArg
@@ -47,7 +47,7 @@ BLOCK_INPUT = declare_hook("clip.last_block_input", "window", "(n, 1+gh·gw, D)"
                            "tokens entering CLIP's last block (what `Encoded` stores)", "encode", replay="clip_tokens")
 PATTERN = declare_hook("attention.pattern", "window", "(n, h, T, T)",
                        "the attention every method runs: h heads, or 1 when shared; T = 1+gh·gw (CLS first), "
-                       "N for proxyclip", "method")
+                       "N for proxyclip (VFM tokens) and cass (CLIP's patches)", "method")
 BLOCK_OUTPUT = declare_hook("clip.last_block_output", "window", "(n, T, D)",
                             "after the residual and the FFN (when on), before ln_post", "block output")
 DENSE = declare_hook("clip.dense", "window", "(n, E, h, w)",
@@ -80,6 +80,8 @@ class Segmenter:
         check_geometry(cfg.protocol)
         if get_method(cfg.method.name).needs_vfm and vfm is None:
             raise ValueError(build.no_vfm_message(cfg.method.name, cfg.vfm.name))
+        if vfm is not None:
+            check_vfm_feature(get_method(cfg.method.name), vfm.feature)
         vfm_patch = [] if vfm is None or vfm.resizes_input else [vfm.patch_size]
         self.pad_multiple = padding_multiple(clip.patch_size, *vfm_patch)
         self._clip_norm = _norm_tensors(CLIP_MEAN, CLIP_STD, self.device)
@@ -97,6 +99,11 @@ class Segmenter:
         only the layer, feature or norm differ). Its ``encode(image, reuse=enc)`` takes the CLIP part
         from ``enc``: comparing VFMs, layers or features on one image runs CLIP once."""
         return build.with_vfm(self, vfm, **settings)
+
+    def for_method(self, method: str) -> "Segmenter":
+        """This Segmenter, or one sharing its models whose VFM gives the readout ``method`` reads
+        (e.g. CASS's keys; :func:`proxyclip.build.for_method`)."""
+        return build.for_method(self, method)
 
     clip_model = property(lambda self: self.clip.model, doc="The underlying open_clip model.")
     vfm_model = property(lambda self: None if self.vfm is None else self.vfm.model,
@@ -216,6 +223,8 @@ class Segmenter:
         for idx in shared.values():
             meth = get_method(specs[idx[0]].method)
             check_decodable(enc, meth, self.clip_key, self.vfm_key, pad, self.parts_of(specs[idx[0]]))
+            if meth.needs_vfm:
+                check_vfm_feature(meth, self.encode_spec.vfm.feature)
         text = self.hooks.point(TEXT, self.text_embeddings(cl.queries))  # once for every point
         for idx in shared.values():
             preds = _decide_points(self, enc, cl, [specs[i] for i in idx], text, keep_prob)
@@ -335,8 +344,12 @@ def _method_output(seg: "Segmenter", enc: Encoded, start: int, stop: int, spec: 
     x = BlockInputs(seg.clip, enc.clip_tokens[start:stop].to(seg.device), enc.clip_grid, feats, enc.memo,
                     (start, stop), point, layers=layers, text=text,
                     pixels=lambda: _window_pixels(seg, enc, start, stop),
-                    switches={k.name: knobs[k.name] for k in SWITCHES})
-    out = meth.attention(x, **{k: knobs[k] for k in meth.knob_names})
+                    switches={k.name: knobs[k.name] for k in SWITCHES},
+                    vfm_heads=None if seg.vfm is None else seg.vfm.heads)
+    args = {k: knobs[k] for k in meth.knob_names}
+    if meth.own_switches:
+        args.update(residual=knobs["residual"], ffn=knobs["ffn"])
+    out = meth.attention(x, **args)
     if isinstance(out, Scores):
         return out
     if isinstance(out, Dense):

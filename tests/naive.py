@@ -2,22 +2,27 @@
 with the open_clip model's own modules and plain loops: nothing here calls proxyclip's pipeline,
 last_block, methods or proxy code, so a test comparing against these can catch a wrong number.
 
-A new method needs its reference in ``ATTENTION`` (tests over ``METHODS`` fail until it has one).
+A new method needs its reference in ``ATTENTION`` (tests over ``METHODS`` fail until it has one):
+an attention function, or an :class:`OwnBlock` for a method that runs its own last block (SC-CLIP,
+GEM: tests/naive_scclip.py, tests/naive_gem.py; CASS: ``_cass`` here); a method reading more than q and k (kept blocks,
+query embeddings, window pixels: ResCLIP) is in ``CONTEXT`` and gets ``ctx`` (:func:`window_context`).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from typing import Dict, Tuple
+import re
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from proxyclip.config import CONF_DIR
-
+import naive_gem
 import naive_resclip
+import naive_scclip
+from proxyclip.config import CONF_DIR
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization, as published
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -113,9 +118,185 @@ def _resclip(q, k, heads, grid, feats, knobs, ctx):
     return ref["attention"], grid, True
 
 
+# ---------------------------------------------------------------------------------------------- own last blocks
+class OwnBlock:
+    """The reference of a method that runs its own last block (it returns a BlockOutput, Dense or
+    Scores instead of an Attention), in one of two forms:
+
+    - ``OwnBlock(block, window_scores=None)``: ``block(model, layers, grid, knobs) -> (Z (T', D) before
+      ln_post, grid of Z, CLS first)`` with ``layers`` {i: (T, D) tokens entering CLIP block i}, the last
+      block's included (the rest from ``ctx["layers"]``, :func:`window_context`); ``window_scores(maps
+      (Q, h, w), knobs)``: its own window scores from the cosines (None: the cosines). The residual and
+      FFN switches do not apply to it (SC-CLIP, GEM).
+    - ``OwnBlock(fn=fn)``: a method that may score the queries itself (e.g. CASS's text prior) and takes
+      the switches itself: ``fn(model, x (1+N, D), grid, feats (C, Hv, Wv), knobs, text (Q, E) or None,
+      choices)`` -> dict of ``z`` (N', D) before ln_post, ``grid`` of z, ``dense`` (E, h, w) and, with
+      text, ``scores`` (Q, h, w), float64. ``choices``: this window's tensors recorded by the decode at
+      hook points, for ties a float64 reference cannot break the same way (the reference checks that
+      the recorded choice is one of its optima).
+
+    :func:`own_result` gives both forms' results as that dict (``cls``: whether ``z`` starts with CLS)."""
+
+    def __init__(self, block: Optional[Callable] = None, window_scores: Optional[Callable] = None,
+                 fn: Optional[Callable] = None):
+        assert (block is None) != (fn is None), "OwnBlock: give block or fn"
+        self.block = block
+        self.window_scores = window_scores
+        self.fn = fn
+
+
+def _softmax_list(row):
+    top = max(row)
+    e = [math.exp(r - top) for r in row]
+    z = sum(e)
+    return [v / z for v in e]
+
+
+def _ward_clusters(t: torch.Tensor, h: float):
+    """Partition of the rows of ``t`` (Q, E): agglomerative Ward on cosine distances (Lance-Williams),
+    every merge at height <= h performed; a list of sorted member lists."""
+    n = t.shape[0]
+    tn = F.normalize(t.double(), dim=-1)
+    d = {}
+    for a in range(n):
+        for b in range(a + 1, n):
+            d[a, b] = min(max(1.0 - float(tn[a] @ tn[b]), 0.0), 2.0)
+    members = {a: [a] for a in range(n)}
+    nxt = n
+    while len(members) > 1:
+        (u, v), du = min(d.items(), key=lambda kv: kv[1])
+        if du > h:
+            break
+        nu, nv = len(members[u]), len(members[v])
+        for w in members:
+            if w in (u, v):
+                continue
+            nw = len(members[w])
+            duw, dvw = d[min(u, w), max(u, w)], d[min(v, w), max(v, w)]
+            d[w, nxt] = math.sqrt(((nw + nu) * duw ** 2 + (nw + nv) * dvw ** 2 - nw * du ** 2) / (nu + nv + nw))
+        members[nxt] = sorted(members.pop(u) + members.pop(v))
+        d = {k: val for k, val in d.items() if u not in k and v not in k}
+        nxt += 1
+    return sorted(members.values())
+
+
+def _lowrank(g: torch.Tensor, r: int, svd: str):
+    if svd == "exact":
+        u, s, vh = torch.linalg.svd(g)
+        return u[:, :r], s[:r], vh[:r].T
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(42)  # the method's documented seed, drawn fresh for every graph
+        return torch.svd_lowrank(g, q=r, niter=2)
+
+
+def _cass(model, x, grid, feats, knobs, text, choices):
+    """CASS from its spec (docs/methods.md), one window, float64, loops where they are cheap."""
+    import itertools
+
+    visual = copy.deepcopy(model.visual).double()
+    block = visual.transformer.resblocks[-1]
+    x = x.double()
+    d, heads = x.shape[1], block.attn.num_heads
+    dh = d // heads
+    tau = dh ** -0.5
+    w_in, b_in = block.attn.in_proj_weight, block.attn.in_proj_bias
+    xn = block.ln_1(x)
+    q, k, v = (xn @ w_in[i * d:(i + 1) * d].T + b_in[i * d:(i + 1) * d] for i in range(3))
+    n = grid[0] * grid[1]
+    kp, vp = k[1:], v[1:]
+    # the VFM's keys on CLIP's grid, min-max mapped onto the range of CLIP's patch keys
+    kd = F.interpolate(feats[None].double(), size=tuple(grid), mode="bilinear", align_corners=False)[0].reshape(
+        feats.shape[0], n)
+    kd = (kd - kd.min()) / (kd.max() - kd.min()) * (kp.max() - kp.min()) + kp.min()
+    dv = kd.shape[0] // heads
+    sl = [slice(h * dh, (h + 1) * dh) for h in range(heads)]
+    a = [tau * kp[:, sl[h]] @ kp[:, sl[h]].T for h in range(heads)]
+    g = [tau * kd[h * dv:(h + 1) * dv].T @ kd[h * dv:(h + 1) * dv] for h in range(heads)]
+    kk = min(int(knobs["k_eigen"]), n)
+
+    def spectrum(m):
+        lam = torch.linalg.eigvalsh(m).flip(0)[:kk]
+        lam = lam / lam.norm()
+        return sorted((lam / lam.sum()).tolist())
+
+    sg, sa = [spectrum(m) for m in g], [spectrum(m) for m in a]
+    cost = [[1.0 - sum(abs(sg[i][t] - sa[j][t]) for t in range(kk)) for j in range(heads)] for i in range(heads)]
+    if heads <= 7:
+        best = min(itertools.permutations(range(heads)), key=lambda p: sum(cost[i][p[i]] for i in range(heads)))
+    else:
+        from scipy.optimize import linear_sum_assignment
+
+        best = tuple(linear_sum_assignment(torch.tensor(cost).numpy())[1])
+    perm = best
+    if choices and "cass.assignment" in choices:  # the decode's choice, if it is one of the optima
+        given = tuple(int(c) for c in choices["cass.assignment"])
+        total = lambda p: sum(cost[i][p[i]] for i in range(heads))  # noqa: E731
+        assert sorted(given) == list(range(heads)) and total(given) <= total(best) + 1e-6, (given, best, cost)
+        perm = given
+    r = min(int(knobs["rank"]), n)
+    sf = float(knobs["scale_factor"])
+    std = float(knobs["gaussian_std"])
+    pos = [(p // grid[1], p % grid[1]) for p in range(n)]
+    omega = [[math.exp(-((pos[i][0] - pos[j][0]) ** 2 + (pos[i][1] - pos[j][1]) ** 2) / (2 * std ** 2))
+              for j in range(n)] for i in range(n)]
+    out = torch.zeros(n, d, dtype=torch.float64)
+    patterns = []
+    for i in range(heads):  # CLIP head i fuses VFM head perm[i], weight 1 - cost[i][perm[i]]
+        j = perm[i]
+        w = 1.0 - cost[i][j]
+        u, s, vv = _lowrank(g[j], r, knobs["svd"])
+        if knobs["eigenscaling"] and float(s.max()) > float(s.min()):  # [lo, hi] -> [lo / 2, 1.5 hi]
+            lo, hi = float(s.min()), float(s.max())
+            s = torch.tensor([(x_ - lo) / (hi - lo) * (1.5 * hi - 0.5 * lo) + 0.5 * lo for x_ in s.tolist()],
+                             dtype=torch.float64)
+        low = u @ torch.diag(s) @ vv.T
+        for t in range(n):
+            low[t, t] = 0.0
+        mapped = (low - low.min()) / (low.max() - low.min()) * (a[i].max() - a[i].min()) + a[i].min()
+        m = (sf * w * mapped + a[i]) / (sf * w + 1.0)
+        p = torch.tensor([_softmax_list([float(m[t, c]) + omega[t][c] for c in range(n)]) for t in range(n)],
+                         dtype=torch.float64)
+        patterns.append(p)
+        out[:, sl[i]] = p @ vp[:, sl[i]]
+    o = block.attn.out_proj(out)
+    ls1 = getattr(block, "ls_1", torch.nn.Identity())
+    ls2 = getattr(block, "ls_2", torch.nn.Identity())
+    y = x[1:] + ls1(o) if knobs["residual"] else o
+    z = y + ls2(block.mlp(block.ln_2(y))) if knobs["ffn"] else y
+    e = F.normalize(visual.ln_post(z) @ visual.proj, dim=-1)  # (N, E)
+    res = {"z": z, "grid": tuple(grid), "dense": e.T.reshape(e.shape[1], *grid), "pattern": torch.stack(patterns)}
+    if text is None:
+        return res
+    # the window's CLS through the standard last block: its global vector g
+    o_cls = torch.zeros(d, dtype=torch.float64)
+    for h in range(heads):
+        att = _softmax_row(q[:, sl[h]], k[:, sl[h]], 0, tau)
+        o_cls[sl[h]] = att @ v[:, sl[h]]
+    y0 = x[0] + ls1(block.attn.out_proj(o_cls[None]))[0]
+    z0 = y0 + ls2(block.mlp(block.ln_2(y0[None])))[0]
+    glob = F.normalize(visual.ln_post(z0[None]) @ visual.proj, dim=-1)[0]
+    t = text.double()
+    prior = [float(glob @ t[qi]) for qi in range(t.shape[0])]
+    adjusted = t.clone()
+    alpha = float(knobs["mean_vector_weight"])
+    for members in _ward_clusters(t, float(knobs["h_threshold"])):
+        star = max(members, key=lambda qi: (prior[qi], -qi))  # the first of the highest
+        tt = t[star] / t[star].norm()
+        sims = [float(e[c] @ tt) for c in range(n)]
+        top = sorted(range(n), key=lambda c: -sims[c])[:2]
+        mean = F.normalize(sum(e[c] for c in top) / len(top), dim=0)
+        adjusted[star] = F.normalize((1 - alpha) * tt + alpha * mean, dim=0)
+    wg = float(knobs["global_weight"])
+    sc = torch.tensor([[(1 - wg) * float(e[c] @ adjusted[qi]) + wg * prior[qi] for c in range(n)]
+                       for qi in range(t.shape[0])], dtype=torch.float64)
+    res.update(scores=sc.reshape(-1, *grid), prior=torch.tensor(prior, dtype=torch.float64), text=adjusted)
+    return res
+
+
 # name -> fn(q, k, heads, clip grid, vfm features, knobs) -> (A (heads or 1, T', T'), grid of A, CLS first);
 # a method in CONTEXT also takes ctx= (window_context: the model, the tokens, the kept blocks' tokens,
-# the query embeddings, the window's pixels, the patch size)
+# the query embeddings, the window's pixels, the patch size); or an OwnBlock (a method running its own
+# last block; the block form reads ctx's layers)
 ATTENTION = {
     "clip": _per_head(_clip_row),
     "maskclip": _per_head(_maskclip_row),
@@ -124,14 +305,22 @@ ATTENTION = {
     "naclip": _per_head(_naclip_row),
     "proxyclip": _proxyclip,
     "resclip": _resclip,
+    "scclip": OwnBlock(naive_scclip.reference),
+    "gem": OwnBlock(naive_gem.reference, naive_gem.window_scores),
+    "cass": OwnBlock(fn=_cass),
 }
 CONTEXT = {"resclip"}
 
 # knob values a method needs on the tiny CLIP (2 blocks, a 4x4 grid): the blocks it reads, a prior
-# and a threshold that matter there (the YAML's defaults are the paper's, for a ViT-B/16)
+# and a threshold that matter there (the YAML's defaults are the paper's, for a ViT-B/16, and name
+# blocks the tiny CLIP does not have)
 TINY_KNOBS: Dict[str, Dict[str, object]] = {
     "resclip": {"rcs_layers": [0], "gaussian_std": 1.5, "temp_thd": 0.4},
+    "scclip": {"pre_adjust": 0, "post_adjust": 0, "multi_start": 0, "multi_end": 1},
+    "gem": {"depth": 3},
 }
+# knobs that have no other valid value on the tiny CLIP (each checked on ViT-B/16 in tests/test_<method>.py)
+TINY_FIXED: Dict[str, Tuple[str, ...]] = {"scclip": ("pre_adjust", "post_adjust", "multi_start", "multi_end")}
 # knob values under which a method's attention does not read the last block's switches (ResCLIP's
 # SFR runs a provisional pass of the block with them)
 SWITCH_FREE: Dict[str, Dict[str, object]] = {"resclip": {"sfr": False}}
@@ -141,33 +330,63 @@ SWITCH_FREE: Dict[str, Dict[str, object]] = {"resclip": {"sfr": False}}
 MATTERS_WITH: Dict[Tuple[str, str], Dict[str, object]] = {("resclip", "rcs_temp"): {"residual": True}}
 
 
-def tiny_knobs(method: str) -> Dict[str, object]:
+def tiny_values(method: str) -> Dict[str, object]:
+    """Only the knob values of :data:`TINY_KNOBS` (keyword arguments of a decode on the tiny CLIP)."""
     return dict(TINY_KNOBS.get(method, {}))
+
+
+def tiny_knobs(method: str, **changes) -> Dict[str, object]:
+    """Every knob: the method's YAML defaults, with the tiny CLIP's values (TINY_KNOBS), then ``changes``."""
+    return knobs_of(method, **{**tiny_values(method), **changes})
 
 
 def tiny_overrides(method: str) -> list:
     """``method.<knob>=<value>`` overrides of :data:`TINY_KNOBS` for a config with ``method``."""
     return [f"method.{k}={str(v).lower() if isinstance(v, bool) else v}".replace(" ", "")
-            for k, v in tiny_knobs(method).items()]
+            for k, v in tiny_values(method).items()]
 
 
-def tiny_parts() -> list:
-    """The layer parts every registered method reads on the tiny CLIP with :data:`TINY_KNOBS`."""
+def tiny_parts(layers: Optional[int] = None) -> list:
+    """The layer parts every registered method reads on the tiny CLIP (``layers`` blocks, 2 unless
+    given) with :data:`TINY_KNOBS` (its check run)."""
     from proxyclip.methods import METHODS
     from proxyclip.parts import method_parts
 
+    layers = 2 if layers is None else layers
     out = set()
     for name, meth in METHODS.items():
-        out |= set(method_parts(meth, knobs_of(name, **tiny_knobs(name))))
+        out |= set(method_parts(meth, tiny_knobs(name), layers))
     return sorted(out)
+
+
+def own_block(method: str) -> bool:
+    return isinstance(ATTENTION[method], OwnBlock)
+
+
+def scores_itself(method: str) -> bool:
+    """An OwnBlock method that scores the queries itself and takes the switches (the ``fn`` form: CASS)."""
+    return own_block(method) and ATTENTION[method].fn is not None
+
+
+def needs_context(method: str) -> bool:
+    """Its reference reads :func:`window_context` (a CONTEXT method, or an OwnBlock's earlier blocks)."""
+    return method in CONTEXT or own_block(method)
+
+
+def window_layers(enc, i: int) -> Dict[int, torch.Tensor]:
+    """{block: (T, D) tokens entering it} of window ``i`` of an Encoded's kept layer parts."""
+    out = {}
+    for name, t in enc.layers.items():
+        m = re.fullmatch(r"clip\.blocks\.(\d+)\.resid_pre", name)
+        assert m, name
+        out[int(m.group(1))] = t[i]
+    return out
 
 
 def window_context(seg, enc, i: int, queries) -> Dict[str, object]:
     """What a CONTEXT reference reads for window ``i`` of ``enc``: the kept blocks' tokens, the
     reference text embeddings of ``queries``, the window's pixels (resized, cut, CLIP-normalized,
     padded: written out here), the patch size."""
-    from proxyclip.parts import block_of
-
     resized = enc.image
     if tuple(enc.resized_size) != tuple(enc.image.shape[-2:]):
         resized = F.interpolate(enc.image[None], size=enc.resized_size, mode="bilinear",
@@ -175,7 +394,7 @@ def window_context(seg, enc, i: int, queries) -> Dict[str, object]:
     y1, y2, x1, x2 = enc.windows[i]
     crop = (resized[:, y1:y2, x1:x2] - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
     top, bottom, left, right = enc.pad
-    return {"layers": {block_of(n): t[i] for n, t in enc.layers.items()},
+    return {"layers": window_layers(enc, i),
             "text": text_embeddings(seg.clip_model, seg.clip.tokenizer, queries),
             "pixels": F.pad(crop, (left, right, top, bottom)), "patch": seg.clip.patch_size}
 
@@ -189,10 +408,37 @@ def _resize_patches(x: torch.Tensor, grid, size) -> torch.Tensor:
     return F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)[0].flatten(1).T
 
 
-def last_block(model, x: torch.Tensor, grid, feats, method: str, knobs, ctx=None) -> Tuple[torch.Tensor, tuple, bool]:
+def own_result(model, x, grid, feats, method: str, knobs, text=None, choices=None, layers=None
+               ) -> Dict[str, torch.Tensor]:
+    """The reference's results of a method running its own last block (:class:`OwnBlock`), one window:
+    ``z``, ``grid``, ``cls``, ``dense`` and, with ``text``, ``scores`` (its window scores before
+    upsampling). ``layers``: {i: tokens entering block i} of the earlier blocks (the block form)."""
+    ref = ATTENTION[method]
+    if ref.fn is not None:
+        out = dict(ref.fn(model, x, grid, None if feats is None else feats.double(), knobs, text, choices))
+        out.setdefault("cls", False)
+        return out
+    blocks = len(model.visual.transformer.resblocks)
+    z, zgrid, cls = ref.block(model, {**(layers or {}), blocks - 1: x}, grid, knobs)
+    visual = copy.deepcopy(model.visual).double()
+    e = F.normalize(visual.ln_post(z[1:] if cls else z) @ visual.proj, dim=-1)
+    out = {"z": z, "grid": tuple(zgrid), "cls": cls, "dense": e.T.reshape(e.shape[1], *zgrid)}
+    if text is not None:
+        s = torch.einsum("ehw,qe->qhw", out["dense"], text.double())
+        out["scores"] = s if ref.window_scores is None else ref.window_scores(s, knobs)
+    return out
+
+
+def last_block(model, x: torch.Tensor, grid, feats, method: str, knobs, ctx=None, choices=None
+               ) -> Tuple[torch.Tensor, tuple, bool]:
     """Z (T', D) of CLIP's last block for one window's tokens ``x`` (1 + gh*gw, D), float64,
     with ``method``'s attention; the grid of Z's patch tokens; whether Z starts with CLS.
-    ``ctx``: what a method of :data:`CONTEXT` reads besides q and k (:func:`window_context`)."""
+    ``ctx``: what a method of :data:`CONTEXT` reads besides q and k (:func:`window_context`); an
+    OwnBlock method reads its ``layers`` ({i: tokens entering block i} of the earlier blocks);
+    ``choices``: an OwnBlock's recorded ties (:func:`window_choices`)."""
+    if own_block(method):
+        r = own_result(model, x, grid, feats, method, knobs, None, choices, (ctx or {}).get("layers"))
+        return r["z"], r["grid"], r["cls"]
     visual = copy.deepcopy(model.visual).double()
     block = visual.transformer.resblocks[-1]
     x = x.double()
@@ -221,9 +467,9 @@ def last_block(model, x: torch.Tensor, grid, feats, method: str, knobs, ctx=None
     return z, agrid, cls
 
 
-def dense(model, x, grid, feats, method, knobs, ctx=None) -> torch.Tensor:
+def dense(model, x, grid, feats, method, knobs, ctx=None, choices=None) -> torch.Tensor:
     """(E, h, w) L2-normalized dense embeddings of one window, float64."""
-    z, agrid, cls = last_block(model, x, grid, feats, method, knobs, ctx)
+    z, agrid, cls = last_block(model, x, grid, feats, method, knobs, ctx, choices)
     z = z[1:] if cls else z
     visual = copy.deepcopy(model.visual).double()
     e = F.normalize(visual.ln_post(z) @ visual.proj, dim=-1)
@@ -291,23 +537,45 @@ def merge_by_hand(window_scores, boxes, size) -> torch.Tensor:
     return canvas / count
 
 
-def window_scores(dense_map: torch.Tensor, text: torch.Tensor, box, pad) -> torch.Tensor:
-    """(Q, h, w) cosines of one window upsampled to the padded window, the padding cut away."""
+def window_scores(dense_map: torch.Tensor, text: torch.Tensor, box, pad, own=None) -> torch.Tensor:
+    """(Q, h, w) cosines of one window (``own(maps)``: the method's own scores from them) upsampled
+    to the padded window, the padding cut away."""
+    s = torch.einsum("ehw,qe->qhw", dense_map.double(), text.double())
+    if own is not None:
+        s = own(s)
+    return upsample_window(s, box, pad)
+
+
+def upsample_window(s: torch.Tensor, box, pad) -> torch.Tensor:
+    """(Q, h, w) low-resolution window scores upsampled to the padded window, the padding cut away."""
     top, bottom, left, right = pad
     hh, ww = box[1] - box[0] + top + bottom, box[3] - box[2] + left + right
-    s = torch.einsum("ehw,qe->qhw", dense_map.double(), text.double())
     up = F.interpolate(s[None], size=(hh, ww), mode="bilinear", align_corners=False)[0]
     return up[:, top:hh - bottom, left:ww - right]
 
 
-def scores(seg, enc, queries, method: str, knobs) -> torch.Tensor:
+def window_choices(cache, i: int):
+    """Window ``i``'s entries of a decode's cache (window-level hook tensors), for :class:`OwnBlock`."""
+    from proxyclip.hooks import window_hooks
+
+    return {k: v[i] for k, v in (cache or {}).items() if k in window_hooks()}
+
+
+def scores(seg, enc, queries, method: str, knobs, cache=None) -> torch.Tensor:
     """(Q, H, W) float64 scores of an Encoded: each window's reference dense map, cosines with the
-    reference text embeddings, upsampled, padding cut, merged by hand, resized to the image."""
+    reference text embeddings (a method scoring the queries itself: its reference window scores),
+    upsampled, padding cut, merged by hand, resized to the image. ``cache``: the decode's recorded
+    hook tensors (ties, :class:`OwnBlock`)."""
     text = text_embeddings(seg.clip_model, seg.clip.tokenizer, queries)
     per = []
     for i, box in enumerate(enc.windows):
         feats = None if enc.vfm_features is None else enc.vfm_features[i]
-        ctx = window_context(seg, enc, i, queries) if method in CONTEXT else None
+        if own_block(method):
+            r = own_result(seg.clip_model, enc.clip_tokens[i], enc.clip_grid, feats, method, knobs, text,
+                           window_choices(cache, i), window_layers(enc, i))
+            per.append(upsample_window(r["scores"], box, enc.pad))
+            continue
+        ctx = window_context(seg, enc, i, queries) if needs_context(method) else None
         d = dense(seg.clip_model, enc.clip_tokens[i], enc.clip_grid, feats, method, knobs, ctx)
         per.append(window_scores(d, text, box, enc.pad))
     merged = merge_by_hand(per, enc.windows, enc.resized_size)

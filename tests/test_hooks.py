@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import naive
-
 from proxyclip import HOOK_NAMES, hooks
 from proxyclip.config import CONF_DIR
 from proxyclip.hooks import HookSet, declarations, declare_hook, family_of, hook_names, replayed_hooks, window_hooks
@@ -45,10 +44,14 @@ def test_names_and_sets_come_from_the_declarations(tiny_segmenter):
 
 
 def test_every_declared_hook_fires_in_a_run_that_uses_it(tiny_segmenter, rand_image):
-    """One run per (registered method, registered post-process), every hook recorded."""
-    enc = tiny_segmenter.encode(rand_image, keep=naive.tiny_parts())
-    caches = {(method, post): tiny_segmenter.run_with_cache(enc, CLASSES, method=method,
-                                                            postprocess={"name": post}, **naive.tiny_knobs(method))[1]
+    """One run per (registered method, registered post-process), every hook recorded (knob values
+    that fit the tiny CLIP, naive.TINY_KNOBS; the layer parts every method reads kept; a method reading
+    another VFM readout (CASS: keys) from a Segmenter sharing the models, seg.for_method)."""
+    enc = tiny_segmenter.encode(rand_image, keep=naive.tiny_parts(tiny_segmenter.clip.num_blocks))
+    segs = {m: tiny_segmenter.for_method(m) for m in METHODS}
+    encs = {m: enc if segs[m] is tiny_segmenter else segs[m].encode(rand_image, reuse=enc) for m in METHODS}
+    caches = {(method, post): segs[method].run_with_cache(encs[method], CLASSES, method=method,
+                                                          postprocess={"name": post}, **naive.tiny_values(method))[1]
               for method in METHODS for post in POSTPROCESSES}
     _, fresh_cache = tiny_segmenter.run_with_cache(rand_image, CLASSES)  # the encode-time points fire in an encode too
     fresh = {family_of(n) for n in fresh_cache}  # clip.blocks.0.resid_pre -> its family clip.blocks.{i}.resid_pre
@@ -65,8 +68,10 @@ def test_every_declared_hook_fires_in_a_run_that_uses_it(tiny_segmenter, rand_im
                 assert t.shape[0] == n, (method, post, name, tuple(t.shape))
     # the points every run passes through fire in every run
     always = set.intersection(*(set(c) for c in caches.values()))
-    assert {"clip.last_block_input", "attention.pattern", "clip.dense", "scores.window", "scores.image",
+    assert {"clip.last_block_input", "clip.last_block_output", "clip.dense", "scores.window", "scores.image",
             "scores.refined", "text.embeddings"} <= always
+    # and the attention pattern in every run of a method that returns one (not those running their own block)
+    assert "attention.pattern" in set.intersection(*(set(c) for (m, _), c in caches.items() if not naive.own_block(m)))
 
 
 def test_a_callable_filter_records_exactly_its_names(tiny_segmenter, rand_image):

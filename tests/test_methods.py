@@ -1,6 +1,10 @@
 """The last-block methods (docs/methods.md): each against a float64 reference written from its
 equations (tests/naive.py), vanilla CLIP against open_clip's own forward, one Encoded decoded by
-every registered method, each switch and knob checked for its value, not only for a change."""
+every registered method, each switch and knob checked for its value, not only for a change.
+
+Methods that run their own last block (naive.OwnBlock: SC-CLIP, GEM, CASS) take the same checks on their
+block output, dense maps or window scores, with knob values that fit the tiny 2-block CLIP
+(naive.TINY_KNOBS); their own tests (tests/test_<method>.py) check them on ViT-B/16."""
 
 import copy
 import logging
@@ -14,15 +18,15 @@ import naive
 from conftest import tiny_config
 from proxyclip import Segmenter
 from proxyclip.backbones import CLIP_MEAN, CLIP_STD
-from proxyclip.last_block import BlockInputs, run_last_block
+from proxyclip.last_block import Attention, BlockInputs, BlockOutput, Dense, Scores, run_last_block
 from proxyclip.methods import METHODS, gaussian_neighbourhood, get_method
-from proxyclip.parts import resid_pre
+from proxyclip.parts import method_parts, resid_pre
 from proxyclip.text import parse_classes
 
 CLASSES = ["sky", "person; people", "horse"]
 CLIP_METHODS = [name for name, m in METHODS.items() if not m.needs_vfm]
 QUERIES = parse_classes(CLASSES).queries
-TINY = naive.tiny_knobs  # knob values a method needs on the tiny CLIP (tests/naive.py TINY_KNOBS)
+TINY = naive.tiny_values  # knob values a method needs on the tiny CLIP (tests/naive.py TINY_KNOBS)
 
 
 def test_every_method_has_a_reference():
@@ -33,35 +37,75 @@ def test_every_method_has_a_reference():
 @pytest.fixture(scope="module")
 def block_inputs(tiny_segmenter):
     """Random tokens entering the last block and block 0, VFM features, query embeddings and window
-    pixels of two windows; ``make(residual, ffn)`` -> BlockInputs; ``ctx(i)``: window i for the references."""
+    pixels of two windows; ``make(residual, ffn)`` -> BlockInputs whose hook points are recorded in
+    ``points`` (a method running its own block is compared with what it records); ``ctx(i)``: window i
+    for the references."""
     g = torch.Generator().manual_seed(7)
     tokens = torch.randn(2, 17, 64, generator=g)
     feats = torch.randn(2, 8, 3, 5, generator=g) + 0.3  # a VFM grid other than CLIP's 4x4: values resized
     block0 = torch.randn(2, 17, 64, generator=g)
     text = F.normalize(torch.randn(4, tiny_segmenter.clip.visual.proj.shape[1], generator=g), dim=-1)
     pixels = torch.randn(2, 3, 64, 64, generator=g)
+    points = {}
+
+    def record(name, t):
+        points[name] = t
+        return t
 
     def make(residual=False, ffn=False):
-        return BlockInputs(tiny_segmenter.clip, tokens, (4, 4), feats, {}, (0, 2), lambda n, t: t,
+        return BlockInputs(tiny_segmenter.clip, tokens, (4, 4), feats, {}, (0, 2), record,
                            layers={resid_pre(0): block0}, text=text, pixels=lambda: pixels,
                            switches={"residual": residual, "ffn": ffn})
 
     def ctx(i):
         return {"layers": {0: block0[i]}, "text": text, "pixels": pixels[i], "patch": tiny_segmenter.clip.patch_size}
 
-    return tokens, feats, make, ctx
+    return tokens, feats, make, ctx, text, points
+
+
+def _call(meth, x, knobs):
+    """The method's function with its knobs (and the switches, when it runs its own last block)."""
+    args = {k: knobs[k] for k in meth.knob_names}
+    if meth.own_switches:
+        args.update(residual=knobs["residual"], ffn=knobs["ffn"])
+    return meth.attention(x, **args)
+
+
+def _own_result(out):
+    """(kind in the reference's result, tensor) of a method's non-Attention result."""
+    if isinstance(out, Scores):
+        return "scores", out.scores
+    if isinstance(out, Dense):
+        return "dense", out.embeddings
+    assert isinstance(out, BlockOutput)
+    return "z", out.tokens
 
 
 @pytest.mark.parametrize("residual,ffn", [(True, True), (False, False), (True, False)])
 @pytest.mark.parametrize("name", list(METHODS))
 def test_each_method_equals_a_naive_loop(tiny_segmenter, block_inputs, name, residual, ffn):
-    tokens, feats, make, ctx = block_inputs
+    tokens, feats, make, ctx, text, points = block_inputs
     x = make(residual, ffn)
     meth = get_method(name)
-    knobs = naive.knobs_of(name, residual=residual, ffn=ffn, **TINY(name))
-    if name == "naclip":
+    knobs = naive.tiny_knobs(name, residual=residual, ffn=ffn)
+    if name in ("naclip", "cass"):
         knobs["gaussian_std"] = 1.5  # a prior that matters on a 4x4 grid
-    att = meth.attention(x, **{k: knobs[k] for k in meth.knob_names})
+    points.clear()
+    att = _call(meth, x, knobs)
+    if naive.own_block(name):  # its own last block: what it returns, and its Z
+        if not naive.scores_itself(name):  # a block output (the switches do not apply)
+            assert isinstance(att, BlockOutput)
+        kind, got = _own_result(att)
+        for i in range(2):
+            ref = naive.own_result(tiny_segmenter.clip_model, tokens[i], (4, 4), feats[i], name, knobs, text,
+                                   {k: v[i] for k, v in points.items()}, ctx(i)["layers"])
+            if isinstance(att, BlockOutput):
+                assert (tuple(att.grid), att.cls) == (ref["grid"], ref["cls"])
+            torch.testing.assert_close(got[i].double(), ref[kind], atol=2e-5, rtol=1e-5)
+            if "clip.last_block_output" in points:
+                torch.testing.assert_close(points["clip.last_block_output"][i].double(), ref["z"], atol=2e-5, rtol=1e-5)
+        return
+    assert isinstance(att, Attention)
     z = run_last_block(x, att, residual, ffn)
     for i in range(2):
         ref, grid, cls = naive.last_block(tiny_segmenter.clip_model, tokens[i], (4, 4), feats[i], name, knobs, ctx(i))
@@ -71,13 +115,23 @@ def test_each_method_equals_a_naive_loop(tiny_segmenter, block_inputs, name, res
 
 def test_attention_patterns(block_inputs):
     x = block_inputs[2]()
+    points = block_inputs[5]
     heads = x.heads
     sclip = get_method("sclip").attention(x).pattern
     assert sclip.shape == (2, heads, 17, 17)
     torch.testing.assert_close(sclip.sum(-1), torch.full((2, heads, 17), 2.0))  # not renormalized
     for name, meth in METHODS.items():  # a method that declares rows summing to 1 has them
-        knobs = naive.knobs_of(name, **TINY(name))
-        att = meth.attention(x, **{k: v for k, v in knobs.items() if k in meth.knob_names})
+        points.clear()
+        att = _call(meth, x, naive.tiny_knobs(name))
+        if isinstance(att, BlockOutput):  # its own block output: on CLIP's grid, CLS as declared
+            assert att.tokens.shape == (2, 16 + att.cls, 64) and tuple(att.grid) == (4, 4)
+        if not isinstance(att, Attention):  # its own block: finite, and the attention it records is a softmax
+            assert torch.isfinite(_own_result(att)[1]).all()
+            if "attention.pattern" in points:
+                p = points["attention.pattern"]
+                assert p.shape[1] in (1, heads)
+                torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:-1]))
+            continue
         assert torch.isfinite(att.pattern).all() and att.pattern.shape[1] in (1, heads)
         if att.rows_sum_to_one:
             torch.testing.assert_close(att.pattern.sum(-1), torch.ones(att.pattern.shape[:-1]))
@@ -112,23 +166,47 @@ def test_vanilla_clip_equals_open_clip_forward():
     torch.testing.assert_close(cache["clip.dense"], ref, atol=1e-5, rtol=1e-5)
 
 
-def _reference_dense(seg, enc, name, knobs):
-    """(n, E, h, w) float64 reference dense maps of every window of ``enc`` (tests/naive.py)."""
-    ctx = (lambda i: naive.window_context(seg, enc, i, QUERIES)) if name in naive.CONTEXT else (lambda i: None)
+def _reference_dense(seg, enc, name, knobs, cache=None):
+    """(n, E, h, w) float64 reference dense maps of every window of ``enc`` (tests/naive.py);
+    ``cache``: the decode's recorded hook tensors (the ties a method running its own block settled)."""
+    ctx = (lambda i: naive.window_context(seg, enc, i, QUERIES)) if naive.needs_context(name) else (lambda i: None)
     return torch.stack([naive.dense(seg.clip_model, enc.clip_tokens[i], enc.clip_grid,
-                                    None if enc.vfm_features is None else enc.vfm_features[i], name, knobs, ctx(i))
+                                    None if enc.vfm_features is None else enc.vfm_features[i], name, knobs, ctx(i),
+                                    naive.window_choices(cache, i))
                         for i in range(len(enc.windows))])
 
 
+def _every_methods_parts(seg):
+    """The layer parts every registered method reads with its tiny-CLIP knob values (naive.tiny_parts)."""
+    return naive.tiny_parts(seg.clip.num_blocks)
+
+
+def _names(name, *more):
+    """A cache filter: ``more`` and the method's own hook points (``<name>.*``)."""
+    return lambda n: n in more or n.startswith(f"{name}.")
+
+
+def _own_scores(name):
+    """The method runs its own last block (its reference gives the scores, not only the dense maps)."""
+    return naive.own_block(name)
+
+
 def test_one_encode_serves_every_method(tiny_segmenter, rand_image):
-    enc = tiny_segmenter.encode(rand_image, keep=naive.tiny_parts())
+    enc = tiny_segmenter.encode(rand_image, keep=_every_methods_parts(tiny_segmenter))
     for name in METHODS:
-        pred, cache = tiny_segmenter.run_with_cache(enc, CLASSES, names=["attention.pattern", "clip.dense"],
-                                                    method=name, **TINY(name))
+        tiny = TINY(name)
+        seg = tiny_segmenter.for_method(name)  # a method reading another VFM readout (CASS: keys): same models
+        enc_m = enc if seg is tiny_segmenter else seg.encode(rand_image, reuse=enc)
+        assert enc_m.clip_tokens is enc.clip_tokens  # the CLIP part is the one encode's
+        pred, cache = seg.run_with_cache(enc_m, CLASSES, names=_names(name, "attention.pattern", "clip.dense"),
+                                         method=name, **tiny)
         assert pred.method == name and torch.isfinite(pred.scores).all()
         # the dense maps of every window = a float64 reference of this method from the block's weights
-        ref = _reference_dense(tiny_segmenter, enc, name, naive.knobs_of(name, **TINY(name)))
+        ref = _reference_dense(seg, enc_m, name, naive.tiny_knobs(name), cache)
         torch.testing.assert_close(cache["clip.dense"].double(), ref, atol=2e-5, rtol=1e-5)
+        if _own_scores(name):  # and its own scores = the reference's, merged as every method's
+            expected = naive.scores(seg, enc_m, pred.queries, name, naive.tiny_knobs(name), cache)
+            torch.testing.assert_close(pred.scores.double(), expected, atol=2e-5, rtol=1e-5)
         # decoding with another method = a Segmenter configured with that method (same seeded weights)
         if not METHODS[name].needs_vfm:
             own = Segmenter.from_config(tiny_config(f"method={name}", *naive.tiny_overrides(name)))
@@ -142,37 +220,60 @@ def test_one_encode_serves_every_method(tiny_segmenter, rand_image):
 def test_switches_and_knobs_reach_the_block(tiny_segmenter, rand_image, name):
     """Each switch does exactly what it says to the block output, and each knob of each method gives
     the reference's value at that setting."""
-    seg = tiny_segmenter
-    enc = seg.encode(rand_image, keep=naive.tiny_parts())
+    seg = tiny_segmenter.for_method(name)  # a method reading another VFM readout (CASS: keys): same models
+    tiny = TINY(name)
+    defaults = naive.tiny_knobs(name)
+    settings = [defaults] + [{**defaults, k.name: naive.other_value(k, defaults[k.name])} for k in METHODS[name].knobs
+                             if k.name not in naive.TINY_FIXED.get(name, ())]
+    keep = set(naive.tiny_parts(seg.clip.num_blocks))
+    keep |= {p for s in settings for p in method_parts(METHODS[name], s, seg.clip.num_blocks)}
+    enc = seg.encode(rand_image, keep=sorted(keep))
     block = seg.clip.last_block
     z = {}
     for residual, ffn in ((False, False), (True, False), (True, True)):
         pred, cache = seg.run_with_cache(enc, CLASSES, names=["clip.last_block_output", "clip.dense"], method=name,
-                                         residual=residual, ffn=ffn, **TINY(name), **naive.SWITCH_FREE.get(name, {}))
+                                         residual=residual, ffn=ffn, **tiny, **naive.SWITCH_FREE.get(name, {}))
         assert (pred.params["residual"], pred.params["ffn"]) == (residual, ffn)
         z[residual, ffn] = cache["clip.last_block_output"]
     grid = tuple(cache["clip.dense"].shape[-2:])
     x = enc.clip_tokens
-    if z[True, True].shape[1] != x.shape[1]:  # a pattern over another grid, no CLS: X resized bilinear there
-        patches = x[:, 1:].transpose(1, 2).reshape(x.shape[0], x.shape[2], *enc.clip_grid)
-        x = F.interpolate(patches, size=grid, mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
-    # residual: Y = X + O, so (residual on) - (residual off) = X
-    torch.testing.assert_close(z[True, False] - z[False, False], x, atol=1e-5, rtol=1e-5)
-    # ffn: Z = Y + mlp(ln_2(Y))
-    with torch.no_grad():
-        y = z[True, False]
-        torch.testing.assert_close(z[True, True], y + block.mlp(block.ln_2(y)), atol=1e-5, rtol=1e-5)
+    if naive.own_block(name) and not METHODS[name].own_switches:  # its own last block: the switches change nothing
+        assert torch.equal(z[True, True], z[False, False]) and torch.equal(z[True, False], z[False, False])
+    else:
+        if z[True, True].shape[1] != x.shape[1]:  # a pattern over another grid, no CLS: X resized bilinear there
+            patches = x[:, 1:].transpose(1, 2).reshape(x.shape[0], x.shape[2], *enc.clip_grid)
+            x = F.interpolate(patches, size=grid, mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+        # residual: Y = X + O, so (residual on) - (residual off) = X
+        torch.testing.assert_close(z[True, False] - z[False, False], x, atol=1e-5, rtol=1e-5)
+        # ffn: Z = Y + mlp(ln_2(Y))
+        with torch.no_grad():
+            y = z[True, False]
+            torch.testing.assert_close(z[True, True], y + block.mlp(block.ln_2(y)), atol=1e-5, rtol=1e-5)
     # each of the method's own knobs, at a value other than its default: the reference at that value
-    defaults = naive.knobs_of(name, **TINY(name))
+    # (dense maps; a method's own window scores: the image scores)
     for knob in METHODS[name].knobs:
+        if knob.name in naive.TINY_FIXED.get(name, ()):
+            continue  # no other value fits the tiny CLIP: tests/test_<method>.py checks it on ViT-B/16
         value = naive.other_value(knob, defaults[knob.name])
         where = {**defaults, **naive.MATTERS_WITH.get((name, knob.name), {})}
-        given = {k: where[k] for k in (*TINY(name), *naive.MATTERS_WITH.get((name, knob.name), {}))}
-        pred, cache = seg.run_with_cache(enc, CLASSES, names=["clip.dense"], method=name, **{**given, knob.name: value})
+        given = {k: where[k] for k in (*tiny, *naive.MATTERS_WITH.get((name, knob.name), {}))}
+        changed = {**where, knob.name: value}
+        pred, cache = seg.run_with_cache(enc, CLASSES, names=_names(name, "clip.dense"), method=name,
+                                         **{**given, knob.name: value})
         assert pred.params[knob.name] == value
-        ref = _reference_dense(seg, enc, name, {**where, knob.name: value})
-        torch.testing.assert_close(cache["clip.dense"].double(), ref, atol=2e-5, rtol=1e-5)
-        assert not torch.allclose(ref, _reference_dense(seg, enc, name, where), atol=1e-4)  # it matters here
+        if naive.scores_itself(name):  # a knob of its own scores (e.g. CASS's text side): the reference's scores
+            ref = naive.scores(seg, enc, pred.queries, name, changed, cache)
+            torch.testing.assert_close(pred.scores.double(), ref, atol=2e-5, rtol=1e-5)
+            _, base = seg.run_with_cache(enc, CLASSES, names=_names(name), method=name, **given)
+            assert not torch.allclose(ref, naive.scores(seg, enc, pred.queries, name, where, base), atol=1e-4)
+        elif "clip.dense" in cache:
+            ref = _reference_dense(seg, enc, name, changed, cache)
+            torch.testing.assert_close(cache["clip.dense"].double(), ref, atol=2e-5, rtol=1e-5)
+            assert not torch.allclose(ref, _reference_dense(seg, enc, name, where), atol=1e-4)  # it matters here
+        else:
+            ref = naive.scores(seg, enc, pred.queries, name, changed, cache)
+            torch.testing.assert_close(pred.scores.double(), ref, atol=2e-5, rtol=1e-5)
+            assert not torch.allclose(ref, naive.scores(seg, enc, pred.queries, name, where), atol=1e-4)
 
 
 def test_proxyclip_shift_and_mask_off_is_plain_softmax(tiny_segmenter, rand_image):

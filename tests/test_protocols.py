@@ -172,3 +172,19 @@ def test_a_preset_without_a_value_names_the_field():
     with pytest.raises(Exception, match=r"protocol sclip: no short_side for dataset custom .*protocol.base"):
         cfg = composed("protocol=sclip", "dataset=custom", "dataset.root=/x", "~protocol.base.short_side")
         OmegaConf.to_container(cfg.protocol, resolve=True)
+
+
+# SC-CLIP's protocol as docs/methods.md tables it (its segmentor and configs; no shipped facts file):
+# (short_side, crop, stride, prob_thd, logit_scale, area_thd) per dataset
+SCCLIP = {"voc21": (336, 224, 112, 0.15, 50.0, 0.1), "context60": (336, 224, 112, 0.15, 40.0, None),
+          "coco_object": (336, 224, 112, 0.35, 55.0, None), "voc20": (336, 224, 112, 0.0, 40.0, None),
+          "context59": (336, 224, 112, 0.0, 40.0, None), "coco_stuff": (336, 224, 112, 0.0, 40.0, None),
+          "cityscapes": (560, 224, 112, 0.0, 40.0, None), "ade20k": (336, 224, 112, 0.0, 40.0, None)}
+
+
+@pytest.mark.parametrize("dataset", sorted(SCCLIP))
+def test_scclip_preset_composes_to_its_table(dataset):
+    p = OmegaConf.to_container(composed("protocol=scclip", "method=scclip", f"dataset={dataset}").protocol,
+                               resolve=True)
+    got = tuple(p[k] for k in ("short_side", "crop", "stride", "prob_thd", "logit_scale", "area_thd"))
+    assert got == SCCLIP[dataset] and p["classnames"] is None

@@ -2,17 +2,17 @@
 
 import csv
 
+import naive
 import pytest
 import torch
-import naive
 from fixtures_datasets import make_voc
 from fixtures_eval import eval_cfg
 
+from proxyclip import Segmenter
 from proxyclip.data import build_dataset
 from proxyclip.evaluation import FeatureCache, evaluate, sweep
 from proxyclip.knobs import SWITCHES
 from proxyclip.methods import METHODS
-from proxyclip.pipeline import Segmenter
 from proxyclip.resolve import configured_parts
 
 
@@ -55,17 +55,21 @@ def test_a_sweep_of_every_method_equals_separate_evaluations(method, tmp_path, e
     """Every registered method, on one of its own knobs (a switch for methods without): the sweep's
     points equal separate evaluations at those values, point for point."""
     make_voc(tmp_path, n=2)
-    knob = (METHODS[method].knobs or SWITCHES)[0]
-    tiny = naive.tiny_overrides(method)  # the knob values a method needs on the tiny CLIP
-    base = eval_cfg("voc21", tmp_path, f"method={method}", *tiny)
-    seg = eval_segmenter if not configured_parts(base) else Segmenter.from_config(base)  # one that keeps its parts
+    tiny = naive.tiny_overrides(method)  # knob values that fit the tiny 2-block CLIP (ResCLIP, SC-CLIP, GEM)
+    fixed = set(naive.TINY_KNOBS.get(method, {})) | set(naive.TINY_FIXED.get(method, ()))
+    knob = ([k for k in METHODS[method].knobs if k.name not in fixed] or list(SWITCHES))[0]
+    readout = METHODS[method].vfm_feature  # a method reading another VFM readout (CASS: keys)
+    m = (f"method={method}",) + ((f"vfm.feature={readout}",) if readout else ()) + tuple(tiny)
+    base = eval_cfg("voc21", tmp_path, *m)
+    # one that keeps its parts, or the shared one (for a method reading another readout: same models)
+    seg = eval_segmenter.for_method(method) if not configured_parts(base) else Segmenter.from_config(base)
     values = _two_values(knob, base.method[knob.name])
     literal = "[" + ",".join(str(v).lower() for v in values) + "]"
-    out = sweep(eval_cfg("voc21", tmp_path, f"method={method}", *tiny, f"sweep.{knob.name}={literal}",
-                         config_name="sweep"), run_dir=tmp_path / "sweep", seg=seg)
+    out = sweep(eval_cfg("voc21", tmp_path, *m, f"sweep.{knob.name}={literal}", config_name="sweep"),
+                run_dir=tmp_path / "sweep", seg=seg)
     assert out["axes"] == [knob.name] and [p["values"][knob.name] for p in out["points"]] == values
     for v, p in zip(values, out["points"]):
-        single = evaluate(eval_cfg("voc21", tmp_path, f"method={method}", *tiny, f"method.{knob.name}={str(v).lower()}"),
+        single = evaluate(eval_cfg("voc21", tmp_path, *m, f"method.{knob.name}={str(v).lower()}"),
                           run_dir=tmp_path / f"e{v}", seg=seg)
         assert p["decode"] == single["decode"] and p["decode"]["knobs"][knob.name] == v
         assert p["mIoU"] == pytest.approx(single["mIoU"], abs=1e-9)

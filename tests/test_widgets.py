@@ -20,6 +20,7 @@ from proxyclip.explorer.controls import KnobPanel, control_value, knob_control
 from proxyclip.explorer.pipelines import clip_own_attention
 from proxyclip.knobs import Knob
 from proxyclip.methods import METHODS, get_method
+from proxyclip.parts import method_parts
 from proxyclip.postprocess import get_postprocess
 from proxyclip.resolve import postprocess_presets
 from proxyclip.widgets import Explorer, ExplorerController
@@ -114,6 +115,10 @@ def test_first_view_encodes_once_and_shows_the_declared_knobs(explorer, factory,
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_methods_controls_are_its_knobs_and_each_decodes_once(explorer, tiny_segmenter, method):
+    try:  # its YAML defaults may name blocks the tiny 2-block CLIP does not have
+        method_parts(METHODS[method], naive.knobs_of(method), tiny_segmenter.clip.num_blocks)
+    except ValueError:
+        pytest.skip(f"{method}'s defaults need more CLIP blocks than the tiny CLIP's 2 (tests/test_{method}.py)")
     c = explorer.controller
     enc = c.encoded
     meth = METHODS[method]
@@ -136,7 +141,8 @@ def test_every_methods_controls_are_its_knobs_and_each_decodes_once(explorer, ti
         assert got == new and type(got) is type(new), knob.name
         assert c.encoded is enc
     # everything moved at once equals a decode of the pipeline itself with those values
-    expected = tiny_segmenter.decode(enc, CLASSES, method=method, **values)
+    own = tiny_segmenter.for_method(method)  # a method reading another VFM readout (CASS: keys): CLIP part reused
+    expected = own.decode(own.encode(enc.image, reuse=enc), CLASSES, method=method, **values)
     torch.testing.assert_close(c.prediction.scores, expected.scores)
     torch.testing.assert_close(c.prediction.labels, expected.labels)
     assert c.prediction.spec == expected.spec

@@ -122,6 +122,7 @@ class VfmBackbone(nn.Module):
     channels       C of ``features``
     pos_resize     the position-embedding rule (``vfm.pos_resize``, proxyclip/backbones/pos_embed.py),
                    checked against the model; None: the model as timm runs it (no rule of ours)
+    heads          q|k|v: the layer's attention heads (channels = heads x head width); tokens: None
     """
 
     def __init__(self, model: nn.Module, layer: int = -1, feature: str = "tokens", norm: bool = True,
@@ -152,8 +153,12 @@ class VfmBackbone(nn.Module):
         self.std: Tuple[float, float, float] = tuple(float(s) for s in data["std"])
         qkv = None if feature == "tokens" else self._fused_qkv(model.get_submodule(info["module"]))
         self._qkv_path = None if qkv is None else f"{info['module']}.attn.qkv"  # a name: no second reference
+        # heads of the attention the q/k/v come from (None for tokens); C = heads x head width
+        self.heads: Optional[int] = None
         if qkv is not None:
             self.channels = int(qkv.out_features) // 3
+            heads = getattr(model.get_submodule(info["module"]).attn, "num_heads", None)
+            self.heads = None if heads is None else int(heads)
         else:
             self.channels = int(info.get("num_chs_norm", info["num_chs"]) if self.norm else info["num_chs"])
 

@@ -42,6 +42,8 @@ SCLIP_README = ("SCLIP README (wangf3014/SCLIP at b56bd30), the run 'with the de
 NACLIP_README = "NACLIP README, v2 (sinahmr/NACLIP at 0cac3a6), main results with PAMR on (protocol=naclip)"
 RESCLIP_PAPER = ("ResCLIP (Yang et al., CVPR 2025), its repository's figs/main_results_w.png and "
                  "figs/main_results_wo.png, without the final PAMR, per-dataset knobs of its configs")
+CASS_PAPER = ("CASS paper (Kim et al., CVPR 2025), Table 1 as the project page's image cass/static/images/miou.png "
+              "(MICV-yonsei/MICV-yonsei.github.io) shows it; PAMR off, per-dataset knobs (docs/methods.md)")
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,8 @@ METHODS_B16: Tuple[PublishedRow, ...] = (
                  (60.7, 32.9, 34.3, 84.6, 35.8, 23.9, 34.4, 17.6), 40.5, RESCLIP_PAPER, own_protocol=True),
     PublishedRow("ClearCLIP + ResCLIP ViT-B/16", ("method=resclip", "method.base=clearclip", B16),
                  (59.0, 32.9, 34.0, 87.1, 36.4, 24.3, 34.5, 17.8), 40.7, RESCLIP_PAPER, own_protocol=True),
+    PublishedRow("CASS ViT-B/16 + DINO B/8", ("method=cass", B16, DINO_B8, "vfm.feature=k"),
+                 (65.8, 36.7, 37.8, 87.8, 40.2, 26.7, 39.4, 20.4), 44.4, CASS_PAPER, own_protocol=True),
 )
 
 # each method under its own protocol preset, with the numbers published for exactly that setup

@@ -218,8 +218,8 @@ class ExplorerController:
             names = (("attention.pattern",) + (figures.STAGE_NAMES if self.record_stages else ())
                      + inside.view_hooks(self.method))
             t0 = time.perf_counter()
-            self.prediction, self.cache = self.segmenter.run_with_cache(self.encoded, self.classes, names=names,
-                                                                        spec=self.spec())
+            seg, enc = _readout(self)
+            self.prediction, self.cache = seg.run_with_cache(enc, self.classes, names=names, spec=self.spec())
             self.last_decode_seconds = time.perf_counter() - t0
             self.n_decodes += 1
             self._stale_decode, ran = False, True
@@ -235,3 +235,15 @@ class ExplorerController:
 
     def attention_figure(self, show_affinity: bool = False):
         return figures.attention_figure(self, show_affinity)
+
+
+def _readout(c: "ExplorerController"):
+    """(Segmenter, Encoded) of ``c``'s method: a method reading another VFM readout (CASS: keys)
+    decodes from the same models with that readout, its VFM run once per encode (CLIP part reused)."""
+    seg = c.segmenter.for_method(c.method)
+    if seg is c.segmenter:
+        return seg, c.encoded
+    key = (id(c.encoded), seg.vfm_key)
+    if getattr(c, "_readout_enc", (None,))[0] != key:
+        c._readout_enc = (key, seg.encode(c.encoded.image, reuse=c.encoded))
+    return seg, c._readout_enc[1]

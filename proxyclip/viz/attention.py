@@ -155,14 +155,17 @@ def pattern_row(pattern, enc, y: float, x: float, vfm_resizes_input: bool = Fals
     """The attention of the token under original-image pixel ``(y, x)`` over the patch tokens of
     its window, read from an ``attention.pattern`` hook tensor ``(n_windows, H or 1, T, T)`` of a
     decode of ``enc`` (any method): heads averaged; for T = 1 + gh*gw the CLS column is dropped
-    and the row renormalized to sum 1; otherwise (ProxyCLIP) the grid is the VFM's.
+    and the row renormalized to sum 1; for T = gh*gw (CASS) CLIP's patches; otherwise (ProxyCLIP) the VFM's.
 
     Returns ``(row (N,), grid, (r, c), window)``, ready for :func:`plot_attention_grid`.
     """
     t = pattern.shape[-1]
     gh, gw = enc.clip_grid
+    vfm_tokens = None if enc.vfm_features is None else int(enc.vfm_features.shape[-2] * enc.vfm_features.shape[-1])
     if t == 1 + gh * gw:
         grid, cls, pad = (gh, gw), True, enc.pad
+    elif t == gh * gw and t != vfm_tokens:  # CLIP's patches without CLS (CASS)
+        grid, cls, pad = (gh, gw), False, enc.pad
     else:
         grid, cls = tuple(enc.vfm_features.shape[-2:]), False
         pad = (0, 0, 0, 0) if vfm_resizes_input else enc.pad  # SAM sees the unpadded window resized
