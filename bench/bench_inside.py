@@ -79,7 +79,7 @@ def main() -> None:
     t_plain, t_loop = alternating(lambda: seg.encode(image), through_loop, args.repeats)
     print(f"500x375 ({len(plain.windows)} windows): plain encode {t_plain:.3f} s, through open_clip's block "
           f"modules {t_loop:.3f} s -> ratio {t_plain / t_loop:.3f} (goal <= 1.02)")
-    from proxyclip.pipeline import _window_pixels
+    from proxyclip.stages import window_pixels as _window_pixels
 
     pix = _window_pixels(seg, plain, 0, min(len(plain.windows), int(seg.cfg.batch_size)))
     with torch.no_grad():

@@ -56,7 +56,7 @@ def main() -> None:
 
 def _plain(seg, window):
     """A plain encode (no layer parts kept): the tokens entering the last block only."""
-    from proxyclip.pipeline import _run_backbones
+    from proxyclip.stages import run_backbones as _run_backbones
     from proxyclip.windows import resize_image
 
     img = window.to(seg.device)

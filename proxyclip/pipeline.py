@@ -12,27 +12,26 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from . import build, resolve
 from .backbones import CLIP_MEAN, CLIP_STD, ClipBackbone, VfmBackbone
-from .backbones.blocks import VFM_POINTS, BlockPoints, check_asked, vfm_blocks
+from .backbones.blocks import check_asked
 from .decision import DEFAULT_BUDGET, WindowScores, decide, decide_chunked
 from .encoded import Encoded, Prediction, check_decodable, check_replayable, replay
 from .hooks import HookFn, HookSet, NameFilter, declare_hook, finish_cache, hook_names
 from .images import ImageLike, load_image
-from .last_block import Attention, BlockInputs, BlockOutput, Dense, Scores, dense_from_block_output, run_last_block
-from .knobs import SWITCHES
+from .last_block import Scores
 from .methods import check_vfm_feature, get_method
-from .parts import block_of, check_parts, method_parts, resid_pre
+from .parts import block_of, check_parts, method_parts
 from .postprocess import apply_postprocess, get_postprocess
 from .resolve import PostprocessArg
 from .specs import DecodeSpec, EncodeSpec, classes_digest
 from .text import ClassList, TextEncoder, parse_classes, text_cache_options
+from .stages import method_output, run_backbones
 from .windows import (check_geometry, padding_multiple, resize_image, size_with_pad,
                       window_layout)
 
@@ -40,18 +39,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Segmenter", "Encoded", "Prediction", "decide"]
 
-VFM_FEATURES = declare_hook("vfm.features", "window", "(n, C, Hv, Wv)",
-                            "VFM patch features, prefix tokens dropped (methods with a VFM)", "encode",
-                            replay="vfm_features")
-BLOCK_INPUT = declare_hook("clip.last_block_input", "window", "(n, 1+gh·gw, D)",
-                           "tokens entering CLIP's last block (what `Encoded` stores)", "encode", replay="clip_tokens")
-PATTERN = declare_hook("attention.pattern", "window", "(n, h, T, T)",
-                       "the attention every method runs: h heads, or 1 when shared; T = 1+gh·gw (CLS first), "
-                       "N for proxyclip (VFM tokens) and cass (CLIP's patches)", "method")
-BLOCK_OUTPUT = declare_hook("clip.last_block_output", "window", "(n, T, D)",
-                            "after the residual and the FFN (when on), before ln_post", "block output")
-DENSE = declare_hook("clip.dense", "window", "(n, E, h, w)",
-                     "L2-normalized dense embeddings (CLIP's grid; the VFM's for proxyclip)", "block output")
 TEXT = declare_hook("text.embeddings", "image", "(Q, E)", "one row per query name", "text")
 WINDOW_SCORES = declare_hook("scores.window", "window", "(n, Q, h, w)", "cosine scores of each window at its own size",
                              "scores")
@@ -146,7 +133,7 @@ class Segmenter:
             vfm_features = reuse.vfm_features
         run_vfm = self.vfm is not None and vfm_features is None
         if run_vfm or clip_tokens is None:
-            tokens, feats, made = _run_backbones(self, resize_image(img.to(self.device), size), boxes, pad,
+            tokens, feats, made = run_backbones(self, resize_image(img.to(self.device), size), boxes, pad,
                                                  clip=clip_tokens is None, vfm=run_vfm,
                                                  keep=[block_of(p) for p in want])
             if clip_tokens is None:
@@ -181,7 +168,7 @@ class Segmenter:
         The grid (h, w) is CLIP's, or the VFM's for ProxyCLIP. q, k, v and ProxyCLIP's raw affinity
         depend only on the Encoded, so they are computed once per Encoded (``enc.memo``).
         """
-        out = _method_output(self, enc, start, stop, spec, text)
+        out = method_output(self, enc, start, stop, spec, text)
         if isinstance(out, Scores):
             raise ValueError(f"method {spec.method} makes window scores, not dense embeddings")
         return out
@@ -322,81 +309,9 @@ def _low_res_scores(seg: "Segmenter", enc: Encoded, spec: DecodeSpec, text: torc
     out = []
     bs = int(seg.cfg.batch_size)
     for start in range(0, len(enc.windows), bs):
-        res = _method_output(seg, enc, start, min(start + bs, len(enc.windows)), spec, text)
+        res = method_output(seg, enc, start, min(start + bs, len(enc.windows)), spec, text)
         if isinstance(res, Scores):
             out.append(res.scores)
         else:
             out.append(torch.einsum("behw,qe->bqhw", res, text.to(res.dtype)))
     return torch.cat(out)
-
-
-def _method_output(seg: "Segmenter", enc: Encoded, start: int, stop: int, spec: DecodeSpec,
-                   text: Optional[torch.Tensor]) -> Union[torch.Tensor, Scores]:
-    """The method's result for windows ``start:stop``: dense embeddings, or its own Scores."""
-    meth = get_method(spec.method)
-    knobs = spec.knob_values
-
-    def point(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        return seg.hooks.point(name, tensor, start)
-
-    feats = None if enc.vfm_features is None else enc.vfm_features[start:stop].to(seg.device)
-    layers = {k: v[start:stop].to(seg.device) for k, v in enc.layers.items()}
-    x = BlockInputs(seg.clip, enc.clip_tokens[start:stop].to(seg.device), enc.clip_grid, feats, enc.memo,
-                    (start, stop), point, layers=layers, text=text,
-                    pixels=lambda: _window_pixels(seg, enc, start, stop),
-                    switches={k.name: knobs[k.name] for k in SWITCHES},
-                    vfm_heads=None if seg.vfm is None else seg.vfm.heads)
-    args = {k: knobs[k] for k in meth.knob_names}
-    if meth.own_switches:
-        args.update(residual=knobs["residual"], ffn=knobs["ffn"])
-    out = meth.attention(x, **args)
-    if isinstance(out, Scores):
-        return out
-    if isinstance(out, Dense):
-        return point(DENSE, out.embeddings)
-    if isinstance(out, BlockOutput):
-        z = point(BLOCK_OUTPUT, out.tokens)
-        att = Attention(torch.empty(0), out.grid, out.cls)
-    else:
-        pattern = point(PATTERN, out.pattern)
-        replaced = pattern is not out.pattern
-        att = replace(out, pattern=pattern)
-        z = point(BLOCK_OUTPUT, run_last_block(x, att, knobs["residual"], knobs["ffn"], shortcut=not replaced))
-    return point(DENSE, dense_from_block_output(seg.clip, z, att))
-
-
-def _window_pixels(seg: "Segmenter", enc: Encoded, start: int, stop: int) -> torch.Tensor:
-    """(B, 3, h, w) windows ``start:stop`` of ``enc`` as CLIP saw them: CLIP-normalized, padded."""
-    resized = resize_image(enc.image.to(seg.device), enc.resized_size)
-    crops = torch.stack([resized[:, a:b, c:d] for (a, b, c, d) in enc.windows[start:stop]])
-    p = enc.pad
-    return F.pad(_normalize(crops, *seg._clip_norm), (p[2], p[3], p[0], p[1]))
-
-
-def _run_backbones(seg: "Segmenter", resized: torch.Tensor, boxes, pad, clip: bool, vfm: bool, keep: Sequence[int] = ()):
-    """CLIP's tokens entering the last block (and the kept blocks'), and/or the VFM's features of
-    every window, batched."""
-    tokens, feats, layers = [], [], {i: [] for i in keep}
-    bs = int(seg.cfg.batch_size)
-    for start in range(0, len(boxes), bs):
-        crops = torch.stack([resized[:, a:b, c:d] for (a, b, c, d) in boxes[start:start + bs]])
-        if vfm:
-            vfm_in = _normalize(crops, *seg._vfm_norm)
-            if not seg.vfm.resizes_input:
-                vfm_in = F.pad(vfm_in, (pad[2], pad[3], pad[0], pad[1]))
-            vp = BlockPoints(seg.hooks, start, VFM_POINTS)  # vfm.blocks.{i}.*: only when someone listens
-            listened = not seg.hooks.idle and vp.any(len(vfm_blocks(seg.vfm.model) or ()))
-            out = seg.vfm.features(vfm_in, point=vp) if listened else seg.vfm.features(vfm_in)
-            feats.append(seg.hooks.point(VFM_FEATURES, out.float(), start))
-        if clip:
-            clip_in = F.pad(_normalize(crops, *seg._clip_norm), (pad[2], pad[3], pad[0], pad[1]))
-            cp = BlockPoints(seg.hooks, start)  # clip.blocks.{i}.*: the fused blocks unless someone listens
-            if cp.any(seg.clip.num_blocks - 1):
-                last, kept = seg.clip.encode_tokens(clip_in, keep, point=cp)
-            else:
-                last, kept = seg.clip.encode_tokens(clip_in, keep)
-            for i in keep:
-                layers[i].append(kept[i].float())
-            tokens.append(seg.hooks.point(BLOCK_INPUT, last.float(), start))
-    made = {resid_pre(i): torch.cat(t) for i, t in layers.items()} if clip else {}
-    return (torch.cat(tokens) if clip else None), (torch.cat(feats) if vfm else None), made

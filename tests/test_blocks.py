@@ -12,7 +12,7 @@ from proxyclip.backbones import blocks
 from proxyclip.backbones.blocks import CLIP_POINTS, VFM_POINTS, BlockPoints, run_blocks
 from proxyclip.hooks import HookSet, decl_of, family_of, finish_cache, member
 from proxyclip.parts import resid_pre
-from proxyclip.pipeline import _window_pixels
+from proxyclip.stages import window_pixels as _window_pixels
 
 CLASSES = ["cat", "dog", "sky"]
 

@@ -217,8 +217,8 @@ def test_decision_sweep_runs_the_last_block_once_per_image(tmp_path, eval_segmen
     calls = []
     from proxyclip import pipeline
 
-    real = pipeline._method_output  # the method's last block for one batch of windows
-    monkeypatch.setattr(pipeline, "_method_output",
+    real = pipeline.method_output  # the method's last block for one batch of windows
+    monkeypatch.setattr(pipeline, "method_output",
                         lambda seg, enc, a, b, spec, text: calls.append((float(enc.image.sum()), a))
                         or real(seg, enc, a, b, spec, text))
     cfg = eval_cfg("voc21", tmp_path, "sweep.logit_scale=[20.0,40.0]", "sweep.prob_thd=[0.0,0.3]",
