@@ -13,6 +13,7 @@ Config groups (one folder each in ``conf/``):
     method/   the last-block method and its knobs    (proxyclip, clip, maskclip, sclip, clearclip, naclip)
     protocol/ geometry and prob_thd                  (proxyclip; each dataset sets its own values)
     postprocess/  score-map refinement               (none, pamr, pamr_naclip, pamr_talk2dino)
+    masks/    mask proposals of the whole image      (none, file, sam2, sam)
     dataset/  the data, its classes and its protocol (voc21, ..., custom)
     logger/   experiment logging                     (none, wandb)
 
@@ -107,6 +108,29 @@ class PostprocessConfig:
 
 
 @dataclass
+class MasksConfig:
+    """Mask proposals, a per-image part of the encode (conf/masks/*.yaml; proxyclip/masks):
+    none, file (read from ``dir``), sam2 / sam (an automatic mask generator and its settings)."""
+
+    name: str = "none"  # none | file | sam2 | sam
+    dir: Optional[str] = None  # file: folder of <image stem>.npz / .png
+    key: str = "instance_mask"  # file: the .npz array's name (CorrCLIP's)
+    model: Optional[str] = None  # sam2: a config of the sam2 package (sam2_hiera_l); sam: vit_h | vit_l | vit_b
+    pretrained: Optional[str] = None  # weights=pretrained: sam2's hub repo id; sam's download URL
+    checkpoint: Optional[str] = None  # weights=local: the generator's checkpoint file
+    input_size: Optional[int] = None  # sam2: the model's input side (None = its own 1024; small for tests)
+    points_per_side: int = 32  # the generators' settings (their arguments of the same names)
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    min_mask_region_area: int = 0
+    multimask_output: bool = True  # sam2 only
+    cache: Optional[str] = "auto"  # generators: label-map disk cache; auto = the user's cache folder; null = off
+
+
+@dataclass
 class DatasetConfig:
     """An evaluation dataset and its protocol (see conf/dataset/ and proxyclip/data/datasets.py).
 
@@ -158,6 +182,7 @@ class Config:
     method: MethodConfig = MISSING
     protocol: ProtocolConfig = MISSING
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    masks: MasksConfig = field(default_factory=MasksConfig)  # mask proposals (conf/masks; proxyclip/masks)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (auto: cuda when available)
     precision: str = "auto"  # auto | fp32 | fp16 | bf16 (backbones; auto: fp16 on CUDA, fp32 on CPU)
     batch_size: int = 4  # windows of one image per backbone forward
@@ -254,6 +279,7 @@ def register_schemas() -> None:
         cs.store(group="method", name=f"{m.name}_schema", node=_knob_schema(MethodConfig, m.name, m.knobs))
     for p in POSTPROCESSES.values():
         cs.store(group="postprocess", name=f"{p.name}_schema", node=_knob_schema(PostprocessConfig, p.name, p.knobs))
+    cs.store(group="masks", name="masks_schema", node=MasksConfig)
     cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
 

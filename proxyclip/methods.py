@@ -52,6 +52,10 @@ class Method:
     # the encode parts it reads besides the last block's input: fn(**its knobs) -> part names
     # (proxyclip/parts.py, e.g. ("clip.blocks.5.resid_pre", ...)); None = none
     parts: Optional[Callable[..., Tuple[str, ...]]] = None
+    # "window": fn(BlockInputs, **knobs) per batch of windows, merged by the pipeline; "image":
+    # fn(ImageInputs, **knobs) -> ImageScores for the whole image at once (proxyclip/image_level.py)
+    level: str = "window"
+    needs_masks: bool = False  # reads the encode's mask proposals (masks=file|sam2|sam; proxyclip/masks)
 
     @property
     def knob_names(self) -> Tuple[str, ...]:
@@ -66,6 +70,8 @@ METHODS: Dict[str, Method] = {}
 
 
 def register_method(method: Method) -> Method:
+    if method.level not in ("window", "image"):
+        raise ValueError(f"method {method.name}: level must be 'window' or 'image', got {method.level!r}")
     METHODS[method.name] = method
     return method
 
