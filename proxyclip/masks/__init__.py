@@ -36,7 +36,7 @@ from ..specs import MasksSpec, checkpoint_digest
 log = logging.getLogger(__name__)
 
 PROPOSALS = declare_hook("masks.proposals", "image", "(H, W) int64",
-                         "mask proposals as a label map of the original image (0 = unsegmented; masks=file|sam2|sam)",
+                         "mask proposals as a label map of the original image (0 = unsegmented; masks=file, sam2 or sam)",
                          "encode", replay="masks")
 GENERATORS = ("none", "file", "sam2", "sam")
 _SETTINGS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
