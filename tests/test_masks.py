@@ -200,3 +200,16 @@ def test_a_missing_package_names_the_extra(monkeypatch):
     spec = EncodeSpec.from_config(cfg, random_weights=True, uses_vfm=False)
     with pytest.raises(ImportError, match=r"masks=sam2 needs the package 'sam2'.*proxyclip\[regions\]"):
         mask_stage(cfg, spec, torch.device("cpu"))
+
+
+def test_the_feature_cache_keeps_the_proposals_as_a_part(file_segmenter, tmp_path):
+    from proxyclip.evaluation.cache import FeatureCache
+
+    seg, folder = file_segmenter
+    np.savez(folder / "cached.npz", instance_mask=np.full((H, W), 3, np.int32))
+    path = _image_file(tmp_path, "cached")
+    cache = FeatureCache(tmp_path / "features", seg, print_fn=lambda s: None)
+    first = cache.get_or_encode(path, lambda reuse: seg.encode(str(path), reuse=reuse))
+    assert cache.misses == 1 and (tmp_path / "features" / seg.encode_spec.masks_key / "spec.json").is_file()
+    again = cache.get_or_encode(path, lambda reuse: pytest.fail("encoded again"))
+    assert cache.hits == 1 and torch.equal(again.masks, first.masks) and again.masks_key == first.masks_key
