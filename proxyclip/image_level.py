@@ -50,7 +50,8 @@ class ImageInputs:
                  image: torch.Tensor, text: torch.Tensor, masks: Optional[torch.Tensor], batch_size: int,
                  block_inputs: Callable[[int, int], BlockInputs], resized: Callable[[], torch.Tensor],
                  window_method: Callable[..., Any], vfm_features: Optional[torch.Tensor],
-                 point: Callable[[str, torch.Tensor], torch.Tensor], memo: Dict[Any, Any]):
+                 point: Callable[[str, torch.Tensor], torch.Tensor], memo: Dict[Any, Any],
+                 switches: Optional[Dict[str, bool]] = None):
         self.windows = list(windows)  # (y1, y2, x1, x2) in the resized image, row-major
         self.pad = pad  # (top, bottom, left, right) of every window
         self.resized_size = resized_size  # (h, w) of the resized image (the network's input)
@@ -60,6 +61,7 @@ class ImageInputs:
         self.batch_size = int(batch_size)
         self.vfm_features = vfm_features  # (n_windows, C, Hv, Wv) of every window, or None
         self.point = point  # image-level hook point: point(name, tensor) -> tensor
+        self.switches = dict(switches or {})  # the decode's residual / ffn (for the window methods it calls)
         self._block_inputs, self._resized, self._window_method, self._memo = block_inputs, resized, window_method, memo
 
     @property
@@ -145,7 +147,8 @@ def image_level_scores(seg: Any, enc: Any, spec: Any, text: torch.Tensor, method
                     resized=lambda: resize_image(enc.image.to(seg.device), enc.resized_size),
                     window_method=window_method,
                     vfm_features=None if enc.vfm_features is None else enc.vfm_features.to(seg.device),
-                    point=seg.hooks.point, memo=enc.memo)
+                    point=seg.hooks.point, memo=enc.memo,
+                    switches={k: knobs[k] for k in ("residual", "ffn") if k in knobs})
     out = check_result(spec.method, meth.attention(x, **{k: knobs[k] for k in meth.knob_names}),
                        int(text.shape[0]), enc.image_size, enc.resized_size)
     scores = out.scores.float()
