@@ -267,3 +267,11 @@ def other_value(knob, current):
     lo, hi, _ = knob.slider
     new = hi if current == lo else lo
     return int(new) if knob.kind == "int" else float(new)
+
+
+# ---------------------------------------------------------------------------------------------- image level
+# image-level methods (proxyclip/image_level.py): name -> fn(seg, enc, queries, knobs) -> (Q, h, w) float64
+# merged scores at the resized size (tests/naive_lposs.py)
+from naive_lposs import IMAGE_LEVEL  # noqa: E402
+
+ATTENTION.update(IMAGE_LEVEL)
