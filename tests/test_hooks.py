@@ -48,8 +48,10 @@ def test_names_and_sets_come_from_the_declarations(tiny_segmenter):
 def test_every_declared_hook_fires_in_a_run_that_uses_it(tiny_segmenter, rand_image, tmp_path):
     """One run per (registered method, registered post-process), every hook recorded."""
     enc = tiny_segmenter.encode(rand_image)
-    caches = {(method, post): tiny_segmenter.run_with_cache(enc, CLASSES, method=method,
-                                                            postprocess={"name": post})[1]
+    small = {"k": 8, "r": 5}  # image-level knobs that must fit the tiny image (LPOSS: k <= its 32 patches)
+    caches = {(method, post): tiny_segmenter.run_with_cache(enc, CLASSES, method=method, postprocess={"name": post},
+                                                            **{k: v for k, v in small.items()
+                                                               if k in METHODS[method].knob_names})[1]
               for method in METHODS for post in POSTPROCESSES}
     # the encode-time points fire in an encode too (the mask proposals' with a mask stage: masks=file)
     np.savez(tmp_path / "img.npz", instance_mask=np.ones(tuple(rand_image.shape[1:]), np.int32))
@@ -67,7 +69,10 @@ def test_every_declared_hook_fires_in_a_run_that_uses_it(tiny_segmenter, rand_im
             if name in window_hooks():  # window-level: concatenated over the windows, in order
                 assert t.shape[0] == n, (method, post, name, tuple(t.shape))
     # the points every run passes through fire in every run
-    always = set.intersection(*(set(c) for c in caches.values()))
+    window_level = [c for (m, _), c in caches.items() if m in METHODS and METHODS[m].level == "window"]
+    always = set.intersection(*(set(c) for c in window_level))
+    image_level = [c for (m, _), c in caches.items() if m in METHODS and METHODS[m].level == "image"]
+    assert all({"scores.image", "scores.refined", "text.embeddings"} <= set(c) for c in image_level)
     assert {"clip.last_block_input", "attention.pattern", "clip.dense", "scores.window", "scores.image",
             "scores.refined", "text.embeddings"} <= always
 
