@@ -1,6 +1,6 @@
 """LPOSS and LPOSS+ (Stojnic et al., CVPR 2025): label propagation over the patches of every window
 at once, then (LPOSS+) over the pixels of the resized image. Image-level methods
-(proxyclip/image_level.py); docs/methods.md has the equations and the official settings.
+(proxyclip/image_level.py); docs/regions.md has the equations and the official settings.
 
 1. Per window: MaskCLIP's dense embeddings (``method=maskclip``'s last block, with this decode's
    residual / ffn switches), resized bilinearly to the VFM grid and re-normalized when the grids
