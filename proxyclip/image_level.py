@@ -11,7 +11,7 @@ image. Such a method is registered with ``level="image"``; its function is
 ``x`` gives every window's inputs (``x.block_inputs(start, stop)``: the same
 :class:`~proxyclip.last_block.BlockInputs` a window-level method gets, ``x.batches()``), the windows'
 boxes in the resized image and their padding, the resized and the original image, the decode's
-text embeddings, the per-image parts of the encode (``x.masks``: the mask proposals' label map, see
+text embeddings, its switches (``x.switches``: residual, ffn), the per-image parts of the encode (``x.masks``: the mask proposals' label map, see
 proxyclip/masks) and ``x.window_method(name, start, stop, **knobs)``: a window-level method's dense
 embeddings (or scores) of some windows, e.g. MaskCLIP's, with their hook points firing as usual.
 It returns the merged (Q, H, W) score maps at the original size, or at the resized size

@@ -7,6 +7,8 @@ parts it declares in ``Method.parts``) or VFM features of one batch of windows. 
 FFN, head) is then shared, and whether the residual and the FFN are kept is a switch of every
 method (``method.residual``, ``method.ffn``). A method that runs its own last block returns the
 block's output tokens, its dense embeddings, or its window scores (it may read ``x.text``).
+An image-level method (``level="image"``: LPOSS) sees every window at once and returns the merged
+maps (proxyclip/image_level.py, docs/regions.md).
 
 Adding a method: write its function, ``register_method(Method(...))`` below with its knobs
 declared (``proxyclip.knobs.Knob``: name, type, range, doc), add ``conf/method/<name>.yaml`` (its

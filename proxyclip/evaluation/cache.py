@@ -1,7 +1,7 @@
 """On-disk cache of ``Segmenter.encode`` outputs, for sweeps over whole datasets.
 
 An Encoded has two parts, stored separately: CLIP's tokens entering the last block, and the
-VFM's features. Entry path: ``<cache_dir>/<part key>/<h[:2]>/<h>.pt`` where ``part key`` is
+VFM's features (and a third, the mask proposals, with masks=file|sam2|sam: key ``masks_key``). Entry path: ``<cache_dir>/<part key>/<h[:2]>/<h>.pt`` where ``part key`` is
 the encode spec's ``clip_key`` or ``vfm_key`` (a digest of that part's record: model, weights,
 protocol geometry, precision; for the VFM also layer, feature and norm; written beside the
 entries as ``spec.json``) and ``h`` is the SHA-1 of the

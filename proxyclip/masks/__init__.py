@@ -148,17 +148,6 @@ class MaskStage:
         return self.cache_dir / self.key / digest[:2] / f"{digest}.npz"
 
 
-def as_label_map(masks: torch.Tensor, size: tuple) -> torch.Tensor:
-    """Proposals given by hand: an (H, W) integer label map, or an (M, H, W) boolean stack."""
-    masks = torch.as_tensor(masks)
-    if masks.dim() == 3 and masks.dtype == torch.bool:
-        masks = label_map(masks)
-    if masks.dim() != 2 or masks.dtype.is_floating_point or tuple(masks.shape) != tuple(size):
-        raise ValueError(f"masks: expected an integer ({size[0]}, {size[1]}) label map or an (M, {size[0]}, "
-                         f"{size[1]}) boolean stack, got {tuple(masks.shape)} {masks.dtype}")
-    return masks.long()
-
-
 def mask_stage(cfg: Any, spec: Any, device: torch.device) -> Optional[MaskStage]:
     """The Segmenter's mask stage for encode spec ``spec`` (None with masks=none)."""
     if spec.masks is None:
