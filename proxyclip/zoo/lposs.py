@@ -154,7 +154,7 @@ def pixel_refine(rgb: torch.Tensor, scores: torch.Tensor, alpha: float, tau: flo
         mp = F.pad(m, (rho, rho, rho, rho))
         acc = torch.zeros_like(m)
         for o, (dy, dx) in enumerate(offsets):
-            acc += weights[o] * mp[:, rho + dy:rho + dy + h, rho + dx:rho + dx + w]
+            acc.addcmul_(weights[o], mp[:, rho + dy:rho + dy + h, rho + dx:rho + dx + w])
         return v - alpha * (acc * dinv).reshape(m.shape[0], -1).T
 
     q = scores.shape[0]
