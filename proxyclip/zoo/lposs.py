@@ -149,16 +149,19 @@ def pixel_refine(rgb: torch.Tensor, scores: torch.Tensor, alpha: float, tau: flo
     deg = weights.sum(0)
     dinv = torch.where(deg == 0, torch.ones_like(deg), deg).rsqrt()
 
+    weights = weights[..., None]  # (O, h, w, 1): the state is kept pixel-major, (h, w, Q), queries contiguous
+    dinv = dinv[..., None]
+
     def matvec(v: torch.Tensor) -> torch.Tensor:  # v (h*w, Q) -> (I - alpha W_n) v
-        m = v.T.reshape(-1, h, w) * dinv
-        mp = F.pad(m, (rho, rho, rho, rho))
+        m = v.reshape(h, w, -1) * dinv
+        mp = F.pad(m, (0, 0, rho, rho, rho, rho))
         acc = torch.zeros_like(m)
         for o, (dy, dx) in enumerate(offsets):
-            acc.addcmul_(weights[o], mp[:, rho + dy:rho + dy + h, rho + dx:rho + dx + w])
-        return v - alpha * (acc * dinv).reshape(m.shape[0], -1).T
+            acc.addcmul_(weights[o], mp[rho + dy:rho + dy + h, rho + dx:rho + dx + w])
+        return v - alpha * (acc * dinv).reshape(v.shape)
 
     q = scores.shape[0]
-    return conjugate_gradient(matvec, scores.reshape(q, -1).T).T.reshape(q, h, w)
+    return conjugate_gradient(matvec, scores.reshape(q, -1).T.contiguous()).T.reshape(q, h, w)
 
 
 def lposs(x: ImageInputs, alpha: float, gamma: float, k: int, sigma: float, pix_dist_pow: float) -> ImageScores:
