@@ -31,7 +31,7 @@
 SMOKE = None
 IMAGE = None  # a path; None = the bundled sample image
 CLASSES = ["person; woman; lady", "flag", "wall", "uniform; jacket", "tie"]
-METHODS = None  # names; None = every registered method (proxyclip.methods.METHODS)
+METHODS = None  # names; None = every registered per-window method (proxyclip.methods.METHODS)
 PIXEL = (0.45, 0.5)  # the chosen pixel, as fractions of the image's (height, width)
 DATA_ROOT = None  # a labeled folder (custom format); None = a synthetic set
 WANDB_MODE = None
@@ -53,7 +53,8 @@ from proxyclip.methods import METHODS as REGISTERED
 from proxyclip.metrics import confusion_matrix, metrics_from_confusion
 
 SMOKE = smoke_mode(SMOKE)
-METHODS = list(REGISTERED) if METHODS is None else list(METHODS)
+# every per-window method; the image-level ones (LPOSS: every window at once) need more of the image
+METHODS = [n for n, m in REGISTERED.items() if m.level == "window"] if METHODS is None else list(METHODS)
 for name in METHODS:  # each method's declared knobs (proxyclip/methods.py), their defaults in its YAML
     print(f"{name:10s}", "; ".join(k.describe() for k in REGISTERED[name].knobs) or "(only the switches residual, ffn)")
 cfg = compose_config(overrides=core_overrides(SMOKE))

@@ -23,7 +23,9 @@ from .backbones import CLIP_MEAN, CLIP_STD, ClipBackbone, VfmBackbone
 from .decision import DEFAULT_BUDGET, WindowScores, decide, decide_chunked
 from .encoded import Encoded, Prediction, check_decodable, replay
 from .hooks import HookFn, HookSet, NameFilter, declare_hook, finish_cache, hook_names
+from .image_level import image_level_scores
 from .images import ImageLike, load_image
+from .masks import mask_stage, proposals_of
 from .last_block import Attention, BlockInputs, BlockOutput, Dense, Scores, dense_from_block_output, run_last_block
 from .knobs import SWITCHES
 from .methods import get_method
@@ -76,9 +78,12 @@ class Segmenter:
         text_cache = text_cache_options(cfg, random_weights, self.encode_spec.text_model_id())
         self.text = TextEncoder(clip.model, clip.tokenizer, self.device, **text_cache)
         self.hooks = HookSet()
+        self.masks = mask_stage(cfg, self.encode_spec, self.device)  # None with masks=none (proxyclip/masks)
         check_geometry(cfg.protocol)
         if get_method(cfg.method.name).needs_vfm and vfm is None:
             raise ValueError(build.no_vfm_message(cfg.method.name, cfg.vfm.name))
+        if get_method(cfg.method.name).needs_masks and self.masks is None:
+            raise ValueError(f"method {cfg.method.name} reads mask proposals: set masks=file|sam2|sam (it is none)")
         vfm_patch = [] if vfm is None or vfm.resizes_input else [vfm.patch_size]
         self.pad_multiple = padding_multiple(clip.patch_size, *vfm_patch)
         self._clip_norm = _norm_tensors(CLIP_MEAN, CLIP_STD, self.device)
@@ -114,14 +119,16 @@ class Segmenter:
 
     # ------------------------------------------------------------------ encode
     @torch.no_grad()
-    def encode(self, image: ImageLike, reuse: Optional[Encoded] = None, keep: Sequence[str] = ()) -> Encoded:
+    def encode(self, image: ImageLike, reuse: Optional[Encoded] = None, keep: Sequence[str] = (),
+               image_id: Optional[str] = None) -> Encoded:
         """Resize, cut windows, run the backbones (CLIP up to its last block; the VFM if any) -> Encoded.
 
         ``keep``: layer parts to keep besides those the configured method reads (``encode_spec.parts``),
         e.g. ``["clip.blocks.5.resid_pre"]`` (proxyclip/parts.py). ``reuse``: an Encoded of the same
         image (e.g. from a Segmenter with another VFM, see :meth:`with_vfm`) whose parts made under
         this configuration's keys and window layout are taken as they are: comparing VFMs on one
-        image runs CLIP once, and a layer part already there is not recomputed.
+        image runs CLIP once, and a layer part already there is not recomputed. ``image_id``: the
+        image's name for ``masks=file`` (default: the stem of ``image`` when it is a path).
         """
         img = load_image(image)
         size, boxes, pad = self.layout(img)
@@ -142,7 +149,9 @@ class Segmenter:
             if clip_tokens is None:
                 layers = made
         grid = self.clip.grid_of(*size_with_pad(boxes[0], pad))
-        return Encoded(image=img, resized_size=size, windows=boxes, pad=pad,
+        masks = proposals_of(self, img, image, image_id, reuse if same else None)
+        return Encoded(image=img, resized_size=size, windows=boxes, pad=pad, masks=masks,
+                       masks_key=None if masks is None else self.encode_spec.masks_key,
                        clip_tokens=tokens if clip_tokens is None else clip_tokens, clip_grid=grid,
                        vfm_features=feats if run_vfm else vfm_features, clip_key=self.clip_key, vfm_key=self.vfm_key,
                        layers=layers)
@@ -271,11 +280,14 @@ def _decide_points(seg: "Segmenter", enc: Encoded, cl: ClassList, specs: List[De
     before (memory ~ (windows + 3) x Q x H x W floats plus the post-process's own) and
     :func:`decide` runs on them. Otherwise :func:`decide_chunked`: O(H x W) plus a bounded chunk.
     """
+    common = dict(image=enc.image, class_names=cl.class_names, queries=cl.queries, query_to_class=cl.query_to_class,
+                  random_weights=seg.random_weights)
+    if get_method(specs[0].method).level == "image":  # no window merge: the method merges (proxyclip/image_level.py)
+        return _decide_merged(seg, enc, cl, specs, image_level_scores(seg, enc, specs[0], text, _method_output,
+                                                                           _window_pixels), common)
     ws = WindowScores(_low_res_scores(seg, enc, specs[0], text), enc.windows, enc.pad, enc.resized_size, enc.image_size)
     if ws.low.shape[1] != text.shape[0]:
         raise ValueError(f"{ws.low.shape[1]} query maps for {text.shape[0]} queries")
-    common = dict(image=enc.image, class_names=cl.class_names, queries=cl.queries, query_to_class=cl.query_to_class,
-                  random_weights=seg.random_weights)
     if not _exhaustive(seg, specs[0]):
         results = decide_chunked(ws, cl, [(s.logit_scale, s.prob_thd, s.area_thd) for s in specs], seg.decode_budget,
                                  keep_prob)
@@ -288,6 +300,12 @@ def _decide_points(seg: "Segmenter", enc: Encoded, cl: ClassList, specs: List[De
         merged = ws.merge(torch.cat(parts))
     else:  # the chunked decision's maps, bit for bit
         merged = ws.full().cpu()
+    return _decide_merged(seg, enc, cl, specs, merged, common)
+
+
+def _decide_merged(seg: "Segmenter", enc: Encoded, cl: ClassList, specs: List[DecodeSpec], merged: torch.Tensor,
+                   common: Dict[str, Any]) -> List[Prediction]:
+    """(Q, H, W) merged scores -> hook, post-process, hook, each spec's decision (both method levels)."""
     scores = seg.hooks.point(IMAGE_SCORES, merged)
     mean, std = (t[0].cpu() for t in seg._clip_norm)
     refined = apply_postprocess(specs[0].postprocess_settings, scores, (enc.image.cpu().float() - mean) / std)
@@ -317,6 +335,9 @@ def _method_output(seg: "Segmenter", enc: Encoded, start: int, stop: int, spec: 
     """The method's result for windows ``start:stop``: dense embeddings, or its own Scores."""
     meth = get_method(spec.method)
     knobs = spec.knob_values
+    if meth.level == "image":
+        raise ValueError(f"method {spec.method} is image-level: it makes merged score maps (decode), "
+                         "not per-window dense embeddings")
 
     def point(name: str, tensor: torch.Tensor) -> torch.Tensor:
         return seg.hooks.point(name, tensor, start)

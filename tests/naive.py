@@ -131,6 +131,10 @@ CONTEXT = {"resclip"}
 # and a threshold that matter there (the YAML's defaults are the paper's, for a ViT-B/16)
 TINY_KNOBS: Dict[str, Dict[str, object]] = {
     "resclip": {"rcs_layers": [0], "gaussian_std": 1.5, "temp_thd": 0.4},
+    # image-level: the graph's neighbours must fit the tiny image's patches (LPOSS: k <= their count),
+    # LPOSS+'s pixel window a small image
+    "lposs": {"k": 8},
+    "lposs_plus": {"k": 8, "r": 5},
 }
 # knob values under which a method's attention does not read the last block's switches (ResCLIP's
 # SFR runs a provisional pass of the block with them)
@@ -334,3 +338,11 @@ def other_value(knob, current):
     lo, hi, _ = knob.slider
     new = hi if current == lo else lo
     return int(new) if knob.kind == "int" else float(new)
+
+
+# ---------------------------------------------------------------------------------------------- image level
+# image-level methods (proxyclip/image_level.py): name -> fn(seg, enc, queries, knobs) -> (Q, h, w) float64
+# merged scores at the resized size (tests/naive_lposs.py)
+from naive_lposs import IMAGE_LEVEL  # noqa: E402
+
+ATTENTION.update(IMAGE_LEVEL)

@@ -2,12 +2,15 @@
 per-window set and the replay of stored encodes all come from the declarations, and every
 declared point fires in a run that uses it (methods and post-processes from the registries)."""
 
+import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
+from PIL import Image
 
 import naive
 
-from proxyclip import HOOK_NAMES, hooks
+from proxyclip import HOOK_NAMES, Segmenter, hooks
 from proxyclip.config import CONF_DIR
 from proxyclip.hooks import HookSet, declarations, declare_hook, hook_names, replayed_hooks, window_hooks
 from proxyclip.methods import METHODS
@@ -44,13 +47,19 @@ def test_names_and_sets_come_from_the_declarations(tiny_segmenter):
         assert d.shape.startswith("(n,") == (d.level == "window"), d
 
 
-def test_every_declared_hook_fires_in_a_run_that_uses_it(tiny_segmenter, rand_image):
+def test_every_declared_hook_fires_in_a_run_that_uses_it(tiny_segmenter, rand_image, tmp_path):
     """One run per (registered method, registered post-process), every hook recorded."""
     enc = tiny_segmenter.encode(rand_image, keep=naive.tiny_parts())
+    # tiny_knobs: the knob values a method needs on the tiny models (image-level: LPOSS's k <= its 32 patches)
     caches = {(method, post): tiny_segmenter.run_with_cache(enc, CLASSES, method=method,
                                                             postprocess={"name": post}, **naive.tiny_knobs(method))[1]
               for method in METHODS for post in POSTPROCESSES}
-    _, fresh = tiny_segmenter.run_with_cache(rand_image, CLASSES)  # the encode-time points fire in an encode too
+    # the encode-time points fire in an encode too (the mask proposals' with a mask stage: masks=file)
+    np.savez(tmp_path / "img.npz", instance_mask=np.ones(tuple(rand_image.shape[1:]), np.int32))
+    Image.fromarray((rand_image * 255).round().byte().permute(1, 2, 0).numpy()).save(tmp_path / "img.png")
+    with_masks = Segmenter.from_config(tiny_config("masks=file", f"masks.dir={tmp_path}"))
+    _, fresh = with_masks.run_with_cache(str(tmp_path / "img.png"), CLASSES)
+    caches["masks=file", "none"] = fresh
     assert {d.name for d in declarations() if d.stage == "encode"} <= set(fresh)
     fired = {name for cache in caches.values() for name in cache}
     assert fired == set(hook_names())  # each declared point fires in some method / post-process run
@@ -61,7 +70,10 @@ def test_every_declared_hook_fires_in_a_run_that_uses_it(tiny_segmenter, rand_im
             if name in window_hooks():  # window-level: concatenated over the windows, in order
                 assert t.shape[0] == n, (method, post, name, tuple(t.shape))
     # the points every run passes through fire in every run
-    always = set.intersection(*(set(c) for c in caches.values()))
+    window_level = [c for (m, _), c in caches.items() if m in METHODS and METHODS[m].level == "window"]
+    always = set.intersection(*(set(c) for c in window_level))
+    image_level = [c for (m, _), c in caches.items() if m in METHODS and METHODS[m].level == "image"]
+    assert all({"scores.image", "scores.refined", "text.embeddings"} <= set(c) for c in image_level)
     assert {"clip.last_block_input", "attention.pattern", "clip.dense", "scores.window", "scores.image",
             "scores.refined", "text.embeddings"} <= always
 
@@ -81,7 +93,8 @@ def test_undeclared_names_are_errors(tiny_segmenter, rand_image):
     hs = HookSet()
     with pytest.raises(KeyError, match="'no.such' fires but was never declared"):
         hs.point("no.such", torch.zeros(1))
-    with pytest.raises(KeyError, match=r"unknown hook name\(s\) \['no.such'\]; the hook points are: vfm.features"):
+    with pytest.raises(KeyError, match=r"unknown hook name\(s\) \['no.such'\]; the hook points are: masks.proposals, "
+                                       "vfm.features"):
         tiny_segmenter.run_with_cache(rand_image, CLASSES, names=["no.such"])
     with pytest.raises(KeyError, match="no.such"):
         with hs.active(hooks={"no.such": lambda t, h: None}):
@@ -111,8 +124,9 @@ def test_declaring_twice_differently_raises():
 def test_replay_of_a_stored_encoded_goes_through_every_replay_point(tiny_segmenter, rand_image):
     seg = tiny_segmenter
     enc = seg.encode(rand_image)
-    replayed = replayed_hooks()
-    assert replayed and all(hasattr(enc, d.replay) for d in replayed)
+    assert all(hasattr(enc, d.replay) for d in replayed_hooks())
+    replayed = [d for d in replayed_hooks() if d.level == "window"]  # image-level (proposals): tests/test_masks.py
+    assert replayed
     seen = {}
 
     def spy(t, hook):
