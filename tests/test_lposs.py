@@ -97,3 +97,23 @@ def test_lposs_needs_a_vfm():
     from proxyclip.methods import get_method
 
     assert get_method("lposs").needs_vfm and get_method("lposs_plus").level == "image"
+
+
+@pytest.mark.parametrize("dataset", ["voc21", "context60", "coco_object", "cityscapes", "ade20k", "custom"])
+def test_protocol_lposs_is_the_documented_one_on_every_dataset(dataset):
+    """conf/protocol/lposs.yaml = docs/regions.md's official protocol, the same on every benchmark:
+    short side 448 (long side <= 2048), windows 224 / 112, prob_thd 0, logit scale 1, no area rule,
+    the dataset's own class file; with method=lposs_plus the decode reads it."""
+    from omegaconf import OmegaConf
+
+    from proxyclip import compose_config
+    from proxyclip.resolve import decode_spec
+
+    cfg = compose_config("eval", ["data_root=/nonexistent", "dataset.root=/nonexistent", "protocol=lposs",
+                                  "method=lposs_plus", f"dataset={dataset}"])
+    p = OmegaConf.to_container(cfg.protocol, resolve=True)
+    want = {"short_side": 448, "max_long_side": 2048, "crop": 224, "stride": 112, "prob_thd": 0.0,
+            "logit_scale": 1.0, "area_thd": None, "classnames": None}
+    assert {k: p[k] for k in want} == want
+    spec = decode_spec(cfg)
+    assert (spec.method, spec.logit_scale, spec.prob_thd, spec.area_thd) == ("lposs_plus", 1.0, 0.0, None)
