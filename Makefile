@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install $(TORCH_PINS)
-	$(PY) -m pip install -e '.[dev]'
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -e '.[dev]'  # dev includes the regions extra (sam2: no CUDA extension)
 	touch $@
 
 setup: $(VENV)/.installed

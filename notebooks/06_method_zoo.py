@@ -31,7 +31,7 @@
 SMOKE = None
 IMAGE = None  # a path; None = the bundled sample image
 CLASSES = ["person; woman; lady", "flag", "wall", "uniform; jacket", "tie"]
-METHODS = None  # names; None = every registered method that returns an attention pattern (the last-block methods; SC-CLIP and GEM run their own block)
+METHODS = None  # names; None = every registered method that returns an attention pattern (the per-window last-block methods; SC-CLIP and GEM run their own block, LPOSS is image-level)
 PIXEL = (0.45, 0.5)  # the chosen pixel, as fractions of the image's (height, width)
 DATA_ROOT = None  # a labeled folder (custom format); None = a synthetic set
 WANDB_MODE = None
@@ -53,7 +53,8 @@ from proxyclip.methods import METHODS as REGISTERED
 from proxyclip.metrics import confusion_matrix, metrics_from_confusion
 
 SMOKE = smoke_mode(SMOKE)
-METHODS = [n for n, m in REGISTERED.items() if m.parts is None] if METHODS is None else list(METHODS)
+# the per-window last-block methods; the image-level ones (LPOSS: every window at once) need more of the image
+METHODS = [n for n, m in REGISTERED.items() if m.parts is None and m.level == "window"] if METHODS is None else list(METHODS)
 for name in METHODS:  # each method's declared knobs (proxyclip/methods.py), their defaults in its YAML
     print(f"{name:10s}", "; ".join(k.describe() for k in REGISTERED[name].knobs) or "(only the switches residual, ffn)")
 cfg = compose_config(overrides=core_overrides(SMOKE))

@@ -10,9 +10,10 @@ Config groups (one folder each in ``conf/``):
     clip/     which open_clip model and tag          (vit_b16, vit_l14, vit_h14)
     vfm/      which vision foundation model (timm)   (dino_vitb8, dinov2_vitb14_reg, sam_vitb, mae_vitb16, none, ...)
     weights/  where weights come from                (pretrained, local, random)
-    method/   the last-block method and its knobs    (proxyclip, clip, maskclip, sclip, clearclip, naclip)
-    protocol/ geometry, decision, class file per dataset (proxyclip, sclip, naclip, clearclip)
+    method/   the last-block method and its knobs    (proxyclip, clip, maskclip, sclip, clearclip, naclip, resclip, lposs, ...)
+    protocol/ geometry, decision, class file per dataset (proxyclip, sclip, naclip, clearclip, resclip, lposs)
     postprocess/  score-map refinement               (none, pamr, pamr_naclip, pamr_talk2dino)
+    masks/    mask proposals of the whole image      (none, file, sam2, sam)
     dataset/  the data, its classes and its protocol (voc21, ..., custom)
     logger/   experiment logging                     (none, wandb)
 
@@ -32,6 +33,8 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from . import protocol_resolvers  # noqa: F401  (registers ${per_dataset:...}, ${class_file:...})
 
 CONF_DIR = Path(os.environ.get("PROXYCLIP_CONF_DIR", Path(__file__).resolve().parents[1] / "conf"))
 
@@ -112,46 +115,35 @@ PROTOCOL_FIELDS = ("short_side", "max_long_side", "crop", "stride", "prob_thd", 
                    "classnames")
 
 
-def _per_dataset(key: str, *, _parent_: Any, _root_: Any) -> Any:
-    """``${per_dataset:crop}``: the protocol's table entry for the composed dataset, else its
-    ``base`` value (no dataset, e.g. proxyclip-segment, or one the table does not list)."""
-    dataset = _select(_root_, "dataset.name")
-    row = (_parent_.get("datasets") or {}).get(dataset) if dataset is not None else None
-    if row is not None and key in row:
-        return OmegaConf.to_container(row, resolve=True)[key]
-    base = _parent_.get("base") or {}
-    if key not in base:
-        raise ValueError(f"protocol {_parent_.get('name')}: no {key} for dataset {dataset} in protocol.datasets "
-                         f"and none in protocol.base")
-    return OmegaConf.to_container(base, resolve=True)[key]
-
-
-def _class_file(own: Any, *, _root_: Any) -> Any:
-    """``${class_file:voc21}`` (a dataset's classnames): the protocol's class file when it names
-    one (protocol.classnames), else the dataset's own ``own``."""
-    chosen = _select(_root_, "protocol.classnames")
-    return own if chosen is None else chosen
-
-
-def _select(root: Any, key: str) -> Any:
-    """``root.<key>``, or None when it is missing or not a node (``dataset: ???`` in ``--help``)."""
-    try:
-        return OmegaConf.select(root, key, default=None, throw_on_missing=False)
-    except Exception:  # e.g. a group left to choose is the string "???", not a node
-        return None
-
-
-for _name, _fn in (("per_dataset", _per_dataset), ("class_file", _class_file)):
-    if not OmegaConf.has_resolver(_name):
-        OmegaConf.register_new_resolver(_name, _fn)
-
-
 @dataclass
 class PostprocessConfig:
     """Refinement of the merged score maps before the class decision (conf/postprocess/*.yaml);
     each registered post-process's settings come from a schema generated from its declarations."""
 
     name: str = "none"  # a registered post-process (proxyclip.postprocess.POSTPROCESSES)
+
+
+@dataclass
+class MasksConfig:
+    """Mask proposals, a per-image part of the encode (conf/masks/*.yaml; proxyclip/masks):
+    none, file (read from ``dir``), sam2 / sam (an automatic mask generator and its settings)."""
+
+    name: str = "none"  # none | file | sam2 | sam
+    dir: Optional[str] = None  # file: folder of <image stem>.npz / .png
+    key: str = "instance_mask"  # file: the .npz array's name (CorrCLIP's)
+    model: Optional[str] = None  # sam2: a config of the sam2 package (sam2_hiera_l); sam: vit_h | vit_l | vit_b
+    pretrained: Optional[str] = None  # weights=pretrained: sam2's hub repo id; sam's download URL
+    checkpoint: Optional[str] = None  # weights=local: the generator's checkpoint file
+    input_size: Optional[int] = None  # sam2: the model's input side (None = its own 1024; small for tests)
+    points_per_side: int = 32  # the generators' settings (their arguments of the same names)
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    min_mask_region_area: int = 0
+    multimask_output: bool = True  # sam2 only
+    cache: Optional[str] = "auto"  # generators: label-map disk cache; auto = the user's cache folder; null = off
 
 
 @dataclass
@@ -207,6 +199,7 @@ class Config:
     method: MethodConfig = MISSING
     protocol: ProtocolConfig = MISSING
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    masks: MasksConfig = field(default_factory=MasksConfig)  # mask proposals (conf/masks; proxyclip/masks)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (auto: cuda when available)
     precision: str = "auto"  # auto | fp32 | fp16 | bf16 (backbones; auto: fp16 on CUDA, fp32 on CPU)
     batch_size: int = 4  # windows of one image per backbone forward
@@ -303,6 +296,7 @@ def register_schemas() -> None:
         cs.store(group="method", name=f"{m.name}_schema", node=_knob_schema(MethodConfig, m.name, m.knobs))
     for p in POSTPROCESSES.values():
         cs.store(group="postprocess", name=f"{p.name}_schema", node=_knob_schema(PostprocessConfig, p.name, p.knobs))
+    cs.store(group="masks", name="masks_schema", node=MasksConfig)
     cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
 

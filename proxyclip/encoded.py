@@ -35,6 +35,10 @@ class Encoded:
     vfm_key: Optional[str]  # EncodeSpec.vfm_key; None without a VFM
     # layer parts (proxyclip/parts.py): {"clip.blocks.{i}.resid_pre": (n_windows, 1 + gh*gw, D)}, same clip_key
     layers: Dict[str, torch.Tensor] = field(default_factory=dict)
+    # per-image part: the mask proposals' (H, W) int64 label map at the original size (0 = unsegmented;
+    # proxyclip/masks), None with masks=none; masks_key = EncodeSpec.masks_key
+    masks: Optional[torch.Tensor] = None
+    masks_key: Optional[str] = None
     memo: Dict[Any, Any] = field(default_factory=dict, repr=False)  # decode-side reuse, not saved
 
     @property
@@ -52,7 +56,8 @@ class Encoded:
                     clip_grid=list(self.clip_grid),
                     vfm_features=None if self.vfm_features is None else self.vfm_features.cpu(),
                     clip_key=self.clip_key, vfm_key=self.vfm_key,
-                    layers={k: v.cpu() for k, v in self.layers.items()})
+                    layers={k: v.cpu() for k, v in self.layers.items()},
+                    masks=None if self.masks is None else self.masks.cpu(), masks_key=self.masks_key)
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Encoded":
@@ -62,7 +67,7 @@ class Encoded:
         return cls(image=d["image"], resized_size=tuple(d["resized_size"]), windows=[tuple(b) for b in d["windows"]],
                    pad=tuple(d["pad"]), clip_tokens=d["clip_tokens"], clip_grid=tuple(d["clip_grid"]),
                    vfm_features=d["vfm_features"], clip_key=d["clip_key"], vfm_key=d["vfm_key"],
-                   layers=dict(d.get("layers") or {}))
+                   layers=dict(d.get("layers") or {}), masks=d.get("masks"), masks_key=d.get("masks_key"))
 
 
 class Prediction:
@@ -169,6 +174,9 @@ def check_decodable(enc: Encoded, meth: Any, clip_key: str, vfm_key: Optional[st
         if enc.vfm_key != vfm_key:
             raise ValueError(f"this Encoded's VFM features come from another configuration ({enc.vfm_key}), "
                              f"not {vfm_key}")
+    if getattr(meth, "needs_masks", False) and enc.masks is None:
+        raise ValueError(f"method {meth.name} reads mask proposals, but this Encoded has none: encode with "
+                         "masks=file (masks.dir=...), masks=sam2 or masks=sam")
     lacking = [p for p in parts if p not in enc.layers]
     if lacking:
         raise ValueError(f"method {meth.name} reads the encode part {lacking[0]}, which this Encoded lacks "
@@ -183,6 +191,11 @@ def replay(enc: Encoded, hooks: HookSet, batch_size: int) -> Encoded:
     for decl in replayed_hooks():
         stored = getattr(enc, decl.replay)
         if stored is None:
+            continue
+        if decl.level == "image":  # one tensor per image (the mask proposals)
+            t = hooks.point(decl.name, stored)
+            if t is not stored:
+                changed[decl.replay] = t
             continue
         parts, replaced = [], False
         for start in range(0, len(enc.windows), batch_size):

@@ -42,3 +42,8 @@ def file_digest(path: os.PathLike, algorithm: str = "sha1") -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def bytes_digest(data: bytes, algorithm: str = "sha1") -> str:
+    """Hex digest of bytes in memory (the same algorithm as :func:`file_digest`)."""
+    return hashlib.new(algorithm, data).hexdigest()

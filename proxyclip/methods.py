@@ -7,6 +7,8 @@ parts it declares in ``Method.parts``) or VFM features of one batch of windows. 
 FFN, head) is then shared, and whether the residual and the FFN are kept is a switch of every
 method (``method.residual``, ``method.ffn``). A method that runs its own last block returns the
 block's output tokens, its dense embeddings, or its window scores (it may read ``x.text``).
+An image-level method (``level="image"``: LPOSS) sees every window at once and returns the merged
+maps (proxyclip/image_level.py, docs/regions.md).
 
 Adding a method: write its function, ``register_method(Method(...))`` below with its knobs
 declared (``proxyclip.knobs.Knob``: name, type, range, doc), add ``conf/method/<name>.yaml`` (its
@@ -60,6 +62,10 @@ class Method:
     vfm_feature: Optional[str] = None
     # its function runs its own last block and takes the switches (``residual=``, ``ffn=``) itself
     own_switches: bool = False
+    # "window": fn(BlockInputs, **knobs) per batch of windows, merged by the pipeline; "image":
+    # fn(ImageInputs, **knobs) -> ImageScores for the whole image at once (proxyclip/image_level.py)
+    level: str = "window"
+    needs_masks: bool = False  # reads the encode's mask proposals (masks=file|sam2|sam; proxyclip/masks)
 
     @property
     def knob_names(self) -> Tuple[str, ...]:
@@ -74,6 +80,8 @@ METHODS: Dict[str, Method] = {}
 
 
 def register_method(method: Method) -> Method:
+    if method.level not in ("window", "image"):
+        raise ValueError(f"method {method.name}: level must be 'window' or 'image', got {method.level!r}")
     METHODS[method.name] = method
     return method
 

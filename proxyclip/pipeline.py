@@ -23,7 +23,9 @@ from .backbones.blocks import check_asked
 from .decision import DEFAULT_BUDGET, WindowScores, decide, decide_chunked
 from .encoded import Encoded, Prediction, check_decodable, check_replayable, replay
 from .hooks import HookFn, HookSet, NameFilter, declare_hook, finish_cache, hook_names
+from .image_level import image_level_scores
 from .images import ImageLike, load_image
+from .masks import mask_stage, proposals_of
 from .last_block import Scores
 from .methods import check_vfm_feature, get_method
 from .parts import block_of, check_parts, method_parts
@@ -31,7 +33,7 @@ from .postprocess import apply_postprocess, get_postprocess
 from .resolve import PostprocessArg
 from .specs import DecodeSpec, EncodeSpec, classes_digest
 from .text import ClassList, TextEncoder, parse_classes, text_cache_options
-from .stages import method_output, run_backbones
+from .stages import method_output, run_backbones, window_pixels
 from .windows import (check_geometry, padding_multiple, resize_image, size_with_pad,
                       window_layout)
 
@@ -64,11 +66,9 @@ class Segmenter:
         text_cache = text_cache_options(cfg, random_weights, self.encode_spec.text_model_id())
         self.text = TextEncoder(clip.model, clip.tokenizer, self.device, **text_cache)
         self.hooks = HookSet()
+        self.masks = mask_stage(cfg, self.encode_spec, self.device)  # None with masks=none (proxyclip/masks)
         check_geometry(cfg.protocol)
-        if get_method(cfg.method.name).needs_vfm and vfm is None:
-            raise ValueError(build.no_vfm_message(cfg.method.name, cfg.vfm.name))
-        if vfm is not None:
-            check_vfm_feature(get_method(cfg.method.name), vfm.feature)
+        _check_inputs(cfg, vfm, self.masks)  # the configured method's VFM (and its readout) and mask proposals
         vfm_patch = [] if vfm is None or vfm.resizes_input else [vfm.patch_size]
         self.pad_multiple = padding_multiple(clip.patch_size, *vfm_patch)
         self._clip_norm = _norm_tensors(CLIP_MEAN, CLIP_STD, self.device)
@@ -109,28 +109,23 @@ class Segmenter:
 
     # ------------------------------------------------------------------ encode
     @torch.no_grad()
-    def encode(self, image: ImageLike, reuse: Optional[Encoded] = None, keep: Sequence[str] = ()) -> Encoded:
+    def encode(self, image: ImageLike, reuse: Optional[Encoded] = None, keep: Sequence[str] = (),
+               image_id: Optional[str] = None) -> Encoded:
         """Resize, cut windows, run the backbones (CLIP up to its last block; the VFM if any) -> Encoded.
 
         ``keep``: layer parts to keep besides those the configured method reads (``encode_spec.parts``),
         e.g. ``["clip.blocks.5.resid_pre"]`` (proxyclip/parts.py). ``reuse``: an Encoded of the same
         image (e.g. from a Segmenter with another VFM, see :meth:`with_vfm`) whose parts made under
         this configuration's keys and window layout are taken as they are: comparing VFMs on one
-        image runs CLIP once, and a layer part already there is not recomputed.
+        image runs CLIP once, and a layer part already there is not recomputed. ``image_id``: the
+        image's name for ``masks=file`` (default: the stem of ``image`` when it is a path).
         """
         img = load_image(image)
         if not self.hooks.idle:  # a hook named for a block the encode does not run says so
             check_asked(self.hooks.asked_for(), self.clip.num_blocks - 1)
         size, boxes, pad = self.layout(img)
         want = check_parts(tuple(self.encode_spec.parts) + tuple(keep), self.clip.num_blocks)
-        same = (reuse is not None and reuse.resized_size == size and reuse.windows == boxes and reuse.pad == pad
-                and torch.equal(reuse.image, img))
-        clip_same = same and reuse.clip_key == self.clip_key
-        layers = {k: v for k, v in reuse.layers.items() if k in want} if clip_same else {}
-        clip_tokens = reuse.clip_tokens if clip_same and len(layers) == len(want) else None
-        vfm_features = None
-        if self.vfm is not None and same and reuse.vfm_key == self.vfm_key:
-            vfm_features = reuse.vfm_features
+        same, layers, clip_tokens, vfm_features = _reused(self, reuse, img, size, boxes, pad, want)
         run_vfm = self.vfm is not None and vfm_features is None
         if run_vfm or clip_tokens is None:
             tokens, feats, made = run_backbones(self, resize_image(img.to(self.device), size), boxes, pad,
@@ -139,7 +134,9 @@ class Segmenter:
             if clip_tokens is None:
                 layers = made
         grid = self.clip.grid_of(*size_with_pad(boxes[0], pad))
-        return Encoded(image=img, resized_size=size, windows=boxes, pad=pad,
+        masks = proposals_of(self, img, image, image_id, reuse if same else None)
+        return Encoded(image=img, resized_size=size, windows=boxes, pad=pad, masks=masks,
+                       masks_key=None if masks is None else self.encode_spec.masks_key,
                        clip_tokens=tokens if clip_tokens is None else clip_tokens, clip_grid=grid,
                        vfm_features=feats if run_vfm else vfm_features, clip_key=self.clip_key, vfm_key=self.vfm_key,
                        layers=layers)
@@ -268,6 +265,30 @@ def _exhaustive(seg: "Segmenter", spec: DecodeSpec) -> bool:
             or any(seg.hooks.listening(n) for n in (WINDOW_SCORES, IMAGE_SCORES, REFINED)))
 
 
+def _check_inputs(cfg: DictConfig, vfm: Optional[VfmBackbone], masks: Any) -> None:
+    """The configured method has the VFM (with the readout) and the mask proposals it reads."""
+    if get_method(cfg.method.name).needs_vfm and vfm is None:
+        raise ValueError(build.no_vfm_message(cfg.method.name, cfg.vfm.name))
+    if vfm is not None:
+        check_vfm_feature(get_method(cfg.method.name), vfm.feature)
+    if get_method(cfg.method.name).needs_masks and masks is None:
+        raise ValueError(f"method {cfg.method.name} reads mask proposals: set masks=file|sam2|sam (it is none)")
+
+
+def _reused(seg: "Segmenter", reuse: Optional[Encoded], img: torch.Tensor, size, boxes, pad, want):
+    """What an encode takes from ``reuse`` (same image and window layout): (same, its layer parts in
+    ``want``, its CLIP tokens when every wanted part is there, its VFM features) under ``seg``'s keys."""
+    same = (reuse is not None and reuse.resized_size == size and reuse.windows == boxes and reuse.pad == pad
+            and torch.equal(reuse.image, img))
+    clip_same = same and reuse.clip_key == seg.clip_key
+    layers = {k: v for k, v in reuse.layers.items() if k in want} if clip_same else {}
+    clip_tokens = reuse.clip_tokens if clip_same and len(layers) == len(want) else None
+    vfm_features = None
+    if seg.vfm is not None and same and reuse.vfm_key == seg.vfm_key:
+        vfm_features = reuse.vfm_features
+    return same, layers, clip_tokens, vfm_features
+
+
 def _decide_points(seg: "Segmenter", enc: Encoded, cl: ClassList, specs: List[DecodeSpec], text: torch.Tensor,
                    keep_prob: bool) -> List[Prediction]:
     """Window scores once (low resolution), then each spec's decision.
@@ -276,11 +297,14 @@ def _decide_points(seg: "Segmenter", enc: Encoded, cl: ClassList, specs: List[De
     before (memory ~ (windows + 3) x Q x H x W floats plus the post-process's own) and
     :func:`decide` runs on them. Otherwise :func:`decide_chunked`: O(H x W) plus a bounded chunk.
     """
+    common = dict(image=enc.image, class_names=cl.class_names, queries=cl.queries, query_to_class=cl.query_to_class,
+                  random_weights=seg.random_weights)
+    if get_method(specs[0].method).level == "image":  # no window merge: the method merges (proxyclip/image_level.py)
+        return _decide_merged(seg, enc, cl, specs, image_level_scores(seg, enc, specs[0], text, method_output,
+                                                                           window_pixels), common)
     ws = WindowScores(_low_res_scores(seg, enc, specs[0], text), enc.windows, enc.pad, enc.resized_size, enc.image_size)
     if ws.low.shape[1] != text.shape[0]:
         raise ValueError(f"{ws.low.shape[1]} query maps for {text.shape[0]} queries")
-    common = dict(image=enc.image, class_names=cl.class_names, queries=cl.queries, query_to_class=cl.query_to_class,
-                  random_weights=seg.random_weights)
     if not _exhaustive(seg, specs[0]):
         results = decide_chunked(ws, cl, [(s.logit_scale, s.prob_thd, s.area_thd) for s in specs], seg.decode_budget,
                                  keep_prob)
@@ -293,6 +317,12 @@ def _decide_points(seg: "Segmenter", enc: Encoded, cl: ClassList, specs: List[De
         merged = ws.merge(torch.cat(parts))
     else:  # the chunked decision's maps, bit for bit
         merged = ws.full().cpu()
+    return _decide_merged(seg, enc, cl, specs, merged, common)
+
+
+def _decide_merged(seg: "Segmenter", enc: Encoded, cl: ClassList, specs: List[DecodeSpec], merged: torch.Tensor,
+                   common: Dict[str, Any]) -> List[Prediction]:
+    """(Q, H, W) merged scores -> hook, post-process, hook, each spec's decision (both method levels)."""
     scores = seg.hooks.point(IMAGE_SCORES, merged)
     mean, std = (t[0].cpu() for t in seg._clip_norm)
     refined = apply_postprocess(specs[0].postprocess_settings, scores, (enc.image.cpu().float() - mean) / std)

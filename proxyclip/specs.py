@@ -112,6 +112,29 @@ class GeometrySpec:
 
 
 @dataclass(frozen=True)
+class MasksSpec:
+    """The mask proposals, a per-image part of the encode (proxyclip/masks): read from files
+    (``file``) or made by an automatic mask generator (``sam2``, ``sam``) with these settings."""
+
+    name: str  # file | sam2 | sam
+    dir: Optional[str] = None  # file: the folder of <image stem>.npz / .png
+    key: Optional[str] = None  # file: the .npz array's name
+    model: Optional[str] = None  # sam2: its config (sam2_hiera_l, ...); sam: vit_h | vit_l | vit_b
+    pretrained: Optional[str] = None  # weights=pretrained: where they come from (hub repo id, URL)
+    checkpoint: Optional[str] = None  # content digest of the local checkpoint (weights=local)
+    input_size: Optional[int] = None  # the model's input side (None: its own, 1024); small for tests
+    points_per_side: Optional[int] = None
+    points_per_batch: Optional[int] = None
+    pred_iou_thresh: Optional[float] = None
+    stability_score_thresh: Optional[float] = None
+    stability_score_offset: Optional[float] = None
+    box_nms_thresh: Optional[float] = None
+    min_mask_region_area: Optional[int] = None
+    multimask_output: Optional[bool] = None  # sam2 only
+    apply_postprocessing: Optional[bool] = None  # sam2 only (build_sam2's)
+
+
+@dataclass(frozen=True)
 class EncodeSpec:
     """Everything an ``Encoded`` depends on. CLIP's part depends on clip, weights, geometry,
     precision; the VFM's part on vfm, weights, geometry, precision; ``parts`` names the layer
@@ -123,11 +146,15 @@ class EncodeSpec:
     geometry: GeometrySpec
     precision: str
     parts: Tuple[str, ...] = ()
+    masks: Optional[MasksSpec] = None  # None: no mask proposals (masks=none; absent from the record)
 
     def record(self) -> Dict[str, Any]:
-        return {"clip": asdict(self.clip), "vfm": None if self.vfm is None else asdict(self.vfm),
-                "weights": asdict(self.weights), "protocol": asdict(self.geometry), "precision": self.precision,
-                "parts": list(self.parts)}
+        r = {"clip": asdict(self.clip), "vfm": None if self.vfm is None else asdict(self.vfm),
+             "weights": asdict(self.weights), "protocol": asdict(self.geometry), "precision": self.precision,
+             "parts": list(self.parts)}
+        if self.masks is not None:
+            r["masks"] = asdict(self.masks)
+        return r
 
     def flat(self) -> Dict[str, Any]:
         r = self.record()
@@ -148,6 +175,20 @@ class EncodeSpec:
         return {"vfm": asdict(self.vfm), "weights": asdict(self.weights), "protocol": asdict(self.geometry),
                 "precision": self.precision, "format": ENCODED_FORMAT}
 
+    def masks_part(self) -> Optional[Dict[str, Any]]:
+        """The mask proposals' identity: the generator and its settings (and, for a model, its
+        weights and precision); not the geometry (proposals are made on the original image)."""
+        if self.masks is None:
+            return None
+        if self.masks.name == "file":
+            return {"masks": asdict(self.masks)}
+        return {"masks": asdict(self.masks), "weights": asdict(self.weights), "precision": self.precision}
+
+    @property
+    def masks_key(self) -> Optional[str]:
+        part = self.masks_part()
+        return None if part is None else f"{self.masks.name}-{digest(part)}"
+
     @property
     def clip_key(self) -> str:
         return f"{self.clip.name}-{digest(self.clip_part())}"
@@ -167,7 +208,8 @@ class EncodeSpec:
     def from_record(cls, r: Mapping[str, Any]) -> "EncodeSpec":
         """The spec a :meth:`record` describes (e.g. read back from a metrics.json)."""
         return cls(ClipSpec(**r["clip"]), None if r["vfm"] is None else VfmSpec(**r["vfm"]), WeightsSpec(**r["weights"]),
-                   GeometrySpec(**r["protocol"]), r["precision"], tuple(r.get("parts", ())))
+                   GeometrySpec(**r["protocol"]), r["precision"], tuple(r.get("parts", ())),
+                   None if r.get("masks") is None else MasksSpec(**r["masks"]))
 
     @classmethod
     def from_config(cls, cfg: Any, *, random_weights: bool, uses_vfm: bool,
@@ -197,7 +239,10 @@ class EncodeSpec:
         weights = WeightsSpec(source, int(w.seed) if source == "random" else None)
         whole = p.crop is None  # whole-image mode: the stride does not matter
         geometry = GeometrySpec(*(None if whole and k in ("crop", "stride") else int(p[k]) for k in GEOMETRY))
-        return cls(clip, vfm, weights, geometry, str(cfg.precision), tuple(parts))
+        from .masks import masks_spec
+
+        return cls(clip, vfm, weights, geometry, str(cfg.precision), tuple(parts),
+                   masks_spec(cfg.get("masks") if hasattr(cfg, "get") else None, local))
 
 
 # ---------------------------------------------------------------------------------------------- decode

@@ -46,6 +46,9 @@ def method_output(seg: "Segmenter", enc: Encoded, start: int, stop: int, spec: D
     """The method's result for windows ``start:stop``: dense embeddings, or its own Scores."""
     meth = get_method(spec.method)
     knobs = spec.knob_values
+    if meth.level == "image":
+        raise ValueError(f"method {spec.method} is image-level: it makes merged score maps (decode), "
+                         "not per-window dense embeddings")
 
     def point(name: str, tensor: torch.Tensor) -> torch.Tensor:
         return seg.hooks.point(name, tensor, start)

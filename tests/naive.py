@@ -318,6 +318,10 @@ TINY_KNOBS: Dict[str, Dict[str, object]] = {
     "resclip": {"rcs_layers": [0], "gaussian_std": 1.5, "temp_thd": 0.4},
     "scclip": {"pre_adjust": 0, "post_adjust": 0, "multi_start": 0, "multi_end": 1},
     "gem": {"depth": 3},
+    # image-level: the graph's neighbours must fit the tiny image's patches (LPOSS: k <= their count),
+    # LPOSS+'s pixel window a small image
+    "lposs": {"k": 8},
+    "lposs_plus": {"k": 8, "r": 5},
 }
 # knobs that have no other valid value on the tiny CLIP (each checked on ViT-B/16 in tests/test_<method>.py)
 TINY_FIXED: Dict[str, Tuple[str, ...]] = {"scclip": ("pre_adjust", "post_adjust", "multi_start", "multi_end")}
@@ -602,3 +606,11 @@ def other_value(knob, current):
     lo, hi, _ = knob.slider
     new = hi if current == lo else lo
     return int(new) if knob.kind == "int" else float(new)
+
+
+# ---------------------------------------------------------------------------------------------- image level
+# image-level methods (proxyclip/image_level.py): name -> fn(seg, enc, queries, knobs) -> (Q, h, w) float64
+# merged scores at the resized size (tests/naive_lposs.py)
+from naive_lposs import IMAGE_LEVEL  # noqa: E402
+
+ATTENTION.update(IMAGE_LEVEL)

@@ -2,11 +2,15 @@
 per-window set and the replay of stored encodes all come from the declarations, and every
 declared point fires in a run that uses it (methods and post-processes from the registries)."""
 
+import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
+from PIL import Image
 
 import naive
-from proxyclip import HOOK_NAMES, hooks
+
+from proxyclip import HOOK_NAMES, Segmenter, hooks
 from proxyclip.config import CONF_DIR
 from proxyclip.hooks import HookSet, declarations, declare_hook, family_of, hook_names, replayed_hooks, window_hooks
 from proxyclip.methods import METHODS
@@ -43,10 +47,11 @@ def test_names_and_sets_come_from_the_declarations(tiny_segmenter):
         assert d.shape.startswith("(n,") == (d.level == "window"), d
 
 
-def test_every_declared_hook_fires_in_a_run_that_uses_it(tiny_segmenter, rand_image):
+def test_every_declared_hook_fires_in_a_run_that_uses_it(tiny_segmenter, rand_image, tmp_path):
     """One run per (registered method, registered post-process), every hook recorded (knob values
-    that fit the tiny CLIP, naive.TINY_KNOBS; the layer parts every method reads kept; a method reading
-    another VFM readout (CASS: keys) from a Segmenter sharing the models, seg.for_method)."""
+    that fit the tiny CLIP, naive.TINY_KNOBS (image-level: LPOSS's k <= its patches); the layer parts
+    every method reads kept; a method reading another VFM readout (CASS: keys) from a Segmenter sharing
+    the models, seg.for_method)."""
     enc = tiny_segmenter.encode(rand_image, keep=naive.tiny_parts(tiny_segmenter.clip.num_blocks))
     segs = {m: tiny_segmenter.for_method(m) for m in METHODS}
     encs = {m: enc if segs[m] is tiny_segmenter else segs[m].encode(rand_image, reuse=enc) for m in METHODS}
@@ -54,8 +59,16 @@ def test_every_declared_hook_fires_in_a_run_that_uses_it(tiny_segmenter, rand_im
                                                           postprocess={"name": post}, **naive.tiny_values(method))[1]
               for method in METHODS for post in POSTPROCESSES}
     _, fresh_cache = tiny_segmenter.run_with_cache(rand_image, CLASSES)  # the encode-time points fire in an encode too
-    fresh = {family_of(n) for n in fresh_cache}  # clip.blocks.0.resid_pre -> its family clip.blocks.{i}.resid_pre
-    for name, t in fresh_cache.items():  # a family member is window-level as its family is
+    # (the mask proposals' with a mask stage: masks=file)
+    np.savez(tmp_path / "img.npz", instance_mask=np.ones(tuple(rand_image.shape[1:]), np.int32))
+    Image.fromarray((rand_image * 255).round().byte().permute(1, 2, 0).numpy()).save(tmp_path / "img.png")
+    with_masks = Segmenter.from_config(tiny_config("masks=file", f"masks.dir={tmp_path}"))
+    _, masks_cache = with_masks.run_with_cache(str(tmp_path / "img.png"), CLASSES)
+    # its declared names with the method runs; its family members (a fresh encode) with the fresh ones
+    caches["masks=file", "none"] = {k: v for k, v in masks_cache.items() if family_of(k) == k}
+    # clip.blocks.0.resid_pre -> its family clip.blocks.{i}.resid_pre
+    fresh = {family_of(n) for n in fresh_cache} | {family_of(n) for n in masks_cache}
+    for name, t in [*fresh_cache.items(), *masks_cache.items()]:  # a family member is window-level as its family is
         assert family_of(name) not in window_hooks() or t.shape[0] == len(enc.windows), name
     assert {d.name for d in declarations() if d.stage == "encode"} <= fresh
     fired = {name for cache in caches.values() for name in cache} | fresh
@@ -67,11 +80,16 @@ def test_every_declared_hook_fires_in_a_run_that_uses_it(tiny_segmenter, rand_im
             if name in window_hooks():  # window-level: concatenated over the windows, in order
                 assert t.shape[0] == n, (method, post, name, tuple(t.shape))
     # the points every run passes through fire in every run
-    always = set.intersection(*(set(c) for c in caches.values()))
+    window_level = [c for (m, _), c in caches.items() if m in METHODS and METHODS[m].level == "window"]
+    always = set.intersection(*(set(c) for c in window_level))
+    image_level = [c for (m, _), c in caches.items() if m in METHODS and METHODS[m].level == "image"]
+    assert image_level and all({"scores.image", "scores.refined", "text.embeddings"} <= set(c) for c in image_level)
     assert {"clip.last_block_input", "clip.last_block_output", "clip.dense", "scores.window", "scores.image",
             "scores.refined", "text.embeddings"} <= always
     # and the attention pattern in every run of a method that returns one (not those running their own block)
-    assert "attention.pattern" in set.intersection(*(set(c) for (m, _), c in caches.items() if not naive.own_block(m)))
+    assert "attention.pattern" in set.intersection(*(set(c) for (m, _), c in caches.items()
+                                                     if m not in METHODS  # the default method's run with masks=file
+                                                     or (METHODS[m].level == "window" and not naive.own_block(m))))
 
 
 def test_a_callable_filter_records_exactly_its_names(tiny_segmenter, rand_image):
@@ -119,8 +137,9 @@ def test_declaring_twice_differently_raises():
 def test_replay_of_a_stored_encoded_goes_through_every_replay_point(tiny_segmenter, rand_image):
     seg = tiny_segmenter
     enc = seg.encode(rand_image)
-    replayed = replayed_hooks()
-    assert replayed and all(hasattr(enc, d.replay) for d in replayed)
+    assert all(hasattr(enc, d.replay) for d in replayed_hooks())
+    replayed = [d for d in replayed_hooks() if d.level == "window"]  # image-level (proposals): tests/test_masks.py
+    assert replayed
     seen = {}
 
     def spy(t, hook):

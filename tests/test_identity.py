@@ -20,7 +20,8 @@ from proxyclip.evaluation.state import RunState
 from proxyclip.resolve import decode_spec
 from proxyclip.specs import DecodeSpec, EncodeSpec, flatten
 
-CFG = tiny_config("postprocess=pamr", "protocol.area_thd=0.1")
+# every encode part present: CLIP, VFM, mask proposals; the area rule on (it is left out of the record when off)
+CFG = tiny_config("postprocess=pamr", "protocol.area_thd=0.1", "masks=sam2")
 ENCODE = EncodeSpec.from_config(CFG, random_weights=False, uses_vfm=True)
 DECODE = decode_spec(CFG, classes=["sky", "tree; bush"])
 SELECTION = {"dataset": "voc21", "num_samples": 3, "samples": "abc", "limit": None, "limit_seed": None,
@@ -60,6 +61,7 @@ def test_every_spec_field_is_listed():
     """The parametrization reaches every leaf of the three records (vfm included, not None)."""
     assert any(f.startswith("encode.vfm.") for f in FIELDS) and "decode.postprocess.dilations" in FIELDS
     assert "decode.area_thd" in FIELDS and "decode.logit_scale" in FIELDS and "encode.protocol.crop" in FIELDS
+    assert "encode.masks.points_per_side" in FIELDS and "encode.masks.dir" in FIELDS
     assert {f.split(".")[0] for f in FIELDS} == {"encode", "decode", "selection"}
     assert len(FIELDS) == len(flatten(ENCODE.record())) + len(flatten(DECODE.record())) + len(SELECTION)
 
@@ -73,13 +75,16 @@ def test_changing_one_field_changes_the_identity(field, tmp_path):
     part, name = field.split(".", 1)
     if part == "encode":
         assert enc.key() != ENCODE.key()
-        parts_changed = (enc.clip_key != ENCODE.clip_key, enc.vfm_key != ENCODE.vfm_key)
+        parts_changed = (enc.clip_key != ENCODE.clip_key, enc.vfm_key != ENCODE.vfm_key,
+                         enc.masks_key != ENCODE.masks_key)
         if name == "parts":  # extra parts get keys of their own; they do not change CLIP's or the VFM's part
-            assert parts_changed == (False, False)
+            assert parts_changed == (False, False, False)
+        elif name.startswith("masks."):  # the proposals' own cache key; CLIP's and the VFM's parts are reused
+            assert parts_changed == (False, False, True)
         else:  # the feature cache folder of the part this field belongs to changes
             assert any(parts_changed), f"{field} reaches no feature-cache key"
             if name.startswith("vfm."):
-                assert parts_changed == (False, True)  # CLIP's cached part is still reused
+                assert parts_changed == (False, True, False)  # CLIP's cached part is still reused
     if part == "decode":
         assert dec.key() != DECODE.key()
     # the W&B config of the two runs differs in that field

@@ -24,7 +24,10 @@ from proxyclip.parts import method_parts, resid_pre
 from proxyclip.text import parse_classes
 
 CLASSES = ["sky", "person; people", "horse"]
-CLIP_METHODS = [name for name, m in METHODS.items() if not m.needs_vfm]
+CLIP_METHODS = [name for name, m in METHODS.items() if not m.needs_vfm and m.level == "window"]
+# the per-window methods; image-level ones (proxyclip/image_level.py) are compared whole: tests/test_lposs.py
+# and test_each_image_level_method_equals_its_reference below
+WINDOW_METHODS = [name for name, m in METHODS.items() if m.level == "window"]
 QUERIES = parse_classes(CLASSES).queries
 TINY = naive.tiny_values  # knob values a method needs on the tiny CLIP (tests/naive.py TINY_KNOBS)
 
@@ -82,7 +85,7 @@ def _own_result(out):
 
 
 @pytest.mark.parametrize("residual,ffn", [(True, True), (False, False), (True, False)])
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", WINDOW_METHODS)
 def test_each_method_equals_a_naive_loop(tiny_segmenter, block_inputs, name, residual, ffn):
     tokens, feats, make, ctx, text, points = block_inputs
     x = make(residual, ffn)
@@ -120,7 +123,8 @@ def test_attention_patterns(block_inputs):
     sclip = get_method("sclip").attention(x).pattern
     assert sclip.shape == (2, heads, 17, 17)
     torch.testing.assert_close(sclip.sum(-1), torch.full((2, heads, 17), 2.0))  # not renormalized
-    for name, meth in METHODS.items():  # a method that declares rows summing to 1 has them
+    for name in WINDOW_METHODS:  # a method that declares rows summing to 1 has them
+        meth = METHODS[name]
         points.clear()
         att = _call(meth, x, naive.tiny_knobs(name))
         if isinstance(att, BlockOutput):  # its own block output: on CLIP's grid, CLS as declared
@@ -193,7 +197,7 @@ def _own_scores(name):
 
 def test_one_encode_serves_every_method(tiny_segmenter, rand_image):
     enc = tiny_segmenter.encode(rand_image, keep=_every_methods_parts(tiny_segmenter))
-    for name in METHODS:
+    for name in WINDOW_METHODS:
         tiny = TINY(name)
         seg = tiny_segmenter.for_method(name)  # a method reading another VFM readout (CASS: keys): same models
         enc_m = enc if seg is tiny_segmenter else seg.encode(rand_image, reuse=enc)
@@ -216,7 +220,7 @@ def test_one_encode_serves_every_method(tiny_segmenter, rand_image):
     assert tiny_segmenter.decode(enc, CLASSES, method="clearclip").params["logit_scale"] == 50.0
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", WINDOW_METHODS)
 def test_switches_and_knobs_reach_the_block(tiny_segmenter, rand_image, name):
     """Each switch does exactly what it says to the block output, and each knob of each method gives
     the reference's value at that setting."""
@@ -367,3 +371,18 @@ def test_unknown_method_in_config_lists_the_known_ones():
 
     with pytest.raises(ConfigCompositionException, match="sclip"):
         tiny_config("method=sclp")
+
+
+@pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.level == "image"])
+def test_each_image_level_method_equals_its_reference(name):
+    """An image-level method's merged maps = its float64 reference (tests/naive.py ATTENTION: (Q, h, w)
+    at the resized size), on the tiny models with 32-px windows and every knob at a valid small value."""
+    seg = Segmenter.from_config(tiny_config(f"method={name}", "vfm.feature=v", "protocol.short_side=32",
+                                            "protocol.crop=32", "protocol.stride=16"))
+    enc = seg.encode(torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(3)))
+    small = {"k": 6, "r": 5, "tau": 0.1}
+    knobs = naive.knobs_of(name, **{k: v for k, v in small.items() if k in METHODS[name].knob_names})
+    pred = seg.decode(enc, CLASSES, **{k: knobs[k] for k in ("residual", "ffn", *METHODS[name].knob_names)})
+    ref = naive.ATTENTION[name](seg, enc, ["sky", "person", "people", "horse"], knobs)
+    ref = F.interpolate(ref[None], size=enc.image_size, mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(pred.scores.double(), ref, atol=2e-5, rtol=1e-4)

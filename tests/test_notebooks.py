@@ -179,9 +179,9 @@ def check_method_zoo(nb, tmp_path):
     s = leet_summary(run)["summary"]
     table = json.loads((run / "files" / s["methods"]["path"]).read_text())
     methods = [row[0] for row in table["data"]]
-    # every registered last-block method (no earlier blocks' parts: SC-CLIP and GEM run their own block and
-    # return no attention pattern), then NACLIP with PAMR
-    assert methods == [n for n, m in METHODS.items() if m.parts is None] + ["naclip+pamr"]
+    # every registered per-window last-block method (no earlier blocks' parts: SC-CLIP and GEM run their own
+    # block and return no attention pattern; image-level ones merge windows themselves), then NACLIP with PAMR
+    assert methods == [n for n, m in METHODS.items() if m.parts is None and m.level == "window"] + ["naclip+pamr"]
     best = max(table["data"], key=lambda r: r[1])
     assert s["best_method"] == best[0] and s["best_mIoU"] == pytest.approx(best[1])
     for key in ("segmentations", "attention_of_one_patch"):

@@ -47,7 +47,8 @@ def _two_values(knob, default):
         return [default, default + 1]
     if knob.kind == "choice":
         return [default, next(c for c in knob.choices if c != default)]
-    return [default, default * 1.5 if default else 0.5]
+    other = default * 1.5 if default else 0.5
+    return [default, default / 2 if knob.high is not None and other >= knob.high else other]
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

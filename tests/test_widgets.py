@@ -113,7 +113,9 @@ def test_first_view_encodes_once_and_shows_the_declared_knobs(explorer, factory,
     assert explorer.progress.value == 1.0 and "encodes 1, decodes 1" in explorer.status.value
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+# image-level methods (LPOSS) are left out: their YAML defaults need a real image (k = 400 > the tiny
+# image's 32 patches), and the explorer does not show them yet (no attention pattern)
+@pytest.mark.parametrize("method", [m for m in METHODS if METHODS[m].level == "window"])
 def test_every_methods_controls_are_its_knobs_and_each_decodes_once(explorer, tiny_segmenter, method):
     try:  # its YAML defaults may name blocks the tiny 2-block CLIP does not have
         method_parts(METHODS[method], naive.knobs_of(method), tiny_segmenter.clip.num_blocks)

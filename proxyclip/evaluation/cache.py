@@ -1,7 +1,7 @@
 """On-disk cache of ``Segmenter.encode`` outputs, for sweeps over whole datasets.
 
 An Encoded has two parts, stored separately: CLIP's tokens entering the last block, and the
-VFM's features. Entry path: ``<cache_dir>/<part key>/<h[:2]>/<h>.pt`` where ``part key`` is
+VFM's features (and a third, the mask proposals, with masks=file|sam2|sam: key ``masks_key``). Entry path: ``<cache_dir>/<part key>/<h[:2]>/<h>.pt`` where ``part key`` is
 the encode spec's ``clip_key`` or ``vfm_key`` (a digest of that part's record: model, weights,
 protocol geometry, precision; for the VFM also layer, feature and norm; written beside the
 entries as ``spec.json``) and ``h`` is the SHA-1 of the
@@ -43,6 +43,7 @@ def _fmt_bytes(n: float) -> str:
 
 _CLIP_FIELDS = ("clip_tokens", "clip_grid", "clip_key", "layers")  # layers: the kept layer parts only
 _VFM_FIELDS = ("vfm_features", "vfm_key")
+_MASKS_FIELDS = ("masks", "masks_key")  # the mask proposals (masks=file|sam2|sam)
 
 
 class FeatureCache:
@@ -56,8 +57,9 @@ class FeatureCache:
     def __init__(self, cache_dir: PathLike, seg, print_fn: Callable[[str], None] = print):
         self.root = Path(cache_dir)
         spec = seg.encode_spec
-        self.parts = {"clip": spec.clip_key, "vfm": spec.vfm_key}  # vfm: None when the method uses no VFM
-        records = {"clip": spec.clip_part(), "vfm": spec.vfm_part()}
+        # vfm: None when the method uses no VFM; masks: None without mask proposals
+        self.parts = {"clip": spec.clip_key, "vfm": spec.vfm_key, "masks": spec.masks_key}
+        records = {"clip": spec.clip_part(), "vfm": spec.vfm_part(), "masks": spec.masks_part()}
         for name, key in self.parts.items():
             if key is not None:  # each part folder says what made it (the key is a digest of this record)
                 (self.root / key).mkdir(parents=True, exist_ok=True)
@@ -106,7 +108,7 @@ class FeatureCache:
         for d in got:
             if (d["resized_size"], d["windows"], d["pad"]) != (layout["resized_size"], layout["windows"], layout["pad"]):
                 return None  # parts cut with other windows (another VFM's padding): encode again
-            fields.update({k: d[k] for k in d if k in _CLIP_FIELDS + _VFM_FIELDS})
+            fields.update({k: d[k] for k in d if k in _CLIP_FIELDS + _VFM_FIELDS + _MASKS_FIELDS})
         return Encoded.from_dict(fields)
 
     def put(self, image_path: PathLike, enc, remaining: int = 0, digest: Optional[str] = None,
@@ -119,7 +121,7 @@ class FeatureCache:
         common = dict(format=d["format"], image=torch.round(d["image"].float() * 255.0).clamp_(0, 255).to(torch.uint8),
                       resized_size=d["resized_size"], windows=d["windows"], pad=d["pad"])
         size = 0
-        for name, fields in (("clip", _CLIP_FIELDS), ("vfm", _VFM_FIELDS)):
+        for name, fields in (("clip", _CLIP_FIELDS), ("vfm", _VFM_FIELDS), ("masks", _MASKS_FIELDS)):
             key = self.parts[name]
             if key is None or name in skip or d[f"{name}_key"] != key:
                 continue
@@ -158,12 +160,13 @@ class FeatureCache:
         digest = file_digest(image_path)  # hash the file once
         cached = self.get(image_path, digest, partial=True)
         clip_ok = cached is not None and cached.clip_tokens is not None and all(p in cached.layers for p in need)
-        if clip_ok and (self.parts["vfm"] is None or cached.vfm_features is not None):
+        if clip_ok and (self.parts["vfm"] is None or cached.vfm_features is not None) and (
+                self.parts["masks"] is None or cached.masks is not None):
             self.hits += 1
             return cached
         self.misses += 1
         enc = encode(reuse=cached)
-        have = [] if cached is None else [n for n in ("clip", "vfm") if getattr(cached, f"{n}_key") == self.parts[n]
-                                          and (n == "vfm" or clip_ok)]
+        have = [] if cached is None else [n for n in ("clip", "vfm", "masks")
+                                          if getattr(cached, f"{n}_key") == self.parts[n] and (n != "clip" or clip_ok)]
         self.put(image_path, enc, remaining, digest, skip=have)
         return enc

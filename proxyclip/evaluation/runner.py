@@ -253,10 +253,11 @@ class _Loop:
             raise label
         if self.cache is not None:
             enc = self.cache.get_or_encode(sample.image,
-                                           lambda reuse: self.seg.encode(image, reuse=reuse, keep=self.keep),
+                                           lambda reuse: self.seg.encode(image, reuse=reuse, keep=self.keep,
+                                                                         image_id=sample.image.stem),
                                            remaining=n_left, need=self.keep)
         else:
-            enc = self.seg.encode(image, keep=self.keep)
+            enc = self.seg.encode(image, keep=self.keep, image_id=sample.image.stem)
         k = ds.num_classes
         cm_img = torch.zeros((len(self.points), k, k), dtype=torch.int64)
         # points differing only in logit_scale / prob_thd share one last block and one set of window scores
