@@ -48,7 +48,7 @@ def expected_controls(method: str, preset: str) -> dict:
     slider range, a checkbox per switch, a dropdown per choice (after the sample, CLIP, VFM, method and
     post-process dropdowns), a text box per list; then the patch sliders and the affinity-stages checkbox."""
     knobs = get_method(method).all_knobs + preset_function(preset).knobs
-    return {"sliders": [k.name for k in knobs if k.kind in ("float", "int") and k.slider] + ["patch x", "patch y"],
+    return {"sliders": [k.name for k in knobs if k.kind in ("float", "int") and k.slider] + ["patch x", "patch y", "CLIP block"],
             "checkboxes": [k.name for k in knobs if k.kind == "bool"] + ["affinity stages"],
             "dropdowns": ["sample image", "CLIP", "VFM", "method"] + [k.name for k in get_method(method).all_knobs
                                                                      if k.kind == "choice"]
