@@ -433,6 +433,22 @@ def own_result(model, x, grid, feats, method: str, knobs, text=None, choices=Non
     return out
 
 
+def apply_attention(block, a, v, x, residual, ffn):
+    """The last block around an attention a (heads, T, T): mix v per head, out_proj, then the
+    residual (Y = X + ls_1(O)) and the FFN (Z = Y + ls_2(mlp(ln_2(Y)))) when on; float64."""
+    hp, t, d = a.shape[0], a.shape[1], v.shape[1]
+    dh = d // hp
+    out = torch.zeros(t, d, dtype=torch.float64)
+    for h in range(hp):
+        sl = slice(h * dh, (h + 1) * dh)
+        out[:, sl] = a[h] @ v[:, sl]
+    o = block.attn.out_proj(out)
+    ls1 = getattr(block, "ls_1", torch.nn.Identity())
+    ls2 = getattr(block, "ls_2", torch.nn.Identity())
+    y = x + ls1(o) if residual else o
+    return y + ls2(block.mlp(block.ln_2(y))) if ffn else y
+
+
 def last_block(model, x: torch.Tensor, grid, feats, method: str, knobs, ctx=None, choices=None
                ) -> Tuple[torch.Tensor, tuple, bool]:
     """Z (T', D) of CLIP's last block for one window's tokens ``x`` (1 + gh*gw, D), float64,
@@ -457,17 +473,7 @@ def last_block(model, x: torch.Tensor, grid, feats, method: str, knobs, ctx=None
         xv, vv = x, v
     else:  # the pattern is over the patch tokens of another grid: values and skip resized there
         xv, vv = _resize_patches(x[1:], grid, agrid), _resize_patches(v[1:], grid, agrid)
-    hp, t = a.shape[0], a.shape[1]
-    dh = d // hp
-    out = torch.zeros(t, d, dtype=torch.float64)
-    for h in range(hp):
-        sl = slice(h * dh, (h + 1) * dh)
-        out[:, sl] = a[h] @ vv[:, sl]
-    o = block.attn.out_proj(out)
-    ls1 = getattr(block, "ls_1", torch.nn.Identity())
-    ls2 = getattr(block, "ls_2", torch.nn.Identity())
-    y = xv + ls1(o) if knobs["residual"] else o
-    z = y + ls2(block.mlp(block.ln_2(y))) if knobs["ffn"] else y
+    z = apply_attention(block, a, vv, xv, knobs["residual"], knobs["ffn"])
     return z, agrid, cls
 
 

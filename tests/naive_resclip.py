@@ -211,15 +211,9 @@ def reference(model, x: torch.Tensor, layers: Dict[int, torch.Tensor], grid, tex
             return a
 
         def block(a):
-            o = torch.zeros(t, d, dtype=torch.float64)
-            for h in range(heads):
-                sl = slice(h * dh, (h + 1) * dh)
-                o[:, sl] = a[h] @ v[:, sl]
-            o = last.attn.out_proj(o)
-            ls1 = getattr(last, "ls_1", torch.nn.Identity())
-            ls2 = getattr(last, "ls_2", torch.nn.Identity())
-            y = x + ls1(o) if knobs["residual"] else o
-            return y + ls2(last.mlp(last.ln_2(y))) if knobs["ffn"] else y
+            from naive import apply_attention
+
+            return apply_attention(last, a, v, x, knobs["residual"], knobs["ffn"])
 
         sfr = None
         if knobs["sfr"]:
