@@ -33,7 +33,7 @@ from ..knobs import Knob
 from ..last_block import Attention, BlockInputs, dense_from_block_output, run_last_block
 from ..methods import Method, gaussian_neighbourhood, register_method
 from ..parts import check_block_indices, resid_pre
-from ..postprocess import pamr, pamr_weights
+from ..postprocess import pamr, pamr_matrix, pamr_weights
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,21 @@ def rcs_attention(x: BlockInputs, layers: Sequence[int]) -> torch.Tensor:
     """(B, H, T, T) mean over ``layers`` of each block's own softmax(tau q k^T), per head."""
     total = None
     for i in layers:
-        q, k, _ = x.clip.block_qkv(i, x.layer(i))
+        q, k = block_qk(x.clip, i, x.layer(i))
         a = torch.softmax((q.shape[-1] ** -0.5) * (q @ k.transpose(-1, -2)), dim=-1)
-        total = a if total is None else total + a
+        total = a if total is None else total.add_(a)
     return total / len(layers)
+
+
+def block_qk(clip: Any, i: int, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """q, k of block ``i`` (``clip.block_qkv`` without its values): two (B, H, T, D/H) float32 tensors."""
+    block, d = clip.block(i), clip.width
+    bias = block.attn.in_proj_bias
+    qk = F.linear(block.ln_1(tokens.to(clip.dtype)), block.attn.in_proj_weight[:2 * d],
+                  None if bias is None else bias[:2 * d]).float()
+    b, t = tokens.shape[:2]
+    h = int(block.attn.num_heads)
+    return tuple(qk[..., j * d:(j + 1) * d].view(b, t, h, d // h).transpose(1, 2) for j in range(2))
 
 
 # ---------------------------------------------------------------------------------------------- last block
@@ -93,12 +104,25 @@ def base_attention(x: BlockInputs, base: str, gaussian_std: float, sfr: Optional
 
     if base == "naclip":
         k = x.k()
-        omega = x.memoized(f"resclip.omega{gaussian_std}",
-                           lambda: gaussian_neighbourhood(x.grid, gaussian_std).to(k.device))
+        omega = neighbourhood_prior(x.grid, gaussian_std, k.device)
         return torch.softmax(mixed(k) + omega, dim=-1)
     if base == "clearclip":
         return torch.softmax(mixed(x.q()), dim=-1)
     return torch.softmax(mixed(x.q()), dim=-1) + torch.softmax(mixed(x.k()), dim=-1)  # sclip
+
+
+_PRIORS: dict = {}
+
+
+def neighbourhood_prior(grid: Tuple[int, int], std: float, device) -> torch.Tensor:
+    """NACLIP's Gaussian prior Omega of ``grid`` (``methods.gaussian_neighbourhood``), cached per
+    (grid, std, device): it depends on neither the image nor the decode's other knobs."""
+    key = (tuple(int(g) for g in grid), float(std), str(device))
+    if key not in _PRIORS:
+        if len(_PRIORS) > 16:
+            _PRIORS.clear()
+        _PRIORS[key] = gaussian_neighbourhood(key[0], key[1]).to(device)
+    return _PRIORS[key]
 
 
 def with_rcs(p: torch.Tensor, a_rcs: Optional[torch.Tensor], weight: float, temp: float) -> torch.Tensor:
@@ -123,9 +147,10 @@ def provisional_labels(x: BlockInputs, pattern: torch.Tensor, temp_thd: float) -
     scores = F.interpolate(scores, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
     out = []
     for i, (s, guide) in enumerate(zip(scores, pixels)):
-        try:  # PAMR's weights depend on the window's pixels only: once per Encoded
-            alpha = x.memoized(f"resclip.pamr_weights.{i}", lambda: pamr_weights(guide, PAMR_DILATIONS))
-            s = pamr(s, guide, PAMR_STEPS, PAMR_DILATIONS, weights=alpha)
+        try:  # PAMR's step (a sparse matrix) depends on the window's pixels only: once per Encoded
+            step = x.memoized(f"resclip.pamr_matrix.{i}",
+                              lambda: pamr_matrix(pamr_weights(guide, PAMR_DILATIONS), PAMR_DILATIONS))
+            s = pamr(s, guide, PAMR_STEPS, PAMR_DILATIONS, matrix=step)
         except RuntimeError as err:  # the official code skips its PAMR on a RuntimeError
             log.warning("resclip: provisional PAMR skipped (%s)", err)
         prob = torch.softmax(PROVISIONAL_LOGIT_SCALE * s, dim=0)
@@ -161,33 +186,56 @@ def walk_table(length: int, big_d: int, device=None) -> torch.Tensor:
     return torch.round(a[None, :, None] + t[:, None, None] * (a[None, None, :] - a[None, :, None])).long()
 
 
+_WALKS: dict = {}
+
+
+def walks(grid: Tuple[int, int], device=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Every step of the path check on a gh x gw grid, flattened (cached per grid): for each pair
+    (i, j) with d_ij > 0 and each n = 1..d_ij, the pair's flat index i N + j, its p_i (int64) and
+    the cell round(p_i + (n / D)(p_j - p_i)) (float32, half to even per axis; D = max d) -> (pair,
+    source, cell, D)."""
+    key = (tuple(int(g) for g in grid), str(device))
+    if key not in _WALKS:
+        gh, gw = key[0]
+        pos, d = chebyshev((gh, gw), device)
+        big_d = int(d.max())
+        n_tok = gh * gw
+        if big_d == 0:
+            empty = torch.zeros(0, dtype=torch.long, device=device)
+            _WALKS[key] = (empty, empty, empty, 0)
+            return _WALKS[key]
+        rows, cols = walk_table(gh, big_d, device), walk_table(gw, big_d, device)
+        pi, pj = (d > 0).nonzero(as_tuple=True)
+        steps = d[pi, pj]
+        pair, source, cell = [], [], []
+        for n in range(1, big_d + 1):  # n = 0 is p_i itself; t = n / D <= 1 stays on the segment
+            on = steps >= n
+            i, j = pi[on], pj[on]
+            pair.append(i * n_tok + j)
+            source.append(i)
+            cell.append(rows[n][pos[i, 0], pos[j, 0]] * gw + cols[n][pos[i, 1], pos[j, 1]])
+        if len(_WALKS) > 8:
+            _WALKS.clear()
+        _WALKS[key] = (torch.cat(pair), torch.cat(source), torch.cat(cell), big_d)
+    return _WALKS[key]
+
+
 def valid_paths(labels: torch.Tensor, only: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """The path check on a (gh, gw) label grid: for every pair (i, j) (or the pairs ``only`` (N, N)
     marks; the others are reported valid) the points p_i + (n / D)(p_j - p_i), n = 0..d_ij, float32,
     rounded half to even, D = max d over all pairs; valid iff every point has label l_i.
     -> (valid (N, N) bool, d (N, N), D)."""
     gh, gw = labels.shape
-    pos, d = chebyshev((gh, gw), labels.device)
-    big_d = int(d.max())
-    valid = torch.ones_like(d, dtype=torch.bool)
-    if big_d == 0:
-        return valid, d, big_d
-    want = d > 0 if only is None else only & (d > 0)
-    pi, pj = want.nonzero(as_tuple=True)
-    steps = d[pi, pj]
-    order = torch.argsort(steps, descending=True)  # the pairs still walking at step n are a prefix
-    pi, pj, steps = pi[order], pj[order], steps[order]
+    _, d = chebyshev((gh, gw), labels.device)
+    pair, source, cell, big_d = walks((gh, gw), labels.device)
     flat = labels.flatten()
-    rows, cols = walk_table(gh, big_d, labels.device), walk_table(gw, big_d, labels.device)
-    ri, rj, ci, cj = pos[pi, 0], pos[pj, 0], pos[pi, 1], pos[pj, 1]
-    own = flat[pi]
-    ok = torch.ones_like(own, dtype=torch.bool)
-    counts = torch.bincount(steps, minlength=big_d + 1).flip(0).cumsum(0).flip(0)  # pairs with d >= n
-    for n in range(1, big_d + 1):  # n = 0 is p_i itself; t = n / D <= 1 stays on the segment
-        k = int(counts[n])
-        cell = rows[n][ri[:k], rj[:k]] * gw + cols[n][ci[:k], cj[:k]]
-        ok[:k] &= flat[cell] == own[:k]
-    valid[pi, pj] = ok
+    valid = torch.ones(d.numel(), dtype=torch.bool, device=labels.device)
+    if big_d > 0:
+        left = flat[cell] != flat[source]  # a step off the label of p_i
+        valid[pair[left]] = False
+    valid = valid.view_as(d)
+    if only is not None:
+        valid = valid | ~only
     return valid, d, big_d
 
 
