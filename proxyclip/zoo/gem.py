@@ -64,39 +64,59 @@ def self_self(z: torch.Tensor, beta: torch.Tensor, iterations: int) -> torch.Ten
     return torch.softmax((beta * zn) @ zn.transpose(-1, -2), dim=-1)
 
 
-def temperatures(x: BlockInputs, start: int, temp: float) -> torch.Tensor:
+def self_self_mix(z: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, iterations: int) -> torch.Tensor:
+    """``self_self(z, beta, iterations) @ v`` without the (T, T) matrix: each softmax(beta Z^ Z^T) Y
+    as one fused attention (``scaled_dot_product_attention`` of queries beta Z^, keys Z^, scale 1)."""
+    for _ in range(iterations):
+        zn = F.normalize(z, dim=-1)
+        z = F.scaled_dot_product_attention(beta * zn, zn, zn, scale=1.0)
+    zn = F.normalize(z, dim=-1)
+    return F.scaled_dot_product_attention(beta * zn, zn, v, scale=1.0)
+
+
+def _ln_1(x: BlockInputs, i: int) -> torch.Tensor:
+    clip = x.clip
+    return clip.block(i).ln_1(x.layer(i).to(clip.dtype))
+
+
+def temperatures(x: BlockInputs, start: int, temp: float, normed=None) -> torch.Tensor:
     """(B, L - start) beta of each block of the path: ``temp`` when > 0, else the adaptive
-    mean over the T tokens of |ln_1(X_l)_t| (the full width D) times d^-1/2, d the head width."""
+    mean over the T tokens of |ln_1(X_l)_t| (the full width D) times d^-1/2, d the head width
+    (``normed``: the blocks' ln_1(X_l), first to last, when computed before)."""
     clip = x.clip
     betas = []
-    for i in range(start, clip.num_blocks):
+    for n, i in enumerate(range(start, clip.num_blocks)):
         block, tokens = clip.block(i), x.layer(i)
         if temp > 0:
             betas.append(torch.full(tokens.shape[:1], float(temp), device=tokens.device))
         else:
             d = tokens.shape[-1] // int(block.attn.num_heads)
-            betas.append(block.ln_1(tokens.to(clip.dtype)).float().norm(dim=-1).mean(-1) * d ** -0.5)
+            u = _ln_1(x, i) if normed is None else normed[n]
+            betas.append(u.float().norm(dim=-1).mean(-1) * d ** -0.5)
     return torch.stack(betas, dim=1)
 
 
 def gem_path(x: BlockInputs, depth: int, iterations: int, temp: float) -> torch.Tensor:
-    """G (B, T, D) after the last block of the path (module docstring)."""
+    """G (B, T, D) after the last block of the path (module docstring).
+
+    Per block, (A_V + A_K + A_Q) V / 3 is computed as (A_V V + A_K V + A_Q V) / 3, each term one
+    fused attention (:func:`self_self_mix`), the (T, T) matrices never formed."""
     clip = x.clip
     layers = clip.num_blocks
     start = check_depth(depth, layers)
-    betas = x.point(TEMPERATURE, temperatures(x, start, temp))
+    normed = [_ln_1(x, i) for i in range(start, layers)]
+    betas = x.point(TEMPERATURE, temperatures(x, start, temp, normed))
     g = x.layer(start).float()
     for n, i in enumerate(range(start, layers)):
         block = clip.block(i)
-        tokens = x.layer(i)
-        b, t, d = tokens.shape
+        b, t, d = x.layer(i).shape
         h = int(block.attn.num_heads)
-        u = block.ln_1(tokens.to(clip.dtype))
-        qkv = F.linear(u, block.attn.in_proj_weight, block.attn.in_proj_bias).float()
-        q, k, v = (qkv[..., j * d:(j + 1) * d].reshape(b, t, h, d // h).transpose(1, 2).contiguous() for j in range(3))
+        qkv = F.linear(normed[n], block.attn.in_proj_weight, block.attn.in_proj_bias).float()
+        q, k, v = (qkv[..., j * d:(j + 1) * d].reshape(b, t, h, d // h).transpose(1, 2) for j in range(3))
         beta = betas[:, n].view(b, 1, 1, 1)
-        att = (self_self(v, beta, iterations) + self_self(k, beta, iterations) + self_self(q, beta, iterations)) / 3
-        out = block.attn.out_proj((att @ v).transpose(1, 2).reshape(b, t, d).to(clip.dtype)).float()
+        mixed = (self_self_mix(v, v, beta, iterations) + self_self_mix(k, v, beta, iterations)
+                 + self_self_mix(q, v, beta, iterations)) / 3
+        out = block.attn.out_proj(mixed.transpose(1, 2).reshape(b, t, d).to(clip.dtype)).float()
         g = g + (getattr(block, "ls_1", None) or nn.Identity())(out)
     return g
 
