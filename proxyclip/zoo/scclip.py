@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..hooks import declare_hook
 from ..knobs import Knob
 from ..last_block import BlockInputs, BlockOutput
-from ..methods import Method, register_method, softmax_attention
+from ..methods import Method, register_method
 from ..parts import check_block_indices, resid_pre
 
 BETA = 0.4  # similarity threshold of S_pre and S_post (hard-coded in SC-CLIP)
@@ -142,8 +142,10 @@ def last_block_pass(x: BlockInputs, tokens: torch.Tensor, prior: torch.Tensor) -
     w, bias = block.attn.in_proj_weight[d:], block.attn.in_proj_bias
     kv = F.linear(block.ln_1(tokens.to(clip.dtype)), w, None if bias is None else bias[d:]).float()
     k, v = (t.reshape(b, n, x.heads, d // x.heads).transpose(1, 2) for t in (kv[..., :d], kv[..., d:]))
-    att = 0.5 * (prior[:, None] + softmax_attention(k, k, x.scale))
-    out = (att @ v).transpose(1, 2).reshape(b, n, d)
+    # (A_mid + softmax(tau K_h K_h^T)) V_h / 2 as A_mid V (one product for every head: A_mid is
+    # shared) plus one fused attention per head; the (H, N, N) attention is never formed
+    own = F.scaled_dot_product_attention(k, k, v, scale=x.scale).transpose(1, 2).reshape(b, n, d)
+    out = 0.5 * (prior @ kv[..., d:] + own)
     return clip.out_proj(out).float()
 
 
