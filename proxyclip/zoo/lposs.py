@@ -21,6 +21,7 @@ at once, then (LPOSS+) over the pixels of the resized image. Image-level methods
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Tuple
 
 import torch
@@ -132,14 +133,63 @@ def lab_image(rgb: torch.Tensor) -> torch.Tensor:
     return rgb_to_lab(rgb[None])[0] / scale
 
 
+def _offsets(rho: int):
+    """Pixel offsets (dy, dx) in [-rho, rho]^2 but (0, 0), row-major (so a pixel's columns ascend)."""
+    return [(dy, dx) for dy in range(-rho, rho + 1) for dx in range(-rho, rho + 1) if (dy, dx) != (0, 0)]
+
+
+def pixel_graph(lab: torch.Tensor, tau: float, r: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """LPOSS+'s pixel graph of a (3, h, w) Lab image: W as a sparse CSR (h*w, h*w) matrix, one row a
+    pixel with one entry per offset in [-r//2, r//2]^2 but (0, 0) (weight exp(-|lab_i - lab_j| / tau),
+    0 for a neighbour outside the image, whose column is clamped inside), and D^-1/2 (h*w,)."""
+    rho = int(r) // 2
+    h, w = lab.shape[-2:]
+    offsets = _offsets(rho)
+    padded = F.pad(lab, (rho, rho, rho, rho))
+    inside = F.pad(torch.ones(h, w, dtype=lab.dtype, device=lab.device), (rho, rho, rho, rho))
+    vals = torch.empty(h * w, len(offsets), dtype=lab.dtype, device=lab.device)
+    itype = torch.int32 if h * w < 2 ** 31 else torch.int64
+    cols = torch.empty(h * w, len(offsets), dtype=itype, device=lab.device)
+    ys, xs = torch.arange(h, device=lab.device), torch.arange(w, device=lab.device)
+    for o, (dy, dx) in enumerate(offsets):
+        diff = lab - padded[:, rho + dy:rho + dy + h, rho + dx:rho + dx + w]
+        dist = (diff * diff).sum(0).sqrt()
+        vals[:, o] = (torch.exp(-dist / tau) * inside[rho + dy:rho + dy + h, rho + dx:rho + dx + w]).flatten()
+        cols[:, o] = ((ys + dy).clamp(0, h - 1)[:, None] * w + (xs + dx).clamp(0, w - 1)[None, :]).flatten()
+    deg = vals.sum(1)
+    dinv = torch.where(deg == 0, torch.ones_like(deg), deg).rsqrt()
+    crow = torch.arange(0, h * w * len(offsets) + 1, len(offsets), dtype=itype, device=lab.device)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": a plain CSR matrix-times-dense product
+        warnings.simplefilter("ignore", UserWarning)
+        graph = torch.sparse_csr_tensor(crow, cols.flatten(), vals.flatten(), (h * w, h * w), check_invariants=False)
+    return graph, dinv
+
+
 def pixel_refine(rgb: torch.Tensor, scores: torch.Tensor, alpha: float, tau: float, r: int) -> torch.Tensor:
-    """LPOSS+'s pixel-level propagation of (Q, h, w) scores over the (3, h, w) image's Lab graph."""
+    """LPOSS+'s pixel-level propagation of (Q, h, w) scores over the (3, h, w) image's Lab graph:
+    CG on (I - alpha D^-1/2 W D^-1/2) f = y with the state pixel-major (h*w, Q), W one sparse matrix
+    (:func:`pixel_graph`; devices without sparse CSR products sum shifted views)."""
     lab = lab_image(rgb.to(scores.dtype))
+    q = scores.shape[0]
+    y = scores.reshape(q, -1).T.contiguous()
+    if lab.device.type not in ("cpu", "cuda"):
+        return _pixel_refine_views(lab, y, alpha, tau, r).T.reshape(scores.shape)
+    graph, dinv = pixel_graph(lab, tau, r)
+    dinv = dinv[:, None]
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:  # v (h*w, Q) -> (I - alpha W_n) v
+        return v - alpha * ((graph @ (v * dinv)) * dinv)
+
+    return conjugate_gradient(matvec, y).T.reshape(scores.shape)
+
+
+def _pixel_refine_views(lab: torch.Tensor, y: torch.Tensor, alpha: float, tau: float, r: int) -> torch.Tensor:
+    """:func:`pixel_refine`'s CG with W applied as sums of shifted views (h*w, Q) -> (h*w, Q)."""
     rho = int(r) // 2
     h, w = lab.shape[-2:]
     padded = F.pad(lab, (rho, rho, rho, rho))
     inside = F.pad(torch.ones(1, h, w, dtype=lab.dtype, device=lab.device), (rho, rho, rho, rho))
-    offsets = [(dy, dx) for dy in range(-rho, rho + 1) for dx in range(-rho, rho + 1) if (dy, dx) != (0, 0)]
+    offsets = _offsets(rho)
     weights = []
     for dy, dx in offsets:
         other = padded[:, rho + dy:rho + dy + h, rho + dx:rho + dx + w]
@@ -147,10 +197,8 @@ def pixel_refine(rgb: torch.Tensor, scores: torch.Tensor, alpha: float, tau: flo
         weights.append(torch.exp(-(lab - other).norm(dim=0) / tau) * valid)
     weights = torch.stack(weights)  # (O, h, w): weight of pixel i to i + offset
     deg = weights.sum(0)
-    dinv = torch.where(deg == 0, torch.ones_like(deg), deg).rsqrt()
-
-    weights = weights[..., None]  # (O, h, w, 1): the state is kept pixel-major, (h, w, Q), queries contiguous
-    dinv = dinv[..., None]
+    dinv = torch.where(deg == 0, torch.ones_like(deg), deg).rsqrt()[..., None]
+    weights = weights[..., None]
 
     def matvec(v: torch.Tensor) -> torch.Tensor:  # v (h*w, Q) -> (I - alpha W_n) v
         m = v.reshape(h, w, -1) * dinv
@@ -160,8 +208,7 @@ def pixel_refine(rgb: torch.Tensor, scores: torch.Tensor, alpha: float, tau: flo
             acc.addcmul_(weights[o], mp[rho + dy:rho + dy + h, rho + dx:rho + dx + w])
         return v - alpha * (acc * dinv).reshape(v.shape)
 
-    q = scores.shape[0]
-    return conjugate_gradient(matvec, scores.reshape(q, -1).T.contiguous()).T.reshape(q, h, w)
+    return conjugate_gradient(matvec, y)
 
 
 def lposs(x: ImageInputs, alpha: float, gamma: float, k: int, sigma: float, pix_dist_pow: float) -> ImageScores:
