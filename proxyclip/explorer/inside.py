@@ -69,6 +69,12 @@ def lacks_parts(seg: Segmenter, enc: Optional[Encoded], block: Optional[int]) ->
     return (enc is not None and shown_block(seg, block) is not None and resid_pre(block) not in enc.layers)
 
 
+def lacks_method_parts(seg: Segmenter, enc: Optional[Encoded], spec) -> bool:
+    """True when a decode with ``spec`` reads layer parts ``enc`` lacks (a method reading earlier blocks,
+    e.g. ResCLIP's ``rcs_layers``, chosen after an encode made for another method)."""
+    return enc is not None and any(p not in enc.layers for p in seg.parts_of(spec))
+
+
 def shown_block(seg: Segmenter, block: Optional[int]) -> Optional[int]:
     """The block before the last that the panel shows, or None (the last block: e.g. after a switch
     to a CLIP with fewer blocks)."""
