@@ -267,7 +267,7 @@ def test_resclips_views_are_its_rcs_attention_and_sfr_matrix(deep_segmenter, ran
         assert [t for t, *_ in c.attention_view().extra] == shown, knobs
     c.set_method("naclip")
     c.refresh()
-    assert c.attention_view().extra == [] and c.n_decodes == 4
+    assert c.attention_view().extra == [] and c.n_decodes == 5
 
 
 def test_mask_proposals_toggle_draws_the_encodes_proposals(deep_explorer, explorer):
