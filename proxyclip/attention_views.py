@@ -52,3 +52,43 @@ def pattern_view(method: str, title: str, hook: str) -> ExtraView:
         return r, grid, patch
 
     return ExtraView(method, title, (hook,), row)
+
+
+def matrix_view(method: str, title: str, hook: str) -> ExtraView:
+    """A view of a hook holding one (n, T, T) matrix per window (no heads), CLS first when T = 1 + gh·gw:
+    the chosen token's row over its window's patches, renormalized to sum 1 like a pattern's."""
+    def row(cache, enc, y, x):
+        if hook not in cache:
+            return None
+        from .viz import pattern_row
+
+        r, grid, patch, _ = pattern_row(cache[hook][:, None], enc, y, x)
+        return r, grid, patch
+
+    return ExtraView(method, title, (hook,), row)
+
+
+def same_label_view(method: str, title: str, hook: str) -> ExtraView:
+    """A view of a hook holding one (n, gh, gw) label grid per window (on CLIP's grid): 1 where a
+    patch has the chosen patch's label, 0 elsewhere (ResCLIP's SFR links exactly those pairs before
+    its blur and path decay)."""
+    def row(cache, enc, y, x):
+        if hook not in cache:
+            return None
+        from .viz import locate_patch
+
+        labels = cache[hook]
+        grid = tuple(int(s) for s in labels.shape[-2:])
+        win, r, c = locate_patch(y, x, enc.image_size, enc.resized_size, enc.windows, grid, pad=enc.pad)
+        lab = labels[win]
+        return (lab == lab[r, c]).flatten().float(), grid, (r, c)
+
+    return ExtraView(method, title, (hook,), row)
+
+
+# ResCLIP (proxyclip/zoo/resclip.py declares these hook points): its RCS attention (the mean of the
+# rcs_layers blocks' own attention, heads averaged), the provisional labels of SFR's first pass, and
+# SFR's matrix A_sfr. A view whose hook did not fire (rcs=false, sfr=false) is not drawn.
+register_view(pattern_view("resclip", "ResCLIP RCS attention (rcs_layers' mean)", "resclip.rcs_attention"))
+register_view(same_label_view("resclip", "ResCLIP SFR: same provisional label", "resclip.patch_labels"))
+register_view(matrix_view("resclip", "ResCLIP SFR matrix A_sfr (row)", "resclip.sfr"))

@@ -46,10 +46,11 @@ def preset_function(preset: str):
 def expected_controls(method: str, preset: str) -> dict:
     """The controls the explorer must show, from the declarations: a slider per number with a declared
     slider range, a checkbox per switch, a dropdown per choice (after the sample, CLIP, VFM, method and
-    post-process dropdowns), a text box per list; then the patch sliders and the affinity-stages checkbox."""
+    post-process dropdowns), a text box per list; then the patch sliders, the affinity-stages and the
+    mask-proposals checkboxes."""
     knobs = get_method(method).all_knobs + preset_function(preset).knobs
     return {"sliders": [k.name for k in knobs if k.kind in ("float", "int") and k.slider] + ["patch x", "patch y", "CLIP block"],
-            "checkboxes": [k.name for k in knobs if k.kind == "bool"] + ["affinity stages"],
+            "checkboxes": [k.name for k in knobs if k.kind == "bool"] + ["affinity stages", "mask proposals over the image"],
             "dropdowns": ["sample image", "CLIP", "VFM", "method"] + [k.name for k in get_method(method).all_knobs
                                                                      if k.kind == "choice"]
             + ["post-process"] + [k.name for k in preset_function(preset).knobs if k.kind == "choice"],

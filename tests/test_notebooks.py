@@ -179,9 +179,15 @@ def check_method_zoo(nb, tmp_path):
     s = leet_summary(run)["summary"]
     table = json.loads((run / "files" / s["methods"]["path"]).read_text())
     methods = [row[0] for row in table["data"]]
-    # every registered per-window last-block method (no earlier blocks' parts: SC-CLIP and GEM run their own
-    # block and return no attention pattern; image-level ones merge windows themselves), then NACLIP with PAMR
-    assert methods == [n for n, m in METHODS.items() if m.parts is None and m.level == "window"] + ["naclip+pamr"]
+    # every registered method (read from the registry: a new one is in the table by itself), then NACLIP with PAMR
+    assert methods == list(METHODS) + ["naclip+pamr"]
+    text = text_of(nb)
+    # the attention figure: the window-level methods recording an attention.pattern; the others are named
+    no_pattern = text.split("no attention pattern of their own: ")[1].splitlines()[0]
+    for name, meth in METHODS.items():
+        if meth.level == "image":
+            assert f"{name} (image-level)" in no_pattern
+    assert "scclip (runs its own last block)" in no_pattern and "proxyclip" not in no_pattern
     best = max(table["data"], key=lambda r: r[1])
     assert s["best_method"] == best[0] and s["best_mIoU"] == pytest.approx(best[1])
     for key in ("segmentations", "attention_of_one_patch"):

@@ -14,16 +14,18 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from proxyclip import viz
+from proxyclip import Segmenter, viz
 from proxyclip.config import CONF_DIR
 from proxyclip.explorer.controls import KnobPanel, control_value, knob_control
 from proxyclip.explorer.pipelines import clip_own_attention
 from proxyclip.knobs import Knob
 from proxyclip.methods import METHODS, get_method
-from proxyclip.parts import method_parts
+from proxyclip.parts import block_of, method_parts
 from proxyclip.postprocess import get_postprocess
 from proxyclip.resolve import postprocess_presets
 from proxyclip.widgets import Explorer, ExplorerController
+
+from conftest import tiny_config
 
 CLASSES = ["sky", "person; people", "horse"]
 WIDGET_OF_KIND = {"bool": W.Checkbox, "choice": W.Dropdown, "ints": W.Text}
@@ -113,41 +115,203 @@ def test_first_view_encodes_once_and_shows_the_declared_knobs(explorer, factory,
     assert explorer.progress.value == 1.0 and "encodes 1, decodes 1" in explorer.status.value
 
 
-# image-level methods (LPOSS) are left out: their YAML defaults need a real image (k = 400 > the tiny
-# image's 32 patches), and the explorer does not show them yet (no attention pattern)
-@pytest.mark.parametrize("method", [m for m in METHODS if METHODS[m].level == "window"])
-def test_every_methods_controls_are_its_knobs_and_each_decodes_once(explorer, tiny_segmenter, method):
-    try:  # its YAML defaults may name blocks the tiny 2-block CLIP does not have
-        method_parts(METHODS[method], naive.knobs_of(method), tiny_segmenter.clip.num_blocks)
-    except ValueError:
-        pytest.skip(f"{method}'s defaults need more CLIP blocks than the tiny CLIP's 2 (tests/test_{method}.py)")
+PROPOSALS = np.zeros((80, 112), np.int64)  # rand_image's mask proposals (masks=file: image.npz), 0 = unsegmented
+PROPOSALS[:40, :56], PROPOSALS[40:, :] , PROPOSALS[:40, 80:] = 1, 2, 3
+
+
+@pytest.fixture(scope="module")
+def deep_segmenter(tmp_path_factory):
+    """A 12-block tiny CLIP (clip=test_tiny_deep: every method's YAML defaults fit, e.g. ResCLIP's
+    rcs_layers [5, 6, 7, 8]) with mask proposals read from a file (masks=file; a tensor image is named
+    "image" in the explorer)."""
+    folder = tmp_path_factory.mktemp("proposals")
+    np.savez_compressed(folder / "image.npz", instance_mask=PROPOSALS)
+    return Segmenter.from_config(tiny_config("clip=test_tiny_deep", "masks=file", f"masks.dir={folder}"))
+
+
+@pytest.fixture
+def deep_explorer(deep_segmenter, rand_image):
+    return Explorer(clip="test_tiny_deep", vfm="test_tiny", image=rand_image, classes=CLASSES,
+                    segmenter=deep_segmenter, clip_options=["test_tiny_deep"], vfm_options=["test_tiny"])
+
+
+def earlier_parts(seg, meth, values):
+    """The layer parts a method reads from blocks before the last (the last block's input is clip_tokens)."""
+    return [p for p in method_parts(meth, values, seg.clip.num_blocks) if block_of(p) < seg.clip.num_blocks - 1]
+
+
+def move_to_tiny_values(explorer, method: str) -> None:
+    """Move the controls of the knobs whose YAML defaults do not fit the tiny image (tests/naive.py
+    TINY_KNOBS of an image-level method: LPOSS's k <= its 32 patches) to their tiny values."""
+    panel = explorer.knob_panel
+    for name, value in naive.tiny_values(method).items():
+        knob = next(k for k in panel.knobs if k.name == name)
+        move(panel.controls[name], knob, value)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_methods_controls_are_its_knobs_and_each_decodes_once(deep_explorer, deep_segmenter, method):
+    """Every registered method (window- or image-level) in the explorer on the 12-block tiny CLIP: its
+    controls are its declared knobs at its YAML values, each control one decode, and the attention
+    panel shows the method's own per-pixel attention, or says why there is none."""
+    explorer, seg = deep_explorer, deep_segmenter
     c = explorer.controller
-    enc = c.encoded
     meth = METHODS[method]
+    image_level = meth.level == "image"
+    values = yaml_values(seg.cfg, method)
     if method != c.method:
         explorer.method.value = method
-        assert (c.n_encodes, c.n_decodes) == (1, 2)
+        # a method reading earlier blocks' tokens: CLIP encoded once more keeping them (the VFM part reused)
+        assert (c.n_encodes, c.n_decodes) == (1 + bool(earlier_parts(seg, meth, values)),
+                                              1 + (c.prediction.spec.method == method))
+    assert all(p in c.encoded.layers for p in earlier_parts(seg, meth, values))
     panel = explorer.knob_panel
     assert list(panel.controls) == [k.name for k in meth.all_knobs]
     assert panel.knobs == meth.all_knobs
-    values = yaml_values(tiny_segmenter.cfg, method)
     assert {n: panel.value(n) for n in panel.controls} == values  # that method's YAML defaults
+    if c.prediction.spec.method != method:  # a default that does not fit the tiny image: said, then fixed
+        assert image_level and naive.tiny_values(method), method
+        assert any(f"{k}=" in explorer.status.value for k in naive.tiny_values(method)), explorer.status.value
+        move_to_tiny_values(explorer, method)
+        values.update(naive.tiny_values(method))
+        assert c.prediction.spec.method == method
     for knob in meth.all_knobs:
         assert type(panel.controls[knob.name]) is expected_widget(knob)
+    encodes = c.n_encodes
+    render = explorer._render
+    explorer._render = lambda *a, **k: None  # the knob loop checks the decodes; the figures are drawn below
     for knob in meth.all_knobs:  # move each control: one decode, its value in the prediction's spec
         decodes = c.n_decodes
         values[knob.name] = new = naive.other_value(knob, values[knob.name])
         move(panel.controls[knob.name], knob, new)
-        assert (c.n_encodes, c.n_decodes) == (1, decodes + 1), knob.name
+        assert (c.n_encodes, c.n_decodes) == (encodes, decodes + 1), (knob.name, explorer.status.value)
         got = c.prediction.spec.params()[knob.name]
         assert got == new and type(got) is type(new), knob.name
-        assert c.encoded is enc
+    explorer._render = render
     # everything moved at once equals a decode of the pipeline itself with those values
-    own = tiny_segmenter.for_method(method)  # a method reading another VFM readout (CASS: keys): CLIP part reused
-    expected = own.decode(own.encode(enc.image, reuse=enc), CLASSES, method=method, **values)
+    enc = c.encoded
+    own = seg.for_method(method)  # a method reading another VFM readout (CASS: keys): CLIP part reused
+    expected = own.decode(own.encode(enc.image, reuse=enc, keep=tuple(enc.layers)), CLASSES, method=method, **values)
     torch.testing.assert_close(c.prediction.scores, expected.scores)
     torch.testing.assert_close(c.prediction.labels, expected.labels)
     assert c.prediction.spec == expected.spec
+    # the attention panel: the method's own attention of the chosen pixel, or why there is none
+    v = c.attention_view()
+    titles = [ax.get_title() for ax in c.attention_figure().axes if ax.images]
+    suptitle = c.attention_figure()._suptitle
+    assert f"CLIP's own attention (test_tiny_deep)" in titles
+    if image_level:  # no per-pixel attention: a message, and not the pattern of a method it calls (MaskCLIP's)
+        assert v.proxy_row is None and "attention.pattern" not in c.cache
+        assert v.message.startswith(f"{method} is an image-level method") and "no per-pixel attention" in v.message
+        assert suptitle.get_text() == v.message and v.message in explorer.status.value
+        assert not any(t.startswith(method) for t in titles)
+        assert explorer.show_affinity.disabled  # the per-pixel stages view is off for it
+    elif "attention.pattern" in c.cache:
+        assert v.message is None and suptitle is None and not explorer.show_affinity.disabled
+        assert float(v.proxy_row.sum()) == pytest.approx(1.0, abs=1e-4) and (v.proxy_row >= 0).all()
+        assert any(t.startswith(f"{method} attention") for t in titles)
+    else:  # runs its own last block without firing attention.pattern
+        assert v.proxy_row is None and "records no attention.pattern" in v.message
+    for other in ("clip", "proxyclip"):  # back to a window-level method: its attention is drawn again
+        if other != method:
+            explorer.method.value = other
+            assert c.attention_view().message is None and not explorer.show_affinity.disabled
+            break
+
+
+def _rcs_reference(seg, enc, layers, win, token):
+    """ResCLIP's RCS row by hand: the float64 mean over ``layers`` of each block's softmax(tau q k^T)
+    from the encode's layer parts, heads averaged, the chosen token's row, CLS dropped, renormalized."""
+    total = sum(_block_pattern64(seg.clip.block(i), enc.layers[f"clip.blocks.{i}.resid_pre"][win:win + 1])[0]
+                for i in layers) / len(layers)
+    row = total.mean(0)[token, 1:]
+    return row / row.sum()
+
+
+def test_resclips_views_are_its_rcs_attention_and_sfr_matrix(deep_segmenter, rand_image):
+    """method=resclip adds its registered views (proxyclip/attention_views.py): the RCS attention, SFR's
+    same-label row and SFR's matrix A_sfr of the chosen pixel, from the hook points its decode fires."""
+    seg = deep_segmenter
+    c = ExplorerController(clip="test_tiny_deep", vfm="test_tiny", image=rand_image, classes=CLASSES, segmenter=seg)
+    c.set_method("resclip")
+    c.refresh()
+    c.set_point(10, 100)
+    v = c.attention_view()
+    # by hand: (10, 100) -> window 1, CLIP grid 4x4 (16 px): token row 0, column 3 -> token 1 + 3 (CLS first)
+    assert (v.window, v.clip_patch) == (1, (0, 3))
+    titles = [t for t, *_ in v.extra]
+    assert titles == ["ResCLIP RCS attention (rcs_layers' mean)", "ResCLIP SFR: same provisional label",
+                      "ResCLIP SFR matrix A_sfr (row)"]
+    rows = {t: (row, grid, patch) for t, row, grid, patch in v.extra}
+    rcs, grid, patch = rows[titles[0]]
+    assert (grid, patch) == ((4, 4), (0, 3))
+    ref = _rcs_reference(seg, c.encoded, c.knobs["rcs_layers"], 1, 1 + 3)
+    np.testing.assert_allclose(rcs.numpy(), ref.numpy(), rtol=1e-4, atol=1e-6)
+    # SFR: what a decode of the pipeline itself records at the same settings
+    _, cache = seg.run_with_cache(c.encoded, CLASSES, names=["resclip.patch_labels", "resclip.sfr"],
+                                  method="resclip", **c.knobs)
+    labels = cache["resclip.patch_labels"][1]
+    same, grid, patch = rows[titles[1]]
+    assert (grid, patch) == ((4, 4), (0, 3))
+    np.testing.assert_array_equal(same.numpy(), (labels.flatten() == labels[0, 3]).float().numpy())
+    assert same[3] == 1.0  # the chosen patch has its own label
+    sfr_row = cache["resclip.sfr"][1, 1 + 3, 1:]
+    sfr, _, _ = rows[titles[2]]
+    np.testing.assert_allclose(sfr.numpy(), (sfr_row / sfr_row.sum()).numpy(), rtol=1e-5, atol=1e-7)
+    fig_titles = [ax.get_title() for ax in c.attention_figure().axes if ax.images]
+    assert fig_titles[-3:] == titles and fig_titles[0] == "resclip attention"
+    # a view whose hook does not fire is not drawn: SFR off -> the RCS view only; RCS off -> the SFR views only
+    for knobs, shown in (({"sfr": False}, titles[:1]), ({"sfr": True, "rcs": False}, titles[1:])):
+        c.set_knobs(**knobs)
+        c.refresh()
+        assert [t for t, *_ in c.attention_view().extra] == shown, knobs
+    c.set_method("naclip")
+    c.refresh()
+    assert c.attention_view().extra == [] and c.n_decodes == 5
+
+
+def test_mask_proposals_toggle_draws_the_encodes_proposals(deep_explorer, explorer):
+    """The mask-proposals checkbox draws Encoded.masks (masks=file: the image's .npz) over the image
+    panel, computing nothing; without proposals (masks=none) it says so."""
+    from proxyclip.explorer import figures
+
+    c = deep_explorer.controller
+    assert torch.equal(c.encoded.masks, torch.from_numpy(PROPOSALS))
+    counts, png = (c.n_encodes, c.n_decodes), deep_explorer.seg_image.value
+    attn_png = deep_explorer.attn_image.value
+    assert not [im for im in deep_explorer._seg_figure.axes[0].images if im.get_label() == figures.MASKS_LABEL]
+    deep_explorer.show_masks.value = True
+    assert (c.n_encodes, c.n_decodes) == counts and c.show_masks
+    assert deep_explorer.seg_image.value != png and deep_explorer.attn_image.value == attn_png
+    ax = deep_explorer._seg_figure.axes[0]
+    assert ax.get_title() == "image + 3 mask proposals"
+    (overlay,) = [im for im in ax.images if im.get_label() == figures.MASKS_LABEL]
+    rgba = np.asarray(overlay.get_array())
+    assert rgba.shape == (80, 112, 4)
+    np.testing.assert_array_equal(rgba[..., 3] > 0, PROPOSALS > 0)  # unsegmented pixels stay transparent
+    colours = {k: rgba[PROPOSALS == k][:, :3] for k in (1, 2, 3)}
+    for k, col in colours.items():  # one colour per proposal, different proposals different colours
+        assert (col == col[0]).all()
+    assert len({tuple(col[0]) for col in colours.values()}) == 3
+    deep_explorer.show_masks.value = False
+    assert deep_explorer.seg_image.value == png and (c.n_encodes, c.n_decodes) == counts
+    # masks=none: the toggle says there is nothing to draw
+    explorer.show_masks.value = True
+    assert explorer.controller.encoded.masks is None
+    assert explorer._seg_figure.axes[0].get_title() == "image (no mask proposals)"
+    assert "no mask proposals in this encode" in explorer.status.value
+
+
+def test_proposal_colours_hand_worked():
+    from proxyclip.explorer.figures import PROPOSAL_COLOURS, proposal_colors
+    from proxyclip.viz.common import label_palette
+
+    labels = torch.tensor([[0, 1, 1], [2, 0, 1 + PROPOSAL_COLOURS]])
+    rgba = proposal_colors(labels, alpha=0.5)
+    palette = label_palette(PROPOSAL_COLOURS) / 255.0
+    np.testing.assert_array_equal(rgba[..., 3], [[0, 0.5, 0.5], [0.5, 0, 0.5]])
+    np.testing.assert_allclose(rgba[0, 1, :3], palette[0]) and np.testing.assert_allclose(rgba[1, 0, :3], palette[1])
+    np.testing.assert_allclose(rgba[1, 2, :3], palette[0])  # the palette cycles after PROPOSAL_COLOURS ids
 
 
 @pytest.mark.parametrize("preset", postprocess_presets())

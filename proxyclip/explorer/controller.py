@@ -78,6 +78,7 @@ class ExplorerController:
         self.last_decode_seconds = float("nan")
         self.record_stages = False  # also keep the affinity stages (figures.STAGE_NAMES) when the method has them
         self.block: Optional[int] = None  # the CLIP block whose own attention is shown (None: the last)
+        self.show_masks = False  # draw the encode's mask proposals (Encoded.masks) over the image
         self._stale_encode = self._stale_decode = True
         if compute:
             self.refresh()
@@ -197,6 +198,16 @@ class ExplorerController:
         h, w = self.image.shape[1:]
         self.point = (min(max(float(y), 0.0), h - 1.0), min(max(float(x), 0.0), w - 1.0))
 
+    def set_show_masks(self, on: bool) -> None:
+        """Draw the encode's mask proposals (``Encoded.masks``: masks=file|sam2|sam) over the image of
+        the segmentation figure. No computation (the proposals are part of the encode)."""
+        self.show_masks = bool(on)
+
+    @property
+    def image_id(self) -> Optional[str]:
+        """The image's name for ``masks=file`` (its file stem; ``set_image(..., name=)`` names a tensor)."""
+        return Path(self.image_name).stem if self.image_name else None
+
     def set_block(self, i: Optional[int]) -> None:
         """The CLIP block (0-indexed; None = the last) whose attention the panel shows. A block before
         the last reads the encode's layer parts: once per image, CLIP's part is encoded keeping them."""
@@ -209,17 +220,23 @@ class ExplorerController:
         if self._stale_encode or self.encoded is None:
             seg = self.segmenter
             self.encoded, self.clip_attention = self.pipelines.encode(seg, self.image, self.progress,
-                                                                      (self.clip_name, self.vfm_name))
+                                                                      (self.clip_name, self.vfm_name), self.image_id)
             self.progress("encoded", 1.0)
             self._stale_encode, self._stale_decode, ran = False, True, True
-        if inside.lacks_parts(self.segmenter, self.encoded, self.block):  # the block slider's layer parts
-            self.encoded, ran = self.pipelines.keep_parts(self.segmenter, self.image, self.encoded, self.progress), True
+        spec = self.spec() if self._stale_decode else None
+        if (inside.lacks_parts(self.segmenter, self.encoded, self.block)  # the block slider's layer parts
+                or (spec is not None and inside.lacks_method_parts(self.segmenter, self.encoded, spec))):
+            # (a method reading earlier blocks, e.g. ResCLIP: once per image, every block's tokens kept)
+            self.encoded = self.pipelines.keep_parts(self.segmenter, self.image, self.encoded, self.progress,
+                                                     self.image_id)
+            ran = True
         if self._stale_decode:
-            names = (("attention.pattern",) + (figures.STAGE_NAMES if self.record_stages else ())
-                     + inside.view_hooks(self.method))
+            per_pixel = get_method(self.method).level == "window"  # an image-level method has no attention
+            names = ((("attention.pattern",) + (figures.STAGE_NAMES if self.record_stages else ()) if per_pixel
+                      else ()) + inside.view_hooks(self.method))
             t0 = time.perf_counter()
             seg, enc = _readout(self)
-            self.prediction, self.cache = seg.run_with_cache(enc, self.classes, names=names, spec=self.spec())
+            self.prediction, self.cache = seg.run_with_cache(enc, self.classes, names=names, spec=spec)
             self.last_decode_seconds = time.perf_counter() - t0
             self.n_decodes += 1
             self._stale_decode, ran = False, True
@@ -245,5 +262,6 @@ def _readout(c: "ExplorerController"):
         return seg, c.encoded
     key = (id(c.encoded), seg.vfm_key)
     if getattr(c, "_readout_enc", (None,))[0] != key:
-        c._readout_enc = (key, seg.encode(c.encoded.image, reuse=c.encoded))
+        c._readout_enc = (key, seg.encode(c.encoded.image, reuse=c.encoded, keep=tuple(c.encoded.layers),
+                                          image_id=c.image_id))
     return seg, c._readout_enc[1]

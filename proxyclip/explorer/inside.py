@@ -26,7 +26,7 @@ from ..attention_views import EXTRA_VIEWS, ExtraView, extra_views, pattern_view,
 from ..backbones.blocks import block_pattern
 from ..encoded import Encoded
 from ..lens import every_part  # noqa: F401  (the parts the block slider reads)
-from ..parts import resid_pre
+from ..parts import block_of, resid_pre
 from ..pipeline import Segmenter
 
 
@@ -67,6 +67,13 @@ def check_block(seg: Segmenter, i: Optional[int]) -> Optional[int]:
 def lacks_parts(seg: Segmenter, enc: Optional[Encoded], block: Optional[int]) -> bool:
     """True when ``block``'s attention needs a layer part that ``enc`` lacks."""
     return (enc is not None and shown_block(seg, block) is not None and resid_pre(block) not in enc.layers)
+
+
+def lacks_method_parts(seg: Segmenter, enc: Optional[Encoded], spec) -> bool:
+    """True when a decode with ``spec`` reads layer parts ``enc`` lacks (a method reading earlier blocks,
+    e.g. ResCLIP's ``rcs_layers``, chosen after an encode made for another method)."""
+    last = seg.clip.num_blocks - 1  # the last block's input is the Encoded's own clip_tokens
+    return enc is not None and any(p not in enc.layers for p in seg.parts_of(spec) if block_of(p) < last)
 
 
 def shown_block(seg: Segmenter, block: Optional[int]) -> Optional[int]:

@@ -68,10 +68,11 @@ class PipelineCache:
         self.segmenters.move_to_end(key)
         return self.segmenters[key]
 
-    def encode(self, seg: Segmenter, image: torch.Tensor, progress: Progress, names: Tuple[str, str]
-               ) -> Tuple[Encoded, torch.Tensor]:
+    def encode(self, seg: Segmenter, image: torch.Tensor, progress: Progress, names: Tuple[str, str],
+               name: Optional[str] = None) -> Tuple[Encoded, torch.Tensor]:
         """(Encoded, CLIP's own attention) of ``image`` under ``seg``, from the cache when there.
-        ``names``: (clip, vfm) names for the progress messages."""
+        ``names``: (clip, vfm) names for the progress messages; ``name``: the image's name for
+        ``masks=file`` (its file stem)."""
         iid = image_id(image)
         key = (seg.key, iid)
         if key in self.encoded:
@@ -83,7 +84,7 @@ class PipelineCache:
         what = f"{names[1]} (CLIP reused)" if reuse is not None else f"{names[0]} + {names[1]}"
         progress(f"encoding {n_win} window(s) with {what}", 0.1)
         t0 = time.perf_counter()
-        enc = seg.encode(image, reuse=reuse)
+        enc = seg.encode(image, reuse=reuse, keep=() if reuse is None else tuple(reuse.layers), image_id=name)
         self.last_encode_seconds = time.perf_counter() - t0
         self.n_encodes += 1
         if reuse is not None and enc.clip_tokens is reuse.clip_tokens:
@@ -96,12 +97,13 @@ class PipelineCache:
             self.encoded.popitem(last=False)
         return enc, attention
 
-    def keep_parts(self, seg: Segmenter, image: torch.Tensor, enc: Encoded, progress: Progress) -> Encoded:
+    def keep_parts(self, seg: Segmenter, image: torch.Tensor, enc: Encoded, progress: Progress,
+                   name: Optional[str] = None) -> Encoded:
         """``enc`` encoded again keeping every layer part (blocks 0..L-2; its VFM part reused), in the
         cache in its place: the block slider reads any block from it."""
         progress("encoding CLIP again, keeping every block's tokens", 0.1)
         t0 = time.perf_counter()
-        kept = seg.encode(image, reuse=enc, keep=every_part(seg))
+        kept = seg.encode(image, reuse=enc, keep=every_part(seg), image_id=name)
         self.last_encode_seconds = time.perf_counter() - t0
         self.n_encodes += 1
         key = (seg.key, image_id(image))

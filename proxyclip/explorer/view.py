@@ -61,6 +61,8 @@ class Explorer:
         self.post_panel = KnobPanel(self._on_setting)  # the post-process's settings
         self.show_affinity = W.Checkbox(value=False, indent=False,
                                         description="affinity stages (S, S', mask), if the method has them")
+        self.show_masks = W.Checkbox(value=False, indent=False,
+                                     description="mask proposals over the image (masks=file|sam2|sam)")
         self.block = W.IntSlider(value=0, min=0, max=0, description="CLIP block", style=LABEL, continuous_update=False,
                                  tooltip="block (0-indexed) whose attention is shown", layout=W.Layout(width=WIDTH))
         self.seg_image, self.attn_image = W.Image(format="png"), W.Image(format="png")
@@ -68,12 +70,13 @@ class Explorer:
         self.patch_x, self.patch_y, self.click_events = self.patch.patch_x, self.patch.patch_y, self.patch.click_events
         controls = W.VBox([W.HTML("<b>ProxyCLIP explorer</b>"), self.inputs.box, self.clip, self.vfm, self.method,
                            self.knob_panel.box, self.postprocess, self.post_panel.box, self.classes,
-                           self.patch.box, self.block, self.show_affinity, self.progress, self.status],
+                           self.patch.box, self.block, self.show_affinity, self.show_masks, self.progress, self.status],
                           layout=W.Layout(min_width="440px"))
         self.widget = W.HBox([controls, W.VBox([self.seg_image, self.attn_image])])
         self.widget.add_class("proxyclip-explorer")
         self._full_update()  # first encode + decode (shows progress)
-        for w, handler in ((self.show_affinity, self._on_view), (self.block, self._on_block),
+        for w, handler in ((self.show_affinity, self._on_view), (self.show_masks, self._on_masks),
+                           (self.block, self._on_block),
                            (self.method, self._on_method),
                            (self.postprocess, self._on_postprocess), (self.classes, self._on_classes),
                            (self.clip, self._on_backbone), (self.vfm, self._on_backbone)):
@@ -103,12 +106,26 @@ class Explorer:
             last = c.segmenter.clip.num_blocks - 1
             self.block.max = last
             self.block.value = last if c.block is None or c.block > last else c.block
+            self.show_masks.value = c.show_masks
         finally:
             self._busy = False
+        self._sync_per_pixel()
+
+    def _sync_per_pixel(self) -> None:
+        """An image-level method has no per-pixel attention: the affinity-stages checkbox is disabled
+        (the attention panel and the status line say why)."""
+        c = self.controller
+        image_level = c.method is not None and METHODS[c.method].level == "image"
+        self.show_affinity.disabled = image_level
+        self.show_affinity.tooltip = (f"{c.method} is image-level: no per-pixel attention" if image_level else
+                                      "the affinity stages of the method's attention, when it has them")
 
     def _set_enabled(self, enabled: bool) -> None:
-        for w in (self.clip, self.vfm, self.method, self.postprocess, self.classes, self.show_affinity, self.block):
+        for w in (self.clip, self.vfm, self.method, self.postprocess, self.classes, self.show_affinity, self.block,
+                  self.show_masks):
             w.disabled = not enabled
+        if enabled:
+            self._sync_per_pixel()
         self.inputs.set_disabled(not enabled)
         self.knob_panel.set_disabled(not enabled)
         self.post_panel.set_disabled(not enabled)
@@ -199,6 +216,12 @@ class Explorer:
             self.controller.set_record_stages(self.show_affinity.value)
             self.controller.refresh()
             self._render(segmentation=False)
+
+    def _on_masks(self, change=None) -> None:
+        """The mask-proposals checkbox: the segmentation redrawn with (or without) the encode's proposals; no computation."""
+        if not self._busy:
+            self.controller.set_show_masks(self.show_masks.value)
+            self._render(attention=False)
 
     def _on_block(self, change=None) -> None:
         """The block slider: that block's attention (once per image, CLIP encodes keeping every block's tokens)."""

@@ -244,3 +244,19 @@ register_method(Method("lposs", lposs, knobs=KNOBS, needs_vfm=True, level="image
                        doc="label propagation over a kNN graph of every window's VFM patches"))
 register_method(Method("lposs_plus", lposs_plus, knobs=PLUS_KNOBS, needs_vfm=True, level="image",
                        doc="LPOSS, then label propagation over the pixels of the image (Lab colours)"))
+
+
+def graph_of(enc, k: int, gamma: float, sigma: float, pix_dist_pow: float) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """LPOSS's patch graph of an ``Encoded`` (its VFM features, windows and padding), for notebooks and
+    figures: ``(W_n (N, N), grid)``, the normalized graph the propagation solves over (step 2), N the
+    patches of every window in window order, row-major (patch n is window ``n // (h*w)``), and the VFM
+    grid (h, w). A patch's graph neighbours are the nonzero entries of its row (its own k nearest and
+    the patches that have it among theirs: W = A + A^T)."""
+    if enc.vfm_features is None:
+        raise ValueError("lposs's graph needs VFM features: encode with a VFM (vfm=dino_vitb16 vfm.feature=v)")
+    feats = enc.vfm_features
+    grid = (int(feats.shape[-2]), int(feats.shape[-1]))
+    feats = F.normalize(feats.flatten(2).transpose(1, 2).reshape(-1, feats.shape[1]), dim=-1)
+    if not 1 <= int(k) <= feats.shape[0]:
+        raise ValueError(f"lposs: k={k} neighbours, but this image has {feats.shape[0]} patches: set k in 1..{feats.shape[0]}")
+    return patch_graph(feats, patch_locations(enc, grid).to(feats.device), int(k), gamma, sigma, pix_dist_pow), grid
