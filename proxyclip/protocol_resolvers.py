@@ -69,7 +69,8 @@ def knobs_for(protocol: Any) -> List[str]:
 
 def check_method_knobs(protocol: Any) -> Dict[str, Dict[str, Any]]:
     """A preset's ``method_knobs`` table, checked and typed by the knobs' declarations: each
-    dataset's entry a mapping of knobs (switches included) every method of :func:`knobs_for` has.
+    dataset's entry a mapping of knobs (switches included) of the methods of :func:`knobs_for` (a
+    knob only some of them have is applied to those: LPOSS+'s ``tau`` under protocol=lposs).
     Any problem is one ValueError naming the file, the dataset and the knob."""
     from .knobs import DECISION, SWITCHES, listing
     from .methods import METHODS
@@ -92,14 +93,18 @@ def check_method_knobs(protocol: Any) -> Dict[str, Dict[str, Any]]:
             raise ValueError(f"{where}: method_knobs.{dataset} must be a mapping {{knob: value}}, got {row!r}")
         out[str(dataset)] = {}
         for knob, value in row.items():
-            for meth in methods:
-                declared = {k.name: k for k in SWITCHES + meth.knobs}
-                if knob not in declared:
-                    why = (" (a protocol field: set it in the preset's datasets table)"
-                           if knob in {k.name for k in DECISION} else "")
-                    raise ValueError(f"{where}: method_knobs.{dataset}.{knob} is not a knob of method "
-                                     f"{meth.name}{why}; its knobs: {listing(SWITCHES + meth.knobs)}")
-                out[str(dataset)][str(knob)] = declared[knob].check(value, f"{where}: method_knobs.{dataset}")
+            declared = [k for m in methods for k in SWITCHES + m.knobs if k.name == knob]
+            if not declared:
+                why = (" (a protocol field: set it in the preset's datasets table)"
+                       if knob in {k.name for k in DECISION} else "")
+                names = " or ".join(m.name for m in methods)
+                have = "; ".join(f"{m.name}: {listing(SWITCHES + m.knobs)}" for m in methods)
+                raise ValueError(f"{where}: method_knobs.{dataset}.{knob} is not a knob of method {names}{why}; "
+                                 f"its knobs: {have}" if len(methods) > 1 else
+                                 f"{where}: method_knobs.{dataset}.{knob} is not a knob of method {names}{why}; "
+                                 f"its knobs: {listing(SWITCHES + methods[0].knobs)}")
+            for k in declared:  # every method's declaration of it accepts the value
+                out[str(dataset)][str(knob)] = k.check(value, f"{where}: method_knobs.{dataset}")
     return out
 
 
@@ -115,7 +120,11 @@ def preset_method_knobs(cfg: Any, method: Optional[str] = None) -> Dict[str, Any
     dataset = _select(cfg, "dataset.name")
     if not table or method not in knobs_for(protocol) or dataset is None:
         return {}
-    return dict(table.get(str(dataset), {}))
+    from .knobs import SWITCHES
+    from .methods import METHODS
+
+    own = {k.name for k in SWITCHES + METHODS[method].knobs}  # a knob of another method of the list: not this one's
+    return {k: v for k, v in table.get(str(dataset), {}).items() if k in own}
 
 
 def apply_method_knobs(cfg: Any, chosen: Optional[Sequence[str]] = None) -> Dict[str, Any]:
