@@ -253,7 +253,8 @@ def defaults(r: dict) -> Dict[str, Any]:
             own = config_fields(base + (f"method={method}",))
         except Exception:  # an unregistered method
             return out
-        knobs = set(r["decode"]["knobs"]) | {"logit_scale"}
+        # and what the method decides of the encode: the layer parts it reads, the VFM readout (CASS: k)
+        knobs = set(r["decode"]["knobs"]) | {"logit_scale", "parts", "vfm.feature"}
         out.update({k: v for k, v in own.items() if k in knobs})
     return out
 
