@@ -652,6 +652,7 @@ def test_methods_own_preset_runs_on_fixture_data_then_summary_prints_a_row_a_met
     mr = tmp_path / "mr"
     env = subprocess_env()
     r = subprocess.run([PYTHON, "-m", "proxyclip.cli.evaluate", "-m", "experiment=paper_methods_own", "dataset=voc21",
+                        "protocol=sclip,naclip,clearclip,proxyclip",  # the original four (the grid has 8)
                         f"data_root={tmp_path}", "clip=test_tiny", "vfm=test_tiny", "weights=random",
                         "protocol.short_side=64", "batch_size=2", "progress=false", "checkpoint_seconds=0",
                         f"hydra.sweep.dir={mr}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
