@@ -11,7 +11,8 @@ Config groups (one folder each in ``conf/``):
     vfm/      which vision foundation model (timm)   (dino_vitb8, dinov2_vitb14_reg, sam_vitb, mae_vitb16, none, ...)
     weights/  where weights come from                (pretrained, local, random)
     method/   the last-block method and its knobs    (proxyclip, clip, maskclip, sclip, clearclip, naclip, resclip, lposs, ...)
-    protocol/ geometry, decision, class file per dataset (proxyclip, sclip, naclip, clearclip, resclip, lposs)
+    protocol/ geometry, decision, class file per dataset (proxyclip, sclip, naclip, clearclip, resclip, lposs, ...),
+              and a method's knobs per dataset (``method_knobs``, applied by ``apply_method_knobs``)
     postprocess/  score-map refinement               (none, pamr, pamr_naclip, pamr_talk2dino)
     masks/    mask proposals of the whole image      (none, file, sam2, sam)
     dataset/  the data, its classes and its protocol (voc21, ..., custom)
@@ -109,6 +110,11 @@ class ProtocolConfig:
     classnames: Optional[str] = None  # class-name file (e.g. sclip/voc21); null = the dataset's own
     base: Dict[str, Any] = field(default_factory=dict)  # values of a dataset the table does not list
     datasets: Dict[str, Any] = field(default_factory=dict)  # {dataset name: {field: value}}
+    # the preset's per-dataset METHOD knobs, {dataset name: {knob: value}}: applied to cfg.method
+    # when method.name is one of method_knobs_for (apply_method_knobs; a command-line
+    # method.<knob>= wins); method_knobs_for empty = [name], the method of the preset's name
+    method_knobs: Dict[str, Any] = field(default_factory=dict)
+    method_knobs_for: List[str] = field(default_factory=list)
 
 
 PROTOCOL_FIELDS = ("short_side", "max_long_side", "crop", "stride", "prob_thd", "logit_scale", "area_thd",
@@ -323,7 +329,21 @@ def compose_config(config_name: str = "config", overrides: Optional[List[str]] =
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = compose(config_name, overrides=list(overrides or []))
     _COMPOSED[id(cfg)] = (weakref.ref(cfg), [o.split("=", 1)[0].lstrip("+~") for o in overrides or []])
+    protocol_resolvers.apply_method_knobs(cfg)  # the preset's per-dataset method knobs; overrides win
     return cfg
+
+
+def with_method_knobs(task: Any) -> Any:
+    """``task`` (a Hydra app's function of its cfg) with the protocol preset's per-dataset method
+    knobs written into ``cfg.method`` first (:func:`proxyclip.protocol_resolvers.apply_method_knobs`;
+    the command line's ``method.<knob>=`` wins)."""
+
+    @functools.wraps(task)
+    def run(cfg: Any) -> Any:
+        protocol_resolvers.apply_method_knobs(cfg)
+        return task(cfg)
+
+    return run
 
 
 _COMPOSED: Dict[int, Any] = {}  # id(cfg) -> (weak reference, override keys) of compose_config's results

@@ -1,7 +1,8 @@
 """A decode's settings, resolved from the config and what a call gives: a :class:`DecodeSpec`.
 
 Given values win (``None`` = not given); the rest come from ``cfg.method`` for the configured
-method, else from that method's own YAML (conf/method/<name>.yaml); ``prob_thd`` and ``area_thd``
+method, else from that method's own YAML (conf/method/<name>.yaml) with the knobs the protocol
+preset sets for it on the dataset (``protocol.method_knobs``); ``prob_thd`` and ``area_thd``
 always come from the dataset's protocol (``cfg.protocol``), ``logit_scale`` too when the protocol
 sets one (``protocol.logit_scale`` not null: SCLIP's 65 / 50 / 50, ...), else from the method.
 Every value is checked and typed by its knob's declaration (proxyclip/knobs.py); an unknown name
@@ -19,6 +20,7 @@ from .config import CONF_DIR, group_choice
 from .knobs import DECISION, SWITCHES, listing
 from .methods import Method, get_method
 from .postprocess import get_postprocess
+from .protocol_resolvers import preset_method_knobs
 from .specs import DecodeSpec, classes_digest, plain
 
 PostprocessArg = Union[None, str, Mapping[str, Any]]
@@ -47,6 +49,8 @@ def method_knobs(cfg: Any, name: str, params: Mapping[str, Any]) -> Tuple[Method
     base = cfg.method if configured else group_choice("method", name)
     if configured:
         check_method_node(base, meth)
+    # another method: its YAML's values, but the knobs the protocol preset sets for it on this dataset
+    preset = {} if configured else preset_method_knobs(cfg, name)
     known = {k.name for k in meth.all_knobs}
     unknown = sorted(k for k, v in params.items() if v is not None and k not in known)
     if unknown:
@@ -59,6 +63,8 @@ def method_knobs(cfg: Any, name: str, params: Mapping[str, Any]) -> Tuple[Method
             values[knob.name] = knob.check(given)
         elif knob.name == "prob_thd" or (knob.name == "logit_scale" and protocol_value(cfg, "logit_scale") is not None):
             values[knob.name] = knob.check(plain(cfg.protocol[knob.name]), "protocol")
+        elif knob.name in preset:
+            values[knob.name] = preset[knob.name]
         else:
             values[knob.name] = knob.check(plain(base[knob.name]), "method")
     return meth, values

@@ -502,15 +502,16 @@ PRESETS = {  # preset: (its axes and values, independently written down)
     "paper_beta_gamma": {"method.beta": ["1.0", "1.2", "1.4", "1.6"], "method.gamma": ["2.0", "3.0", "4.0", "5.0"],
                          "dataset": DATASETS8},
     "paper_norm_mask": {"method.shift": ["True", "False"], "method.mask": ["True", "False"], "dataset": DATASETS8},
-    "paper_methods": {"method": ["clip", "maskclip", "sclip", "clearclip", "naclip", "proxyclip"],
-                      "dataset": DATASETS8},
-    "paper_methods_own": {"protocol": ["sclip", "naclip", "clearclip", "proxyclip"], "dataset": DATASETS8},
+    "paper_methods": {"method": ["clip", "maskclip", "sclip", "clearclip", "naclip", "proxyclip", "resclip", "scclip",
+                                 "gem", "cass", "lposs", "lposs_plus"], "dataset": DATASETS8},
+    "paper_methods_own": {"protocol": ["sclip", "naclip", "clearclip", "proxyclip", "resclip", "scclip", "cass",
+                                       "lposs"], "dataset": DATASETS8},
 }
 # experiment=tiny spelled out: one experiment preset at a time, and this test runs paper_norm_mask
 TINY_MODELS = ["clip=test_tiny", "vfm=test_tiny", "weights=random", "protocol.short_side=64", "protocol.crop=64",
                "protocol.stride=32", "batch_size=2", "progress=false", "checkpoint_seconds=0"]
-GRID_SIZES = {"paper_main": 24, "paper_vfm": 120, "paper_beta_gamma": 128, "paper_norm_mask": 32, "paper_methods": 48,
-              "paper_methods_own": 32}
+GRID_SIZES = {"paper_main": 24, "paper_vfm": 120, "paper_beta_gamma": 128, "paper_norm_mask": 32, "paper_methods": 96,
+              "paper_methods_own": 64}
 
 
 def compose_eval(overrides):
@@ -651,6 +652,7 @@ def test_methods_own_preset_runs_on_fixture_data_then_summary_prints_a_row_a_met
     mr = tmp_path / "mr"
     env = subprocess_env()
     r = subprocess.run([PYTHON, "-m", "proxyclip.cli.evaluate", "-m", "experiment=paper_methods_own", "dataset=voc21",
+                        "protocol=sclip,naclip,clearclip,proxyclip",  # the original four (the grid has 8)
                         f"data_root={tmp_path}", "clip=test_tiny", "vfm=test_tiny", "weights=random",
                         "protocol.short_side=64", "batch_size=2", "progress=false", "checkpoint_seconds=0",
                         f"hydra.sweep.dir={mr}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

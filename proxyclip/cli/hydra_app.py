@@ -212,6 +212,12 @@ def validate(config_name: str, overrides: Sequence[str], multirun: bool) -> Opti
                     cfg = c.compose(variant)
                 except Exception as e:
                     return c.describe(e, variant)
+                try:  # the protocol preset's method knobs (a bad table: one line naming its file)
+                    from ..protocol_resolvers import apply_method_knobs
+
+                    apply_method_knobs(cfg, [_key(o) for o in variant])
+                except ValueError as e:
+                    return str(e)
                 _check_folders(cfg, multirun)
         except errors.UsageError as e:
             return str(e)
@@ -253,7 +259,7 @@ def run_app(prog: str, config_name: str, task: Callable[[Any], Any], doc: str,
     """``hydra.main`` for ``task`` with help, validation and multirun failures (module docstring)."""
     import hydra
 
-    from ..config import CONF_DIR
+    from ..config import CONF_DIR, with_method_knobs
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -280,7 +286,7 @@ def run_app(prog: str, config_name: str, task: Callable[[Any], Any], doc: str,
         if message:
             errors.fail(prog, message)
     sys.argv = [sys.argv[0], *argv]
-    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(task)()
+    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(with_method_knobs(task))()
     summary = errors.LEDGER.summary()
     if summary:
         errors.fail(prog, summary)

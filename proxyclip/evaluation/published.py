@@ -17,9 +17,10 @@ Two collections:
 - :data:`METHODS_B16`: ViT-B/16 rows of the training-free "last block" methods, each as its own
   paper (or, for CLIP and MaskCLIP, the SCLIP paper) reports it; the ``methods`` table looks here first.
 - :data:`OWN_PROTOCOL_B16`: rows whose configuration is the method under its own protocol preset
-  (``protocol=sclip`` / ``naclip``), from the numbers its repository publishes for that very setup;
-  the ``methods_own`` table (``experiment=paper_methods_own``) looks here first. ClearCLIP has none:
-  no source for its numbers under its protocol was checked, so none is quoted.
+  (``protocol=sclip`` / ``naclip`` / ``resclip`` / ``cass``; the last two with the per-dataset
+  method knobs their presets set), from the numbers published for that very setup; the
+  ``methods_own`` table (``experiment=paper_methods_own``) looks here first. ClearCLIP, SC-CLIP,
+  GEM and LPOSS have none: no checked source for their numbers under their protocol.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
-from .records import PER_DATASET, config_fields, fields_of
+from .records import PER_DATASET, config_fields, fields_of, preset_knobs
 
 # dataset keys in the order of the paper's columns
 PAPER_DATASETS: Tuple[str, ...] = ("voc21", "context60", "coco_object", "voc20", "context59", "coco_stuff",
@@ -67,6 +68,11 @@ class PublishedRow:
     @property
     def method(self) -> str:
         return dict(o.split("=", 1) for o in self.overrides)["method"]
+
+    @property
+    def protocol(self) -> str:
+        """The protocol preset its overrides name (``protocol=...``), else the default, proxyclip."""
+        return dict(o.split("=", 1) for o in self.overrides).get("protocol", "proxyclip")
 
 
 B16, L14, H14 = "clip=vit_b16", "clip=vit_l14", "clip=vit_h14"
@@ -115,6 +121,18 @@ METHODS_B16: Tuple[PublishedRow, ...] = (
                  (65.8, 36.7, 37.8, 87.8, 40.2, 26.7, 39.4, 20.4), 44.4, CASS_PAPER, own_protocol=True),
 )
 
+
+def _quoted(label: str) -> Tuple[float, ...]:
+    """The numbers of :data:`METHODS_B16`'s row ``label`` (a row quoted twice: beside runs under
+    ProxyCLIP's protocol, and as the very setup of a run under the method's own preset)."""
+    return next(r.miou for r in METHODS_B16 if r.label == label)
+
+
+RESCLIP_NACLIP_B16 = _quoted("NACLIP + ResCLIP ViT-B/16")
+RESCLIP_SCLIP_B16 = _quoted("SCLIP + ResCLIP ViT-B/16")
+RESCLIP_CLEARCLIP_B16 = _quoted("ClearCLIP + ResCLIP ViT-B/16")
+CASS_B16_DINO_B8 = _quoted("CASS ViT-B/16 + DINO B/8")
+
 # each method under its own protocol preset, with the numbers published for exactly that setup
 OWN_PROTOCOL_B16: Tuple[PublishedRow, ...] = (
     PublishedRow("SCLIP ViT-B/16, SCLIP's protocol", ("method=sclip", B16, "protocol=sclip"),
@@ -123,6 +141,20 @@ OWN_PROTOCOL_B16: Tuple[PublishedRow, ...] = (
                  (64.07, 34.99, 36.19, 83.03, 38.35, 25.69, 38.27, 19.05), 42.46, NACLIP_README),
     PublishedRow("ProxyCLIP ViT-B/16 + DINO B/8", ("method=proxyclip", B16, DINO_B8, "protocol=proxyclip"),
                  PROXYCLIP_B16_DINO_B8, 42.3, PROXYCLIP_PAPER),
+    # ResCLIP and CASS under their own presets, which carry their configs' per-dataset method knobs
+    # (conf/protocol/resclip.yaml, cass.yaml: method_knobs): the setup their numbers were measured in
+    PublishedRow("NACLIP + ResCLIP ViT-B/16, ResCLIP's protocol", ("method=resclip", B16, "protocol=resclip"),
+                 RESCLIP_NACLIP_B16, 41.4, RESCLIP_PAPER),
+    PublishedRow("SCLIP + ResCLIP ViT-B/16, ResCLIP's protocol",
+                 ("method=resclip", "method.base=sclip", "method.residual=true", "method.ffn=true", B16,
+                  "protocol=resclip"),
+                 RESCLIP_SCLIP_B16, 40.5, RESCLIP_PAPER),
+    PublishedRow("ClearCLIP + ResCLIP ViT-B/16, ResCLIP's protocol",
+                 ("method=resclip", "method.base=clearclip", B16, "protocol=resclip"),
+                 RESCLIP_CLEARCLIP_B16, 40.7, RESCLIP_PAPER),
+    PublishedRow("CASS ViT-B/16 + DINO B/8, CASS's protocol",
+                 ("method=cass", B16, DINO_B8, "vfm.feature=k", "protocol=cass"),
+                 CASS_B16_DINO_B8, 44.4, CASS_PAPER),
 )
 
 # the reference rows of each table kind (``proxyclip-summary --paper`` lists the unmatched ones)
@@ -167,11 +199,13 @@ def find_published(records: Sequence[Mapping[str, Any]],
 
 
 def _may_match(row: PublishedRow, fields: Mapping[str, Any]) -> bool:
-    """A quick test on the fields no dataset changes (one composition a published row)."""
+    """A quick test on the fields no dataset changes (one composition a published row): not the
+    per-dataset ones, nor the method knobs the row's protocol preset sets per dataset."""
     if fields.get("method") != row.method:
         return False
     want = row_fields(row, PAPER_DATASETS[0])
-    names = (set(want) | set(fields)) - set(NOT_COMPARED) - set(PER_DATASET)
+    names = (set(want) | set(fields)) - set(NOT_COMPARED) - set(PER_DATASET) - set(preset_knobs(row.protocol,
+                                                                                                  row.method))
     return all(fields.get(k) == want.get(k) for k in names)
 
 

@@ -10,7 +10,8 @@ A row is every field except the per-dataset ones (:data:`PER_DATASET`), which va
 between the columns of one row; for those the row uses the difference from the dataset's own
 shipped protocol (``eval`` composed with ``dataset=<name>``, the record's ``experiment`` and its
 ``protocol`` preset):
-equal -> :data:`DEFAULT`, else the value. ``samples`` / ``num_samples``, which no config
+equal -> :data:`DEFAULT`, else the value; so are the method knobs that preset sets per dataset
+(:func:`preset_knobs`, compared with the preset's value for the record's method). ``samples`` / ``num_samples``, which no config
 states, are compared with the most common value among the records of that dataset and subset.
 """
 
@@ -161,6 +162,24 @@ def base_overrides(dataset: str, experiment: Optional[str], protocol: Optional[s
             + ((f"protocol={protocol}",) if with_protocol else ()))
 
 
+@functools.lru_cache(maxsize=None)
+def preset_knobs(protocol: Optional[str], method: Optional[str]) -> Tuple[str, ...]:
+    """The method knobs protocol preset ``protocol`` sets per dataset for ``method`` (the knob
+    names of its ``method_knobs`` table, conf/protocol/<protocol>.yaml): per-dataset fields of
+    that method's rows, like the protocol's own; () for none."""
+    from omegaconf import OmegaConf
+
+    from ..config import CONF_DIR
+
+    f = CONF_DIR / "protocol" / f"{protocol}.yaml"
+    if not protocol or not method or not f.is_file():
+        return ()
+    raw = OmegaConf.to_container(OmegaConf.load(f))
+    if str(method) not in [str(m) for m in raw.get("method_knobs_for") or [raw.get("name", protocol)]]:
+        return ()
+    return tuple(sorted({str(k) for row in (raw.get("method_knobs") or {}).values() for k in (row or {})}))
+
+
 def record_overrides(r: Mapping[str, Any]) -> Tuple[str, ...]:
     """:func:`base_overrides` of a record (its dataset, experiment and protocol preset)."""
     return base_overrides(r["dataset"], r.get("experiment"), r.get("protocol"))
@@ -234,7 +253,8 @@ def defaults(r: dict) -> Dict[str, Any]:
             own = config_fields(base + (f"method={method}",))
         except Exception:  # an unregistered method
             return out
-        knobs = set(r["decode"]["knobs"]) | {"logit_scale"}
+        # and what the method decides of the encode: the layer parts it reads, the VFM readout (CASS: k)
+        knobs = set(r["decode"]["knobs"]) | {"logit_scale", "parts", "vfm.feature"}
         out.update({k: v for k, v in own.items() if k in knobs})
     return out
 
@@ -256,9 +276,17 @@ def identities(records: Sequence[dict]) -> List[Dict[str, Any]]:
         ref = dict(shipped(r["dataset"], r.get("experiment"), r.get("protocol")))
         if ref:  # a dataset with a YAML: the subset's most common sample list is its own
             ref.update({k: c.most_common(1)[0][0] for k, c in common[subset(r)].items()})
+        method = fields_of(r).get("method")
+        knobs = preset_knobs(r.get("protocol"), method)  # the preset's per-dataset method knobs
+        if knobs and ref:
+            try:
+                own = config_fields(record_overrides(r) + (f"method={method}",))
+                ref.update({k: own[k] for k in knobs if k in own})
+            except Exception:  # the method's YAML does not compose: compared by the raw values
+                knobs = ()
         ident = {}
         for k, v in fields_of(r).items():
-            ident[k] = DEFAULT if k in PER_DATASET and k in ref and ref[k] == v else v
+            ident[k] = DEFAULT if (k in PER_DATASET or k in knobs) and k in ref and ref[k] == v else v
         out.append(ident)
     return out
 

@@ -5,8 +5,9 @@ Reads every ``metrics.json`` below the given folders (:mod:`.records`) and build
 - ``main``: one row per run identity (method, CLIP, VFM, setting), one column per benchmark in
   the paper's order, plus the average; a published number (:mod:`.published`) is shown beside a
   measured one only where the row's specs equal that published configuration in every field.
-- ``methods``: the same layout, rows in the order clip, maskclip, sclip, clearclip, naclip,
-  proxyclip, published ViT-B/16 rows of each method's own paper beside them.
+- ``methods``: the same layout, a row for every method the records have (registered or not), in
+  the order of :data:`PREFERRED` then by name; published ViT-B/16 rows of each method's own paper
+  beside them (under its own protocol preset: the rows of exactly that setup).
 - a pivot (:func:`pivot_tables`) on any two flat fields, ``--rows KNOB --cols KNOB``: one grid
   a dataset plus their mean. ``vfm`` (rows ``vfm.name``, columns ``clip.name``), ``beta_gamma``
   and ``norm_mask`` (rows ``shift``, columns ``mask``) are named instances (:data:`PIVOTS`).
@@ -57,8 +58,11 @@ HEADERS = {"voc21": "VOC21", "context60": "PC60", "coco_object": "Object", "voc2
 PIVOTS: Dict[str, Tuple[str, str]] = {"vfm": ("vfm.name", "clip.name"), "beta_gamma": ("beta", "gamma"),
                                       "norm_mask": ("shift", "mask")}
 KINDS = ("main", "methods", "methods_own") + tuple(PIVOTS)
-PRESET_KINDS = {f"paper_{k}": k for k in KINDS}  # conf/experiment/paper_<kind>.yaml
-PREFERRED = {"method": ("clip", "maskclip", "sclip", "clearclip", "naclip", "proxyclip"),
+# conf/experiment/paper_<kind>.yaml; the methods that read masks print the methods table too
+PRESET_KINDS = {**{f"paper_{k}": k for k in KINDS}, "paper_methods_regions": "methods"}
+# the order of the rows; a method not listed (any registered one) follows, by name
+PREFERRED = {"method": ("clip", "maskclip", "sclip", "clearclip", "naclip", "proxyclip", "resclip", "scclip", "gem",
+                        "cass", "lposs", "lposs_plus"),
              "clip.name": ("ViT-B-16", "ViT-L-14", "ViT-H-14"),
              "vfm.name": ("dino_vitb8", "dino_vitb16", "dinov2_vitb14_reg", "sam_vitb", "mae_vitb16")}
 LABEL_FIELDS = ("method", "clip.name", "clip.pretrained", "vfm.name", "vfm")  # main/methods: own columns
