@@ -179,4 +179,19 @@ def decide(scores, query_to_class, logit_scale, prob_thd):
     return labels
 
 
+def masks_file(folder, size, stem="img"):
+    """Write ``<folder>/<stem>.npz``, a label map of ``size`` with a few overlapping rectangles (and
+    some pixels unsegmented), for a method reading mask proposals; -> the config overrides reading it."""
+    import numpy as np
+
+    h, w = size
+    lab = np.zeros((h, w), np.int32)
+    lab[: h // 2, : w // 2] = 3
+    lab[h // 3:, w // 3:] = 7
+    lab[: h // 4, 2 * w // 3:] = 2
+    lab[2 * h // 3:, : w // 4] = 5
+    np.savez(f"{folder}/{stem}.npz", instance_mask=lab)
+    return ["masks=file", f"masks.dir={folder}"]
+
+
 IMAGE_LEVEL = {"corrclip": corrclip}
