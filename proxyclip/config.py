@@ -59,7 +59,7 @@ class VfmConfig:
     timm_name: Optional[str] = None  # timm name and pretrained tag, e.g. "vit_base_patch8_224.dino"
     input_size: Optional[int] = None  # fixed square input side (SAM: 1024); None = the window's own size
     layer: int = -1  # feature layer (a ViT block, a Hiera stage); negative counts from the end
-    feature: str = "tokens"  # tokens | q | k | v (that block's attention projections, heads concatenated)
+    feature: str = "tokens"  # tokens | q | k | v | qk (that block's attention projections, heads concatenated; qk = q + k)
     norm: bool = True  # tokens: apply the model's final norm (SAM: its neck); ignored for q/k/v
     channels: Optional[int] = None  # C of the model's features at these settings (checked when it is built)
     stride: Optional[int] = None  # the full model's stride at this layer (checked by the tests)

@@ -18,6 +18,13 @@ It returns the merged (Q, H, W) score maps at the original size, or at the resiz
 (``ImageScores(scores, size="resized")``: the pipeline resizes them bilinearly, as it does for
 window-level methods). From there the decode is the same for both levels: hook ``scores.image``, the
 post-process, hook ``scores.refined``, the class decision of every point (logit_scale, prob_thd).
+
+A method may also return a label-level step, ``ImageScores(..., relabel=fn)``: ``fn(labels) -> labels``
+on the (H, W) labels of each decision, after ``prob_thd`` (CorrCLIP's map correction: each mask
+proposal takes its majority class). It is a step of its own, not folded into the scores, because the
+points of a sweep that differ only in ``logit_scale`` / ``prob_thd`` share one run of the method,
+and the step must see each point's labels. ``Prediction.probs`` / ``best_prob`` stay the decision's
+(before the step).
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ class ImageScores:
 
     scores: torch.Tensor
     size: str = "original"
+    # a label-level step after each decision: (H, W) int64 labels -> (H, W) int64 labels; None = none
+    relabel: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
 class ImageInputs:
@@ -126,6 +135,13 @@ def image_level_scores(seg: Any, enc: Any, spec: Any, text: torch.Tensor, method
                        window_pixels: Callable[..., torch.Tensor]) -> torch.Tensor:
     """(Q, H, W) merged scores of ``spec``'s image-level method at the original size (on the CPU).
     ``method_output`` / ``window_pixels``: the pipeline's per-window method run and window pixels."""
+    return image_level_result(seg, enc, spec, text, method_output, window_pixels)[0]
+
+
+def image_level_result(seg: Any, enc: Any, spec: Any, text: torch.Tensor, method_output: Callable[..., Any],
+                       window_pixels: Callable[..., torch.Tensor]
+                       ) -> Tuple[torch.Tensor, Optional[Callable[[torch.Tensor], torch.Tensor]]]:
+    """:func:`image_level_scores` and the method's label-level step (``ImageScores.relabel``, or None)."""
     from .decision import _upsample
     from .methods import get_method
     from .windows import resize_image
@@ -156,4 +172,6 @@ def image_level_scores(seg: Any, enc: Any, spec: Any, text: torch.Tensor, method
     scores = out.scores.float()
     if out.size == "resized" and tuple(scores.shape[1:]) != tuple(enc.image_size):
         scores = _upsample(scores[None], enc.image_size)[0]
-    return scores.cpu()
+    if out.relabel is not None and not callable(out.relabel):
+        raise TypeError(f"image-level method {spec.method}: ImageScores.relabel must be callable or None")
+    return scores.cpu(), out.relabel

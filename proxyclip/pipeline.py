@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -23,7 +23,7 @@ from .backbones.blocks import check_asked
 from .decision import DEFAULT_BUDGET, WindowScores, decide, decide_chunked
 from .encoded import Encoded, Prediction, check_decodable, check_replayable, replay
 from .hooks import HookFn, HookSet, NameFilter, declare_hook, finish_cache, hook_names
-from .image_level import image_level_scores
+from .image_level import image_level_result
 from .images import ImageLike, load_image
 from .masks import mask_stage, proposals_of
 from .last_block import Scores
@@ -300,8 +300,8 @@ def _decide_points(seg: "Segmenter", enc: Encoded, cl: ClassList, specs: List[De
     common = dict(image=enc.image, class_names=cl.class_names, queries=cl.queries, query_to_class=cl.query_to_class,
                   random_weights=seg.random_weights)
     if get_method(specs[0].method).level == "image":  # no window merge: the method merges (proxyclip/image_level.py)
-        return _decide_merged(seg, enc, cl, specs, image_level_scores(seg, enc, specs[0], text, method_output,
-                                                                           window_pixels), common)
+        scores, relabel = image_level_result(seg, enc, specs[0], text, method_output, window_pixels)
+        return _decide_merged(seg, enc, cl, specs, scores, common, relabel)
     ws = WindowScores(_low_res_scores(seg, enc, specs[0], text), enc.windows, enc.pad, enc.resized_size, enc.image_size)
     if ws.low.shape[1] != text.shape[0]:
         raise ValueError(f"{ws.low.shape[1]} query maps for {text.shape[0]} queries")
@@ -321,8 +321,10 @@ def _decide_points(seg: "Segmenter", enc: Encoded, cl: ClassList, specs: List[De
 
 
 def _decide_merged(seg: "Segmenter", enc: Encoded, cl: ClassList, specs: List[DecodeSpec], merged: torch.Tensor,
-                   common: Dict[str, Any]) -> List[Prediction]:
-    """(Q, H, W) merged scores -> hook, post-process, hook, each spec's decision (both method levels)."""
+                   common: Dict[str, Any], relabel: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                   ) -> List[Prediction]:
+    """(Q, H, W) merged scores -> hook, post-process, hook, each spec's decision (both method levels),
+    then an image-level method's label-level step ``relabel`` on each decision's labels (ImageScores.relabel)."""
     scores = seg.hooks.point(IMAGE_SCORES, merged)
     mean, std = (t[0].cpu() for t in seg._clip_norm)
     refined = apply_postprocess(specs[0].postprocess_settings, scores, (enc.image.cpu().float() - mean) / std)
@@ -330,6 +332,8 @@ def _decide_merged(seg: "Segmenter", enc: Encoded, cl: ClassList, specs: List[De
     preds = []
     for s in specs:
         probs, labels = decide(scores, cl, s.logit_scale, s.prob_thd, s.area_thd)
+        if relabel is not None:
+            labels = relabel(labels)
         preds.append(Prediction(scores=scores, probs=probs, labels=labels, spec=s, **common))
     return preds
 

@@ -322,6 +322,8 @@ TINY_KNOBS: Dict[str, Dict[str, object]] = {
     # LPOSS+'s pixel window a small image
     "lposs": {"k": 8},
     "lposs_plus": {"k": 8, "r": 5},
+    # CorrCLIP's spatial branch averages block outputs before the last two: a 2-block CLIP has none
+    "corrclip": {"spatial_blocks": 0},
 }
 # knobs that have no other valid value on the tiny CLIP (each checked on ViT-B/16 in tests/test_<method>.py)
 TINY_FIXED: Dict[str, Tuple[str, ...]] = {"scclip": ("pre_adjust", "post_adjust", "multi_start", "multi_end")}
@@ -620,3 +622,6 @@ def other_value(knob, current):
 from naive_lposs import IMAGE_LEVEL  # noqa: E402
 
 ATTENTION.update(IMAGE_LEVEL)
+from naive_corrclip import IMAGE_LEVEL as CORRCLIP_LEVEL  # noqa: E402
+
+ATTENTION.update(CORRCLIP_LEVEL)

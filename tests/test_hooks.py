@@ -2,6 +2,7 @@
 per-window set and the replay of stored encodes all come from the declarations, and every
 declared point fires in a run that uses it (methods and post-processes from the registries)."""
 
+import dataclasses
 import numpy as np
 import pytest
 import torch
@@ -54,7 +55,11 @@ def test_every_declared_hook_fires_in_a_run_that_uses_it(tiny_segmenter, rand_im
     the models, seg.for_method)."""
     enc = tiny_segmenter.encode(rand_image, keep=naive.tiny_parts(tiny_segmenter.clip.num_blocks))
     segs = {m: tiny_segmenter.for_method(m) for m in METHODS}
-    encs = {m: enc if segs[m] is tiny_segmenter else segs[m].encode(rand_image, reuse=enc) for m in METHODS}
+    encs = {m: enc if segs[m] is tiny_segmenter else segs[m].encode(rand_image, reuse=enc, keep=sorted(enc.layers))
+            for m in METHODS}
+    # a method reading mask proposals (CorrCLIP) decodes its encode with a label map added
+    masks = torch.arange(rand_image.shape[1] * rand_image.shape[2]).reshape(rand_image.shape[1:]) // 1500
+    encs.update({m: dataclasses.replace(encs[m], masks=masks) for m in METHODS if METHODS[m].needs_masks})
     caches = {(method, post): segs[method].run_with_cache(encs[method], CLASSES, method=method,
                                                           postprocess={"name": post}, **naive.tiny_values(method))[1]
               for method in METHODS for post in POSTPROCESSES}

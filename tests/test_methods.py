@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import naive
+import naive_corrclip
 from conftest import tiny_config
 from proxyclip import Segmenter
 from proxyclip.backbones import CLIP_MEAN, CLIP_STD
@@ -374,14 +375,20 @@ def test_unknown_method_in_config_lists_the_known_ones():
 
 
 @pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.level == "image"])
-def test_each_image_level_method_equals_its_reference(name):
+def test_each_image_level_method_equals_its_reference(name, tmp_path):
     """An image-level method's merged maps = its float64 reference (tests/naive.py ATTENTION: (Q, h, w)
-    at the resized size), on the tiny models with 32-px windows and every knob at a valid small value."""
-    seg = Segmenter.from_config(tiny_config(f"method={name}", "vfm.feature=v", "protocol.short_side=32",
+    at the resized size), on the tiny models with 32-px windows and every knob at a valid small value
+    (a method reading mask proposals: a label map from a file, tests/naive_corrclip.py)."""
+    meth = METHODS[name]
+    masks = naive_corrclip.masks_file(tmp_path, (40, 56)) if meth.needs_masks else []
+    seg = Segmenter.from_config(tiny_config(f"method={name}", f"vfm.feature={meth.vfm_feature or 'v'}", *masks,
+                                            *naive.tiny_overrides(name), "protocol.short_side=32",
                                             "protocol.crop=32", "protocol.stride=16"))
-    enc = seg.encode(torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(3)))
+    enc = seg.encode(torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(3)),
+                     image_id="img" if meth.needs_masks else None)
     small = {"k": 6, "r": 5, "tau": 0.1}
-    knobs = naive.knobs_of(name, **{k: v for k, v in small.items() if k in METHODS[name].knob_names})
+    knobs = naive.knobs_of(name, **{**naive.tiny_values(name),
+                                    **{k: v for k, v in small.items() if k in METHODS[name].knob_names}})
     pred = seg.decode(enc, CLASSES, **{k: knobs[k] for k in ("residual", "ffn", *METHODS[name].knob_names)})
     ref = naive.ATTENTION[name](seg, enc, ["sky", "person", "people", "horse"], knobs)
     ref = F.interpolate(ref[None], size=enc.image_size, mode="bilinear", align_corners=False)[0]

@@ -199,6 +199,21 @@ def test_qkv_equal_a_manual_projection_of_the_block_input(name, layer, feature):
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("name,layer", [("dino_vits16", -1), ("dino_vits16", 0), ("sam_vitb", -1)])
+def test_qk_is_the_sum_of_a_manual_query_and_key_projection(name, layer):
+    vfm = tiny_backbone(vfm_cfg(name), layer=layer, feature="qk")
+    block = vfm.model.blocks[layer]
+    out, seen = run_capturing_block(vfm, block)
+    x = block.norm1(seen["input"]).double()
+    w, b = block.attn.qkv.weight.double(), block.attn.qkv.bias.double()
+    d = w.shape[0] // 3
+    q = x @ w[:d].T + b[:d]
+    k = x @ w[d:2 * d].T + b[d:2 * d]
+    expected = as_map(q + k, vfm.num_prefix_tokens, out.shape[-2:]).float()
+    assert out.shape[1] == vfm.channels == d
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["dino_vits16", "dinov2_vitb14_reg", "dinov3_vits16"])
 @pytest.mark.parametrize("layer", [0, 1, -2])
 @pytest.mark.parametrize("norm", [True, False])

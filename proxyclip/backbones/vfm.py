@@ -10,8 +10,9 @@ per window, chosen by three knobs of ``conf/vfm/*.yaml``:
                      ``forward_intermediates(x, indices=[layer], norm=norm, output_fmt="NCHW")``
              q|k|v   that block's attention projections: the fused ``attn.qkv`` output split in three
                      (heads concatenated, D wide), before any q/k norm or rotary embedding
+             qk      the sum q + k of that block (CorrCLIP's DINO feature), D wide
     norm     tokens: the model's final norm on (SAM: its neck, 256 channels) or off.
-             q|k|v: ignored (the final norm acts on block outputs). Models without a final norm
+             q|k|v|qk: ignored (the final norm acts on block outputs). Models without a final norm
              (SAM2 Hiera) need norm=false; asking for it is an error.
 
 Mean and std come from timm's data config of the model (CLIP's for RADIO, ImageNet's for most).
@@ -34,7 +35,7 @@ from .pos_embed import TimmTables, check_vfm_rule
 from .weights import (WeightsUnavailable, check_checkpoint_file, hub_failure_message, mismatch_error,
                       offline_unless_reachable, seeded)
 
-FEATURES = ("tokens", "q", "k", "v")
+FEATURES = ("tokens", "q", "k", "v", "qk")
 
 
 def create_vfm_model(timm_name: str, source: str, seed: int = 0, checkpoint: Optional[str] = None,
@@ -122,7 +123,7 @@ class VfmBackbone(nn.Module):
     channels       C of ``features``
     pos_resize     the position-embedding rule (``vfm.pos_resize``, proxyclip/backbones/pos_embed.py),
                    checked against the model; None: the model as timm runs it (no rule of ours)
-    heads          q|k|v: the layer's attention heads (channels = heads x head width); tokens: None
+    heads          q|k|v|qk: the layer's attention heads (channels = heads x head width); tokens: None
     """
 
     def __init__(self, model: nn.Module, layer: int = -1, feature: str = "tokens", norm: bool = True,
@@ -227,13 +228,17 @@ class VfmBackbone(nn.Module):
             handle.remove()
 
     def _split_qkv(self, captured: List[torch.Tensor], grid: torch.Size) -> torch.Tensor:
-        """The captured (B, N, 3D) or (B, H, W, 3D) qkv output -> q, k or v as (B, D, Hv, Wv)."""
+        """The captured (B, N, 3D) or (B, H, W, 3D) qkv output -> q, k, v or q + k as (B, D, Hv, Wv)."""
         if len(captured) != 1:
             raise RuntimeError(f"vfm={self.name}: the attention of layer {self.layer} did not call its qkv module "
                                f"once per forward ({len(captured)} calls); q/k/v cannot be read from this model")
         qkv = captured[0]
-        d, i = self.channels, ("q", "k", "v").index(self.feature)
-        part = qkv[..., i * d:(i + 1) * d]
+        d = self.channels
+        if self.feature == "qk":
+            part = qkv[..., :d] + qkv[..., d:2 * d]
+        else:
+            i = ("q", "k", "v").index(self.feature)
+            part = qkv[..., i * d:(i + 1) * d]
         if part.dim() == 4:  # (B, H, W, D): channels-last blocks (SAM)
             return part.permute(0, 3, 1, 2)
         part = part[:, self.num_prefix_tokens:]

@@ -43,6 +43,8 @@ SCLIP_README = ("SCLIP README (wangf3014/SCLIP at b56bd30), the run 'with the de
 NACLIP_README = "NACLIP README, v2 (sinahmr/NACLIP at 0cac3a6), main results with PAMR on (protocol=naclip)"
 RESCLIP_PAPER = ("ResCLIP (Yang et al., CVPR 2025), its repository's figs/main_results_w.png and "
                  "figs/main_results_wo.png, without the final PAMR, per-dataset knobs of its configs")
+CORRCLIP_README = ("CorrCLIP README (zdk258/CorrCLIP at 103bc18, CorrCLIPv1), ViT-B/16 with the pre-generated SAM 2 "
+                   "masks (row SAM2_32) under its own protocol (protocol=corrclip)")
 CASS_PAPER = ("CASS paper (Kim et al., CVPR 2025), Table 1 as the project page's image cass/static/images/miou.png "
               "(MICV-yonsei/MICV-yonsei.github.io) shows it; PAMR off, per-dataset knobs (docs/methods.md)")
 
@@ -155,6 +157,12 @@ OWN_PROTOCOL_B16: Tuple[PublishedRow, ...] = (
     PublishedRow("CASS ViT-B/16 + DINO B/8, CASS's protocol",
                  ("method=cass", B16, DINO_B8, "vfm.feature=k", "protocol=cass"),
                  CASS_B16_DINO_B8, 44.4, CASS_PAPER),
+    # CorrCLIP v1: zdk258/CorrCLIP at 103bc18, README.md lines 125-128, the ViT-B/16 row with its
+    # pre-generated SAM 2 masks ("SAM2_32", read from data/region_masks/<set>/<stem>.npz)
+    PublishedRow("CorrCLIP ViT-B/16 (MetaCLIP) + DINO B/8, SAM 2 masks from files",
+                 ("method=corrclip", "clip=metaclip_vit_b16", DINO_B8, "vfm.feature=qk", "masks=file",
+                  "masks.dir=data/region_masks/${dataset.name}", "protocol=corrclip"),
+                 (74.8, 44.2, 43.7, 88.8, 48.8, 31.6, 49.4, 26.9), 51.0, CORRCLIP_README, own_protocol=True),
 )
 
 # the reference rows of each table kind (``proxyclip-summary --paper`` lists the unmatched ones)
