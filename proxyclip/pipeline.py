@@ -301,7 +301,7 @@ def _decide_points(seg: "Segmenter", enc: Encoded, cl: ClassList, specs: List[De
                   random_weights=seg.random_weights)
     if get_method(specs[0].method).level == "image":  # no window merge: the method merges (proxyclip/image_level.py)
         return _decide_merged(seg, enc, cl, specs, image_level_scores(seg, enc, specs[0], text, method_output,
-                                                                           window_pixels), common)
+                                                                           window_pixels, cl.query_to_class), common)
     ws = WindowScores(_low_res_scores(seg, enc, specs[0], text), enc.windows, enc.pad, enc.resized_size, enc.image_size)
     if ws.low.shape[1] != text.shape[0]:
         raise ValueError(f"{ws.low.shape[1]} query maps for {text.shape[0]} queries")
