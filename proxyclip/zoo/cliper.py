@@ -29,7 +29,7 @@ windows). From the tokens x_0..x_{L-1} entering every block of a unit (the encod
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -238,12 +238,7 @@ def cliper(x: ImageInputs, fuse_feature: bool, attention_thr: float, score_thr: 
     if sliding:
         probs = 0.5 * probs + 0.5 * sliding_probs(x, clip, grid, pad, text, level_logit_scale, fuse_feature,
                                                    carry_normalization)[:, :c]
-    stack = probs  # (levels, C, N)
-    s = stack[select_layer]
-    s.masked_fill_(s < attention_thr * s.amax(-1, keepdim=True), 0.0)  # in place: the stack's level too
-    a_bar = a_last.mean(0)[1:, 1:]
-    seg = s @ a_bar + stack.mean(0)  # (C, N): from the right, r_j = sum_i s_i A_ij
-    seg = seg.reshape(c, *grid)
+    seg = aggregate(probs, a_last.mean(0)[1:, 1:], select_layer, attention_thr).reshape(c, *grid)
     patch = clip.patch_size
     if compensation == "dino":
         pred_low = dino_compensation(x, seg, pad, patch)
@@ -259,6 +254,27 @@ def cliper(x: ImageInputs, fuse_feature: bool, attention_thr: float, score_thr: 
     else:
         out[fg] = values
     return ImageScores(out, size="original")
+
+
+def aggregate(stack: torch.Tensor, a_bar: torch.Tensor, select_layer: int, attention_thr: float) -> torch.Tensor:
+    """seg (C, N) = s A-bar + mean of the stack, s = stack[select_layer] with entries below
+    attention_thr x its per-class max set to 0 *in the stack* (the mean sees them thresholded, as
+    the official in-place code); A-bar applied from the right: r_j = sum_i s_i A-bar_ij."""
+    stack = stack.clone()
+    s = stack[select_layer]
+    s.masked_fill_(s < attention_thr * s.amax(-1, keepdim=True), 0.0)  # a view: writes through
+    return s @ a_bar + stack.mean(0)
+
+
+def dino_attention(feats: torch.Tensor) -> torch.Tensor:
+    """A_v (N, N) of (C, fh, fw) VFM features: softmax over the entries >= 0 of 3 (S_v - 1.2 mean S_v),
+    S_v their cosines, one mean over the whole matrix (a row with none keeps its diagonal)."""
+    f = F.normalize(feats.flatten(1).T.float(), dim=-1)
+    sv = f @ f.T
+    m = DINO_SCALE * (sv - DINO_SHIFT * sv.mean())
+    keep = m >= 0
+    keep |= torch.eye(m.shape[0], dtype=torch.bool, device=m.device) & ~keep.any(-1, keepdim=True)
+    return torch.softmax(m.masked_fill(~keep, float("-inf")), dim=-1)
 
 
 def _whole_geometry(x: ImageInputs, clip) -> Tuple[Tuple[int, int], Tuple[int, int, int, int]]:
@@ -306,13 +322,8 @@ def dino_compensation(x: ImageInputs, seg: torch.Tensor, grid_pad, patch: int) -
     if x.vfm_image is None:
         raise ValueError("cliper compensation=dino needs a VFM (vfm=dino_vitb8); this Segmenter has none")
     feats = x.memoized("cliper.dino", lambda: _dino_features(x))
-    c_, fh, fw = feats.shape
-    f = F.normalize(feats.flatten(1).T.float(), dim=-1)
-    sv = f @ f.T
-    m = DINO_SCALE * (sv - DINO_SHIFT * sv.mean())
-    keep = m >= 0
-    keep |= torch.eye(m.shape[0], dtype=torch.bool, device=m.device) & ~keep.any(-1, keepdim=True)
-    av = torch.softmax(m.masked_fill(~keep, float("-inf")), dim=-1)
+    _, fh, fw = feats.shape
+    av = dino_attention(feats)
     cross = to_size(seg, grid_pad, patch, x.resized_size, (fh, fw)).flatten(1)  # (C, N_v)
     return (cross @ av.T).reshape(-1, fh, fw)  # pred_i = sum_j A_v[i, j] cross_j
 
