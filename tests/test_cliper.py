@@ -279,6 +279,14 @@ def test_bad_knob_values_are_one_clear_error(segs, image, change, match):
         decode(seg, seg.encode(image), knobs(**change))
 
 
+def test_cliper_voc21_class_file_is_the_official_one():
+    from proxyclip.data import read_class_lines
+
+    cl = parse_classes(read_class_lines("cliper/voc21"))
+    assert len(cl.class_names) == 21 and cl.query_to_class.count(0) == 25
+    assert "person with clothes, people, human" in cl.queries and "bird avian" in cl.queries
+
+
 def test_a_background_class_without_foreground_is_refused(segs, image):
     seg = segs["whole"]
     with pytest.raises(ValueError, match="background_class=true needs a foreground class"):
@@ -296,5 +304,6 @@ def test_the_protocol_preset_composes_to_its_table(dataset, crop, knob):
     assert p["short_side"] == (560 if dataset == "cityscapes" else 336)
     table = p["method_knobs"][dataset]
     assert all(table[k] == v for k, v in knob.items())
+    assert p["classnames"] == ("cliper/voc21" if dataset == "voc21" else None)
     names = set(get_method("cliper").knob_names)
     assert all(set(t) <= names for t in p["method_knobs"].values())
