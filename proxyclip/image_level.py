@@ -60,7 +60,10 @@ class ImageInputs:
                  block_inputs: Callable[[int, int], BlockInputs], resized: Callable[[], torch.Tensor],
                  window_method: Callable[..., Any], vfm_features: Optional[torch.Tensor],
                  point: Callable[[str, torch.Tensor], torch.Tensor], memo: Dict[Any, Any],
-                 switches: Optional[Dict[str, bool]] = None):
+                 switches: Optional[Dict[str, bool]] = None, query_to_class: Optional[List[int]] = None,
+                 embed: Optional[Callable[[List[str]], torch.Tensor]] = None,
+                 vfm_image: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 vfm_patch_size: Optional[int] = None):
         self.windows = list(windows)  # (y1, y2, x1, x2) in the resized image, row-major
         self.pad = pad  # (top, bottom, left, right) of every window
         self.resized_size = resized_size  # (h, w) of the resized image (the network's input)
@@ -72,6 +75,11 @@ class ImageInputs:
         self.point = point  # image-level hook point: point(name, tensor) -> tensor
         self.switches = dict(switches or {})  # the decode's residual / ffn (for the window methods it calls)
         self._block_inputs, self._resized, self._window_method, self._memo = block_inputs, resized, window_method, memo
+        self.query_to_class = None if query_to_class is None else list(query_to_class)  # class index of each query
+        self.embed = embed  # embed(names) -> (n, E) normalized text embeddings of other names (e.g. a background word)
+        # vfm_image(image (3, h, w) in [0, 1]) -> (C, Hv, Wv) the VFM's features of any image (None without a VFM)
+        self.vfm_image = vfm_image
+        self.vfm_patch_size = vfm_patch_size
 
     @property
     def num_windows(self) -> int:
@@ -124,6 +132,12 @@ def check_result(name: str, out: Any, num_queries: int, image_size: Tuple[int, i
     return out
 
 
+def _vfm_image(seg: Any, image: torch.Tensor) -> torch.Tensor:
+    """(C, Hv, Wv) the Segmenter's VFM features of one (3, h, w) image in [0, 1] (its mean / std)."""
+    mean, std = seg._vfm_norm
+    return seg.vfm.features((image.to(seg.device)[None] - mean) / std)[0]
+
+
 def window_scores_of(out: Any, text: torch.Tensor) -> torch.Tensor:
     """(B, Q, h, w) scores from a window-level method's output (dense embeddings or Scores)."""
     if isinstance(out, Scores):
@@ -132,14 +146,15 @@ def window_scores_of(out: Any, text: torch.Tensor) -> torch.Tensor:
 
 
 def image_level_scores(seg: Any, enc: Any, spec: Any, text: torch.Tensor, method_output: Callable[..., Any],
-                       window_pixels: Callable[..., torch.Tensor]) -> torch.Tensor:
+                       window_pixels: Callable[..., torch.Tensor],
+                       query_to_class: Optional[List[int]] = None) -> torch.Tensor:
     """(Q, H, W) merged scores of ``spec``'s image-level method at the original size (on the CPU).
     ``method_output`` / ``window_pixels``: the pipeline's per-window method run and window pixels."""
-    return image_level_result(seg, enc, spec, text, method_output, window_pixels)[0]
+    return image_level_result(seg, enc, spec, text, method_output, window_pixels, query_to_class)[0]
 
 
 def image_level_result(seg: Any, enc: Any, spec: Any, text: torch.Tensor, method_output: Callable[..., Any],
-                       window_pixels: Callable[..., torch.Tensor]
+                       window_pixels: Callable[..., torch.Tensor], query_to_class: Optional[List[int]] = None
                        ) -> Tuple[torch.Tensor, Optional[Callable[[torch.Tensor], torch.Tensor]]]:
     """:func:`image_level_scores` and the method's label-level step (``ImageScores.relabel``, or None)."""
     from .decision import _upsample
@@ -166,7 +181,10 @@ def image_level_result(seg: Any, enc: Any, spec: Any, text: torch.Tensor, method
                     window_method=window_method,
                     vfm_features=None if enc.vfm_features is None else enc.vfm_features.to(seg.device),
                     point=seg.hooks.point, memo=enc.memo,
-                    switches={k: knobs[k] for k in ("residual", "ffn") if k in knobs})
+                    switches={k: knobs[k] for k in ("residual", "ffn") if k in knobs}, query_to_class=query_to_class,
+                    embed=lambda names: seg.text_embeddings(list(names)).to(seg.device),
+                    vfm_image=None if seg.vfm is None else lambda im: _vfm_image(seg, im),
+                    vfm_patch_size=None if seg.vfm is None else int(seg.vfm.patch_size))
     out = check_result(spec.method, meth.attention(x, **{k: knobs[k] for k in meth.knob_names}),
                        int(text.shape[0]), enc.image_size, enc.resized_size)
     scores = out.scores.float()

@@ -300,7 +300,8 @@ def _decide_points(seg: "Segmenter", enc: Encoded, cl: ClassList, specs: List[De
     common = dict(image=enc.image, class_names=cl.class_names, queries=cl.queries, query_to_class=cl.query_to_class,
                   random_weights=seg.random_weights)
     if get_method(specs[0].method).level == "image":  # no window merge: the method merges (proxyclip/image_level.py)
-        scores, relabel = image_level_result(seg, enc, specs[0], text, method_output, window_pixels)
+        scores, relabel = image_level_result(seg, enc, specs[0], text, method_output, window_pixels,
+                                             cl.query_to_class)
         return _decide_merged(seg, enc, cl, specs, scores, common, relabel)
     ws = WindowScores(_low_res_scores(seg, enc, specs[0], text), enc.windows, enc.pad, enc.resized_size, enc.image_size)
     if ws.low.shape[1] != text.shape[0]:

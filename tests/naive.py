@@ -618,8 +618,11 @@ def other_value(knob, current):
 
 # ---------------------------------------------------------------------------------------------- image level
 # image-level methods (proxyclip/image_level.py): name -> fn(seg, enc, queries, knobs) -> (Q, h, w) float64
-# merged scores at the resized size (tests/naive_lposs.py)
+# merged scores at the resized size (tests/naive_lposs.py; CLIPer: its values at the original size, tests/naive_cliper.py)
 from naive_lposs import IMAGE_LEVEL  # noqa: E402
+from naive_cliper import IMAGE_LEVEL as _CLIPER  # noqa: E402
+
+IMAGE_LEVEL = {**IMAGE_LEVEL, **_CLIPER}
 
 ATTENTION.update(IMAGE_LEVEL)
 from naive_corrclip import IMAGE_LEVEL as CORRCLIP_LEVEL  # noqa: E402
