@@ -51,7 +51,7 @@ class ImageInputs:
                  block_inputs: Callable[[int, int], BlockInputs], resized: Callable[[], torch.Tensor],
                  window_method: Callable[..., Any], vfm_features: Optional[torch.Tensor],
                  point: Callable[[str, torch.Tensor], torch.Tensor], memo: Dict[Any, Any],
-                 switches: Optional[Dict[str, bool]] = None):
+                 switches: Optional[Dict[str, bool]] = None, sam: Optional[Dict[str, torch.Tensor]] = None):
         self.windows = list(windows)  # (y1, y2, x1, x2) in the resized image, row-major
         self.pad = pad  # (top, bottom, left, right) of every window
         self.resized_size = resized_size  # (h, w) of the resized image (the network's input)
@@ -62,6 +62,7 @@ class ImageInputs:
         self.vfm_features = vfm_features  # (n_windows, C, Hv, Wv) of every window, or None
         self.point = point  # image-level hook point: point(name, tensor) -> tensor
         self.switches = dict(switches or {})  # the decode's residual / ffn (for the window methods it calls)
+        self.sam = sam  # the encode's SAM part (Trident; proxyclip/sam_attention.py), or None
         self._block_inputs, self._resized, self._window_method, self._memo = block_inputs, resized, window_method, memo
 
     @property
@@ -150,7 +151,7 @@ def image_level_scores(seg: Any, enc: Any, spec: Any, text: torch.Tensor, method
                     window_method=window_method,
                     vfm_features=None if enc.vfm_features is None else enc.vfm_features.to(seg.device),
                     point=seg.hooks.point, memo=enc.memo,
-                    switches={k: knobs[k] for k in ("residual", "ffn") if k in knobs})
+                    switches={k: knobs[k] for k in ("residual", "ffn") if k in knobs}, sam=enc.sam)
     out = check_result(spec.method, meth.attention(x, **{k: knobs[k] for k in meth.knob_names}),
                        int(text.shape[0]), enc.image_size, enc.resized_size)
     scores = out.scores.float()
