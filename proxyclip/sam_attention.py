@@ -3,7 +3,7 @@ timm SAM ViT; made only when the configured method has ``Method.needs_sam``).
 
 SAM sees the **original** image (never the resized one nor a window), as Trident's SAM predictor
 does: 8-bit RGB; when a side is not a multiple of 16, first resized by :func:`multiple_of_16_size`
-(PIL bilinear); then the long side to the model's input side S (1024): scale = S / max(h, w),
+(PIL bilinear; floored at 16 px here, not 336: only tiny images differ); then the long side to the model's input side S (1024): scale = S / max(h, w),
 each side ``int(side * scale + 0.5)``, PIL bilinear; normalized with SAM's pixel mean / std
 (0-255 scale); zero-padded bottom / right to S x S. The valid grid is (floor(new_h / 16),
 floor(new_w / 16)).
@@ -75,7 +75,7 @@ def sam_input(image: torch.Tensor, side: int) -> Tuple[torch.Tensor, Tuple[int, 
     u8 = torch.round(image.float().cpu() * 255.0).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     pil = Image.fromarray(np.ascontiguousarray(u8))
     h, w = u8.shape[:2]
-    h16, w16 = multiple_of_16_size(h, w)
+    h16, w16 = multiple_of_16_size(h, w, floor=16)
     if (h16, w16) != (h, w):
         pil = pil.resize((w16, h16), Image.BILINEAR)
         h, w = h16, w16

@@ -620,3 +620,6 @@ def other_value(knob, current):
 from naive_lposs import IMAGE_LEVEL  # noqa: E402
 
 ATTENTION.update(IMAGE_LEVEL)
+from naive_trident import IMAGE_LEVEL as _TRIDENT  # noqa: E402  (tests/naive_trident.py)
+
+ATTENTION.update(_TRIDENT)
