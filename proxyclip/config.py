@@ -109,6 +109,7 @@ class ProtocolConfig:
     classnames: Optional[str] = None  # class-name file (e.g. sclip/voc21); null = the dataset's own
     base: Dict[str, Any] = field(default_factory=dict)  # values of a dataset the table does not list
     datasets: Dict[str, Any] = field(default_factory=dict)  # {dataset name: {field: value}}
+    method_knobs: Dict[str, Any] = field(default_factory=dict)  # {dataset: {knob: value}} of the preset's method
 
 
 PROTOCOL_FIELDS = ("short_side", "max_long_side", "crop", "stride", "prob_thd", "logit_scale", "area_thd",
