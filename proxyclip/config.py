@@ -154,6 +154,7 @@ class TridentConfig:
 
     sam: str = "sam_vitb"  # a conf/vfm preset of a timm SAM ViT (samvit_*): sam_vitb, sam_vitl, sam_vith
     checkpoint: Optional[str] = None  # weights=local: the SAM encoder's timm checkpoint file
+    halves: bool = False  # SAM on the left and right halves of the image separately (Trident's Cityscapes run)
 
 
 @dataclass

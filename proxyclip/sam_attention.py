@@ -54,7 +54,8 @@ def sam_attn_spec(cfg: Any, local: bool) -> Optional[SamAttnSpec]:
     kwargs = plain(preset.get("timm_kwargs")) or {}
     return SamAttnSpec(name=name, timm_name=timm_name, input_size=int(preset.input_size),
                        timm_kwargs=json.dumps(kwargs, sort_keys=True),
-                       checkpoint=checkpoint_digest(node.get("checkpoint")) if local and node is not None else None)
+                       checkpoint=checkpoint_digest(node.get("checkpoint")) if local and node is not None else None,
+                       halves=bool(node.get("halves", False)) if node is not None else False)
 
 
 def multiple_of_16_size(h: int, w: int, floor: int = 336) -> Tuple[int, int]:
@@ -124,7 +125,20 @@ class SamStage:
 
     @torch.no_grad()
     def part(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The stored SAM part of a (3, H, W) image; with ``halves`` its left and right halves (split
+        at W // 2 columns) each through SAM, their entries suffixed ``.0`` / ``.1`` (:func:`pieces`)."""
         self.calls += 1
+        if not self.spec.halves:
+            return self._part(image)
+        w = int(image.shape[-1])
+        if w < 2:
+            raise ValueError("trident.halves=true needs an image at least 2 pixels wide")
+        out: Dict[str, torch.Tensor] = {"pieces": torch.tensor(2)}
+        for i, half in enumerate((image[..., :w // 2], image[..., w // 2:])):
+            out.update({f"{k}.{i}": v for k, v in self._part(half).items()})
+        return out
+
+    def _part(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
         x, valid = sam_input(image, self.spec.input_size)
         model = self.model
         attn = model.blocks[-1].attn
@@ -163,6 +177,14 @@ def sam_part_of(seg: Any, img: torch.Tensor, reuse: Any) -> Optional[Dict[str, t
     if reuse is not None and reuse.sam is not None and reuse.sam_key == stage.key:
         return reuse.sam
     return stage.part(img)
+
+
+def pieces(part: Dict[str, torch.Tensor]) -> list:
+    """The SAM part's pieces, left to right: [part] for the whole image, two dicts with halves."""
+    if "pieces" not in part:
+        return [part]
+    n = int(part["pieces"])
+    return [{k.rsplit(".", 1)[0]: v for k, v in part.items() if k.endswith(f".{i}")} for i in range(n)]
 
 
 def valid_attention(part: Dict[str, torch.Tensor], head: int, dtype: torch.dtype = torch.float32

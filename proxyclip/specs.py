@@ -144,6 +144,7 @@ class SamAttnSpec:
     input_size: int  # the model's fixed input side (1024)
     timm_kwargs: str  # canonical JSON
     checkpoint: Optional[str] = None  # content digest of the local checkpoint (weights=local)
+    halves: bool = False  # the left and right halves of the image through SAM separately (Cityscapes)
 
 
 @dataclass(frozen=True)

@@ -98,14 +98,23 @@ def trident(seg, enc, queries, knobs) -> torch.Tensor:
             count[key] = count.get(key, 0) + 1
     hc, wc = max(k[0] for k in canvas) + 1, max(k[1] for k in canvas) + 1
     grid = torch.stack([torch.stack([canvas[(r, c)] / count[(r, c)] for c in range(wc)]) for r in range(hc)])
-    hv, wv = (int(t) for t in enc.sam["valid"])
-    grid = F.interpolate(grid.permute(2, 0, 1)[None], size=(hv, wv), mode="bilinear", align_corners=False)[0]
-    w = sam_w(enc.sam, knobs["cos_fac"], knobs["refine_neg_cos"])
-    z = w @ grid.flatten(1).T
-    z = F.layer_norm(z, (d,), visual.ln_post.weight.double(), visual.ln_post.bias.double(), visual.ln_post.eps)
-    e = z @ visual.proj.double()
-    e = e / e.norm(dim=-1, keepdim=True)
-    s = torch.stack([e @ t for t in text]).reshape(-1, hv, wv)
+    grid = grid.permute(2, 0, 1)  # (D, Hc, Wc)
+    if "pieces" in enc.sam:  # Cityscapes: left / right halves of the canvas with their own SAM passes
+        parts = [{k[:-2]: v for k, v in enc.sam.items() if k.endswith(f".{i}")} for i in range(2)]
+        halves = [grid[:, :, :wc // 2], grid[:, :, wc // 2:]]
+    else:
+        parts, halves = [enc.sam], [grid]
+    out = []
+    for part, half in zip(parts, halves):
+        hv, wv = (int(t) for t in part["valid"])
+        half = F.interpolate(half[None], size=(hv, wv), mode="bilinear", align_corners=False)[0]
+        w = sam_w(part, knobs["cos_fac"], knobs["refine_neg_cos"])
+        z = w @ half.flatten(1).T
+        z = F.layer_norm(z, (d,), visual.ln_post.weight.double(), visual.ln_post.bias.double(), visual.ln_post.eps)
+        e = z @ visual.proj.double()
+        e = e / e.norm(dim=-1, keepdim=True)
+        out.append(torch.stack([e @ t for t in text]).reshape(-1, hv, wv))
+    s = torch.cat(out, dim=-1)
     return F.interpolate(s[None], size=enc.image_size, mode="bilinear", align_corners=False)[0]
 
 

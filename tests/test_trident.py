@@ -55,6 +55,31 @@ def test_each_knob_equals_the_reference(seg, enc, reference, changes):
     assert not torch.allclose(ref, reference, atol=1e-5)
 
 
+def test_cityscapes_halves_equal_the_reference(image):
+    """trident.halves=true: each half of the image through SAM, the canvas split at half its width, a
+    block-diagonal W; the left half's scores do not depend on the right half's SAM pass."""
+    seg2 = Segmenter.from_config(tiny_config("method=trident", "trident.halves=true"))
+    enc2 = seg2.encode(image)
+    assert int(enc2.sam["pieces"]) == 2 and tuple(enc2.sam["valid.0"].tolist()) == (8, 6)  # 80 x 56 -> 80 x 64 -> 128 x 102
+    pred = seg2.decode(enc2, CLASSES)
+    ref = naive_trident.trident(seg2, enc2, QUERIES, naive.knobs_of("trident"))
+    torch.testing.assert_close(pred.scores.double(), ref, atol=2e-5, rtol=1e-4)
+    from proxyclip.zoo import trident as tri
+
+    low = {}
+    real = tri.grid_scores
+    tri.grid_scores = lambda *a, **k: low.setdefault(len(low), real(*a, **k))
+    try:
+        seg2.decode(enc2, CLASSES)
+        other = dict(enc2.sam, **{"qkv.1": torch.randn_like(enc2.sam["qkv.1"])})
+        seg2.decode(Encoded(**{**enc2.__dict__, "sam": other, "memo": {}}), CLASSES)
+    finally:
+        tri.grid_scores = real
+    torch.testing.assert_close(low[0][..., :6], low[1][..., :6])
+    assert not torch.allclose(low[0][..., 6:], low[1][..., 6:])
+    assert seg2.encode_spec.sam_key != Segmenter.from_config(tiny_config("method=trident")).encode_spec.sam_key
+
+
 def test_the_sam_part_is_timms_last_block(seg, enc, image):
     """P_h v_h over the whole grid (uncropped) = the input of the last block's attn.proj in timm's forward."""
     model = seg.sam.model

@@ -17,7 +17,9 @@ official settings and the deviations. Written from the method's description and 
    C_h = cos(v_h); t_m = cos_fac * mean_{h,n} C_h[m, n] (refine_neg_cos false: t_m < 0 -> 0.6),
    t_m = min(t_m, 0.9); R = mean_h P_h * 1(C_h > t_m); W = R / rowsum(R).
 4. The canvas bilinear to (hv, wv); Z = W canvas; ln_post, proj, L2-normalized; cosine with every
-   query -> (Q, hv, wv) on the SAM grid, bilinear to the original image.
+   query -> (Q, hv, wv) on the SAM grid, bilinear to the original image. With ``trident.halves``
+   (Cityscapes) the canvas is split at half its width and each half goes through steps 3-4 with
+   the SAM pass of its half of the image; the two score maps side by side.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .. import proxy
 from ..image_level import ImageInputs, ImageScores
 from ..knobs import Knob
 from ..methods import Method, register_method
-from ..sam_attention import valid_attention
+from ..sam_attention import pieces, valid_attention
 
 THRESHOLD_CAP, NEGATIVE_THRESHOLD = 0.9, 0.6
 
@@ -108,15 +110,27 @@ def grid_scores(x: ImageInputs, beta: float, gamma: float, cos_fac: float, refin
         raise ValueError("trident needs VFM features (vfm=dino_vitb16)")
     if x.switches.get("residual") or x.switches.get("ffn"):
         raise ValueError("trident's last block has no residual and no FFN: method.residual=false method.ffn=false")
-    hv, wv = (int(t) for t in x.sam["valid"])
     canvas = canvas_of(x, beta, gamma)
-    canvas = F.interpolate(canvas[None], size=(hv, wv), mode="bilinear", align_corners=False)[0]
-    w = x.memoized(f"trident.W.{float(cos_fac)!r}.{bool(refine_neg_cos)}",
-                   lambda: sam_weights(x.sam, cos_fac, refine_neg_cos).to(canvas.device))
-    z = w @ canvas.flatten(1).T.to(w.dtype)  # (N, D)
+    parts = pieces(x.sam)
+    if len(parts) == 1:
+        halves = [canvas]
+    else:  # Cityscapes: the canvas split at half its width, each half aggregated by its own SAM pass
+        cut = canvas.shape[-1] // 2
+        halves = [canvas[..., :cut], canvas[..., cut:]]
+        rows = {int(p["valid"][0]) for p in parts}
+        if len(rows) != 1:
+            raise ValueError(f"trident.halves: the two halves' SAM grids have {sorted(rows)} rows (unequal halves)")
     clip = x.block_inputs(0, 1).clip
-    dense = F.normalize(clip.head(z[None].to(clip.dtype))[0].float(), dim=-1)  # (N, E)
-    return (dense @ x.text.float().T).T.reshape(-1, hv, wv)
+    out = []
+    for i, (part, half) in enumerate(zip(parts, halves)):
+        hv, wv = (int(t) for t in part["valid"])
+        half = F.interpolate(half[None], size=(hv, wv), mode="bilinear", align_corners=False)[0]
+        w = x.memoized(f"trident.W.{i}.{float(cos_fac)!r}.{bool(refine_neg_cos)}",
+                       lambda part=part: sam_weights(part, cos_fac, refine_neg_cos).to(half.device))
+        z = w @ half.flatten(1).T.to(w.dtype)  # (N, D)
+        dense = F.normalize(clip.head(z[None].to(clip.dtype))[0].float(), dim=-1)  # (N, E)
+        out.append((dense @ x.text.float().T).T.reshape(-1, hv, wv))
+    return torch.cat(out, dim=-1)
 
 
 def trident(x: ImageInputs, beta: float, gamma: float, cos_fac: float, refine_neg_cos: bool) -> ImageScores:
