@@ -149,8 +149,7 @@ class MasksConfig:
 
 @dataclass
 class TridentConfig:
-    """Trident's per-image SAM part (proxyclip/sam_attention.py): which SAM encoder gives the last
-    block's attention and values of the whole image; made only for a method with ``needs_sam``."""
+    """Trident's per-image SAM part (proxyclip/sam_attention.py), made for a method with ``needs_sam``."""
 
     sam: str = "sam_vitb"  # a conf/vfm preset of a timm SAM ViT (samvit_*): sam_vitb, sam_vitl, sam_vith
     checkpoint: Optional[str] = None  # weights=local: the SAM encoder's timm checkpoint file
