@@ -153,6 +153,15 @@ class MasksConfig:
 
 
 @dataclass
+class TridentConfig:
+    """Trident's per-image SAM part (proxyclip/sam_attention.py), made for a method with ``needs_sam``."""
+
+    sam: str = "sam_vitb"  # a conf/vfm preset of a timm SAM ViT (samvit_*): sam_vitb, sam_vitl, sam_vith
+    checkpoint: Optional[str] = None  # weights=local: the SAM encoder's timm checkpoint file
+    halves: bool = False  # SAM on the left and right halves of the image separately (Trident's Cityscapes run)
+
+
+@dataclass
 class DatasetConfig:
     """An evaluation dataset and its protocol (see conf/dataset/ and proxyclip/data/datasets.py).
 
@@ -206,6 +215,7 @@ class Config:
     protocol: ProtocolConfig = MISSING
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     masks: MasksConfig = field(default_factory=MasksConfig)  # mask proposals (conf/masks; proxyclip/masks)
+    trident: TridentConfig = field(default_factory=TridentConfig)  # Trident's SAM part (proxyclip/sam_attention.py)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (auto: cuda when available)
     precision: str = "auto"  # auto | fp32 | fp16 | bf16 (backbones; auto: fp16 on CUDA, fp32 on CPU)
     batch_size: int = 4  # windows of one image per backbone forward

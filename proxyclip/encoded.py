@@ -39,6 +39,10 @@ class Encoded:
     # proxyclip/masks), None with masks=none; masks_key = EncodeSpec.masks_key
     masks: Optional[torch.Tensor] = None
     masks_key: Optional[str] = None
+    # per-image part: the SAM encoder's last-block attention inputs of the original image (Trident;
+    # proxyclip/sam_attention.py), None unless the encode's method reads it; sam_key = EncodeSpec.sam_key
+    sam: Optional[Dict[str, torch.Tensor]] = None
+    sam_key: Optional[str] = None
     memo: Dict[Any, Any] = field(default_factory=dict, repr=False)  # decode-side reuse, not saved
 
     @property
@@ -57,7 +61,8 @@ class Encoded:
                     vfm_features=None if self.vfm_features is None else self.vfm_features.cpu(),
                     clip_key=self.clip_key, vfm_key=self.vfm_key,
                     layers={k: v.cpu() for k, v in self.layers.items()},
-                    masks=None if self.masks is None else self.masks.cpu(), masks_key=self.masks_key)
+                    masks=None if self.masks is None else self.masks.cpu(), masks_key=self.masks_key,
+                    sam=None if self.sam is None else {k: v.cpu() for k, v in self.sam.items()}, sam_key=self.sam_key)
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Encoded":
@@ -67,7 +72,8 @@ class Encoded:
         return cls(image=d["image"], resized_size=tuple(d["resized_size"]), windows=[tuple(b) for b in d["windows"]],
                    pad=tuple(d["pad"]), clip_tokens=d["clip_tokens"], clip_grid=tuple(d["clip_grid"]),
                    vfm_features=d["vfm_features"], clip_key=d["clip_key"], vfm_key=d["vfm_key"],
-                   layers=dict(d.get("layers") or {}), masks=d.get("masks"), masks_key=d.get("masks_key"))
+                   layers=dict(d.get("layers") or {}), masks=d.get("masks"), masks_key=d.get("masks_key"),
+                   sam=d.get("sam"), sam_key=d.get("sam_key"))
 
 
 class Prediction:
@@ -157,7 +163,7 @@ class Prediction:
 
 
 def check_decodable(enc: Encoded, meth: Any, clip_key: str, vfm_key: Optional[str],
-                    pad: Tuple[int, int, int, int], parts: Sequence[str] = ()) -> None:
+                    pad: Tuple[int, int, int, int], parts: Sequence[str] = (), sam_key: Optional[str] = None) -> None:
     """``enc`` was made under these part keys and window padding, and has what ``meth`` reads
     (its VFM features; its layer ``parts``, proxyclip/parts.py)."""
     if not isinstance(enc, Encoded):
@@ -177,6 +183,13 @@ def check_decodable(enc: Encoded, meth: Any, clip_key: str, vfm_key: Optional[st
     if getattr(meth, "needs_masks", False) and enc.masks is None:
         raise ValueError(f"method {meth.name} reads mask proposals, but this Encoded has none: encode with "
                          "masks=file (masks.dir=...), masks=sam2 or masks=sam")
+    if getattr(meth, "needs_sam", False):
+        if enc.sam is None:
+            raise ValueError(f"method {meth.name} reads the SAM part (the SAM encoder's last-block attention of the "
+                             f"image), but this Encoded has none: encode with a Segmenter configured with "
+                             f"method={meth.name} (trident.sam=sam_vitb)")
+        if sam_key is not None and enc.sam_key != sam_key:
+            raise ValueError(f"this Encoded's SAM part comes from another configuration ({enc.sam_key}), not {sam_key}")
     lacking = [p for p in parts if p not in enc.layers]
     if lacking:
         raise ValueError(f"method {meth.name} reads the encode part {lacking[0]}, which this Encoded lacks "

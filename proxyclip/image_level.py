@@ -63,7 +63,7 @@ class ImageInputs:
                  switches: Optional[Dict[str, bool]] = None, query_to_class: Optional[List[int]] = None,
                  embed: Optional[Callable[[List[str]], torch.Tensor]] = None,
                  vfm_image: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                 vfm_patch_size: Optional[int] = None):
+                 vfm_patch_size: Optional[int] = None, sam: Optional[Dict[str, torch.Tensor]] = None):
         self.windows = list(windows)  # (y1, y2, x1, x2) in the resized image, row-major
         self.pad = pad  # (top, bottom, left, right) of every window
         self.resized_size = resized_size  # (h, w) of the resized image (the network's input)
@@ -74,6 +74,7 @@ class ImageInputs:
         self.vfm_features = vfm_features  # (n_windows, C, Hv, Wv) of every window, or None
         self.point = point  # image-level hook point: point(name, tensor) -> tensor
         self.switches = dict(switches or {})  # the decode's residual / ffn (for the window methods it calls)
+        self.sam = sam  # the encode's SAM part (Trident; proxyclip/sam_attention.py), or None
         self._block_inputs, self._resized, self._window_method, self._memo = block_inputs, resized, window_method, memo
         self.query_to_class = None if query_to_class is None else list(query_to_class)  # class index of each query
         self.embed = embed  # embed(names) -> (n, E) normalized text embeddings of other names (e.g. a background word)
@@ -184,7 +185,7 @@ def image_level_result(seg: Any, enc: Any, spec: Any, text: torch.Tensor, method
                     switches={k: knobs[k] for k in ("residual", "ffn") if k in knobs}, query_to_class=query_to_class,
                     embed=lambda names: seg.text_embeddings(list(names)).to(seg.device),
                     vfm_image=None if seg.vfm is None else lambda im: _vfm_image(seg, im),
-                    vfm_patch_size=None if seg.vfm is None else int(seg.vfm.patch_size))
+                    vfm_patch_size=None if seg.vfm is None else int(seg.vfm.patch_size), sam=enc.sam)
     out = check_result(spec.method, meth.attention(x, **{k: knobs[k] for k in meth.knob_names}),
                        int(text.shape[0]), enc.image_size, enc.resized_size)
     scores = out.scores.float()

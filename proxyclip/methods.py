@@ -66,6 +66,7 @@ class Method:
     # fn(ImageInputs, **knobs) -> ImageScores for the whole image at once (proxyclip/image_level.py)
     level: str = "window"
     needs_masks: bool = False  # reads the encode's mask proposals (masks=file|sam2|sam; proxyclip/masks)
+    needs_sam: bool = False  # reads the encode's SAM part (trident.sam; proxyclip/sam_attention.py)
 
     @property
     def knob_names(self) -> Tuple[str, ...]:

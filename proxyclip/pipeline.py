@@ -26,6 +26,7 @@ from .hooks import HookFn, HookSet, NameFilter, declare_hook, finish_cache, hook
 from .image_level import image_level_result
 from .images import ImageLike, load_image
 from .masks import mask_stage, proposals_of
+from .sam_attention import sam_part_of, sam_stage
 from .last_block import Scores
 from .methods import check_vfm_feature, get_method
 from .parts import block_of, check_parts, method_parts
@@ -67,6 +68,8 @@ class Segmenter:
         self.text = TextEncoder(clip.model, clip.tokenizer, self.device, **text_cache)
         self.hooks = HookSet()
         self.masks = mask_stage(cfg, self.encode_spec, self.device)  # None with masks=none (proxyclip/masks)
+        # None unless the configured method reads the SAM part (Trident; proxyclip/sam_attention.py)
+        self.sam = sam_stage(cfg, self.encode_spec, self.device, next(clip.model.parameters()).dtype)
         check_geometry(cfg.protocol)
         _check_inputs(cfg, vfm, self.masks)  # the configured method's VFM (and its readout) and mask proposals
         vfm_patch = [] if vfm is None or vfm.resizes_input else [vfm.patch_size]
@@ -135,8 +138,10 @@ class Segmenter:
                 layers = made
         grid = self.clip.grid_of(*size_with_pad(boxes[0], pad))
         masks = proposals_of(self, img, image, image_id, reuse if same else None)
+        sam = sam_part_of(self, img, reuse if same else None)
         return Encoded(image=img, resized_size=size, windows=boxes, pad=pad, masks=masks,
                        masks_key=None if masks is None else self.encode_spec.masks_key,
+                       sam=sam, sam_key=None if sam is None else self.encode_spec.sam_key,
                        clip_tokens=tokens if clip_tokens is None else clip_tokens, clip_grid=grid,
                        vfm_features=feats if run_vfm else vfm_features, clip_key=self.clip_key, vfm_key=self.vfm_key,
                        layers=layers)
@@ -206,7 +211,8 @@ class Segmenter:
         pad = self.layout(enc.image)[2]
         for idx in shared.values():
             meth = get_method(specs[idx[0]].method)
-            check_decodable(enc, meth, self.clip_key, self.vfm_key, pad, self.parts_of(specs[idx[0]]))
+            check_decodable(enc, meth, self.clip_key, self.vfm_key, pad, self.parts_of(specs[idx[0]]),
+                            self.encode_spec.sam_key)
             if meth.needs_vfm:
                 check_vfm_feature(meth, self.encode_spec.vfm.feature)
         text = self.hooks.point(TEXT, self.text_embeddings(cl.queries))  # once for every point

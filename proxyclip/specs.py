@@ -135,6 +135,19 @@ class MasksSpec:
 
 
 @dataclass(frozen=True)
+class SamAttnSpec:
+    """The SAM part, per image (proxyclip/sam_attention.py): the last block's q, k, v and its
+    decomposed relative-position tables of a timm SAM ViT on the original image (Trident)."""
+
+    name: str  # the conf/vfm preset (sam_vitb, test_tiny_sam)
+    timm_name: str
+    input_size: int  # the model's fixed input side (1024)
+    timm_kwargs: str  # canonical JSON
+    checkpoint: Optional[str] = None  # content digest of the local checkpoint (weights=local)
+    halves: bool = False  # the left and right halves of the image through SAM separately (Cityscapes)
+
+
+@dataclass(frozen=True)
 class EncodeSpec:
     """Everything an ``Encoded`` depends on. CLIP's part depends on clip, weights, geometry,
     precision; the VFM's part on vfm, weights, geometry, precision; ``parts`` names the layer
@@ -147,6 +160,7 @@ class EncodeSpec:
     precision: str
     parts: Tuple[str, ...] = ()
     masks: Optional[MasksSpec] = None  # None: no mask proposals (masks=none; absent from the record)
+    sam: Optional[SamAttnSpec] = None  # None: no SAM part (a method without needs_sam; absent from the record)
 
     def record(self) -> Dict[str, Any]:
         r = {"clip": asdict(self.clip), "vfm": None if self.vfm is None else asdict(self.vfm),
@@ -154,6 +168,8 @@ class EncodeSpec:
              "parts": list(self.parts)}
         if self.masks is not None:
             r["masks"] = asdict(self.masks)
+        if self.sam is not None:
+            r["sam"] = asdict(self.sam)
         return r
 
     def flat(self) -> Dict[str, Any]:
@@ -184,6 +200,18 @@ class EncodeSpec:
             return {"masks": asdict(self.masks)}
         return {"masks": asdict(self.masks), "weights": asdict(self.weights), "precision": self.precision}
 
+    def sam_part(self) -> Optional[Dict[str, Any]]:
+        """The SAM part's identity: its model, weights and precision (made on the original image:
+        not the geometry)."""
+        if self.sam is None:
+            return None
+        return {"sam": asdict(self.sam), "weights": asdict(self.weights), "precision": self.precision}
+
+    @property
+    def sam_key(self) -> Optional[str]:
+        part = self.sam_part()
+        return None if part is None else f"{self.sam.name}-{digest(part)}"
+
     @property
     def masks_key(self) -> Optional[str]:
         part = self.masks_part()
@@ -209,7 +237,8 @@ class EncodeSpec:
         """The spec a :meth:`record` describes (e.g. read back from a metrics.json)."""
         return cls(ClipSpec(**r["clip"]), None if r["vfm"] is None else VfmSpec(**r["vfm"]), WeightsSpec(**r["weights"]),
                    GeometrySpec(**r["protocol"]), r["precision"], tuple(r.get("parts", ())),
-                   None if r.get("masks") is None else MasksSpec(**r["masks"]))
+                   None if r.get("masks") is None else MasksSpec(**r["masks"]),
+                   None if r.get("sam") is None else SamAttnSpec(**r["sam"]))
 
     @classmethod
     def from_config(cls, cfg: Any, *, random_weights: bool, uses_vfm: bool,
@@ -240,9 +269,11 @@ class EncodeSpec:
         whole = p.crop is None  # whole-image mode: the stride does not matter
         geometry = GeometrySpec(*(None if whole and k in ("crop", "stride") else int(p[k]) for k in GEOMETRY))
         from .masks import masks_spec
+        from .sam_attention import sam_attn_spec
 
         return cls(clip, vfm, weights, geometry, str(cfg.precision), tuple(parts),
-                   masks_spec(cfg.get("masks") if hasattr(cfg, "get") else None, local))
+                   masks_spec(cfg.get("masks") if hasattr(cfg, "get") else None, local),
+                   sam_attn_spec(cfg, local))
 
 
 # ---------------------------------------------------------------------------------------------- decode

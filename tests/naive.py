@@ -628,3 +628,7 @@ ATTENTION.update(IMAGE_LEVEL)
 from naive_corrclip import IMAGE_LEVEL as CORRCLIP_LEVEL  # noqa: E402
 
 ATTENTION.update(CORRCLIP_LEVEL)
+
+from naive_trident import IMAGE_LEVEL as _TRIDENT  # noqa: E402  (tests/naive_trident.py)
+
+ATTENTION.update(_TRIDENT)

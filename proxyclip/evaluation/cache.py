@@ -44,6 +44,7 @@ def _fmt_bytes(n: float) -> str:
 _CLIP_FIELDS = ("clip_tokens", "clip_grid", "clip_key", "layers")  # layers: the kept layer parts only
 _VFM_FIELDS = ("vfm_features", "vfm_key")
 _MASKS_FIELDS = ("masks", "masks_key")  # the mask proposals (masks=file|sam2|sam)
+_SAM_FIELDS = ("sam", "sam_key")  # Trident's SAM part (proxyclip/sam_attention.py)
 
 
 class FeatureCache:
@@ -58,8 +59,9 @@ class FeatureCache:
         self.root = Path(cache_dir)
         spec = seg.encode_spec
         # vfm: None when the method uses no VFM; masks: None without mask proposals
-        self.parts = {"clip": spec.clip_key, "vfm": spec.vfm_key, "masks": spec.masks_key}
-        records = {"clip": spec.clip_part(), "vfm": spec.vfm_part(), "masks": spec.masks_part()}
+        self.parts = {"clip": spec.clip_key, "vfm": spec.vfm_key, "masks": spec.masks_key, "sam": spec.sam_key}
+        records = {"clip": spec.clip_part(), "vfm": spec.vfm_part(), "masks": spec.masks_part(),
+                   "sam": spec.sam_part()}
         for name, key in self.parts.items():
             if key is not None:  # each part folder says what made it (the key is a digest of this record)
                 (self.root / key).mkdir(parents=True, exist_ok=True)
@@ -108,7 +110,7 @@ class FeatureCache:
         for d in got:
             if (d["resized_size"], d["windows"], d["pad"]) != (layout["resized_size"], layout["windows"], layout["pad"]):
                 return None  # parts cut with other windows (another VFM's padding): encode again
-            fields.update({k: d[k] for k in d if k in _CLIP_FIELDS + _VFM_FIELDS + _MASKS_FIELDS})
+            fields.update({k: d[k] for k in d if k in _CLIP_FIELDS + _VFM_FIELDS + _MASKS_FIELDS + _SAM_FIELDS})
         return Encoded.from_dict(fields)
 
     def put(self, image_path: PathLike, enc, remaining: int = 0, digest: Optional[str] = None,
@@ -121,7 +123,8 @@ class FeatureCache:
         common = dict(format=d["format"], image=torch.round(d["image"].float() * 255.0).clamp_(0, 255).to(torch.uint8),
                       resized_size=d["resized_size"], windows=d["windows"], pad=d["pad"])
         size = 0
-        for name, fields in (("clip", _CLIP_FIELDS), ("vfm", _VFM_FIELDS), ("masks", _MASKS_FIELDS)):
+        for name, fields in (("clip", _CLIP_FIELDS), ("vfm", _VFM_FIELDS), ("masks", _MASKS_FIELDS),
+                             ("sam", _SAM_FIELDS)):
             key = self.parts[name]
             if key is None or name in skip or d[f"{name}_key"] != key:
                 continue
@@ -161,12 +164,13 @@ class FeatureCache:
         cached = self.get(image_path, digest, partial=True)
         clip_ok = cached is not None and cached.clip_tokens is not None and all(p in cached.layers for p in need)
         if clip_ok and (self.parts["vfm"] is None or cached.vfm_features is not None) and (
-                self.parts["masks"] is None or cached.masks is not None):
+                self.parts["masks"] is None or cached.masks is not None) and (
+                self.parts["sam"] is None or cached.sam is not None):
             self.hits += 1
             return cached
         self.misses += 1
         enc = encode(reuse=cached)
-        have = [] if cached is None else [n for n in ("clip", "vfm", "masks")
+        have = [] if cached is None else [n for n in ("clip", "vfm", "masks", "sam")
                                           if getattr(cached, f"{n}_key") == self.parts[n] and (n != "clip" or clip_ok)]
         self.put(image_path, enc, remaining, digest, skip=have)
         return enc
