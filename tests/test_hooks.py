@@ -55,7 +55,10 @@ def test_every_declared_hook_fires_in_a_run_that_uses_it(tiny_segmenter, rand_im
     the models, seg.for_method)."""
     enc = tiny_segmenter.encode(rand_image, keep=naive.tiny_parts(tiny_segmenter.clip.num_blocks))
     segs = {m: tiny_segmenter.for_method(m) for m in METHODS}
-    encs = {m: enc if segs[m] is tiny_segmenter else segs[m].encode(rand_image, reuse=enc, keep=sorted(enc.layers))
+    # a method reading the per-image SAM part (Trident) gets a Segmenter configured for it (its encode makes the part)
+    segs.update({m: Segmenter.from_config(tiny_config(f"method={m}")) for m in METHODS if METHODS[m].needs_sam})
+    encs = {m: enc if segs[m] is tiny_segmenter else segs[m].encode(rand_image, reuse=None if METHODS[m].needs_sam
+                                                                       else enc, keep=sorted(enc.layers))
             for m in METHODS}
     # a method reading mask proposals (CorrCLIP) decodes its encode with a label map added
     masks = torch.arange(rand_image.shape[1] * rand_image.shape[2]).reshape(rand_image.shape[1:]) // 1500
