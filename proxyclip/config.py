@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import os
 import weakref
-from collections.abc import Mapping
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -35,6 +34,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .config_access import config_get, hydra_output_dir, to_container  # noqa: F401  (re-exported)
 from . import protocol_resolvers  # noqa: F401  (registers ${per_dataset:...}, ${class_file:...})
 
 CONF_DIR = Path(os.environ.get("PROXYCLIP_CONF_DIR", Path(__file__).resolve().parents[1] / "conf"))
@@ -389,27 +389,3 @@ def group_choice(group: str, name: str) -> DictConfig:
     node = cfg[group]
     OmegaConf.set_readonly(node, True)
     return node
-def hydra_output_dir() -> Optional[str]:
-    """The current Hydra job's output folder (its run directory), or None outside a Hydra app."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            return str(HydraConfig.get().runtime.output_dir)
-    except Exception:  # a partial HydraConfig (compose API)
-        pass
-    return None
-
-
-def config_get(cfg: Any, key: str, default: Any = None) -> Any:
-    """Read ``key`` from a DictConfig, a dict, a dataclass or None (then ``default``)."""
-    if cfg is None:
-        return default
-    if isinstance(cfg, Mapping):  # dict, DictConfig
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
-
-
-def to_container(cfg: DictConfig) -> dict:
-    """The resolved config as plain Python (for JSON/YAML and loggers)."""
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
