@@ -32,3 +32,20 @@ def bench_setup(default_overrides=("clip=vit_b16", "vfm=dino_vitb8", "weights=ra
     args = ap.parse_args()
     torch.manual_seed(0)
     return args, Segmenter.from_config(compose_config(overrides=args.overrides))
+
+
+VOC21 = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+         "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv monitor"]
+
+
+def proxyclip_baseline(args, seg):
+    """The baseline of the ratios: one seeded 500 x 375 image and the median time of ``seg``'s predict on
+    VOC21's classes (text embedded and one warm-up first), printed. -> (image, seconds)."""
+    import torch
+
+    image = torch.rand(3, 375, 500, generator=torch.Generator().manual_seed(0))
+    seg.text_embeddings(VOC21)
+    seg.predict(image, VOC21)  # warm-up
+    t_pred = timed(lambda: seg.predict(image, VOC21), args.repeats)
+    print(f"threads={torch.get_num_threads()}  ProxyCLIP predict ({' '.join(args.overrides)}): {t_pred:.3f} s")
+    return image, t_pred

@@ -21,14 +21,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _timing import bench_setup, timed  # noqa: E402
+from _timing import VOC21, bench_setup, proxyclip_baseline, timed  # noqa: E402
 
 from proxyclip import Segmenter, compose_config  # noqa: E402
 from proxyclip.masks import label_map  # noqa: E402
 from proxyclip.parts import describe_size  # noqa: E402
 
-VOC21 = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-         "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv monitor"]
 CORRCLIP = ["method=corrclip", "clip=vit_b16", "clip.quick_gelu=true", "vfm=dino_vitb8", "vfm.feature=qk",
             "weights=random", "protocol.short_side=336", "protocol.crop=336", "protocol.stride=112",
             "protocol.prob_thd=0"]
@@ -48,11 +46,7 @@ def random_proposals(folder: Path, size, count: int = 60, seed: int = 0) -> None
 
 def main() -> None:
     args, seg = bench_setup()
-    image = torch.rand(3, 375, 500, generator=torch.Generator().manual_seed(0))
-    seg.text_embeddings(VOC21)
-    seg.predict(image, VOC21)  # warm-up
-    t_pred = timed(lambda: seg.predict(image, VOC21), args.repeats)
-    print(f"threads={torch.get_num_threads()}  ProxyCLIP predict ({' '.join(args.overrides)}): {t_pred:.3f} s")
+    image, t_pred = proxyclip_baseline(args, seg)
 
     with tempfile.TemporaryDirectory() as folder:
         random_proposals(Path(folder), image.shape[1:])

@@ -17,12 +17,10 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from _timing import bench_setup, timed  # noqa: E402
+from _timing import VOC21, bench_setup, proxyclip_baseline, timed  # noqa: E402
 
 from proxyclip import Segmenter, compose_config  # noqa: E402
 
-VOC21 = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-         "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv monitor"]
 LPOSS = ["clip=vit_b16", "vfm=dino_vitb16", "vfm.feature=v", "weights=random", "protocol.short_side=448",
          "protocol.crop=224", "protocol.stride=112", "protocol.prob_thd=0"]
 GENERATOR = os.environ.get("BENCH_GENERATOR", "sam2_hiera_l")
@@ -30,11 +28,7 @@ GENERATOR = os.environ.get("BENCH_GENERATOR", "sam2_hiera_l")
 
 def main() -> None:
     args, seg = bench_setup()
-    image = torch.rand(3, 375, 500, generator=torch.Generator().manual_seed(0))
-    seg.text_embeddings(VOC21)
-    seg.predict(image, VOC21)  # warm-up
-    t_pred = timed(lambda: seg.predict(image, VOC21), args.repeats)
-    print(f"threads={torch.get_num_threads()}  ProxyCLIP predict ({' '.join(args.overrides)}): {t_pred:.3f} s")
+    image, t_pred = proxyclip_baseline(args, seg)
 
     lp = Segmenter.from_config(compose_config(overrides=LPOSS + ["method=lposs"]))
     lp.text_embeddings(VOC21)

@@ -17,23 +17,17 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from _timing import bench_setup, timed  # noqa: E402
+from _timing import VOC21, bench_setup, proxyclip_baseline, timed  # noqa: E402
 
 from proxyclip import Segmenter, compose_config  # noqa: E402
 
-VOC21 = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-         "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv monitor"]
 TRIDENT = ["clip=vit_b16", "vfm=dino_vitb16", "weights=random", "method=trident", "trident.sam=sam_vitb",
            "protocol=trident", "dataset=voc21"]
 
 
 def main() -> None:
     args, seg = bench_setup(repeats=2)
-    image = torch.rand(3, 375, 500, generator=torch.Generator().manual_seed(0))
-    seg.text_embeddings(VOC21)
-    seg.predict(image, VOC21)  # warm-up
-    t_pred = timed(lambda: seg.predict(image, VOC21), args.repeats)
-    print(f"threads={torch.get_num_threads()}  ProxyCLIP predict ({' '.join(args.overrides)}): {t_pred:.3f} s")
+    image, t_pred = proxyclip_baseline(args, seg)
 
     tr = Segmenter.from_config(compose_config("eval", overrides=TRIDENT + ["data_root=/nonexistent"]))
     tr.text = seg.text if tr.clip.model is seg.clip.model else tr.text
