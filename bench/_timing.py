@@ -49,3 +49,29 @@ def proxyclip_baseline(args, seg):
     t_pred = timed(lambda: seg.predict(image, VOC21), args.repeats)
     print(f"threads={torch.get_num_threads()}  ProxyCLIP predict ({' '.join(args.overrides)}): {t_pred:.3f} s")
     return image, t_pred
+
+
+def mask_generator_and_cache(args, image, t_pred: float, generator: str) -> None:
+    """The mask proposals' cost, printed: SAM 2's generator (``generator``, random weights) on ``image``, the
+    encode that runs it (writing the proposals' disk cache), and a second Segmenter's encode, which must read
+    the cache (its generator call count is printed) -> the second / first ratio. Skipped, said so, without sam2."""
+    import tempfile
+
+    from proxyclip import Segmenter, compose_config
+
+    with tempfile.TemporaryDirectory() as cache:
+        over = ["clip=vit_b16", "weights=random", "method=maskclip", "masks=sam2", f"masks.model={generator}",
+                f"masks.cache={cache}"]
+        try:
+            first = Segmenter.from_config(compose_config(overrides=over))
+        except ImportError as e:
+            print(f"SAM 2 generator: skipped ({e})")
+            return
+        t_gen = timed(lambda: first.masks.generate(image), 1)
+        t_first = timed(lambda: first.encode(image), 1)  # generator (model built) + CLIP encode; writes the cache
+        second = Segmenter.from_config(compose_config(overrides=over))
+        t_second = timed(lambda: second.encode(image), args.repeats)
+        print(f"SAM 2 generator ({generator}, 8 points per side, random weights) on 500x375: {t_gen:.3f} s "
+              f"(incl. building the model) = {t_gen / t_pred:.2f} x ProxyCLIP predict; encode with it {t_first:.3f} s; "
+              f"a second Segmenter's encode, proposals cached: {t_second:.3f} s (generator runs: "
+              f"{second.masks.generator_calls}) -> ratio {t_second / t_first:.3f}")

@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _timing import VOC21, bench_setup, proxyclip_baseline, timed  # noqa: E402
+from _timing import VOC21, bench_setup, mask_generator_and_cache, proxyclip_baseline, timed  # noqa: E402
 
 from proxyclip import Segmenter, compose_config  # noqa: E402
 from proxyclip.masks import label_map  # noqa: E402
@@ -63,22 +63,7 @@ def main() -> None:
               f"{t_enc / t_pred:.3f}")
         print(f"corrclip encode size: {describe_size(enc)}")
 
-    with tempfile.TemporaryDirectory() as cache:
-        over = ["clip=vit_b16", "weights=random", "method=maskclip", "masks=sam2", f"masks.model={GENERATOR}",
-                f"masks.cache={cache}"]
-        try:
-            first = Segmenter.from_config(compose_config(overrides=over))
-        except ImportError as e:
-            print(f"SAM 2 generator: skipped ({e})")
-            return
-        t_gen = timed(lambda: first.masks.generate(image), 1)
-        t_first = timed(lambda: first.encode(image), 1)  # generator + CLIP encode; writes the cache
-        second = Segmenter.from_config(compose_config(overrides=over))
-        t_second = timed(lambda: second.encode(image), args.repeats)
-        print(f"SAM 2 generator ({GENERATOR}, 8 points per side, random weights) on 500x375: {t_gen:.3f} s "
-              f"(incl. building the model) = {t_gen / t_pred:.2f} x ProxyCLIP predict; encode with it {t_first:.3f} s; "
-              f"a second Segmenter's encode, proposals cached: {t_second:.3f} s (generator runs: "
-              f"{second.masks.generator_calls}) -> ratio {t_second / t_first:.3f}")
+    mask_generator_and_cache(args, image, t_pred, GENERATOR)
 
 
 if __name__ == "__main__":

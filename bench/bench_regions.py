@@ -12,12 +12,11 @@ Prints:
 from __future__ import annotations
 
 import os
-import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from _timing import VOC21, bench_setup, proxyclip_baseline, timed  # noqa: E402
+from _timing import VOC21, bench_setup, mask_generator_and_cache, proxyclip_baseline, timed  # noqa: E402
 
 from proxyclip import Segmenter, compose_config  # noqa: E402
 
@@ -42,18 +41,7 @@ def main() -> None:
               f"(encode {t_enc:.3f} s) -> decode / ProxyCLIP predict {t_dec / t_pred:.3f}"
               + (" (goal <= 1.0)" if m == "lposs_plus" else ""))
 
-    with tempfile.TemporaryDirectory() as cache:
-        over = ["clip=vit_b16", "weights=random", "method=maskclip", "masks=sam2", f"masks.model={GENERATOR}",
-                f"masks.cache={cache}"]
-        first = Segmenter.from_config(compose_config(overrides=over))
-        t_gen = timed(lambda: first.masks.generate(image), 1)
-        t_first = timed(lambda: first.encode(image), 1)  # generator (model built) + CLIP encode; writes the cache
-        second = Segmenter.from_config(compose_config(overrides=over))
-        t_second = timed(lambda: second.encode(image), args.repeats)
-        print(f"SAM 2 generator ({GENERATOR}, 8 points per side, random weights) on 500x375: {t_gen:.3f} s "
-              f"(incl. building the model); encode with it {t_first:.3f} s; a second Segmenter's encode, "
-              f"proposals cached: {t_second:.3f} s (generator runs: {second.masks.generator_calls}) -> ratio "
-              f"{t_second / t_first:.3f}")
+    mask_generator_and_cache(args, image, t_pred, GENERATOR)
 
 
 if __name__ == "__main__":
