@@ -146,18 +146,12 @@ def window_scores_of(out: Any, text: torch.Tensor) -> torch.Tensor:
     return torch.einsum("behw,qe->bqhw", out, text.to(out.dtype))
 
 
-def image_level_scores(seg: Any, enc: Any, spec: Any, text: torch.Tensor, method_output: Callable[..., Any],
-                       window_pixels: Callable[..., torch.Tensor],
-                       query_to_class: Optional[List[int]] = None) -> torch.Tensor:
-    """(Q, H, W) merged scores of ``spec``'s image-level method at the original size (on the CPU).
-    ``method_output`` / ``window_pixels``: the pipeline's per-window method run and window pixels."""
-    return image_level_result(seg, enc, spec, text, method_output, window_pixels, query_to_class)[0]
-
-
 def image_level_result(seg: Any, enc: Any, spec: Any, text: torch.Tensor, method_output: Callable[..., Any],
                        window_pixels: Callable[..., torch.Tensor], query_to_class: Optional[List[int]] = None
                        ) -> Tuple[torch.Tensor, Optional[Callable[[torch.Tensor], torch.Tensor]]]:
-    """:func:`image_level_scores` and the method's label-level step (``ImageScores.relabel``, or None)."""
+    """(Q, H, W) merged scores of ``spec``'s image-level method at the original size (on the CPU), and the
+    method's label-level step (``ImageScores.relabel``, or None). ``method_output`` / ``window_pixels``: the
+    pipeline's per-window method run and window pixels."""
     from .decision import _upsample
     from .methods import get_method
     from .windows import resize_image

@@ -125,7 +125,7 @@ def test_points_differing_in_logit_scale_and_threshold_share_one_run(tiny_segmen
 def test_window_level_methods_keep_their_path(tiny_segmenter, rand_image, monkeypatch):
     """A window-level decode never enters the image-level path and equals decide() on the merged
     window maps made independently (upsample each window, cut the padding, sum / count, resize)."""
-    monkeypatch.setattr(pipeline, "image_level_scores", lambda *a, **k: pytest.fail("image-level path taken"))
+    monkeypatch.setattr(pipeline, "image_level_result", lambda *a, **k: pytest.fail("image-level path taken"))
     seg = tiny_segmenter
     enc = seg.encode(rand_image)
     pred = seg.decode(enc, CLASSES, method="clip")
