@@ -27,14 +27,14 @@ QUERIES = ["sky", "person", "people", "horse"]
 H, W = 48, 64
 
 # a 5-block tiny CLIP: the spatial branch (outputs of blocks L-2-n_s..L-3) needs more than two blocks
-_DEEP = Path(tempfile.mkdtemp(prefix="corrclip-clip-")) / "ViT-T-16-test-deep.json"
+_DEEP = Path(tempfile.mkdtemp(prefix="corrclip-clip-")) / "ViT-T-16-test-corrclip5.json"
 _DEEP.write_text(json.dumps({"embed_dim": 64, "vision_cfg": {"image_size": 224, "layers": 5, "width": 64,
                                                              "head_width": 32, "patch_size": 16},
                              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2,
                                           "layers": 2}}))
 open_clip.add_model_config(_DEEP)
 # DINO-shaped tiny VFM with 8-px patches: its grid is twice CLIP's (labels and values change grids)
-DEEP = ["clip.name=ViT-T-16-test-deep", "++vfm.timm_kwargs.patch_size=8", "vfm.stride=8", "vfm.feature=qk",
+DEEP = ["clip.name=ViT-T-16-test-corrclip5", "++vfm.timm_kwargs.patch_size=8", "vfm.stride=8", "vfm.feature=qk",
         "method=corrclip"]
 
 

@@ -503,15 +503,15 @@ PRESETS = {  # preset: (its axes and values, independently written down)
                          "dataset": DATASETS8},
     "paper_norm_mask": {"method.shift": ["True", "False"], "method.mask": ["True", "False"], "dataset": DATASETS8},
     "paper_methods": {"method": ["clip", "maskclip", "sclip", "clearclip", "naclip", "proxyclip", "resclip", "scclip",
-                                 "gem", "cass", "lposs", "lposs_plus"], "dataset": DATASETS8},
+                                 "gem", "cass", "lposs", "lposs_plus", "cliper", "trident"], "dataset": DATASETS8},
     "paper_methods_own": {"protocol": ["sclip", "naclip", "clearclip", "proxyclip", "resclip", "scclip", "cass",
-                                       "lposs"], "dataset": DATASETS8},
+                                       "lposs", "cliper", "trident"], "dataset": DATASETS8},
 }
 # experiment=tiny spelled out: one experiment preset at a time, and this test runs paper_norm_mask
 TINY_MODELS = ["clip=test_tiny", "vfm=test_tiny", "weights=random", "protocol.short_side=64", "protocol.crop=64",
                "protocol.stride=32", "batch_size=2", "progress=false", "checkpoint_seconds=0"]
-GRID_SIZES = {"paper_main": 24, "paper_vfm": 120, "paper_beta_gamma": 128, "paper_norm_mask": 32, "paper_methods": 96,
-              "paper_methods_own": 64}
+GRID_SIZES = {"paper_main": 24, "paper_vfm": 120, "paper_beta_gamma": 128, "paper_norm_mask": 32, "paper_methods": 112,
+              "paper_methods_own": 80}
 
 
 def compose_eval(overrides):

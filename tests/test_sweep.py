@@ -3,6 +3,7 @@
 import csv
 
 import naive
+import numpy as np
 import pytest
 import torch
 from fixtures_datasets import make_voc
@@ -55,15 +56,23 @@ def _two_values(knob, default):
 def test_a_sweep_of_every_method_equals_separate_evaluations(method, tmp_path, eval_segmenter):
     """Every registered method, on one of its own knobs (a switch for methods without): the sweep's
     points equal separate evaluations at those values, point for point."""
-    make_voc(tmp_path, n=2)
+    images = make_voc(tmp_path, n=2)
     tiny = naive.tiny_overrides(method)  # knob values that fit the tiny 2-block CLIP (ResCLIP, SC-CLIP, GEM)
     fixed = set(naive.TINY_KNOBS.get(method, {})) | set(naive.TINY_FIXED.get(method, ()))
     knob = ([k for k in METHODS[method].knobs if k.name not in fixed] or list(SWITCHES))[0]
     readout = METHODS[method].vfm_feature  # a method reading another VFM readout (CASS: keys)
     m = (f"method={method}",) + ((f"vfm.feature={readout}",) if readout else ()) + tuple(tiny)
+    if METHODS[method].needs_masks:  # a method reading mask proposals (CorrCLIP): one label-map file an image
+        (tmp_path / "masks").mkdir()
+        for sid, (_, lab) in images.items():
+            np.savez(tmp_path / "masks" / f"{sid}.npz", instance_mask=(np.arange(lab.size).reshape(lab.shape)
+                                                                       // 700).astype(np.int32))
+        m += ("masks=file", f"masks.dir={tmp_path / 'masks'}")
     base = eval_cfg("voc21", tmp_path, *m)
-    # one that keeps its parts, or the shared one (for a method reading another readout: same models)
-    seg = eval_segmenter.for_method(method) if not configured_parts(base) else Segmenter.from_config(base)
+    # one that keeps its parts or makes a per-image part of its own (masks, Trident's SAM part), or the
+    # shared one (for a method reading another readout: same models)
+    own = configured_parts(base) or METHODS[method].needs_masks or METHODS[method].needs_sam
+    seg = Segmenter.from_config(base) if own else eval_segmenter.for_method(method)
     values = _two_values(knob, base.method[knob.name])
     literal = "[" + ",".join(str(v).lower() for v in values) + "]"
     out = sweep(eval_cfg("voc21", tmp_path, *m, f"sweep.{knob.name}={literal}", config_name="sweep"),

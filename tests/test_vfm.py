@@ -63,8 +63,10 @@ def test_full_size_declarations_match_timm(name):
     assert vfm.patch_size == info["reduction"]
     expected = (CLIP_MEAN, CLIP_STD) if name.startswith("radio") else IMAGENET
     torch.testing.assert_close(torch.tensor([vfm.mean, vfm.std]), torch.tensor(expected, dtype=torch.float32))
-    if cfg.input_size is not None:  # a fixed-size model (SAM): the YAML's size is timm's
-        assert timm.data.resolve_model_data_config(model)["input_size"] == (3, cfg.input_size, cfg.input_size)
+    if cfg.input_size is not None:  # a fixed-size model (SAM): the YAML's size is timm's, or the one it builds with
+        built = (cfg.get("timm_kwargs") or {}).get("img_size")  # a tiny test model's (test_tiny_sam)
+        want = (3, built, built) if built else timm.data.resolve_model_data_config(model)["input_size"]
+        assert want == (3, cfg.input_size, cfg.input_size)
 
 
 @pytest.mark.parametrize("name", VFMS)
