@@ -334,6 +334,9 @@ SWITCH_FREE: Dict[str, Dict[str, object]] = {"resclip": {"sfr": False}}
 # model: ResCLIP's rcs_temp scales the whole attention, which without the residual only reaches the
 # output through out_proj's bias (zero in a randomly initialized CLIP) before ln_post
 MATTERS_WITH: Dict[Tuple[str, str], Dict[str, object]] = {("resclip", "rcs_temp"): {"residual": True}}
+# (method, knob) whose other value narrows what a later knob may take (CLIPer: fuse_feature off leaves one level,
+# so select_layer must be -1..0): a test moving every knob in turn moves these back before the next one
+NARROWS: Tuple[Tuple[str, str], ...] = (("cliper", "fuse_feature"),)
 
 
 def tiny_values(method: str) -> Dict[str, object]:

@@ -196,7 +196,8 @@ KNOBS = (
     Knob("eps", "float", "region merging: regions joined when max(C) - cos <= eps (DBSCAN, min_samples 1)", low=0,
          slider=(0.0, 1.0, 0.01)),
     Knob("spatial_blocks", "int", "n_s: block outputs averaged into the spatial branch (-1 = CorrCLIP's rule by "
-         "depth: 12 -> 5, 24 -> 12, 32 -> 28, else L-4; 0 = no spatial branch)", low=-1, slider=(-1, 30, 1)),
+         "depth: 12 -> 5, 24 -> 12, 32 -> 28, else L-4; 0 = no spatial branch; at most L-2, so the slider stops at "
+         "ViT-B's 10: deeper CLIPs take more by method.spatial_blocks=)", low=-1, slider=(-1, 10, 1)),
     Knob("map_correction", "bool", "after the decision, each proposal takes the majority class of its pixels"),
 )
 
