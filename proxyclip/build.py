@@ -99,6 +99,8 @@ def for_method(seg: Any, method: str) -> Any:
     """``seg``, or a Segmenter sharing its models whose VFM gives the readout ``method`` reads
     (``Method.vfm_feature``, e.g. CASS's keys), made once per readout:
     ``other.decode(other.encode(image, reuse=enc), ...)`` reuses ``enc``'s CLIP part."""
+    if getattr(get_method(method), "needs_sam", False) and seg.sam is None:
+        return _with_sam(seg, method)
     want = get_method(method).vfm_feature
     if want is None or seg.vfm is None or seg.vfm.feature == want:
         return seg
@@ -108,3 +110,14 @@ def for_method(seg: Any, method: str) -> Any:
         settings.update(feature=want)
         made[want] = with_vfm(seg, str(settings.pop("name")), **settings)
     return made[want]
+
+
+def _with_sam(seg: Any, method: str) -> Any:
+    """A Segmenter sharing ``seg``'s models, configured for ``method`` (its YAML), which makes the
+    per-image SAM part that method reads (Trident; ``trident.sam`` as ``seg``'s config says), made once."""
+    made = seg.__dict__.setdefault("_for_method", {})
+    if ("sam", method) not in made:
+        cfg = OmegaConf.create(OmegaConf.to_container(seg.cfg, resolve=True))
+        cfg.method = OmegaConf.to_container(group_choice("method", method), resolve=True)
+        made["sam", method] = type(seg)(cfg, seg.clip, seg.vfm, seg.random_weights)
+    return made["sam", method]

@@ -337,6 +337,8 @@ MATTERS_WITH: Dict[Tuple[str, str], Dict[str, object]] = {("resclip", "rcs_temp"
 # (method, knob) whose other value narrows what a later knob may take (CLIPer: fuse_feature off leaves one level,
 # so select_layer must be -1..0): a test moving every knob in turn moves these back before the next one
 NARROWS: Tuple[Tuple[str, str], ...] = (("cliper", "fuse_feature"),)
+# method -> the switches (residual, ffn) it refuses to turn on, with one error line (Trident's last block has neither)
+REFUSED_SWITCHES: Dict[str, Tuple[str, ...]] = {"trident": ("residual", "ffn")}
 
 
 def tiny_values(method: str) -> Dict[str, object]:

@@ -175,7 +175,9 @@ class Explorer:
         """A knob control: one decode; the attention is redrawn only for the method's own knobs."""
         if not self._busy:
             c = self.controller
-            self._apply(lambda: c.set_knobs(**{name: self.knob_panel.value(name)}), c.changes_attention(name))
+            before = dict(c.knobs)  # a value its decode refuses (Trident's residual): the knobs go back too
+            if not self._apply(lambda: c.set_knobs(**{name: self.knob_panel.value(name)}), c.changes_attention(name)):
+                c.set_knobs(**before), self._sync_from_controller()
 
     def _on_setting(self, name: str) -> None:
         """A post-process setting: one decode; the attention does not change."""
