@@ -34,7 +34,7 @@
 SMOKE = None
 IMAGE = None  # a path; None = the bundled sample image
 CLASSES = ["person; woman; lady", "flag", "wall", "uniform; jacket", "tie"]
-METHODS = None  # names; None = every registered method (proxyclip.methods.METHODS)
+METHODS = None  # names; None = every registered method (proxyclip.methods.METHODS) but those reading mask proposals
 KNOBS = None  # {method: {knob: value}} over the YAML defaults; None = the defaults (smoke mode: LPOSS's k fitting the tiny images)
 PIXEL = (0.45, 0.5)  # the chosen pixel, as fractions of the image's (height, width)
 DATA_ROOT = None  # a labeled folder (custom format); None = a synthetic set
@@ -59,6 +59,11 @@ from proxyclip.parts import block_of
 
 SMOKE = smoke_mode(SMOKE)
 METHODS = list(REGISTERED) if METHODS is None else list(METHODS)  # every registered method, in registration order
+# the methods reading mask proposals (CorrCLIP) need a mask stage on every image (masks=file|sam2|sam:
+# docs/regions.md); this notebook's images have none, so they are named and left out
+NEED_MASKS = [name for name in METHODS if REGISTERED[name].needs_masks]
+print("left out, they read mask proposals (docs/regions.md):", ", ".join(NEED_MASKS) or "none")
+METHODS = [name for name in METHODS if name not in NEED_MASKS]
 if KNOBS is None:  # the tiny images have 16-32 patches: LPOSS's graph needs k <= that (its default is 400)
     KNOBS = {"lposs": {"k": 8}, "lposs_plus": {"k": 8, "r": 5}} if SMOKE else {}
 for name in METHODS:  # each method's declared knobs (proxyclip/methods.py), their defaults in its YAML

@@ -206,7 +206,8 @@ def test_dinov2_timm_rule_is_size_antialias():
 
 # ---------------------------------------------------------------------------------------------- presets, errors
 OFFICIAL = {"dino_": "scale_plus_0.1", "dinov2_": "size_antialias", "mae_": "size", "radio_": "size_antialias",
-            "dinov3_": "none", "sam_": "none", "sam2_": "none", "test_tiny_mae": "size", "test_tiny": "scale_plus_0.1"}
+            "dinov3_": "none", "sam_": "none", "sam2_": "none", "test_tiny_mae": "size", "test_tiny_sam": "none",
+            "test_tiny": "scale_plus_0.1"}
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "vfm").glob("*.yaml") if p.stem != "none"))
