@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 from ..windows import symmetric_padding
 from .blocks import BlockPoints, vfm_block_hooks
 from .pos_embed import TimmTables, check_vfm_rule
+from .readout_memo import memo_of, weights_version
 from .weights import (WeightsUnavailable, check_checkpoint_file, hub_failure_message, mismatch_error,
                       offline_unless_reachable, seeded)
 
@@ -154,6 +155,12 @@ class VfmBackbone(nn.Module):
         self.std: Tuple[float, float, float] = tuple(float(s) for s in data["std"])
         qkv = None if feature == "tokens" else self._fused_qkv(model.get_submodule(info["module"]))
         self._qkv_path = None if qkv is None else f"{info['module']}.attn.qkv"  # a name: no second reference
+        if self._qkv_path is None:  # tokens: the layer's q / k / v too, when it has them, for the readout memo
+            try:
+                self._qkv_path = f"{info['module']}.attn.qkv" if self._fused_qkv(model.get_submodule(info["module"])) \
+                    is not None else None
+            except (ValueError, AttributeError):
+                pass
         # heads of the attention the q/k/v come from (None for tokens); C = heads x head width
         self.heads: Optional[int] = None
         if qkv is not None:
@@ -198,11 +205,28 @@ class VfmBackbone(nn.Module):
         else:
             top, bottom, left, right = symmetric_padding(x.shape[-2], x.shape[-1], self.patch_size)
             x = F.pad(x, (left, right, top, bottom))
-        with self._capture_qkv() as captured, vfm_block_hooks(self.model, point):
-            tokens = self._intermediate(x.to(self.dtype))
+        x = x.to(self.dtype)
+        memo = memo_of(self.model) if point is None else None  # a listener on vfm.blocks.*: the model runs
+        key = (self.layer, self.pos_resize, x.device, x.dtype, weights_version(self.model))
+        made = memo.find(key, x) if memo is not None else None
+        norm = self.norm and self.feature == "tokens"
+        if made is None or (self.feature == "tokens" and made["norm"] != norm) or (
+                self.feature != "tokens" and made["qkv"] is None):
+            with self._capture_qkv() as captured, vfm_block_hooks(self.model, point):
+                tokens = self._intermediate(x)
+            qkv = captured[0] if len(captured) == 1 else None
+            if self.feature != "tokens" and qkv is None:
+                self._split_qkv(captured, tokens.shape[-2:])  # its error: the qkv module did not run once
+            made = {"tokens": tokens, "norm": norm, "qkv": qkv}
+            if memo is not None:
+                memo.store(key, x, made)
+            made = {"tokens": tokens, "norm": norm, "qkv": qkv, "fresh": True}
         if self.feature == "tokens":
-            return tokens.float()
-        return self._split_qkv(captured, tokens.shape[-2:]).float()
+            out = made["tokens"].float()
+        else:
+            out = self._split_qkv([made["qkv"]], made["tokens"].shape[-2:]).float()
+        # a memo read is a copy: changing it in place cannot change a later read
+        return out if made.get("fresh") else out.clone()
 
     def _intermediate(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.norm and self.feature == "tokens"
