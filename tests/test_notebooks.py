@@ -216,6 +216,43 @@ def check_inside_clip(nb, tmp_path):
         assert s[key]["_type"] == "image-file"
 
 
+@checks("08_regions")
+def check_regions(nb, tmp_path):
+    # mask proposals, CorrCLIP's regions, LPOSS's graph, the methods side by side (docs/regions.md)
+    assert len(outputs(nb, "image/png")) == 4
+    assert len(outputs(nb, "application/vnd.jupyter.widget-view+json")) == 1  # the patch sliders
+    text = text_of(nb)
+    assert "merge recomputed from the labels equals the corrclip.regions hook: True" in text
+    (run,) = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    s = leet_summary(run)["summary"]
+    # 1. the smoke proposals are k-means colour clusters (k = 6): they cover every pixel
+    assert 1 <= s["proposals"] <= 6 and s["coverage"] == pytest.approx(1.0)
+    # 2. per window, merging only joins labels: 1 <= regions after <= labels before <= proposals + padding
+    regions = json.loads((run / "files" / s["regions"]["path"]).read_text())
+    assert regions["columns"] == ["window", "labels_before", "regions_after"]
+    windows = [row[0] for row in regions["data"]]
+    assert windows == list(range(len(windows))) and len(windows) >= 2  # the smoke image has overlapping windows
+    for _, before, after in regions["data"]:
+        assert 1 <= after <= before <= s["proposals"] + 1
+        if before <= 2:  # CorrCLIP merges only windows with more than two labels
+            assert after == before
+    assert s["merge_matches_hook"] is True
+    # 3. the graph: every window's 4 x 4 VFM patches; a patch's row holds its k - 1 other nearest at least
+    assert s["graph_patches"] == 16 * len(windows) and 0 <= s["graph_patch"] < s["graph_patches"]
+    assert s["lposs_k"] == 8 and s["lposs_k"] - 1 <= s["graph_neighbours"] <= s["graph_patches"] - 1
+    assert 1 <= s["graph_windows"] <= len(windows)
+    # 4. every image-level or mask-reading method of the registry, in registration order, each decoding
+    # the one encode (its CLIP and VFM parts the same tensors), with its decode time and a label map
+    table = json.loads((run / "files" / s["methods"]["path"]).read_text())
+    assert table["columns"] == ["method", "decode_s", "one_encode", "classes_present"]
+    assert [r[0] for r in table["data"]] == [m for m, meth in METHODS.items() if meth.level == "image" or meth.needs_masks]
+    assert {"corrclip", "lposs", "lposs_plus", "trident", "cliper"} <= {r[0] for r in table["data"]}
+    for name, secs, one_encode, present in table["data"]:
+        assert secs > 0 and one_encode is True and 1 <= present <= 5, name
+    for key in ("mask_proposals", "corrclip_regions", "lposs_graph", "segmentations"):
+        assert s[key]["_type"] == "image-file" and (run / "files" / s[key]["path"]).stat().st_size > 1000
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in NAMES])
 def test_notebook_runs_in_smoke_mode(name, tmp_path):
     """Every notebook of the folder runs top to bottom and passes its check (a new notebook needs one)."""
