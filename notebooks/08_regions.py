@@ -59,6 +59,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from proxyclip import Segmenter, compose_config, load_image, viz
+from proxyclip.backbones.weights import WeightsUnavailable
 from proxyclip.config import to_container
 from proxyclip.hooks import finish_cache
 from proxyclip.loggers import build_logger
@@ -83,19 +84,37 @@ image = load_image(IMAGE or ASSETS / "sample.jpg")
 IMAGE_ID = Path(IMAGE).stem if IMAGE else "sample"
 if SMOKE:
     image = F.interpolate(image[None], size=(72, 96), mode="bilinear", align_corners=False)[0]
-if MASKS == "file" and MASK_DIR is None:  # proposals without a mask model, in masks=file's layout
-    MASK_DIR = scratch_dir("proxyclip-masks-")
-    np.savez(Path(MASK_DIR) / f"{IMAGE_ID}.npz", instance_mask=colour_proposals(image, k=6))
-mask_overrides = [f"masks={MASKS}"] + ([f"masks.dir={MASK_DIR}"] if MASKS == "file" else [])
-if MASKS in ("sam2", "sam") and SMOKE:  # the tests' small generators (docs/regions.md)
-    mask_overrides += (["masks.model=sam2_hiera_t", "masks.input_size=128"] if MASKS == "sam2"
-                       else ["masks.model=test_tiny"]) + ["masks.points_per_side=4", "masks.cache=null"]
-# one Segmenter configured for CorrCLIP (its VFM readout: DINO's q + k); the others decode its encode
-# (seg.for_method gives Trident a Segmenter sharing these models that also makes its SAM part)
-cfg = compose_config(overrides=core_overrides(SMOKE, clip="test_tiny_deep" if SMOKE else None)
-                     + ["method=corrclip", "vfm.feature=qk"] + mask_overrides
-                     + (["trident.sam=test_tiny_sam"] if SMOKE else []))
-seg = Segmenter.from_config(cfg)
+
+
+def regions_config(masks, mask_dir):
+    """One config for CorrCLIP (its VFM readout: DINO's q + k) with the mask stage ``masks``; the other
+    methods decode its encode (seg.for_method gives Trident a Segmenter sharing these models that also
+    makes its SAM part)."""
+    over = [f"masks={masks}"] + ([f"masks.dir={mask_dir}"] if masks == "file" else [])
+    if masks in ("sam2", "sam") and SMOKE:  # the tests' small generators (docs/regions.md)
+        over += (["masks.model=sam2_hiera_t", "masks.input_size=128"] if masks == "sam2"
+                 else ["masks.model=test_tiny"]) + ["masks.points_per_side=4", "masks.cache=null"]
+    return compose_config(overrides=core_overrides(SMOKE, clip="test_tiny_deep" if SMOKE else None)
+                          + ["method=corrclip", "vfm.feature=qk"] + over + (["trident.sam=test_tiny_sam"] if SMOKE else []))
+
+
+def write_colour_proposals():
+    """Proposals without a mask model, in masks=file's layout: k-means clusters of the image's colours."""
+    folder = scratch_dir("proxyclip-masks-")
+    np.savez(folder / f"{IMAGE_ID}.npz", instance_mask=colour_proposals(image, k=6))
+    return folder
+
+
+if MASKS == "file" and MASK_DIR is None:
+    MASK_DIR = write_colour_proposals()
+try:
+    cfg = regions_config(MASKS, MASK_DIR)
+    seg = Segmenter.from_config(cfg)
+except (WeightsUnavailable, ImportError) as e:  # no SAM 2 / SAM weights or package here: said, not hidden
+    print(f"[08_regions] masks={MASKS} unavailable ({e}); using colour proposals (masks=file) instead")
+    MASKS, MASK_DIR = "file", write_colour_proposals()
+    cfg = regions_config(MASKS, MASK_DIR)
+    seg = Segmenter.from_config(cfg)
 segs = {name: seg.for_method(name) for name in METHODS}
 KEEP = sorted({p for name in METHODS for p in segs[name].parts_of(seg.decode_spec(method=name, **KNOBS.get(name, {})))},
               key=block_of)

@@ -298,3 +298,27 @@ def test_workbench_scratch_folders_are_deleted_at_exit(tmp_path):
     assert len(made) == 3 and all(p.parent == tmp_path / "tmp" for p in made)
     assert sorted(p.name.split("-")[1] for p in made) == ["shapes", "sweep", "wandb"]
     assert list((tmp_path / "tmp").iterdir()) == []  # all deleted when the process ended
+
+
+def test_workbench_colour_proposals_find_flat_colour_blocks():
+    """_workbench.colour_proposals (notebook 08's masks=file proposals): on an image of four flat
+    colours plus noise, k = 4 gives back exactly the four blocks, and the masks partition the image."""
+    sys.path.insert(0, str(NOTEBOOKS))
+    try:
+        import _workbench as wb
+    finally:
+        sys.path.remove(str(NOTEBOOKS))
+    import numpy as np
+    import torch
+
+    truth = np.zeros((24, 32), np.int64)
+    truth[:12, 16:], truth[12:, :10], truth[12:, 10:] = 1, 2, 3
+    colours = torch.tensor([[0.1, 0.2, 0.9], [0.9, 0.1, 0.1], [0.1, 0.8, 0.2], [0.95, 0.9, 0.2]])
+    g = torch.Generator().manual_seed(1)
+    image = (colours[torch.from_numpy(truth)].permute(2, 0, 1) + 0.02 * torch.randn(3, 24, 32, generator=g)).clamp(0, 1)
+    masks = wb.colour_proposals(image, k=4)
+    assert masks.dtype == bool and masks.shape[1:] == (24, 32)
+    assert (masks.sum(0) == 1).all()  # every pixel in exactly one proposal
+    assert len(masks) == 4
+    for m in masks:  # each proposal is one of the blocks, exactly
+        assert any(np.array_equal(m, truth == c) for c in range(4))
