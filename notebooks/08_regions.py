@@ -260,7 +260,8 @@ def plot_graph(n):
     cy, cx = centres[n].tolist()
     ax.add_patch(Rectangle((cx - cell[1] / 2, cy - cell[0] / 2), cell[1], cell[0], fill=False, edgecolor="red", lw=2))
     wn = (w / w.max()).numpy() if len(w) else w.numpy()
-    dots = ax.scatter(centres[idx, 1], centres[idx, 0], c=w.numpy(), s=20 + 120 * wn, cmap="viridis",
+    big = 120 if len(idx) < 50 else 24  # smaller dots when there are many (k is 400 with real models)
+    dots = ax.scatter(centres[idx, 1], centres[idx, 0], c=w.numpy(), s=big / 6 + big * wn, cmap="viridis",
                       edgecolors="black", linewidths=0.5)
     fig.colorbar(dots, ax=ax, shrink=0.8, label="graph weight W_n")
     windows = sorted({int(j) // per_cell for j in idx})
