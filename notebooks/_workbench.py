@@ -118,3 +118,22 @@ def labeled_set_root(smoke: bool, data_root: Optional[str] = None) -> Path:
         return Path(data_root)
     n, size = (3, 64) if smoke else (12, 336)
     return make_shapes_dataset(scratch_dir("proxyclip-shapes-"), n=n, size=size)
+
+
+def colour_proposals(image, k: int = 6, iterations: int = 10, seed: int = 0) -> np.ndarray:
+    """Class-agnostic mask proposals of a (3, H, W) image in [0, 1] without a mask model (for smoke
+    runs and machines without SAM): k-means on the pixels' colours (``k`` centres started at seeded
+    random pixels, ``iterations`` rounds), one boolean mask per non-empty cluster -> (M, H, W) bool,
+    the layout of a ``masks=file`` stack (docs/regions.md). They cover every pixel."""
+    import torch
+
+    pixels = torch.as_tensor(image).float().flatten(1).T  # (H*W, 3)
+    g = torch.Generator().manual_seed(seed)
+    centres = pixels[torch.randperm(pixels.shape[0], generator=g)[:k]].clone()
+    for _ in range(iterations):
+        assign = torch.cdist(pixels, centres).argmin(1)
+        for c in range(centres.shape[0]):
+            if (assign == c).any():
+                centres[c] = pixels[assign == c].mean(0)
+    assign = torch.cdist(pixels, centres).argmin(1).view(image.shape[1:])
+    return np.stack([(assign == c).numpy() for c in range(centres.shape[0]) if (assign == c).any()])

@@ -384,8 +384,11 @@ def group_choice(group: str, name: str) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
 
     overrides = [f"{group}={name}"]
-    cfg = (compose("config", overrides=overrides) if GlobalHydra.instance().is_initialized()
-           else compose_config(overrides=overrides))
+    gh = GlobalHydra.instance()  # a Hydra app of ours (conf/'s config on its search path), not another
+    # package's: importing sam2 initializes the global Hydra with sam2's own configs
+    ours = gh.is_initialized() and any(src.provider == "main" and src.is_config("config")
+                                       for src in gh.config_loader().get_sources())
+    cfg = compose("config", overrides=overrides) if ours else compose_config(overrides=overrides)
     node = cfg[group]
     OmegaConf.set_readonly(node, True)
     return node

@@ -133,3 +133,22 @@ def test_segmenter_saves_the_resolved_device_and_precision(tiny_segmenter):
     explicit = compose_config("config", ["experiment=tiny", f"device={seg.cfg.device}",
                                          f"precision={seg.cfg.precision}"])
     assert Segmenter(explicit, seg.clip, seg.vfm, seg.random_weights).key == seg.key
+
+
+def test_another_packages_hydra_does_not_hide_the_method_yamls(tmp_path):
+    """``group_choice`` (a decode with another method's YAML) under a global Hydra that is not ours
+    (importing sam2 initializes one with sam2's configs, masks=sam2): it still reads conf/method/."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from proxyclip.config import group_choice
+
+    (tmp_path / "other.yaml").write_text("x: 1\n")  # a foreign config folder without our config.yaml
+    group_choice.cache_clear()
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(tmp_path)):
+            assert GlobalHydra.instance().is_initialized()
+            node = group_choice("method", "lposs")
+        assert node.name == "lposs" and node.k == OmegaConf.load(CONF_DIR / "method" / "lposs.yaml").k == 400
+    finally:
+        group_choice.cache_clear()

@@ -216,6 +216,43 @@ def check_inside_clip(nb, tmp_path):
         assert s[key]["_type"] == "image-file"
 
 
+@checks("08_regions")
+def check_regions(nb, tmp_path):
+    # mask proposals, CorrCLIP's regions, LPOSS's graph, the methods side by side (docs/regions.md)
+    assert len(outputs(nb, "image/png")) == 4
+    assert len(outputs(nb, "application/vnd.jupyter.widget-view+json")) == 1  # the patch sliders
+    text = text_of(nb)
+    assert "merge recomputed from the labels equals the corrclip.regions hook: True" in text
+    (run,) = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    s = leet_summary(run)["summary"]
+    # 1. the smoke proposals are k-means colour clusters (k = 6): they cover every pixel
+    assert 1 <= s["proposals"] <= 6 and s["coverage"] == pytest.approx(1.0)
+    # 2. per window, merging only joins labels: 1 <= regions after <= labels before <= proposals + padding
+    regions = json.loads((run / "files" / s["regions"]["path"]).read_text())
+    assert regions["columns"] == ["window", "labels_before", "regions_after"]
+    windows = [row[0] for row in regions["data"]]
+    assert windows == list(range(len(windows))) and len(windows) >= 2  # the smoke image has overlapping windows
+    for _, before, after in regions["data"]:
+        assert 1 <= after <= before <= s["proposals"] + 1
+        if before <= 2:  # CorrCLIP merges only windows with more than two labels
+            assert after == before
+    assert s["merge_matches_hook"] is True
+    # 3. the graph: every window's 4 x 4 VFM patches; a patch's row holds its k - 1 other nearest at least
+    assert s["graph_patches"] == 16 * len(windows) and 0 <= s["graph_patch"] < s["graph_patches"]
+    assert s["lposs_k"] == 8 and s["lposs_k"] - 1 <= s["graph_neighbours"] <= s["graph_patches"] - 1
+    assert 1 <= s["graph_windows"] <= len(windows)
+    # 4. every image-level or mask-reading method of the registry, in registration order, each decoding
+    # the one encode (its CLIP and VFM parts the same tensors), with its decode time and a label map
+    table = json.loads((run / "files" / s["methods"]["path"]).read_text())
+    assert table["columns"] == ["method", "decode_s", "one_encode", "classes_present"]
+    assert [r[0] for r in table["data"]] == [m for m, meth in METHODS.items() if meth.level == "image" or meth.needs_masks]
+    assert {"corrclip", "lposs", "lposs_plus", "trident", "cliper"} <= {r[0] for r in table["data"]}
+    for name, secs, one_encode, present in table["data"]:
+        assert secs > 0 and one_encode is True and 1 <= present <= 5, name
+    for key in ("mask_proposals", "corrclip_regions", "lposs_graph", "segmentations"):
+        assert s[key]["_type"] == "image-file" and (run / "files" / s[key]["path"]).stat().st_size > 1000
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in NAMES])
 def test_notebook_runs_in_smoke_mode(name, tmp_path):
     """Every notebook of the folder runs top to bottom and passes its check (a new notebook needs one)."""
@@ -261,3 +298,27 @@ def test_workbench_scratch_folders_are_deleted_at_exit(tmp_path):
     assert len(made) == 3 and all(p.parent == tmp_path / "tmp" for p in made)
     assert sorted(p.name.split("-")[1] for p in made) == ["shapes", "sweep", "wandb"]
     assert list((tmp_path / "tmp").iterdir()) == []  # all deleted when the process ended
+
+
+def test_workbench_colour_proposals_find_flat_colour_blocks():
+    """_workbench.colour_proposals (notebook 08's masks=file proposals): on an image of four flat
+    colours plus noise, k = 4 gives back exactly the four blocks, and the masks partition the image."""
+    sys.path.insert(0, str(NOTEBOOKS))
+    try:
+        import _workbench as wb
+    finally:
+        sys.path.remove(str(NOTEBOOKS))
+    import numpy as np
+    import torch
+
+    truth = np.zeros((24, 32), np.int64)
+    truth[:12, 16:], truth[12:, :10], truth[12:, 10:] = 1, 2, 3
+    colours = torch.tensor([[0.1, 0.2, 0.9], [0.9, 0.1, 0.1], [0.1, 0.8, 0.2], [0.95, 0.9, 0.2]])
+    g = torch.Generator().manual_seed(1)
+    image = (colours[torch.from_numpy(truth)].permute(2, 0, 1) + 0.02 * torch.randn(3, 24, 32, generator=g)).clamp(0, 1)
+    masks = wb.colour_proposals(image, k=4)
+    assert masks.dtype == bool and masks.shape[1:] == (24, 32)
+    assert (masks.sum(0) == 1).all()  # every pixel in exactly one proposal
+    assert len(masks) == 4
+    for m in masks:  # each proposal is one of the blocks, exactly
+        assert any(np.array_equal(m, truth == c) for c in range(4))
