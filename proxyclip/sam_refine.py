@@ -114,6 +114,7 @@ def decoder_predict(decoder: torch.nn.ModuleDict, embedding: torch.Tensor) -> Pr
     device = next(decoder.parameters()).device
     emb = embedding.to(device=device, dtype=torch.float32)[None]
 
+    @torch.no_grad()
     def predict(points: torch.Tensor, boxes: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         b = points.shape[0]
         pts = (points.float().to(device)[:, None, :], torch.ones(b, 1, device=device))
