@@ -16,6 +16,12 @@ all G keys (padding included, as the model's own), and is cropped to the valid g
 (:func:`valid_attention`): ViT-B at 1024 keeps 3 x 12 x 4096 x 64 + 2 x 64^3 floats, 38 MB an
 image in float32, where the cropped P and v would be 12 x N^2 + 12 x N x 64 floats (N = 3072
 for a 4:3 image: 463 MB).
+
+When the configured post-process reads it (``postprocess=sam_refine``, proxyclip/sam_refine.py:
+``SamAttnSpec.embedding``, part of ``sam_key``) the encoder runs to its end and the part also keeps
+the image embedding, the neck's output (C, S/16, S/16: 256 x 64 x 64 for ViT-B, 4 MB), and
+``input_hw``, the image's (new_h, new_w) in SAM's input; the stage then holds the refinement's
+prompt encoder and mask decoder too (``SamStage.decoder``).
 """
 
 from __future__ import annotations

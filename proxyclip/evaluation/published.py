@@ -20,7 +20,8 @@ Two collections:
   (``protocol=sclip`` / ``naclip`` / ``resclip`` / ``cass``; the last two with the per-dataset
   method knobs their presets set), from the numbers published for that very setup; the
   ``methods_own`` table (``experiment=paper_methods_own``) looks here first. ClearCLIP, SC-CLIP,
-  GEM and LPOSS have none: no checked source for their numbers under their protocol.
+  GEM and LPOSS have none: no checked source for their numbers under their protocol. Trident's row
+  (appended last) is with its SAM prompt refinement (``postprocess=sam_refine``), as its scripts run.
 """
 
 from __future__ import annotations
