@@ -321,6 +321,22 @@ def test_decode_from_a_stored_encode_equals_the_direct_run(seg, enc, image):
     assert torch.equal(seg.decode(stored, CLASSES).labels, seg.predict(image, CLASSES).labels)
 
 
+def test_feature_cache_keeps_the_embedding(seg, image, tmp_path):
+    from PIL import Image
+
+    from proxyclip.evaluation.cache import FeatureCache
+
+    path = tmp_path / "a.png"
+    Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
+    cache = FeatureCache(tmp_path / "cache", seg, print_fn=lambda s: None)
+    first = cache.get_or_encode(path, lambda reuse: seg.encode(path, reuse=reuse))
+    calls = seg.sam.calls
+    second = cache.get_or_encode(path, lambda reuse: seg.encode(path, reuse=reuse))
+    assert cache.hits == 1 and seg.sam.calls == calls
+    assert torch.equal(second.sam["embedding"], first.sam["embedding"])
+    assert torch.equal(seg.decode(second, CLASSES).labels, seg.decode(first, CLASSES).labels)
+
+
 def test_identity_differs_between_none_and_sam_refine(seg):
     from proxyclip.resolve import decode_spec
     from proxyclip.specs import EncodeSpec
