@@ -450,3 +450,20 @@ def test_the_published_row_matches_only_the_same_specs(tmp_path):
     assert found("postprocess=sam_refine", name="a") is row  # coarse_thresh 0.2 and 0.05: the preset's
     assert found(name="b") is not row  # without the refinement
     assert found("postprocess=sam_refine", "postprocess.coarse_thresh=0.3", name="c") is not row
+
+
+def test_the_presets_coarse_thresh_is_a_per_dataset_field_of_one_row(tmp_path):
+    from test_summary import rec, tables
+
+    base = ("method=trident", "clip=vit_b16", "vfm=dino_vitb16", "protocol=trident", "postprocess=sam_refine")
+    records = [rec(d, 40.0 + i, *base, protocol="trident", experiment="paper_methods_own")
+               for i, d in enumerate(("voc21", "context60", "coco_stuff"))]
+    assert len({r["decode"]["postprocess"]["coarse_thresh"] for r in records}) == 3
+    changed = [rec("voc21", 1.0, *base, "postprocess.coarse_thresh=0.3", protocol="trident",
+                   experiment="paper_methods_own")]
+    (table,) = tables(tmp_path, records + changed, "methods_own")
+    rows = {r[0][0] + (" " + r[0][3] if r[0][3] else ""): r[1] for r in table.rows}
+    mine = "trident postprocess=sam_refine"  # the setting off the experiment's default post-process; one row
+    assert sorted(rows) == [mine, mine + " postprocess.coarse_thresh=0.3"]
+    assert [c.published for c in rows[mine][:3]] == [67.1, 38.6, 28.3]  # voc21, context60, coco_stuff
+    assert all(c.published is None for c in rows[mine + " postprocess.coarse_thresh=0.3"])
