@@ -13,7 +13,7 @@ Config groups (one folder each in ``conf/``):
     method/   the last-block method and its knobs    (proxyclip, clip, maskclip, sclip, clearclip, naclip, resclip, lposs, ...)
     protocol/ geometry, decision, class file per dataset (proxyclip, sclip, naclip, clearclip, resclip, lposs, ...),
               and a method's knobs per dataset (``method_knobs``, applied by ``apply_method_knobs``)
-    postprocess/  score-map refinement               (none, pamr, pamr_naclip, pamr_talk2dino)
+    postprocess/  score-map / label refinement       (none, pamr, pamr_naclip, pamr_talk2dino, sam_refine)
     masks/    mask proposals of the whole image      (none, file, sam2, sam)
     dataset/  the data, its classes and its protocol (voc21, ..., custom)
     logger/   experiment logging                     (none, wandb)
@@ -115,6 +115,8 @@ class ProtocolConfig:
     # method.<knob>= wins); method_knobs_for empty = [name], the method of the preset's name
     method_knobs: Dict[str, Any] = field(default_factory=dict)
     method_knobs_for: List[str] = field(default_factory=list)
+    # per-dataset post-process settings {dataset: {setting: value}}, for the post-process declaring them
+    postprocess_knobs: Dict[str, Any] = field(default_factory=dict)
 
 
 PROTOCOL_FIELDS = ("short_side", "max_long_side", "crop", "stride", "prob_thd", "logit_scale", "area_thd",
@@ -159,6 +161,9 @@ class TridentConfig:
     sam: str = "sam_vitb"  # a conf/vfm preset of a timm SAM ViT (samvit_*): sam_vitb, sam_vitl, sam_vith
     checkpoint: Optional[str] = None  # weights=local: the SAM encoder's timm checkpoint file
     halves: bool = False  # SAM on the left and right halves of the image separately (Trident's Cityscapes run)
+    # postprocess=sam_refine's prompt encoder / mask decoder (an official SAM checkpoint; proxyclip/sam_refine.py)
+    decoder_checkpoint: Optional[str] = None
+    decoder_pretrained: str = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"
 
 
 @dataclass

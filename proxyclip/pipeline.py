@@ -30,7 +30,7 @@ from .sam_attention import sam_part_of, sam_stage
 from .last_block import Scores
 from .methods import check_vfm_feature, get_method
 from .parts import block_of, check_parts, method_parts
-from .postprocess import apply_postprocess, get_postprocess
+from .postprocess import apply_label_postprocess, apply_postprocess, get_postprocess
 from .resolve import PostprocessArg
 from .specs import DecodeSpec, EncodeSpec, classes_digest
 from .text import ClassList, TextEncoder, parse_classes, text_cache_options
@@ -341,6 +341,7 @@ def _decide_merged(seg: "Segmenter", enc: Encoded, cl: ClassList, specs: List[De
         probs, labels = decide(scores, cl, s.logit_scale, s.prob_thd, s.area_thd)
         if relabel is not None:
             labels = relabel(labels)
+        labels = apply_label_postprocess(s.postprocess_settings, labels, probs, seg, enc)  # sam_refine
         preds.append(Prediction(scores=scores, probs=probs, labels=labels, spec=s, **common))
     return preds
 

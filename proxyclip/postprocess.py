@@ -1,9 +1,12 @@
-"""Post-processing of the merged score maps, before the class decision (``postprocess=``).
+"""Post-processing (``postprocess=``): of the merged score maps before the class decision, or of
+the labels after it.
 
-A post-process is ``fn(scores (Q, H, W), guide (C, H, W), **settings) -> (Q, H, W)`` at the
-original image size; ``guide`` is the image normalized with CLIP's mean/std. Adding one: the
-function, a ``register_postprocess`` entry with its settings declared (``proxyclip.knobs.Knob``),
-``conf/postprocess/<name>.yaml``, a test.
+A score-level post-process is ``fn(scores (Q, H, W), guide (C, H, W), **settings) -> (Q, H, W)`` at
+the original image size; ``guide`` is the image normalized with CLIP's mean/std. A label-level one
+(``stage="labels"``: Trident's SAM refinement, proxyclip/sam_refine.py) is ``fn(labels (H, W),
+probs (K, H, W), seg, enc, **settings) -> labels``, run after each decision (prob_thd applied).
+Adding one: the function, a ``register_postprocess`` entry with its settings declared
+(``proxyclip.knobs.Knob``), ``conf/postprocess/<name>.yaml``, a test.
 
 PAMR (pixel-adaptive mask refinement, as NACLIP and Talk2DINO run it; docs/methods.md): for each
 dilation d, pixel i's 8 neighbours at offset d (replicate padding), P = 8 |D| in all.
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +141,10 @@ class Postprocess:
     refine: Optional[Callable[..., torch.Tensor]]  # None: the identity
     knobs: Tuple[Knob, ...] = ()  # settings passed to ``refine`` (defaults: conf/postprocess/<preset>.yaml)
     doc: str = ""
+    # "scores": refine(scores, guide, **settings) before the decision; "labels": refine(labels, probs, seg,
+    # enc, **settings) -> labels after each decision (prob_thd applied; :func:`apply_label_postprocess`)
+    stage: str = "scores"
+    needs_sam: bool = False  # reads the SAM part's image embedding (kept when it is the configured post-process)
 
     @property
     def settings(self) -> Tuple[str, ...]:
@@ -168,7 +175,20 @@ register_postprocess(Postprocess("pamr", pamr, doc="pixel-adaptive mask refineme
 
 def apply_postprocess(settings: Dict, scores: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
     """Run the post-process ``settings`` names (``{"name": ..., **settings}``) on (Q, H, W) scores."""
-    refine = get_postprocess(settings["name"]).refine
-    if refine is None:
+    post = get_postprocess(settings["name"])
+    if post.refine is None or post.stage != "scores":
         return scores
-    return refine(scores, guide, **{k: v for k, v in settings.items() if k != "name"})
+    return post.refine(scores, guide, **{k: v for k, v in settings.items() if k != "name"})
+
+
+def apply_label_postprocess(settings: Dict, labels: torch.Tensor, probs: torch.Tensor, seg: Any, enc: Any
+                            ) -> torch.Tensor:
+    """Run a label-level post-process (``stage="labels"``) on one decision's (H, W) labels with its
+    (K, H, W) class probabilities; the labels as they are for any other."""
+    post = get_postprocess(settings["name"])
+    if post.refine is None or post.stage != "labels":
+        return labels
+    return post.refine(labels, probs, seg, enc, **{k: v for k, v in settings.items() if k != "name"})
+
+
+from . import sam_refine  # noqa: E402,F401  (registers postprocess=sam_refine)

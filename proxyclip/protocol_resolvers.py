@@ -6,7 +6,9 @@ Registered on import (by proxyclip.config).
 A preset's per-dataset **method** knobs (``method_knobs: {dataset: {knob: value}}``, for the
 methods ``method_knobs_for``, default the method of the preset's name) are not resolvers: they are
 written into ``cfg.method`` once the config is composed (:func:`apply_method_knobs`, called by
-``compose_config`` and by every Hydra app), except a knob set on the command line.
+``compose_config`` and by every Hydra app), except a knob set on the command line. Likewise a
+preset's per-dataset **post-process** settings (``postprocess_knobs: {dataset: {setting: value}}``,
+Trident's ``coarse_thresh``), written into ``cfg.postprocess`` for the settings its function declares.
 """
 
 from __future__ import annotations
@@ -144,7 +146,51 @@ def apply_method_knobs(cfg: Any, chosen: Optional[Sequence[str]] = None) -> Dict
             continue
         cfg.method[knob] = value
         written[knob] = value
+    post = _select(cfg, "postprocess.name")
+    for name, value in ({} if post is None else preset_postprocess_knobs(cfg, str(post))).items():
+        if f"postprocess.{name}" not in keys:  # the preset's per-dataset post-process settings, same precedence
+            cfg.postprocess[name] = value
+            written[f"postprocess.{name}"] = value
     return written
+
+
+def check_postprocess_knobs(protocol: Any) -> Dict[str, Dict[str, Any]]:
+    """A preset's ``postprocess_knobs`` table ({dataset: {setting: value}}, e.g. Trident's per-dataset
+    ``coarse_thresh``), checked and typed by the declarations of the post-processes having each
+    setting; a setting no registered post-process declares is one ValueError naming the file."""
+    from .postprocess import POSTPROCESSES
+
+    table = _plain(_get(protocol, "postprocess_knobs")) or {}
+    where = preset_file(protocol)
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: postprocess_knobs must be a mapping {{dataset: {{setting: value}}}}, got {table!r}")
+    out: Dict[str, Dict[str, Any]] = {}
+    for dataset, row in table.items():
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: postprocess_knobs.{dataset} must be a mapping {{setting: value}}, got {row!r}")
+        out[str(dataset)] = {}
+        for name, value in row.items():
+            declared = [k for p in POSTPROCESSES.values() for k in p.knobs if k.name == name]
+            if not declared:
+                have = "; ".join(f"{p.name}: {', '.join(p.settings) or 'none'}" for p in POSTPROCESSES.values())
+                raise ValueError(f"{where}: postprocess_knobs.{dataset}.{name} is not a setting of any post-process; "
+                                 f"their settings: {have}")
+            for k in declared:
+                out[str(dataset)][str(name)] = k.check(value, f"{where}: postprocess_knobs.{dataset}")
+    return out
+
+
+def preset_postprocess_knobs(cfg: Any, postprocess: str) -> Dict[str, Any]:
+    """The settings of post-process ``postprocess`` that ``cfg``'s protocol preset sets on the composed
+    dataset (``postprocess_knobs``); {} without a table entry or a dataset."""
+    from .postprocess import get_postprocess
+
+    protocol = _select(cfg, "protocol")
+    dataset = _select(cfg, "dataset.name")
+    if protocol is None or not hasattr(protocol, "get") or dataset is None:
+        return {}
+    own = set(get_postprocess(str(postprocess)).settings)
+    return {k: v for k, v in check_postprocess_knobs(protocol).get(str(dataset), {}).items() if k in own}
 
 
 def _get(node: Any, key: str) -> Any:

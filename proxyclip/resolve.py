@@ -20,7 +20,7 @@ from .config import CONF_DIR, group_choice
 from .knobs import DECISION, SWITCHES, listing
 from .methods import Method, get_method
 from .postprocess import get_postprocess
-from .protocol_resolvers import preset_method_knobs
+from .protocol_resolvers import preset_method_knobs, preset_postprocess_knobs
 from .specs import DecodeSpec, classes_digest, plain
 
 PostprocessArg = Union[None, str, Mapping[str, Any]]
@@ -112,30 +112,36 @@ def postprocess_settings(cfg: Any, postprocess: PostprocessArg = None) -> Dict[s
     """``{"name": function, **settings}``: ``None`` = the configured one; a preset name (a file of
     conf/postprocess/: ``"pamr"``, ``"pamr_talk2dino"``, ``"none"``); or a mapping with ``name``
     (a registered post-process) and the settings to change (the rest: the configured ones if the
-    name is the configured one, else conf/postprocess/<name>.yaml's)."""
+    name is the configured one, else conf/postprocess/<name>.yaml's). Values read from a YAML give
+    way to the protocol preset's per-dataset settings of that post-process (``postprocess_knobs``)."""
+    named: Dict[str, Any] = {}
     if postprocess is None:
         spec: Dict[str, Any] = {"name": cfg.postprocess.name}
     elif isinstance(postprocess, str):
         if postprocess not in postprocess_presets():
             raise ValueError(f"unknown postprocess {postprocess!r}; the presets in conf/postprocess: "
                              f"{', '.join(postprocess_presets())}")
-        preset = OmegaConf.to_container(group_choice("postprocess", postprocess))
-        spec = {k: v for k, v in preset.items() if k == "name" or k in get_postprocess(preset["name"]).settings}
+        named = OmegaConf.to_container(group_choice("postprocess", postprocess))
+        spec = {"name": named["name"]}
     elif isinstance(postprocess, Mapping):
         spec = dict(postprocess)
     else:
         raise TypeError(f"postprocess must be None, a name or a mapping, got {type(postprocess).__name__}")
     name = str(spec.pop("name", cfg.postprocess.name))
     post = get_postprocess(name)
-    base = cfg.postprocess if name == cfg.postprocess.name else group_choice("postprocess", name)
+    from_yaml = isinstance(postprocess, str) or name != cfg.postprocess.name
+    base = named if isinstance(postprocess, str) else (
+        cfg.postprocess if name == cfg.postprocess.name else group_choice("postprocess", name))
+    # values from a YAML: the settings the protocol preset sets for that post-process on this dataset win
+    preset = preset_postprocess_knobs(cfg, name) if from_yaml else {}
     unknown = sorted(set(spec) - set(post.settings))
     if unknown:
         raise ValueError(f"postprocess {name} has no setting(s) {unknown}; its settings: "
                          + ("; ".join(k.describe() for k in post.knobs) or "none"))
     out: Dict[str, Any] = {"name": name}
     for knob in post.knobs:
-        out[knob.name] = knob.check(plain(spec[knob.name]) if knob.name in spec else plain(base[knob.name]),
-                                    "postprocess")
+        value = spec[knob.name] if knob.name in spec else preset.get(knob.name, base[knob.name])
+        out[knob.name] = knob.check(plain(value), "postprocess")
     return out
 
 

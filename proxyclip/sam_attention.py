@@ -16,6 +16,12 @@ all G keys (padding included, as the model's own), and is cropped to the valid g
 (:func:`valid_attention`): ViT-B at 1024 keeps 3 x 12 x 4096 x 64 + 2 x 64^3 floats, 38 MB an
 image in float32, where the cropped P and v would be 12 x N^2 + 12 x N x 64 floats (N = 3072
 for a 4:3 image: 463 MB).
+
+When the configured post-process reads it (``postprocess=sam_refine``, proxyclip/sam_refine.py:
+``SamAttnSpec.embedding``, part of ``sam_key``) the encoder runs to its end and the part also keeps
+the image embedding, the neck's output (C, S/16, S/16: 256 x 64 x 64 for ViT-B, 4 MB), and
+``input_hw``, the image's (new_h, new_w) in SAM's input; the stage then holds the refinement's
+prompt encoder and mask decoder too (``SamStage.decoder``).
 """
 
 from __future__ import annotations
@@ -34,12 +40,19 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 _MODELS: Dict[Any, nn.Module] = {}  # built SAM encoders, shared by the Segmenters of one process
 
 
-def sam_attn_spec(cfg: Any, local: bool) -> Optional[SamAttnSpec]:
-    """The SAM part's spec for ``cfg`` (None unless the configured method reads it)."""
+def sam_attn_spec(cfg: Any, local: bool, source: str = "") -> Optional[SamAttnSpec]:
+    """The SAM part's spec for ``cfg`` (None unless the configured method reads it); with the image
+    embedding when the configured post-process reads it (sam_refine; ``source``: the weights' source)."""
     from .config import group_choice
     from .methods import get_method
+    from .postprocess import get_postprocess
 
+    post = cfg.get("postprocess") if hasattr(cfg, "get") else None
+    embedding = post is not None and get_postprocess(str(post.name)).needs_sam
     if not getattr(get_method(str(cfg.method.name)), "needs_sam", False):
+        if embedding:
+            raise ValueError(f"postprocess={post.name} reads SAM's image embedding, which only a method reading the "
+                             f"SAM part makes (method=trident); method={cfg.method.name} has none")
         return None
     node = cfg.get("trident") if hasattr(cfg, "get") else None
     name = "sam_vitb" if node is None or node.get("sam") is None else str(node.sam)
@@ -55,7 +68,18 @@ def sam_attn_spec(cfg: Any, local: bool) -> Optional[SamAttnSpec]:
     return SamAttnSpec(name=name, timm_name=timm_name, input_size=int(preset.input_size),
                        timm_kwargs=json.dumps(kwargs, sort_keys=True),
                        checkpoint=checkpoint_digest(node.get("checkpoint")) if local and node is not None else None,
-                       halves=bool(node.get("halves", False)) if node is not None else False)
+                       halves=bool(node.get("halves", False)) if node is not None else False, embedding=embedding,
+                       decoder=decoder_identity(node, source) if embedding else None)
+
+
+def decoder_identity(node: Any, source: str) -> Optional[str]:
+    """What identifies sam_refine's prompt encoder / mask decoder weights besides the seed: the
+    checkpoint's content digest (weights=local), the download URL (pretrained), None (random)."""
+    if source == "local":
+        return checkpoint_digest(node.get("decoder_checkpoint")) if node is not None else None
+    if source == "pretrained":
+        return str(node.get("decoder_pretrained")) if node is not None else None
+    return None
 
 
 def multiple_of_16_size(h: int, w: int, floor: int = 336) -> Tuple[int, int]:
@@ -67,6 +91,13 @@ def multiple_of_16_size(h: int, w: int, floor: int = 336) -> Tuple[int, int]:
     long = max(h, w)
     scale = (-(-long // 16) * 16) / long
     return tuple(max(floor, int(-(-(s * scale) // 16)) * 16) for s in (h, w))  # type: ignore[return-value]
+
+
+def sam_input_size(image: torch.Tensor, side: int) -> Tuple[int, int]:
+    """(new_h, new_w) of :func:`sam_input`: the image in SAM's input before the zero padding."""
+    h, w = multiple_of_16_size(int(image.shape[-2]), int(image.shape[-1]), floor=16)
+    scale = side / max(h, w)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
 
 
 def sam_input(image: torch.Tensor, side: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
@@ -122,6 +153,12 @@ class SamStage:
             path = str(check_checkpoint_file(cfg.trident.get("checkpoint"), "trident.checkpoint"))
         self.model = build_sam_encoder(spec, source, int(weights.seed or 0), path, device, dtype)
         self.calls = 0
+        self.decoder = None  # sam_refine's prompt encoder and mask decoder (proxyclip/sam_refine.py)
+        if spec.embedding:
+            from .sam_refine import build_decoder
+
+            self.decoder = build_decoder(cfg.trident, source, int(weights.seed or 0), int(self.model.num_features),
+                                         spec.input_size, device)
 
     @torch.no_grad()
     def part(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -144,10 +181,13 @@ class SamStage:
         attn = model.blocks[-1].attn
         seen = []
         handle = attn.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        x = x.to(device=self.device, dtype=next(model.parameters()).dtype)
         try:
-            model.forward_intermediates(x.to(device=self.device, dtype=next(model.parameters()).dtype),
-                                        indices=[len(model.blocks) - 1], norm=False, stop_early=True,
-                                        intermediates_only=True)
+            if self.spec.embedding:  # the whole encoder and its neck: the image embedding (C, g, g)
+                embedding = model.forward_features(x)[0].float().cpu()
+            else:  # the last block's input only
+                model.forward_intermediates(x, indices=[len(model.blocks) - 1], norm=False, stop_early=True,
+                                            intermediates_only=True)
         finally:
             handle.remove()
         (inp,) = seen  # (1, gh, gw, C): norm1 of the tokens entering the last block
@@ -158,9 +198,12 @@ class SamStage:
         qkv = attn.qkv(inp.reshape(1, gh * gw, c)).view(gh * gw, 3, heads, -1).permute(1, 2, 0, 3).float()
         rh = get_rel_pos(gh, gh, attn.rel_pos_h).float()
         rw = get_rel_pos(gw, gw, attn.rel_pos_w).float()
-        return {"qkv": qkv.cpu(), "rel_h": rh.cpu(), "rel_w": rw.cpu(),
-                "grid": torch.tensor([gh, gw]), "valid": torch.tensor(valid),
-                "scale": torch.tensor(float(attn.scale), dtype=torch.float64)}
+        out = {"qkv": qkv.cpu(), "rel_h": rh.cpu(), "rel_w": rw.cpu(),
+               "grid": torch.tensor([gh, gw]), "valid": torch.tensor(valid),
+               "scale": torch.tensor(float(attn.scale), dtype=torch.float64)}
+        if self.spec.embedding:  # and the SAM input's size before padding, for the prompts' frame
+            out.update(embedding=embedding, input_hw=torch.tensor(sam_input_size(image, self.spec.input_size)))
+        return out
 
 
 def sam_stage(cfg: Any, spec: Any, device: torch.device, dtype: torch.dtype) -> Optional[SamStage]:

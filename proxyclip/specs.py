@@ -145,6 +145,23 @@ class SamAttnSpec:
     timm_kwargs: str  # canonical JSON
     checkpoint: Optional[str] = None  # content digest of the local checkpoint (weights=local)
     halves: bool = False  # the left and right halves of the image through SAM separately (Cityscapes)
+    # the image embedding (the neck's output) kept too: the configured post-process reads it (sam_refine)
+    embedding: bool = False
+    # the prompt encoder / mask decoder the post-process runs at decode (weights=local: the checkpoint's
+    # content digest; pretrained: its URL): in the run's identity, not in the SAM part's cache key
+    decoder: Optional[str] = field(default=None, metadata={"decode": True})
+
+    def record(self) -> Dict[str, Any]:
+        """Its fields; ``embedding`` and ``decoder`` only when set (the keys of parts without stay as they were)."""
+        r = asdict(self)
+        for name, off in (("embedding", False), ("decoder", None)):
+            if r[name] == off:
+                del r[name]
+        return r
+
+    def part_record(self) -> Dict[str, Any]:
+        """The fields the stored SAM part depends on (not the decode-time ``decoder``)."""
+        return {k: v for k, v in self.record().items() if k != "decoder"}
 
 
 @dataclass(frozen=True)
@@ -169,7 +186,7 @@ class EncodeSpec:
         if self.masks is not None:
             r["masks"] = asdict(self.masks)
         if self.sam is not None:
-            r["sam"] = asdict(self.sam)
+            r["sam"] = self.sam.record()
         return r
 
     def flat(self) -> Dict[str, Any]:
@@ -205,7 +222,7 @@ class EncodeSpec:
         not the geometry)."""
         if self.sam is None:
             return None
-        return {"sam": asdict(self.sam), "weights": asdict(self.weights), "precision": self.precision}
+        return {"sam": self.sam.part_record(), "weights": asdict(self.weights), "precision": self.precision}
 
     @property
     def sam_key(self) -> Optional[str]:
@@ -273,7 +290,7 @@ class EncodeSpec:
 
         return cls(clip, vfm, weights, geometry, str(cfg.precision), tuple(parts),
                    masks_spec(cfg.get("masks") if hasattr(cfg, "get") else None, local),
-                   sam_attn_spec(cfg, local))
+                   sam_attn_spec(cfg, local, source))
 
 
 # ---------------------------------------------------------------------------------------------- decode

@@ -63,9 +63,17 @@ def test_every_declared_hook_fires_in_a_run_that_uses_it(tiny_segmenter, rand_im
     # a method reading mask proposals (CorrCLIP) decodes its encode with a label map added
     masks = torch.arange(rand_image.shape[1] * rand_image.shape[2]).reshape(rand_image.shape[1:]) // 1500
     encs.update({m: dataclasses.replace(encs[m], masks=masks) for m in METHODS if METHODS[m].needs_masks})
-    caches = {(method, post): segs[method].run_with_cache(encs[method], CLASSES, method=method,
-                                                          postprocess={"name": post}, **naive.tiny_values(method))[1]
-              for method in METHODS for post in POSTPROCESSES}
+    # a post-process reading SAM's image embedding (sam_refine) runs with the methods making the SAM part, on a
+    # Segmenter configured with it (its encode keeps the embedding)
+    pairs = [(m, p) for m in METHODS for p in POSTPROCESSES if METHODS[m].needs_sam or not POSTPROCESSES[p].needs_sam]
+    with_post = {(m, p): Segmenter.from_config(tiny_config(f"method={m}", f"postprocess={p}"))
+                 for m, p in pairs if POSTPROCESSES[p].needs_sam}
+    runs = {(m, p): (with_post[m, p], with_post[m, p].encode(rand_image)) if (m, p) in with_post else (segs[m], encs[m])
+            for m, p in pairs}
+    caches = {(method, post): runs[method, post][0].run_with_cache(runs[method, post][1], CLASSES, method=method,
+                                                                   postprocess={"name": post},
+                                                                   **naive.tiny_values(method))[1]
+              for method, post in pairs}
     _, fresh_cache = tiny_segmenter.run_with_cache(rand_image, CLASSES)  # the encode-time points fire in an encode too
     # (the mask proposals' with a mask stage: masks=file)
     np.savez(tmp_path / "img.npz", instance_mask=np.ones(tuple(rand_image.shape[1:]), np.int32))

@@ -55,6 +55,14 @@ def _set(record: dict, dotted: str, value) -> dict:
 
 
 FIELDS = sorted(flatten(RECORD))
+# Trident with its SAM refinement: the SAM part (with the image embedding; weights=pretrained: the
+# decoder's URL in the identity) and sam_refine's settings; only the fields the first record lacks
+CFG_SAM = tiny_config("method=trident", "postprocess=sam_refine", "weights=pretrained")
+ENCODE_SAM = EncodeSpec.from_config(CFG_SAM, random_weights=False, uses_vfm=True)
+DECODE_SAM = decode_spec(CFG_SAM, classes=["sky", "tree; bush"])
+RECORD_SAM = {"encode": ENCODE_SAM.record(), "decode": DECODE_SAM.record(), "selection": SELECTION}
+BASES = {"pamr": (RECORD, ENCODE, DECODE), "sam_refine": (RECORD_SAM, ENCODE_SAM, DECODE_SAM)}
+CASES = [("pamr", f) for f in FIELDS] + [("sam_refine", f) for f in sorted(flatten(RECORD_SAM)) if f not in FIELDS]
 
 
 def test_every_spec_field_is_listed():
@@ -64,27 +72,36 @@ def test_every_spec_field_is_listed():
     assert "encode.masks.points_per_side" in FIELDS and "encode.masks.dir" in FIELDS
     assert {f.split(".")[0] for f in FIELDS} == {"encode", "decode", "selection"}
     assert len(FIELDS) == len(flatten(ENCODE.record())) + len(flatten(DECODE.record())) + len(SELECTION)
+    sam = {f for b, f in CASES if b == "sam_refine"}
+    assert {"encode.sam.embedding", "encode.sam.decoder", "encode.sam.name", "decode.postprocess.coarse_thresh",
+            "decode.postprocess.sam_iou_thresh", "decode.postprocess.minimal_area",
+            "decode.postprocess.sam_mask_coff"} <= sam
 
 
-@pytest.mark.parametrize("field", FIELDS)
-def test_changing_one_field_changes_the_identity(field, tmp_path):
+@pytest.mark.parametrize("base,field", CASES)
+def test_changing_one_field_changes_the_identity(base, field, tmp_path):
+    RECORD, ENCODE, DECODE = BASES[base]
     old = flatten(RECORD)[field]
     changed = _set(RECORD, field, _perturbed(old))
     enc, dec = EncodeSpec.from_record(changed["encode"]), DecodeSpec.from_record(changed["decode"])
+    if field == "encode.sam.embedding":  # off: left out of the record (the keys of parts without it stay)
+        del changed["encode"]["sam"]["embedding"]
     assert enc.record() == changed["encode"] and dec.record() == changed["decode"]  # the records round-trip
     part, name = field.split(".", 1)
     if part == "encode":
         assert enc.key() != ENCODE.key()
         parts_changed = (enc.clip_key != ENCODE.clip_key, enc.vfm_key != ENCODE.vfm_key,
-                         enc.masks_key != ENCODE.masks_key)
-        if name == "parts":  # extra parts get keys of their own; they do not change CLIP's or the VFM's part
-            assert parts_changed == (False, False, False)
+                         enc.masks_key != ENCODE.masks_key, enc.sam_key != ENCODE.sam_key)
+        if name in ("parts", "sam.decoder"):  # extra parts get keys of their own; they do not change CLIP's or
+            assert parts_changed == (False, False, False, False)  # the VFM's part; the decoder is decode-time
         elif name.startswith("masks."):  # the proposals' own cache key; CLIP's and the VFM's parts are reused
-            assert parts_changed == (False, False, True)
+            assert parts_changed == (False, False, True, False)
+        elif name.startswith("sam."):  # the SAM part's own cache key
+            assert parts_changed == (False, False, False, True)
         else:  # the feature cache folder of the part this field belongs to changes
             assert any(parts_changed), f"{field} reaches no feature-cache key"
             if name.startswith("vfm."):
-                assert parts_changed == (False, True, False)  # CLIP's cached part is still reused
+                assert parts_changed == (False, True, False, False)  # CLIP's cached part is still reused
     if part == "decode":
         assert dec.key() != DECODE.key()
     # the W&B config of the two runs differs in that field

@@ -20,7 +20,8 @@ Two collections:
   (``protocol=sclip`` / ``naclip`` / ``resclip`` / ``cass``; the last two with the per-dataset
   method knobs their presets set), from the numbers published for that very setup; the
   ``methods_own`` table (``experiment=paper_methods_own``) looks here first. ClearCLIP, SC-CLIP,
-  GEM and LPOSS have none: no checked source for their numbers under their protocol.
+  GEM and LPOSS have none: no checked source for their numbers under their protocol. Trident's row
+  (appended last) is with its SAM prompt refinement (``postprocess=sam_refine``), as its scripts run.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ CORRCLIP_README = ("CorrCLIP README (zdk258/CorrCLIP at 103bc18, CorrCLIPv1), Vi
                    "masks (row SAM2_32) under its own protocol (protocol=corrclip)")
 CASS_PAPER = ("CASS paper (Kim et al., CVPR 2025), Table 1 as the project page's image cass/static/images/miou.png "
               "(MICV-yonsei/MICV-yonsei.github.io) shows it; PAMR off, per-dataset knobs (docs/methods.md)")
+
+TRIDENT_README = ("Trident README (YuHengsss/Trident at a93b346), assets/data_result.png = the paper's main table "
+                  "(Shi et al., ICCV 2025), ViT-B/16; the repository's scripts run its SAM refinement (--sam_refine)")
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,11 @@ OWN_PROTOCOL_B16: Tuple[PublishedRow, ...] = (
                  ("method=corrclip", "clip=metaclip_vit_b16", DINO_B8, "vfm.feature=qk", "masks=file",
                   "masks.dir=data/region_masks/${dataset.name}", "protocol=corrclip"),
                  (74.8, 44.2, 43.7, 88.8, 48.8, 31.6, 49.4, 26.9), 51.0, CORRCLIP_README, own_protocol=True),
+    # Trident: the repository's evaluation scripts run its SAM prompt refinement (postprocess=sam_refine, its
+    # per-dataset coarse_thresh in the preset); DINO ViT-B/16 and SAM ViT-B as the official code
+    PublishedRow("Trident ViT-B/16 + DINO B/16 + SAM ViT-B, SAM refinement",
+                 ("method=trident", B16, "vfm=dino_vitb16", "postprocess=sam_refine", "protocol=trident"),
+                 (67.1, 38.6, 41.1, 84.5, 42.2, 28.3, 42.9, 21.9), 45.8, TRIDENT_README, own_protocol=True),
 )
 
 # the reference rows of each table kind (``proxyclip-summary --paper`` lists the unmatched ones)

@@ -11,7 +11,8 @@ between the columns of one row; for those the row uses the difference from the d
 shipped protocol (``eval`` composed with ``dataset=<name>``, the record's ``experiment`` and its
 ``protocol`` preset):
 equal -> :data:`DEFAULT`, else the value; so are the method knobs that preset sets per dataset
-(:func:`preset_knobs`, compared with the preset's value for the record's method). ``samples`` / ``num_samples``, which no config
+(:func:`preset_knobs`, compared with the preset's value for the record's method) and the post-process
+settings it sets per dataset (``postprocess_knobs``). ``samples`` / ``num_samples``, which no config
 states, are compared with the most common value among the records of that dataset and subset.
 """
 
@@ -175,9 +176,11 @@ def preset_knobs(protocol: Optional[str], method: Optional[str]) -> Tuple[str, .
     if not protocol or not method or not f.is_file():
         return ()
     raw = OmegaConf.to_container(OmegaConf.load(f))
-    if str(method) not in [str(m) for m in raw.get("method_knobs_for") or [raw.get("name", protocol)]]:
-        return ()
-    return tuple(sorted({str(k) for row in (raw.get("method_knobs") or {}).values() for k in (row or {})}))
+    # its per-dataset post-process settings (postprocess_knobs), by their field names postprocess.<setting>
+    names = {f"postprocess.{k}" for row in (raw.get("postprocess_knobs") or {}).values() for k in (row or {})}
+    if str(method) in [str(m) for m in raw.get("method_knobs_for") or [raw.get("name", protocol)]]:
+        names |= {str(k) for row in (raw.get("method_knobs") or {}).values() for k in (row or {})}
+    return tuple(sorted(names))
 
 
 def record_overrides(r: Mapping[str, Any]) -> Tuple[str, ...]:
@@ -280,7 +283,9 @@ def identities(records: Sequence[dict]) -> List[Dict[str, Any]]:
         knobs = preset_knobs(r.get("protocol"), method)  # the preset's per-dataset method knobs
         if knobs and ref:
             try:
-                own = config_fields(record_overrides(r) + (f"method={method}",))
+                post = fields_of(r).get("postprocess")  # its post-process, for the preset's settings of it
+                own = config_fields(record_overrides(r) + (f"method={method}",) + (
+                    (f"postprocess={post}",) if any(k.startswith("postprocess.") for k in knobs) else ()))
                 ref.update({k: own[k] for k in knobs if k in own})
             except Exception:  # the method's YAML does not compose: compared by the raw values
                 knobs = ()

@@ -148,7 +148,7 @@ def _sam_model(node: Any, weights: Any, path: Any, device: torch.device) -> torc
     return model.to(device).eval()
 
 
-def _url_checkpoint(url: str, model_name: str) -> str:
+def _url_checkpoint(url: str, model_name: str, field: str = "masks.checkpoint") -> str:
     """SAM's checkpoint from torch's hub cache, downloaded when the host answers."""
     import socket
     from urllib.parse import urlparse
@@ -164,7 +164,7 @@ def _url_checkpoint(url: str, model_name: str) -> str:
     except OSError:
         raise WeightsUnavailable(f"pretrained weights for SAM {model_name} are not available: {host} cannot be "
                                  f"reached (or HF_HUB_OFFLINE is set) and {cached} is not cached. Download {url} "
-                                 f"there, or use weights=local masks.checkpoint=/path/to/checkpoint, or weights=random "
+                                 f"there, or use weights=local {field}=/path/to/checkpoint, or weights=random "
                                  f"for a smoke run.") from None
     torch.hub.download_url_to_file(url, str(cached))
     return str(cached)
