@@ -11,7 +11,6 @@ passes through a named hook point (see ``proxyclip.hooks``).
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -21,7 +20,8 @@ from . import build, resolve
 from .backbones import CLIP_MEAN, CLIP_STD, ClipBackbone, VfmBackbone
 from .backbones.blocks import check_asked
 from .decision import DEFAULT_BUDGET, WindowScores, decide, decide_chunked
-from .encoded import Encoded, Prediction, check_decodable, check_replayable, replay
+from .decode_runs import shared_runs
+from .encoded import Encoded, Prediction, check_replayable, replay
 from .hooks import HookFn, HookSet, NameFilter, declare_hook, finish_cache, hook_names
 from .image_level import image_level_result
 from .images import ImageLike, load_image
@@ -32,7 +32,7 @@ from .methods import check_vfm_feature, get_method
 from .parts import block_of, check_parts, method_parts
 from .postprocess import apply_label_postprocess, apply_postprocess, get_postprocess
 from .resolve import PostprocessArg
-from .specs import DecodeSpec, EncodeSpec, classes_digest
+from .specs import DecodeSpec, EncodeSpec
 from .text import ClassList, TextEncoder, parse_classes, text_cache_options
 from .stages import method_output, run_backbones, window_pixels
 from .windows import (check_geometry, padding_multiple, resize_image, size_with_pad,
@@ -200,23 +200,10 @@ class Segmenter:
         share one run of the last block and one set of window scores (a sweep's points). ``keep_prob=False``
         skips the winner's probability where no threshold needs it (evaluation reads labels only)."""
         cl = parse_classes(classes)
-        for spec in specs:
-            if spec.classes and spec.classes != classes_digest(classes):
-                raise ValueError("this DecodeSpec was made for another class list (its classes digest differs): "
-                                 "make it with decode_spec(classes=...) for these classes")
         out: List[Optional[Prediction]] = [None] * len(specs)
-        shared: Dict[str, List[int]] = {}
-        for i, spec in enumerate(specs):
-            shared.setdefault(replace(spec, logit_scale=1.0, prob_thd=0.0, area_thd=None).key(), []).append(i)
-        pad = self.layout(enc.image)[2]
-        for idx in shared.values():
-            meth = get_method(specs[idx[0]].method)
-            check_decodable(enc, meth, self.clip_key, self.vfm_key, pad, self.parts_of(specs[idx[0]]),
-                            self.encode_spec.sam_key)
-            if meth.needs_vfm:
-                check_vfm_feature(meth, self.encode_spec.vfm.feature)
+        groups = shared_runs(self, enc, classes, specs)  # checked: the class list, what each method reads
         text = self.hooks.point(TEXT, self.text_embeddings(cl.queries))  # once for every point
-        for idx in shared.values():
+        for idx in groups:
             preds = _decide_points(self, enc, cl, [specs[i] for i in idx], text, keep_prob)
             for i, pred in zip(idx, preds):
                 out[i] = pred

@@ -12,6 +12,11 @@ os.environ["WANDB_DISABLE_GIT"] = "true"
 os.environ["WANDB_ERROR_REPORTING"] = "false"
 os.environ["MPLBACKEND"] = "Agg"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# One torch thread (unless set otherwise): the tests' models are tiny, and on a machine shared with other
+# processes a thread pool waits more than it works (tests/test_corrclip.py at load 5 on 2 cores: 22 s with
+# torch's 2 threads, 6-11 s with 1; test_cliper.py 55 s against 15 s). The eval subprocesses run so already
+# (fixtures_eval.subprocess_env); the CLI and notebook subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # the text-embedding disk cache (text_cache: auto) goes to a throwaway folder, never the user's ~/.cache
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="proxyclip-cache-")
 

@@ -22,7 +22,8 @@ The controller keeps the expensive half (``Encoded``) cached per (backbones, ima
 
 Modules: ``controller`` (state, ``set_knobs``/``set_method``/``set_postprocess``, refresh),
 ``pipelines`` (the caches), ``figures`` (what is drawn), ``controls`` (knob -> widget),
-``inputs`` (image inputs), ``view`` (the ipywidgets box), ``sources`` (backbones, sample images),
+``inputs`` (image inputs), ``view`` (the ipywidgets view: what each change does), ``panel`` (its
+widgets and their layout), ``sources`` (backbones, sample images),
 ``inside`` (each block's attention; the registry of a method's extra attention views).
 """
 

@@ -215,31 +215,16 @@ class ExplorerController:
 
     # ------------------------------------------------------------------ computation
     def refresh(self) -> bool:
-        """Run what the changes since the last refresh need. Returns True if anything ran."""
-        ran = False
-        if self._stale_encode or self.encoded is None:
-            seg = self.segmenter
-            self.encoded, self.clip_attention = self.pipelines.encode(seg, self.image, self.progress,
-                                                                      (self.clip_name, self.vfm_name), self.image_id)
-            self.progress("encoded", 1.0)
-            self._stale_encode, self._stale_decode, ran = False, True, True
+        """Run what the changes since the last refresh need: an encode (a new image or backbones), the
+        layer parts the block slider or the method reads, a decode. Returns True if anything ran."""
+        ran = self._stale_encode or self.encoded is None
+        if ran:
+            _encode(self)
         spec = self.spec() if self._stale_decode else None
-        if (inside.lacks_parts(self.segmenter, self.encoded, self.block)  # the block slider's layer parts
-                or (spec is not None and inside.lacks_method_parts(self.segmenter, self.encoded, spec))):
-            # (a method reading earlier blocks, e.g. ResCLIP: once per image, every block's tokens kept)
-            self.encoded = self.pipelines.keep_parts(self.segmenter, self.image, self.encoded, self.progress,
-                                                     self.image_id)
-            ran = True
+        ran = _keep_parts(self, spec) or ran
         if self._stale_decode:
-            per_pixel = get_method(self.method).level == "window"  # an image-level method has no attention
-            names = ((("attention.pattern",) + (figures.STAGE_NAMES if self.record_stages else ()) if per_pixel
-                      else ()) + inside.view_hooks(self.method))
-            t0 = time.perf_counter()
-            seg, enc = _readout(self)
-            self.prediction, self.cache = seg.run_with_cache(enc, self.classes, names=names, spec=spec)
-            self.last_decode_seconds = time.perf_counter() - t0
-            self.n_decodes += 1
-            self._stale_decode, ran = False, True
+            _decode(self, spec)
+            ran = True
         return ran
 
     # ------------------------------------------------------------------ what is shown
@@ -252,6 +237,37 @@ class ExplorerController:
 
     def attention_figure(self, show_affinity: bool = False):
         return figures.attention_figure(self, show_affinity)
+
+
+def _encode(c: ExplorerController) -> None:
+    """``c``'s image under its backbones (from the pipelines' cache when there): a decode follows."""
+    c.encoded, c.clip_attention = c.pipelines.encode(c.segmenter, c.image, c.progress, (c.clip_name, c.vfm_name),
+                                                     c.image_id)
+    c.progress("encoded", 1.0)
+    c._stale_encode, c._stale_decode = False, True
+
+
+def _keep_parts(c: ExplorerController, spec: Optional[DecodeSpec]) -> bool:
+    """``c``'s image encoded again keeping every block's tokens when the block slider's block, or the
+    method of the next decode (``spec``; one reading earlier blocks, e.g. ResCLIP), reads a layer part
+    the Encoded lacks: once per image. Returns whether it ran."""
+    seg = c.segmenter
+    if not (inside.lacks_parts(seg, c.encoded, c.block)
+            or (spec is not None and inside.lacks_method_parts(seg, c.encoded, spec))):
+        return False
+    c.encoded = c.pipelines.keep_parts(seg, c.image, c.encoded, c.progress, c.image_id)
+    return True
+
+
+def _decode(c: ExplorerController, spec: DecodeSpec) -> None:
+    """One decode of ``c``'s state, recording the hook points its panels draw (figures.recorded_hooks)."""
+    names = figures.recorded_hooks(c.method, c.record_stages)
+    t0 = time.perf_counter()
+    seg, enc = _readout(c)
+    c.prediction, c.cache = seg.run_with_cache(enc, c.classes, names=names, spec=spec)
+    c.last_decode_seconds = time.perf_counter() - t0
+    c.n_decodes += 1
+    c._stale_decode = False
 
 
 def _readout(c: "ExplorerController"):

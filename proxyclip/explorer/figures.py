@@ -29,6 +29,14 @@ if TYPE_CHECKING:
 STAGE_NAMES = ("proxy.affinity", "proxy.affinity_normalized", "proxy.mask")
 
 
+def recorded_hooks(method: str, stages: bool = False) -> Tuple[str, ...]:
+    """The hook points a decode of ``method`` records for the panels: a per-pixel method's
+    ``attention.pattern`` (and its affinity stages, ``stages``: when they are shown), then those of
+    the method's extra views (``inside.view_hooks``). An image-level method has no attention."""
+    per_pixel = get_method(method).level == "window"
+    return (("attention.pattern",) + (STAGE_NAMES if stages else ()) if per_pixel else ()) + inside.view_hooks(method)
+
+
 @dataclass
 class AttentionView:
     """What the attention panel shows for the chosen pixel."""

@@ -3,6 +3,7 @@
 Its knob controls are built from the declarations (``controls.KnobPanel``): the current method's
 ``all_knobs`` (rebuilt when the method changes) and the post-process's settings (rebuilt when
 the post-process changes). The image and pixel inputs are ``inputs.ImageInputs`` and ``inputs.PatchPicker``.
+The widgets are made and laid out in ``panel.py``; here is what a change to each one does.
 """
 
 from __future__ import annotations
@@ -11,13 +12,10 @@ import time
 from typing import Any, Optional, Sequence
 
 from ..methods import METHODS
-from ..resolve import postprocess_presets
 from ..viz import figure_to_png
-from . import figures
+from . import figures, panel
 from .controller import ExplorerController
-from .controls import LABEL, WIDTH, KnobPanel
-from .inputs import ImageInputs, PatchPicker
-from .sources import available_backbones
+from .controls import WIDTH
 
 
 def error_html(message: str) -> str:
@@ -42,45 +40,10 @@ class Explorer:
                                         layout=W.Layout(width=WIDTH), style={"description_width": "initial"})
         self.status = W.HTML(value="")
         controller_kwargs.setdefault("progress", self._on_progress)
-        c = self.controller = ExplorerController(compute=False, **controller_kwargs)
-        clip_options = list(clip_options or available_backbones("clip"))
-        vfm_options = list(vfm_options or available_backbones("vfm"))
-        for opts, cur in ((clip_options, c.clip_name), (vfm_options, c.vfm_name)):
-            if cur not in opts:
-                opts.insert(0, cur)
-        self.inputs = ImageInputs(self._on_image)
-        self.classes = W.Textarea(value="\n".join(c.classes), description="classes (one a line; synonyms with ';')",
-                                  layout=W.Layout(width=WIDTH, height="110px"), continuous_update=False,
-                                  style={"description_width": "initial"})
-        self.clip = W.Dropdown(options=clip_options, value=c.clip_name, description="CLIP", style=LABEL)
-        self.vfm = W.Dropdown(options=vfm_options, value=c.vfm_name, description="VFM", style=LABEL)
-        self.method = W.Dropdown(options=list(METHODS), value=None, description="method", style=LABEL)
-        self.postprocess = W.Dropdown(options=list(postprocess_presets()), value=None, description="post-process",
-                                      style=LABEL)
-        self.knob_panel = KnobPanel(self._on_knob)  # the method's knobs
-        self.post_panel = KnobPanel(self._on_setting)  # the post-process's settings
-        self.show_affinity = W.Checkbox(value=False, indent=False,
-                                        description="affinity stages (S, S', mask), if the method has them")
-        self.show_masks = W.Checkbox(value=False, indent=False,
-                                     description="mask proposals over the image (masks=file|sam2|sam)")
-        self.block = W.IntSlider(value=0, min=0, max=0, description="CLIP block", style=LABEL, continuous_update=False,
-                                 tooltip="block (0-indexed) whose attention is shown", layout=W.Layout(width=WIDTH))
-        self.seg_image, self.attn_image = W.Image(format="png"), W.Image(format="png")
-        self.patch = PatchPicker(self.seg_image, lambda: None if self._busy else self._seg_figure, self._on_point)
-        self.patch_x, self.patch_y, self.click_events = self.patch.patch_x, self.patch.patch_y, self.patch.click_events
-        controls = W.VBox([W.HTML("<b>ProxyCLIP explorer</b>"), self.inputs.box, self.clip, self.vfm, self.method,
-                           self.knob_panel.box, self.postprocess, self.post_panel.box, self.classes,
-                           self.patch.box, self.block, self.show_affinity, self.show_masks, self.progress, self.status],
-                          layout=W.Layout(min_width="440px"))
-        self.widget = W.HBox([controls, W.VBox([self.seg_image, self.attn_image])])
-        self.widget.add_class("proxyclip-explorer")
+        self.controller = ExplorerController(compute=False, **controller_kwargs)
+        panel.build_widgets(self, clip_options, vfm_options)  # every control; self.widget, the box of them
         self._full_update()  # first encode + decode (shows progress)
-        for w, handler in ((self.show_affinity, self._on_view), (self.show_masks, self._on_masks),
-                           (self.block, self._on_block),
-                           (self.method, self._on_method),
-                           (self.postprocess, self._on_postprocess), (self.classes, self._on_classes),
-                           (self.clip, self._on_backbone), (self.vfm, self._on_backbone)):
-            w.observe(handler, names="value")
+        panel.observe_controls(self)
 
     def _ipython_display_(self):  # display(explorer) shows the widget
         from IPython.display import display
