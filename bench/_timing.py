@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable
 
@@ -17,14 +18,32 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
+@contextlib.contextmanager
+def readout_memo(on: bool):
+    """The VFM readout memo (proxyclip/backbones/readout_memo.py) on or off inside the block. The benches
+    time the same input again and again, which the memo would answer without running the VFM: it is off
+    (:func:`bench_setup`) except where one forward shared by two readouts is what is measured."""
+    from proxyclip.backbones import readout_memo as memo
+
+    size = memo.MEMO_BYTES
+    memo.MEMO_BYTES = 256 * 2 ** 20 if on else 0
+    try:
+        yield
+    finally:
+        memo.MEMO_BYTES = size
+
+
 def bench_setup(default_overrides=("clip=vit_b16", "vfm=dino_vitb8", "weights=random"), repeats: int = 3):
-    """The common command line (``--repeats``, ``--overrides``) and the Segmenter it builds, seeded.
-    -> (args, segmenter)."""
+    """The common command line (``--repeats``, ``--overrides``) and the Segmenter it builds, seeded; the
+    VFM readout memo off (:func:`readout_memo`). -> (args, segmenter)."""
     import argparse
 
     import torch
 
     from proxyclip import Segmenter, compose_config
+    from proxyclip.backbones import readout_memo as memo
+
+    memo.MEMO_BYTES = 0
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=repeats)
