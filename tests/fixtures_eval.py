@@ -39,3 +39,20 @@ def subprocess_env(**extra: str) -> dict:
                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     env.update(extra)
     return env
+
+
+def encoded_twice_through_cache(seg, image, tmp_path):
+    """``image`` (3, H, W) in [0, 1] saved as a PNG, encoded through a fresh feature cache twice:
+    -> (first, second, SAM part calls made by the second). The second must be a cache hit."""
+    from PIL import Image
+
+    from proxyclip.evaluation.cache import FeatureCache
+
+    path = tmp_path / "a.png"
+    Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
+    cache = FeatureCache(tmp_path / "cache", seg, print_fn=lambda s: None)
+    first = cache.get_or_encode(path, lambda reuse: seg.encode(path, reuse=reuse))
+    calls = seg.sam.calls
+    second = cache.get_or_encode(path, lambda reuse: seg.encode(path, reuse=reuse))
+    assert cache.hits == 1
+    return first, second, seg.sam.calls - calls

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_config
+from fixtures_eval import encoded_twice_through_cache
 from proxyclip import Segmenter
 from proxyclip.encoded import Encoded
 from proxyclip.sam_refine import decoder_modules, mask_prompt, refine_labels
@@ -322,17 +323,8 @@ def test_decode_from_a_stored_encode_equals_the_direct_run(seg, enc, image):
 
 
 def test_feature_cache_keeps_the_embedding(seg, image, tmp_path):
-    from PIL import Image
-
-    from proxyclip.evaluation.cache import FeatureCache
-
-    path = tmp_path / "a.png"
-    Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
-    cache = FeatureCache(tmp_path / "cache", seg, print_fn=lambda s: None)
-    first = cache.get_or_encode(path, lambda reuse: seg.encode(path, reuse=reuse))
-    calls = seg.sam.calls
-    second = cache.get_or_encode(path, lambda reuse: seg.encode(path, reuse=reuse))
-    assert cache.hits == 1 and seg.sam.calls == calls
+    first, second, calls = encoded_twice_through_cache(seg, image, tmp_path)
+    assert calls == 0
     assert torch.equal(second.sam["embedding"], first.sam["embedding"])
     assert torch.equal(seg.decode(second, CLASSES).labels, seg.decode(first, CLASSES).labels)
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import naive
 import naive_trident
 from conftest import tiny_config
+from fixtures_eval import encoded_twice_through_cache
 from proxyclip import Segmenter
 from proxyclip.encoded import Encoded
 from proxyclip.sam_attention import multiple_of_16_size, sam_input, valid_attention
@@ -213,17 +214,8 @@ def test_decode_from_a_stored_encode_equals_predict(seg, enc, image):
 
 
 def test_feature_cache_keeps_the_sam_part(seg, image, tmp_path):
-    from PIL import Image
-
-    from proxyclip.evaluation.cache import FeatureCache
-
-    path = tmp_path / "a.png"
-    Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
-    cache = FeatureCache(tmp_path / "cache", seg, print_fn=lambda s: None)
-    first = cache.get_or_encode(path, lambda reuse: seg.encode(path, reuse=reuse))
-    calls = seg.sam.calls
-    second = cache.get_or_encode(path, lambda reuse: seg.encode(path, reuse=reuse))
-    assert cache.hits == 1 and seg.sam.calls == calls
+    first, second, calls = encoded_twice_through_cache(seg, image, tmp_path)
+    assert calls == 0
     torch.testing.assert_close(second.sam["qkv"], first.sam["qkv"])
     torch.testing.assert_close(seg.decode(second, CLASSES).scores, seg.decode(first, CLASSES).scores)
 
