@@ -14,6 +14,12 @@ from proxyclip.backbones.blocks import BlockPoints, VFM_POINTS
 from proxyclip.backbones.vfm import VfmBackbone
 from proxyclip.hooks import HookSet
 
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():  # as an encode runs; with gradients on the memo is not used (tested below)
+        yield
+
+
 READOUTS = [("tokens", True), ("tokens", False), ("q", True), ("k", True), ("v", True), ("qk", True)]
 
 
@@ -120,3 +126,15 @@ def test_a_method_reading_another_readout_decodes_from_one_vfm_forward():
     fresh = Segmenter.from_config(compose_config(overrides=["experiment=tiny", "method=cass", "vfm.feature=k"]))
     assert torch.equal(enc_k.vfm_features, fresh.encode(image).vfm_features)
     assert enc_k.vfm_key != enc.vfm_key
+
+
+def test_with_gradients_on_the_model_runs_and_the_graph_is_kept():
+    model = tiny_model()
+    x = torch.randn(1, 3, 32, 32)
+    keys = VfmBackbone(model, feature="k")
+    keys.features(x)  # no_grad (the fixture): stored
+    calls = counting(model)
+    with torch.enable_grad():
+        out = keys.features(x)
+    assert len(calls) == 1 and out.requires_grad
+    assert torch.equal(out.detach(), direct(model, "k", True, x))

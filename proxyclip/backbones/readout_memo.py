@@ -12,7 +12,8 @@ version counter unchanged) reads it from here instead of running the model.
 
 Results are copies (a caller changing them in place cannot change a later read). The memo holds at most
 ``MEMO_BYTES`` a model (default 256 MiB, oldest first out; 0 switches it off). With a listener on
-``vfm.blocks.*`` the model always runs, so the hooks fire.
+``vfm.blocks.*`` the model always runs, so the hooks fire; with gradients enabled too (the memo keeps
+detached tensors: a graph through the VFM is never cut). Encodes run under ``torch.no_grad``.
 """
 
 from __future__ import annotations

@@ -206,7 +206,8 @@ class VfmBackbone(nn.Module):
             top, bottom, left, right = symmetric_padding(x.shape[-2], x.shape[-1], self.patch_size)
             x = F.pad(x, (left, right, top, bottom))
         x = x.to(self.dtype)
-        memo = memo_of(self.model) if point is None else None  # a listener on vfm.blocks.*: the model runs
+        # a listener on vfm.blocks.* or a graph to build (gradients on): the model runs, the memo is not used
+        memo = memo_of(self.model) if point is None and not torch.is_grad_enabled() else None
         key = (self.layer, self.pos_resize, x.device, x.dtype, weights_version(self.model))
         made = memo.find(key, x) if memo is not None else None
         norm = self.norm and self.feature == "tokens"
