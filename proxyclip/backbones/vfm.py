@@ -153,14 +153,13 @@ class VfmBackbone(nn.Module):
         data = timm.data.resolve_model_data_config(model)
         self.mean: Tuple[float, float, float] = tuple(float(m) for m in data["mean"])
         self.std: Tuple[float, float, float] = tuple(float(s) for s in data["std"])
-        qkv = None if feature == "tokens" else self._fused_qkv(model.get_submodule(info["module"]))
-        self._qkv_path = None if qkv is None else f"{info['module']}.attn.qkv"  # a name: no second reference
-        if self._qkv_path is None:  # tokens: the layer's q / k / v too, when it has them, for the readout memo
-            try:
-                self._qkv_path = f"{info['module']}.attn.qkv" if self._fused_qkv(model.get_submodule(info["module"])) \
-                    is not None else None
-            except (ValueError, AttributeError):
-                pass
+        block = model.get_submodule(info["module"])
+        qkv = None if feature == "tokens" else self._fused_qkv(block)
+        try:  # the layer's q / k / v are captured for the readout memo with tokens too, when it has them
+            captured = qkv if qkv is not None else self._fused_qkv(block)
+        except ValueError:
+            captured = None
+        self._qkv_path = None if captured is None else f"{info['module']}.attn.qkv"  # a name: no second reference
         # heads of the attention the q/k/v come from (None for tokens); C = heads x head width
         self.heads: Optional[int] = None
         if qkv is not None:
@@ -211,8 +210,8 @@ class VfmBackbone(nn.Module):
         key = (self.layer, self.pos_resize, x.device, x.dtype, weights_version(self.model))
         made = memo.find(key, x) if memo is not None else None
         norm = self.norm and self.feature == "tokens"
-        if made is None or (self.feature == "tokens" and made["norm"] != norm) or (
-                self.feature != "tokens" and made["qkv"] is None):
+        fresh = made is None or (made["norm"] != norm if self.feature == "tokens" else made["qkv"] is None)
+        if fresh:
             with self._capture_qkv() as captured, vfm_block_hooks(self.model, point):
                 tokens = self._intermediate(x)
             qkv = captured[0] if len(captured) == 1 else None
@@ -220,14 +219,13 @@ class VfmBackbone(nn.Module):
                 self._split_qkv(captured, tokens.shape[-2:])  # its error: the qkv module did not run once
             made = {"tokens": tokens, "norm": norm, "qkv": qkv}
             if memo is not None:
-                memo.store(key, x, made)
-            made = {"tokens": tokens, "norm": norm, "qkv": qkv, "fresh": True}
+                memo.store(key, x, made)  # stores copies
         if self.feature == "tokens":
             out = made["tokens"].float()
         else:
             out = self._split_qkv([made["qkv"]], made["tokens"].shape[-2:]).float()
         # a memo read is a copy: changing it in place cannot change a later read
-        return out if made.get("fresh") else out.clone()
+        return out if fresh else out.clone()
 
     def _intermediate(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.norm and self.feature == "tokens"
